@@ -1,0 +1,193 @@
+"""The ``mergescope`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+
+from . import __version__
+from .errors import MergescopeError
+
+__all__ = ["main", "DEMO_PIPELINE"]
+
+#: The embedded default pipeline that ``mergescope demo`` runs.
+DEMO_PIPELINE = "demo.toml"
+
+
+def _add_run_flags(p: argparse.ArgumentParser, default_out: str | None) -> None:
+    p.add_argument("--out", required=default_out is None, default=default_out, help="run directory")
+    p.add_argument("--force", action="store_true", help="redo every step even when cached")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mergescope", description="Merge neural networks and see what merging does to their features."
+    )
+    parser.add_argument("--version", action="version", version=f"mergescope {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    noise = parser.add_mutually_exclusive_group()
+    noise.add_argument("-q", "--quiet", action="store_true", help="no progress bars, errors only")
+    noise.add_argument("-v", "--verbose", action="store_true", help="log every step")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("run", help="run a pipeline file", description="Run a TOML pipeline and write DIR/results.nc.")
+    p.add_argument("pipeline", type=Path, help="pipeline TOML file")
+    _add_run_flags(p, None)
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("demo", help="run the embedded offline demo", description="Run the embedded default pipeline.")
+    _add_run_flags(p, "runs/demo")
+    p.add_argument("--show", action="store_true", help="print the demo pipeline and exit")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("plugins", help="list plugins and their components", description="List loaded plugins.")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_plugins)
+
+    p = sub.add_parser(
+        "registry", help="check or write registry.toml", description="Compare registry.toml with the loaded plugins."
+    )
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--check", action="store_true", help="exit 1 when the file disagrees with the plugins")
+    g.add_argument("--write", action="store_true", help="rewrite the file from the plugins")
+    p.add_argument("--file", type=Path, default=Path("registry.toml"), help="catalogue path (default: ./registry.toml)")
+    p.set_defaults(func=_cmd_registry)
+    return parser
+
+
+def _logging(args: argparse.Namespace, out_dir: Path | None = None) -> None:
+    level = logging.WARNING if args.quiet else logging.INFO if args.verbose else logging.WARNING
+    logger = logging.getLogger("mergescope")
+    logger.setLevel(logging.INFO)
+    for old in [h for h in logger.handlers if getattr(h, "_mergescope_cli", False)]:
+        logger.removeHandler(old)
+        old.close()
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(level)
+    console.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    console._mergescope_cli = True  # type: ignore[attr-defined]
+    logger.addHandler(console)
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # A structured, append-only record of every run in this directory.
+        handler = logging.FileHandler(out_dir / "run.log", encoding="utf-8")
+        handler.setFormatter(logging.Formatter('{"time": "%(asctime)s", "level": "%(levelname)s", "message": %(msg_json)s}'))
+        handler.addFilter(_JsonMessage())
+        handler._mergescope_cli = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+
+
+class _JsonMessage(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg_json = json.dumps(record.getMessage())
+        return True
+
+
+def _run(pipeline, args: argparse.Namespace) -> int:
+    from .runner import run
+
+    _logging(args, Path(args.out))
+    result = run(pipeline, args.out, force=args.force, quiet=args.quiet)
+    if not args.quiet:
+        print(result.summary, end="")
+        print(f"results: {result.out_dir / 'results.nc'}")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .pipeline import load_pipeline
+
+    return _run(load_pipeline(args.pipeline), args)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .pipeline import Pipeline
+
+    text = resources.files("mergescope").joinpath("pipelines", DEMO_PIPELINE).read_text(encoding="utf-8")
+    if args.show:
+        print(text, end="")
+        return 0
+    return _run(Pipeline.from_toml(text, source=f"<embedded {DEMO_PIPELINE}>"), args)
+
+
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    from .plugins import get_registry
+
+    registry = get_registry()
+    plugins = []
+    for info in sorted(registry.plugins.values(), key=lambda p: p.name):
+        components: dict[str, list[str]] = {}
+        for entry in registry.entries():
+            if entry.plugin == info.name:
+                components.setdefault(entry.kind, []).append(entry.name)
+        plugins.append(
+            {
+                "name": info.name,
+                "module": info.module,
+                "distribution": info.distribution,
+                "version": info.version,
+                "error": info.error,
+                "components": components,
+            }
+        )
+    conflicts = [
+        {"kind": g[0].kind, "name": g[0].name, "plugins": [e.plugin for e in g]} for g in registry.duplicates()
+    ]
+    if args.json:
+        print(json.dumps({"plugins": plugins, "conflicts": conflicts}, indent=2))
+        return 0
+    for p in plugins:
+        origin = f"{p['distribution']} {p['version']}" if p["distribution"] else "in-process"
+        print(f"{p['name']}  ({p['module']}, {origin})")
+        if p["error"]:
+            print(f"    FAILED TO LOAD: {p['error']}")
+        for kind, names in p["components"].items():
+            print(f"    {kind}: {', '.join(names)}")
+    for c in conflicts:
+        print(f"CONFLICT: {c['kind']} {c['name']!r} is registered by {', '.join(c['plugins'])}")
+    return 0
+
+
+def _cmd_registry(args: argparse.Namespace) -> int:
+    from .catalogue import check, render
+    from .plugins import get_registry
+
+    registry = get_registry()
+    if args.write:
+        args.file.write_text(render(registry), encoding="utf-8")
+        print(f"wrote {args.file}")
+        return 0
+    problems = check(args.file, registry)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if problems:
+        print(f"{args.file} disagrees with the loaded plugins; fix it or run `mergescope registry --write`", file=sys.stderr)
+        return 1
+    print(f"{args.file} matches the loaded plugins")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``mergescope`` command; returns the exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except MergescopeError as exc:
+        if args.debug:
+            raise
+        print(f"mergescope: error: {exc}", file=sys.stderr)
+        print("(run with --debug for the traceback)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mergescope: interrupted; finished steps are cached, re-run to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,335 @@
+"""Component protocols and the values they exchange.
+
+A component is an ``attrs`` class with a ``name`` class attribute and one method,
+depending on its kind:
+
+==============  ==========================  =====================================
+kind            hook                        method
+==============  ==========================  =====================================
+aligner         ``register_aligners``       ``align(models, reference, context)``
+merger          ``register_mergers``        ``merge(models, context, alignment)``
+visualizer      ``register_visualizers``    ``render(results, out_dir)``
+metric          ``register_metrics``        ``score(a, b)``
+differ          ``register_differs``        ``fit(activations, context)``
+dataset         ``register_datasets``       ``load()``
+architecture    ``register_architectures``  ``build(input_shape, num_classes)``
+==============  ==========================  =====================================
+
+Optional class attributes: ``paper`` (the reference a method reproduces, shown in the
+registry). Optional method: ``describe(result) -> str``, a short human summary of the
+component's result used in run summaries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
+
+import attrs
+import numpy as np
+import torch
+import xarray as xr
+from torch import nn
+
+__all__ = [
+    "Kind",
+    "KINDS",
+    "Aligner",
+    "Merger",
+    "Visualizer",
+    "Metric",
+    "Differ",
+    "DatasetSource",
+    "Architecture",
+    "ImageDataset",
+    "TensorImageDataset",
+    "Alignment",
+    "MergeResult",
+    "Evaluation",
+    "Context",
+]
+
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------- data
+
+
+@runtime_checkable
+class ImageDataset(Protocol):
+    """A labelled image dataset with stable sample ids.
+
+    ``dataset[i]`` returns ``(image, label)`` with ``image`` a float tensor ``(C, H, W)``.
+    ``sample_ids[i]`` is the stable id of item ``i`` (its index in the full source
+    dataset), so results that store ids (top-k, activations) point back to images.
+    """
+
+    name: str
+    classes: tuple[str, ...]
+    sample_ids: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]: ...
+
+    @property
+    def input_shape(self) -> tuple[int, ...]: ...
+
+
+@attrs.define(eq=False)
+class TensorImageDataset(torch.utils.data.Dataset):
+    """An in-memory :class:`ImageDataset` backed by one image tensor.
+
+    Parameters
+    ----------
+    name
+        A short name used in labels, e.g. ``"mnist5000/test"``.
+    images
+        Float tensor ``(N, C, H, W)``.
+    labels
+        Integer class of every image, ``(N,)``.
+    sample_ids
+        Stable id of every image, ``(N,)``.
+    classes
+        Class names, indexed by label.
+    """
+
+    name: str
+    images: torch.Tensor
+    labels: np.ndarray = attrs.field(converter=lambda a: np.asarray(a, dtype=np.int64))
+    sample_ids: np.ndarray = attrs.field(converter=lambda a: np.asarray(a, dtype=np.int64))
+    classes: tuple[str, ...] = attrs.field(converter=tuple)
+
+    def __attrs_post_init__(self) -> None:
+        n = len(self.images)
+        if self.images.ndim != 4:
+            raise ValueError(f"dataset {self.name!r}: images must be (N, C, H, W), got {tuple(self.images.shape)}")
+        if len(self.labels) != n or len(self.sample_ids) != n:
+            raise ValueError(
+                f"dataset {self.name!r}: {n} images but {len(self.labels)} labels and {len(self.sample_ids)} sample ids"
+            )
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], int(self.labels[index])
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.images.shape[1:])
+
+    def subset(self, indices: Sequence[int], name: str | None = None) -> "TensorImageDataset":
+        """Return the items at ``indices`` (positions, not sample ids), keeping their ids."""
+        idx = np.asarray(indices, dtype=np.int64)
+        return TensorImageDataset(
+            name or self.name, self.images[torch.from_numpy(idx)], self.labels[idx], self.sample_ids[idx], self.classes
+        )
+
+
+# ------------------------------------------------------------------ result values
+
+
+@attrs.frozen
+class Evaluation:
+    """Mean cross-entropy loss and top-1 accuracy of a classifier on a dataset."""
+
+    loss: float
+    accuracy: float
+
+
+@attrs.define
+class Alignment:
+    """Transforms mapping each model's channels onto the reference model's.
+
+    ``transforms[model][group]`` is a DataArray with dims ``("unit", "unit_ref")``: a
+    permutation matrix, an invertible map or a general linear map from ``model``'s units
+    of channel group ``group`` to the reference's.
+    """
+
+    reference: str
+    transforms: dict[str, dict[str, xr.DataArray]] = attrs.field(factory=dict)
+
+    def to_tree(self) -> xr.DataTree:
+        """Return the alignment as a DataTree: ``reference`` at the root, ``/<model>/<group>`` transforms."""
+        children: dict[str, xr.Dataset] = {"/": xr.Dataset({"reference": self.reference})}
+        for model, groups in self.transforms.items():
+            for group, t in groups.items():
+                children[f"{model}/{group}"] = xr.Dataset({"transform": t})
+        return xr.DataTree.from_dict(children)
+
+    @classmethod
+    def from_tree(cls, tree: xr.DataTree) -> "Alignment":
+        """Rebuild an alignment written by :meth:`to_tree`."""
+        transforms: dict[str, dict[str, xr.DataArray]] = {}
+        for model_node in tree.children.values():
+            transforms[model_node.name] = {g.name: g.ds["transform"] for g in model_node.children.values()}
+        return cls(str(tree.ds["reference"].item()), transforms)
+
+
+@attrs.define
+class MergeResult:
+    """What a merger returns.
+
+    Parameters
+    ----------
+    model
+        The merged model, or ``None`` when the merger only measures (e.g. a sweep).
+        Later pipeline steps can use it by the step's name.
+    results
+        Labelled results (curves, tables, scalars) stored in ``results.nc``.
+    """
+
+    model: nn.Module | None
+    results: xr.Dataset = attrs.field(factory=xr.Dataset)
+
+
+# ------------------------------------------------------------------------ context
+
+
+def _default_evaluate(model: nn.Module, data: ImageDataset, batch_size: int) -> Evaluation:
+    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
+    model.eval()
+    total_loss, correct, count = 0.0, 0, 0
+    with torch.no_grad():
+        for images, labels in loader:
+            logits = model(images)
+            total_loss += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
+            correct += int((logits.argmax(dim=1) == labels).sum())
+            count += len(labels)
+    if count == 0:
+        raise ValueError(f"cannot evaluate on the empty dataset {data.name!r}")
+    return Evaluation(loss=total_loss / count, accuracy=correct / count)
+
+
+@attrs.define
+class Context:
+    """What the runner offers a component while it runs.
+
+    Parameters
+    ----------
+    data
+        The pipeline's dataset (evaluation and activations), or ``None``.
+    seed
+        The pipeline seed; components with randomness also take their own ``seed`` option.
+    batch_size
+        Batch size for passes over ``data``.
+    quiet
+        Hide progress bars.
+    """
+
+    data: ImageDataset | None = None
+    seed: int = 0
+    batch_size: int = 256
+    quiet: bool = False
+
+    def evaluate(self, model: nn.Module) -> Evaluation:
+        """Loss and accuracy of ``model`` on :attr:`data`."""
+        if self.data is None:
+            raise ValueError("this step needs data to evaluate models, but the pipeline has no [data]")
+        return _default_evaluate(model, self.data, self.batch_size)
+
+    def progress(self, iterable: Iterable[T], desc: str, total: int | None = None) -> Iterator[T]:
+        """Wrap ``iterable`` in a progress bar (silent when :attr:`quiet`)."""
+        from tqdm.auto import tqdm
+
+        return iter(tqdm(iterable, desc=desc, total=total, disable=self.quiet, leave=False, dynamic_ncols=True))
+
+
+# ---------------------------------------------------------------------- protocols
+
+
+@runtime_checkable
+class Aligner(Protocol):
+    """Map every model's channels onto a reference model's channels."""
+
+    name: ClassVar[str]
+
+    def align(self, models: Mapping[str, nn.Module], reference: str, context: Context) -> Alignment: ...
+
+
+@runtime_checkable
+class Merger(Protocol):
+    """Combine several models of one architecture into one."""
+
+    name: ClassVar[str]
+
+    def merge(
+        self, models: Mapping[str, nn.Module], context: Context, alignment: Alignment | None = None
+    ) -> MergeResult: ...
+
+
+@runtime_checkable
+class Visualizer(Protocol):
+    """Turn results into files (figures, image grids, panels of the report)."""
+
+    name: ClassVar[str]
+
+    def render(self, results: xr.DataTree, out_dir: Path) -> list[Path]: ...
+
+
+@runtime_checkable
+class Metric(Protocol):
+    """Score every unit of two activation tensors over the same samples.
+
+    ``a`` and ``b`` follow the activation contract (dims ``("sample", "unit", ...)``
+    with identical ``sample`` coords); the result has dims ``("unit",)`` with ``b``'s
+    ``unit`` coord.
+    """
+
+    name: ClassVar[str]
+
+    def score(self, a: xr.DataArray, b: xr.DataArray) -> xr.DataArray: ...
+
+
+@runtime_checkable
+class Differ(Protocol):
+    """Fit a dictionary over the activations of N models and describe each feature."""
+
+    name: ClassVar[str]
+
+    def fit(self, activations: Mapping[str, xr.DataArray], context: Context) -> xr.Dataset: ...
+
+
+@runtime_checkable
+class DatasetSource(Protocol):
+    """Load a labelled image dataset."""
+
+    name: ClassVar[str]
+
+    def load(self) -> ImageDataset: ...
+
+
+@runtime_checkable
+class Architecture(Protocol):
+    """Build an untrained classifier for images of ``input_shape`` with ``num_classes`` outputs."""
+
+    name: ClassVar[str]
+
+    def build(self, input_shape: tuple[int, ...], num_classes: int) -> nn.Module: ...
+
+
+@attrs.frozen
+class Kind:
+    """One kind of component: its hook, its protocol and the method that does the work."""
+
+    name: str
+    hook: str
+    protocol: type
+    method: str
+
+
+KINDS: dict[str, Kind] = {
+    k.name: k
+    for k in (
+        Kind("aligner", "register_aligners", Aligner, "align"),
+        Kind("merger", "register_mergers", Merger, "merge"),
+        Kind("visualizer", "register_visualizers", Visualizer, "render"),
+        Kind("metric", "register_metrics", Metric, "score"),
+        Kind("differ", "register_differs", Differ, "fit"),
+        Kind("dataset", "register_datasets", DatasetSource, "load"),
+        Kind("architecture", "register_architectures", Architecture, "build"),
+    )
+}

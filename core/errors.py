@@ -1,0 +1,74 @@
+"""Errors that mergescope raises on purpose.
+
+Every error meant for a user derives from :class:`MergescopeError`; the CLI prints
+those as one paragraph without a traceback (unless ``--debug``). Everything else is
+a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+__all__ = [
+    "MergescopeError",
+    "ConfigError",
+    "UnknownComponentError",
+    "DuplicateComponentError",
+    "PluginError",
+    "CheckpointError",
+    "ContractError",
+    "closest",
+]
+
+
+class MergescopeError(Exception):
+    """Base class of every error mergescope reports to a user."""
+
+
+class ConfigError(MergescopeError, ValueError):
+    """A pipeline or component option is wrong.
+
+    Parameters
+    ----------
+    message
+        What was wrong and what is accepted.
+    where
+        Where it was found, e.g. ``"pipeline.toml, [[steps]] #2 (use = 'kendall-tau'), key 'layers'"``.
+    """
+
+    def __init__(self, message: str, where: str | None = None) -> None:
+        self.message = message
+        self.where = where
+        super().__init__(f"{where}: {message}" if where else message)
+
+    def located(self, where: str) -> "ConfigError":
+        """Return the same error with ``where`` prefixed to its location."""
+        inner = f"{where}, {self.where}" if self.where else where
+        return type(self)(self.message, inner)
+
+
+class UnknownComponentError(ConfigError, LookupError):
+    """A component name that no loaded plugin registers."""
+
+
+class DuplicateComponentError(MergescopeError):
+    """Two plugins register the same name for one kind of component."""
+
+
+class PluginError(MergescopeError):
+    """A plugin is malformed (bad hook, bad component class)."""
+
+
+class CheckpointError(MergescopeError):
+    """A model checkpoint is missing, unsafe, or does not fit its architecture."""
+
+
+class ContractError(MergescopeError, ValueError):
+    """A labelled array does not follow the activation / result contract."""
+
+
+def closest(name: str, known: Iterable[str]) -> str | None:
+    """Return the known name closest to ``name``, or ``None`` when nothing is close."""
+    matches = difflib.get_close_matches(name, list(known), n=1, cutoff=0.5)
+    return matches[0] if matches else None

@@ -1,0 +1,147 @@
+"""Component options: TOML tables <-> attrs instances, through one cattrs converter.
+
+Unknown keys are an error naming the key, the component and the accepted keys.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar, get_origin
+
+import attrs
+import cattrs
+from cattrs.cols import list_structure_factory
+
+from .errors import ConfigError, closest
+
+__all__ = ["converter", "option_names", "structure_options", "unstructure_options", "describe"]
+
+T = TypeVar("T")
+
+converter = cattrs.Converter(forbid_extra_keys=True)
+converter.register_structure_hook(Path, lambda value, _: Path(value))
+converter.register_unstructure_hook(Path, str)
+
+
+# cattrs would coerce with str()/int()/float(); a pipeline value of the wrong type must
+# be an error instead (e.g. a table where a string belongs, or 0.5 where an int does).
+def _strict(tp: type, accepted: tuple[type, ...], convert: Any = None) -> None:
+    def hook(value: Any, _: Any) -> Any:
+        if isinstance(value, bool) and bool not in accepted or not isinstance(value, accepted):
+            raise TypeError(f"expected {tp.__name__}, got {type(value).__name__} {value!r}")
+        return convert(value) if convert else value
+
+    converter.register_structure_hook(tp, hook)
+
+
+def _is_list(tp: Any) -> bool:
+    return get_origin(tp) is list or tp is list
+
+
+def _strict_list(tp: Any, conv: cattrs.Converter) -> Any:
+    inner = list_structure_factory(tp, conv)
+
+    def hook(value: Any, _: Any) -> Any:
+        if not isinstance(value, (list, tuple)):  # a string is iterable, but not a list of options
+            raise TypeError(f"expected a list, got {type(value).__name__} {value!r}")
+        return inner(value, _)
+
+    return hook
+
+
+converter.register_structure_hook_factory(_is_list, _strict_list)
+_strict(str, (str,))
+_strict(int, (int,))
+_strict(float, (int, float), float)
+_strict(bool, (bool,))
+
+
+def describe(cls: type) -> str:
+    """``"component 'interpolation'"``-style label for error messages."""
+    return f"component {getattr(cls, 'name', cls.__qualname__)!r}"
+
+
+def option_names(cls: type) -> list[str]:
+    """The option keys ``cls`` accepts (its attrs fields that take an init argument)."""
+    return [f.alias or f.name for f in attrs.fields(cls) if f.init]
+
+
+def _first_leaf(exc: BaseException) -> tuple[BaseException, list[str]]:
+    """Walk cattrs' nested exception groups down to the first real error and its key path."""
+    path: list[str] = []
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        inner = exc.exceptions[0]
+        note = next((n for n in getattr(inner, "__notes__", []) if isinstance(n, str)), "")
+        m = re.search(r"attribute (\w+)|index (\d+)|key '?([^'\s]+)'?", note)
+        if m:
+            path.append(next(g for g in m.groups() if g is not None))
+        exc = inner
+    return exc, path
+
+
+def structure_options(
+    cls: type[T], options: Mapping[str, Any], label: str | None = None, reserved: Sequence[str] = ()
+) -> T:
+    """Build ``cls`` from a table of options.
+
+    Parameters
+    ----------
+    cls
+        An attrs component class.
+    options
+        Option values, e.g. a TOML table without the pipeline's own keys.
+    label
+        How to name the component in errors; defaults to ``component 'name'``.
+    reserved
+        Keys the surrounding table accepts besides the options (e.g. a step's ``models``),
+        offered as suggestions for a misspelled key.
+
+    Raises
+    ------
+    ConfigError
+        An unknown key, a value of the wrong type, or a value the component rejects;
+        the message names the key, the component and what is accepted.
+    """
+    label = label or describe(cls)
+    accepted = option_names(cls)
+    for key in options:
+        if key not in accepted:
+            guess = closest(key, [*accepted, *reserved])
+            hint = f" Did you mean {guess!r}?" if guess else ""
+            also = f" Also accepted here: {', '.join(reserved)}." if reserved else ""
+            raise ConfigError(
+                f"unknown option {key!r} for {label}.{hint} "
+                f"Accepted options: {', '.join(accepted) or '(none)'}.{also}",
+                where=f"key {key!r}",
+            )
+    try:
+        return converter.structure(dict(options), cls)
+    except cattrs.BaseValidationError as exc:
+        leaf, path = _first_leaf(exc)
+        if not path:  # an attrs validator failed in __init__: its message quotes the option
+            path = [k for k in re.findall(r"'(\w+)'", str(leaf)) if k in accepted][:1]
+        key = ".".join(path) or "?"
+        raise ConfigError(f"bad value for option {key!r} of {label}: {leaf}", where=f"key {key!r}") from exc
+    except (ValueError, TypeError) as exc:
+        # attrs validators raise these; their message names the attribute.
+        m = re.search(r"'(\w+)'", str(exc))
+        key = m.group(1) if m and m.group(1) in accepted else None
+        raise ConfigError(f"bad options for {label}: {exc}", where=f"key {key!r}" if key else None) from exc
+
+
+def unstructure_options(component: Any) -> dict[str, Any]:
+    """The options of a component instance as a TOML-ready table (``None`` values left out)."""
+    raw = converter.unstructure(component)
+    return {k: _tomlable(v) for k, v in raw.items() if v is not None}
+
+
+def _tomlable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_tomlable(v) for v in value]
+    if isinstance(value, list):
+        return [_tomlable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _tomlable(v) for k, v in value.items() if v is not None}
+    return value

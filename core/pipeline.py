@@ -1,0 +1,415 @@
+"""Pipelines: declared in TOML or composed in Python from the same objects.
+
+A pipeline file::
+
+    seed = 0
+
+    [data]                      # a dataset component and its options
+    use = "mnist5000"
+    split = "test"
+
+    [activations]               # defaults for steps that read activations
+    layers = ["relu1", "relu2"]
+    reduce = "mean"
+    batch_size = 500
+
+    [[models]]                  # an architecture component and its options
+    name = "a"
+    use = "mlp"
+    checkpoint = "a.pt"         # or a [models.train] table: train here, cached
+
+    [[steps]]                   # a component and its options
+    use = "kendall-tau"
+    models = ["a", "b"]
+
+``Pipeline.from_toml(text)`` and ``pipeline.to_toml()`` round-trip.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from .errors import ConfigError, closest
+from .options import structure_options, unstructure_options
+from .plugins import Registry, get_registry
+from .training import Training
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+import tomli_w
+
+__all__ = ["ActivationSpec", "ModelSpec", "Step", "Pipeline", "load_pipeline", "STEP_KINDS"]
+
+#: Component kinds that can be pipeline steps.
+STEP_KINDS = ("aligner", "merger", "metric", "differ", "visualizer")
+
+_TOP_KEYS = ("seed", "data", "activations", "models", "steps")
+_MODEL_KEYS = ("name", "use", "checkpoint", "train", "train_data")
+_STEP_KEYS = ("use", "name", "models", "layers", "alignment")
+
+
+def _name_of(component: Any) -> str:
+    return type(component).name
+
+
+@attrs.define
+class ActivationSpec:
+    """How activations are recorded for the steps that need them.
+
+    Parameters
+    ----------
+    layers
+        Default layers for steps that do not name their own.
+    reduce
+        ``"mean"`` or ``"max"`` over the spatial positions of conv maps.
+    batch_size
+        Images per forward pass (collection and evaluation).
+    """
+
+    layers: list[str] = attrs.field(factory=list)
+    reduce: str = attrs.field(default="mean", validator=attrs.validators.in_(("mean", "max")))
+    batch_size: int = attrs.field(default=256, validator=attrs.validators.gt(0))
+
+
+@attrs.define
+class ModelSpec:
+    """One input model: an architecture plus a checkpoint, or training options.
+
+    Parameters
+    ----------
+    name
+        How steps refer to the model.
+    architecture
+        An architecture component instance (e.g. ``MLP()``).
+    checkpoint
+        A state-dict file; when ``None`` the model is trained here (cached) with ``train``.
+    train
+        Training options; defaults apply when neither ``checkpoint`` nor ``train`` is given.
+    train_data
+        Dataset component to train on; default: the pipeline's data with ``split = "train"``.
+    """
+
+    name: str
+    architecture: Any
+    checkpoint: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
+    train: Training | None = None
+    train_data: Any | None = None
+
+
+@attrs.define
+class Step:
+    """One step: a component instance plus which models and layers it works on.
+
+    Parameters
+    ----------
+    component
+        An instance of a registered aligner, merger, metric, differ or visualizer.
+    name
+        The step's group in ``results.nc`` (and, for mergers, the merged model's name).
+        Defaults to the component name, suffixed with the step number when repeated.
+    models
+        Model (or merger step) names; default: every declared model. The first is the
+        reference for metrics and aligners.
+    layers
+        Layers for metrics and differs; default: ``[activations] layers``.
+    alignment
+        Name of an aligner step whose alignment a merger applies.
+    """
+
+    component: Any
+    name: str | None = None
+    models: list[str] | None = None
+    layers: list[str] | None = None
+    alignment: str | None = None
+
+    @property
+    def use(self) -> str:
+        return _name_of(self.component)
+
+
+@attrs.define
+class Pipeline:
+    """A whole experiment: data, models and steps.
+
+    Build one in Python from component instances, or with :meth:`from_toml` /
+    :func:`load_pipeline`; :meth:`to_toml` writes it back.
+    """
+
+    models: list[ModelSpec] = attrs.field(factory=list)
+    steps: list[Step] = attrs.field(factory=list)
+    data: Any | None = None
+    activations: ActivationSpec = attrs.field(factory=ActivationSpec)
+    seed: int = 0
+    source: str = attrs.field(default="<pipeline>", eq=False)
+
+    # -- names ---------------------------------------------------------------
+
+    def step_names(self) -> list[str]:
+        """The resolved name of every step, in order."""
+        uses = [s.use for s in self.steps if s.name is None]
+        return [
+            s.name or (s.use if uses.count(s.use) == 1 else f"{s.use}-{i + 1}") for i, s in enumerate(self.steps)
+        ]
+
+    # -- TOML ------------------------------------------------------------------
+
+    @classmethod
+    def from_toml(
+        cls, text: str, source: str = "<pipeline>", registry: Registry | None = None, base_dir: Path | None = None
+    ) -> "Pipeline":
+        """Parse and validate a pipeline; errors name ``source``, the table and the key.
+
+        Relative checkpoint paths are taken relative to ``base_dir`` (default: the working directory).
+        """
+        try:
+            raw = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"not valid TOML: {exc}", where=source) from exc
+        return cls.from_dict(raw, source=source, registry=registry, base_dir=base_dir)
+
+    @classmethod
+    def from_dict(
+        cls,
+        raw: Mapping[str, Any],
+        source: str = "<pipeline>",
+        registry: Registry | None = None,
+        base_dir: Path | None = None,
+    ) -> "Pipeline":
+        """Build a pipeline from parsed TOML."""
+        registry = registry or get_registry()
+        _reject_unknown(raw, _TOP_KEYS, "the top level", source)
+        data = None
+        if "data" in raw:
+            data = _component(registry, "dataset", _table(raw["data"], "[data]", source), f"{source}, [data]")
+        activations = _structure(ActivationSpec, raw.get("activations", {}), f"{source}, [activations]")
+        models = [
+            _model(registry, _table(m, f"[[models]] #{i + 1}", source), f"{source}, [[models]] #{i + 1}", base_dir)
+            for i, m in enumerate(_list(raw.get("models", []), "models", source))
+        ]
+        steps = [
+            _step(registry, _table(s, f"[[steps]] #{i + 1}", source), f"{source}, [[steps]] #{i + 1}")
+            for i, s in enumerate(_list(raw.get("steps", []), "steps", source))
+        ]
+        seed = raw.get("seed", 0)
+        if not isinstance(seed, int):
+            raise ConfigError(f"'seed' must be an integer, got {seed!r}", where=f"{source}, key 'seed'")
+        pipeline = cls(models=models, steps=steps, data=data, activations=activations, seed=seed, source=source)
+        pipeline.check(registry)
+        return pipeline
+
+    def to_dict(self) -> dict[str, Any]:
+        """The pipeline as TOML-ready nested dicts."""
+        out: dict[str, Any] = {"seed": self.seed}
+        if self.data is not None:
+            out["data"] = {"use": _name_of(self.data), **unstructure_options(self.data)}
+        out["activations"] = unstructure_options(self.activations)
+        out["models"] = []
+        for m in self.models:
+            table: dict[str, Any] = {"name": m.name, "use": _name_of(m.architecture)}
+            table.update(unstructure_options(m.architecture))
+            if m.checkpoint is not None:
+                table["checkpoint"] = str(m.checkpoint)
+            if m.train is not None:
+                table["train"] = unstructure_options(m.train)
+            if m.train_data is not None:
+                table["train_data"] = {"use": _name_of(m.train_data), **unstructure_options(m.train_data)}
+            out["models"].append(table)
+        out["steps"] = []
+        for s in self.steps:
+            table = {"use": s.use}
+            for key in ("name", "models", "layers", "alignment"):
+                if getattr(s, key) is not None:
+                    table[key] = getattr(s, key)
+            table.update(unstructure_options(s.component))
+            out["steps"].append(table)
+        return out
+
+    def to_toml(self) -> str:
+        """The pipeline as TOML text; ``Pipeline.from_toml(p.to_toml()) == p``."""
+        return tomli_w.dumps(self.to_dict())
+
+    # -- checks ----------------------------------------------------------------
+
+    def check(self, registry: Registry | None = None) -> None:
+        """Check names and references across models and steps.
+
+        Raises
+        ------
+        ConfigError
+            Naming the model or step and the key at fault.
+        """
+        registry = registry or get_registry()
+        model_names = [m.name for m in self.models]
+        for i, (name, spec) in enumerate(zip(model_names, self.models)):
+            where = f"{self.source}, [[models]] #{i + 1} (name = {name!r})"
+            if name in model_names[:i]:
+                raise ConfigError(f"two models are named {name!r}", where=f"{where}, key 'name'")
+            if spec.checkpoint is not None and not spec.checkpoint.is_file():
+                raise ConfigError(
+                    f"checkpoint file {str(spec.checkpoint)!r} does not exist", where=f"{where}, key 'checkpoint'"
+                )
+        available = list(model_names)  # grows with merger steps, which produce models
+        step_names = self.step_names()
+        kinds: dict[str, str] = {}
+        for i, (step, name) in enumerate(zip(self.steps, step_names)):
+            where = f"{self.source}, [[steps]] #{i + 1} (use = {step.use!r})"
+            kind = registry.kind_of(type(step.component))
+            if kind not in STEP_KINDS:
+                raise ConfigError(
+                    f"{step.use!r} is a {kind}, which cannot be a step; steps use one of: {', '.join(STEP_KINDS)}",
+                    where=f"{where}, key 'use'",
+                )
+            if name in available or name in kinds:
+                raise ConfigError(
+                    f"step name {name!r} is already taken by a model or an earlier step", where=f"{where}, key 'name'"
+                )
+            for ref in step.models or []:
+                if ref not in available:
+                    guess = closest(ref, available)
+                    hint = f" Did you mean {guess!r}?" if guess else ""
+                    raise ConfigError(
+                        f"unknown model {ref!r}.{hint} Models available to this step: {', '.join(available) or '(none)'}.",
+                        where=f"{where}, key 'models'",
+                    )
+            if step.alignment is not None and kinds.get(step.alignment) != "aligner":
+                aligners = [n for n, k in kinds.items() if k == "aligner"]
+                raise ConfigError(
+                    f"{step.alignment!r} is not an earlier aligner step; aligner steps: {', '.join(aligners) or '(none)'}",
+                    where=f"{where}, key 'alignment'",
+                )
+            if kind in ("metric", "differ") and not (step.layers or self.activations.layers):
+                raise ConfigError(
+                    "this step reads activations but names no layers; set 'layers' here or in [activations]",
+                    where=f"{where}, key 'layers'",
+                )
+            if kind in ("metric", "aligner") and len(step.models or model_names) < 2:
+                raise ConfigError("this step compares models and needs at least two", where=f"{where}, key 'models'")
+            if kind == "merger":
+                available.append(name)
+            kinds[name] = kind
+        if any(m.checkpoint is None for m in self.models) or any(
+            kinds[n] in ("merger", "metric", "differ") for n in step_names
+        ):
+            if self.data is None:
+                raise ConfigError(
+                    "this pipeline trains, evaluates or records models, so it needs a [data] table",
+                    where=f"{self.source}, key 'data'",
+                )
+
+
+def load_pipeline(path: str | Path, registry: Registry | None = None) -> Pipeline:
+    """Read a pipeline file; checkpoint paths are taken relative to the file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read the pipeline file: {exc.strerror}", where=str(path)) from exc
+    return Pipeline.from_toml(text, source=str(path), registry=registry, base_dir=path.parent)
+
+
+# ----------------------------------------------------------------------- helpers
+
+
+def _reject_unknown(table: Mapping[str, Any], accepted: tuple[str, ...], what: str, where: str) -> None:
+    for key in table:
+        if key not in accepted:
+            guess = closest(key, accepted)
+            hint = f" Did you mean {guess!r}?" if guess else ""
+            raise ConfigError(
+                f"unknown key {key!r} in {what}.{hint} Accepted keys: {', '.join(accepted)}.", where=f"{where}, key {key!r}"
+            )
+
+
+def _table(value: Any, what: str, source: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{what} must be a table, got {type(value).__name__}", where=source)
+    return value
+
+
+def _list(value: Any, key: str, source: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise ConfigError(f"'{key}' must be an array of tables ([[{key}]])", where=f"{source}, key {key!r}")
+    return value
+
+
+def _structure(cls: type, table: Any, where: str) -> Any:
+    if not isinstance(table, dict):
+        raise ConfigError(f"expected a table, got {type(table).__name__}", where=where)
+    try:
+        return structure_options(cls, table, label=f"[{cls.__name__}]")
+    except ConfigError as exc:
+        raise exc.located(where) from exc
+
+
+def _component(registry: Registry, kind: str, table: dict[str, Any], where: str, reserved: tuple[str, ...] = ("use",)):
+    """Instantiate the component a table names with ``use``, from the table's other keys."""
+    use = table.get("use")
+    if not isinstance(use, str):
+        names = ", ".join(registry.names(kind))
+        raise ConfigError(f"missing 'use = \"<{kind} name>\"'; known {kind}s: {names}", where=f"{where}, key 'use'")
+    try:
+        cls = registry.get(kind, use)
+    except ConfigError as exc:
+        raise exc.located(f"{where}, key 'use'") from exc
+    options = {k: v for k, v in table.items() if k not in reserved}
+    try:
+        return structure_options(cls, options, label=f"{kind} {use!r}", reserved=reserved)
+    except ConfigError as exc:
+        raise exc.located(f"{where} (use = {use!r})") from exc
+
+
+def _model(registry: Registry, table: dict[str, Any], where: str, base_dir: Path | None) -> ModelSpec:
+    name = table.get("name")
+    if not isinstance(name, str) or not name:
+        raise ConfigError("every model needs a 'name' (a string)", where=f"{where}, key 'name'")
+    where = f"{where} (name = {name!r})"
+    architecture = _component(registry, "architecture", table, where, reserved=_MODEL_KEYS)
+    train = None
+    if "train" in table:
+        train = _structure(Training, table["train"], f"{where}, [train]")
+    train_data = None
+    if "train_data" in table:
+        train_data = _component(registry, "dataset", _table(table["train_data"], "train_data", where), f"{where}, [train_data]")
+    checkpoint = table.get("checkpoint")
+    if checkpoint is not None and not isinstance(checkpoint, str):
+        raise ConfigError("'checkpoint' must be a file path (a string)", where=f"{where}, key 'checkpoint'")
+    if checkpoint is not None and train is not None:
+        raise ConfigError("give either 'checkpoint' or a [train] table, not both", where=f"{where}, key 'checkpoint'")
+    if checkpoint is not None and base_dir is not None and not Path(checkpoint).is_absolute():
+        checkpoint = str(base_dir / checkpoint)
+    return ModelSpec(name, architecture, checkpoint, train, train_data)
+
+
+def _step(registry: Registry, table: dict[str, Any], where: str) -> Step:
+    use = table.get("use")
+    kind = next((k for k in STEP_KINDS if isinstance(use, str) and use in registry.names(k)), None)
+    if kind is None:
+        if not isinstance(use, str):
+            raise ConfigError("every step needs 'use = \"<component name>\"'", where=f"{where}, key 'use'")
+        known = sorted({n for k in STEP_KINDS for n in registry.names(k)})
+        guess = closest(use, known)
+        hint = f" Did you mean {guess!r}?" if guess else ""
+        raise ConfigError(
+            f"unknown component {use!r}.{hint} Known step components: {', '.join(known)}.",
+            where=f"{where}, key 'use'",
+        )
+    component = _component(registry, kind, table, where, reserved=_STEP_KEYS)
+    where = f"{where} (use = {use!r})"
+    fields = {}
+    for key, expected in (("name", str), ("alignment", str), ("models", list), ("layers", list)):
+        value = table.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, expected) or (expected is list and not all(isinstance(v, str) for v in value)):
+            kind_text = "a string" if expected is str else "a list of strings"
+            raise ConfigError(f"'{key}' must be {kind_text}, got {value!r}", where=f"{where}, key {key!r}")
+        fields[key] = value
+    return Step(component, **fields)
+

@@ -1,0 +1,379 @@
+"""Running a pipeline: models in, one cached step after another, ``results.nc`` out.
+
+The run directory holds::
+
+    results.nc        every step's labelled results, one group per step
+    pipeline.toml     the pipeline as run
+    summary.txt       one paragraph per step
+    run.json          versions, seed, and the time of each step
+    activations/      recorded activations, one netCDF collection per model
+    steps/<name>-<key>/   a step's cached result (and merged model)
+
+A step's key hashes its component, options, inputs and data, so a re-run skips the
+steps that are done and redoes the ones whose inputs changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+import xarray as xr
+from torch import nn
+
+from . import __version__
+from .activations import collect, load_collection, save_collection, to_tree
+from .checkpoints import load_into, load_state_dict, save_state_dict
+from .components import Alignment, Context, ImageDataset, MergeResult
+from .errors import CheckpointError, ConfigError, ContractError, MergescopeError
+from .options import unstructure_options
+from .pipeline import ModelSpec, Pipeline, Step
+from .plugins import Registry, get_registry
+from .storage import atomic_path, load_tree, save_tree
+from .training import Training, cache_key, trained_model
+
+__all__ = ["RunResult", "run"]
+
+log = logging.getLogger("mergescope")
+
+
+@attrs.define
+class RunResult:
+    """What :func:`run` returns: the run directory, the results tree and the summary text."""
+
+    out_dir: Path
+    results: xr.DataTree
+    summary: str
+    models: dict[str, nn.Module]
+
+
+@attrs.define
+class _Model:
+    module: nn.Module
+    fingerprint: str
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _describe(component: Any, result: Any) -> str:
+    describe = getattr(component, "describe", None)
+    if callable(describe):
+        return str(describe(result))
+    if isinstance(result, xr.Dataset):
+        return "variables: " + ", ".join(map(str, result.data_vars)) if result.data_vars else "no results"
+    return type(result).__name__
+
+
+class _Run:
+    def __init__(self, pipeline: Pipeline, out_dir: Path, *, force: bool, quiet: bool, registry: Registry):
+        self.pipeline = pipeline
+        self.out = out_dir
+        self.force = force
+        self.quiet = quiet
+        self.registry = registry
+        self.names = pipeline.step_names()
+        self.kinds = {name: registry.kind_of(type(s.component)) for name, s in zip(self.names, pipeline.steps)}
+        self.data: ImageDataset | None = pipeline.data.load() if pipeline.data is not None else None
+        self.context = Context(
+            data=self.data, seed=pipeline.seed, batch_size=pipeline.activations.batch_size, quiet=quiet
+        )
+        self.models: dict[str, _Model] = {}
+        self.alignments: dict[str, Alignment] = {}
+        self.step_keys: dict[str, str] = {}
+        self.activations: dict[str, dict[str, xr.DataArray]] = {}
+        self.needed_layers = self._needed_layers()
+
+    # -- models ----------------------------------------------------------------
+
+    def _model_where(self, index: int, spec: ModelSpec) -> str:
+        return f"{self.pipeline.source}, [[models]] #{index + 1} (name = {spec.name!r})"
+
+    def load_models(self) -> None:
+        for i, spec in enumerate(self.pipeline.models):
+            where = self._model_where(i, spec)
+            if spec.checkpoint is not None:
+                self.models[spec.name] = self._from_checkpoint(spec, where)
+            else:
+                self.models[spec.name] = self._trained(spec, where)
+
+    def _from_checkpoint(self, spec: ModelSpec, where: str) -> _Model:
+        path = spec.checkpoint
+        assert path is not None
+        if not path.is_file():
+            raise ConfigError(f"checkpoint file {str(path)!r} does not exist", where=f"{where}, key 'checkpoint'")
+        if self.data is None:
+            raise ConfigError("a checkpoint model needs [data] to know its input shape and classes", where=where)
+        use = type(spec.architecture).name
+        model = spec.architecture.build(self.data.input_shape, len(self.data.classes))
+        try:
+            load_into(model, load_state_dict(path), source=str(path), architecture=use)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{where}, key 'checkpoint': {exc}") from exc
+        model.eval()
+        return _Model(model, _file_digest(path))
+
+    def _trained(self, spec: ModelSpec, where: str) -> _Model:
+        source = spec.train_data
+        if source is None:
+            data = self.pipeline.data
+            if data is None or "split" not in {f.name for f in attrs.fields(type(data))}:
+                raise ConfigError(
+                    "this model is trained here, but the pipeline's dataset has no 'split' option; "
+                    "give a [models.train_data] table or a 'checkpoint'",
+                    where=f"{where}, key 'train_data'",
+                )
+            source = attrs.evolve(data, split="train")
+        training = spec.train or Training()
+        log.info("model %s: training or loading from cache", spec.name)
+        model = trained_model(spec.architecture, source, training, context=self.context)
+        return _Model(model, cache_key(spec.architecture, source, training))
+
+    # -- activations ---------------------------------------------------------------
+
+    def _step_models(self, step: Step) -> list[str]:
+        return list(step.models) if step.models else [m.name for m in self.pipeline.models]
+
+    def _step_layers(self, step: Step) -> list[str]:
+        return list(step.layers or self.pipeline.activations.layers)
+
+    def _needed_layers(self) -> dict[str, list[str]]:
+        """Every layer any step reads, per model, so each model is recorded in one pass."""
+        needed: dict[str, list[str]] = {}
+        for name, step in zip(self.names, self.pipeline.steps):
+            if self.kinds[name] in ("metric", "differ"):
+                for model in self._step_models(step):
+                    layers = needed.setdefault(model, [])
+                    layers.extend(layer for layer in self._step_layers(step) if layer not in layers)
+        return needed
+
+    def activation(self, model: str, layer: str) -> xr.DataArray:
+        if model not in self.activations:
+            self.activations[model] = self._record(model)
+        return self.activations[model][layer]
+
+    def _record(self, model: str) -> dict[str, xr.DataArray]:
+        assert self.data is not None
+        spec = self.pipeline.activations
+        layers = self.needed_layers[model]
+        key = cache_key(self.models[model].fingerprint, self.pipeline.data, layers, spec.reduce)
+        path = self.out / "activations" / f"{model}-{key[:16]}.nc"
+        if path.exists() and not self.force:
+            tree = load_collection(path)
+            return {layer: tree[f"{model}/{layer}"].ds["activation"] for layer in layers}
+        recorded = collect(
+            self.models[model].module,
+            self.data,
+            layers,
+            model_name=model,
+            reduce=spec.reduce,
+            batch_size=spec.batch_size,
+            context=self.context,
+        )
+        save_collection(to_tree({model: recorded}), path)
+        return recorded
+
+    # -- steps -------------------------------------------------------------------------
+
+    def _step_key(self, name: str, step: Step) -> str:
+        kind = self.kinds[name]
+        inputs: list[Any] = [self.models[m].fingerprint for m in self._step_models(step)] if kind != "visualizer" else []
+        if kind in ("metric", "differ"):
+            inputs += [self._step_layers(step), self.pipeline.activations.reduce]
+        if kind == "visualizer":  # draws everything before it
+            inputs += [self.step_keys[n] for n in self.names[: self.names.index(name)]]
+        if step.alignment:
+            inputs.append(self.step_keys[step.alignment])
+        return cache_key(
+            {"use": step.use, "kind": kind, "options": unstructure_options(step.component)},
+            self.pipeline.data,
+            self.pipeline.seed,
+            inputs,
+        )
+
+    def run_step(self, index: int, results: dict[str, xr.Dataset]) -> dict[str, xr.Dataset]:
+        step, name = self.pipeline.steps[index], self.names[index]
+        kind = self.kinds[name]
+        key = self.step_keys[name] = self._step_key(name, step)
+        step_dir = self.out / "steps" / f"{name}-{key[:16]}"
+        result_path, model_path = step_dir / "result.nc", step_dir / "model.pt"
+        if result_path.exists() and not self.force:
+            log.info("step %s (%s): done before, loaded from %s", name, step.use, step_dir)
+            tree = load_tree(result_path)
+            if kind == "merger" and model_path.exists():
+                self.models[name] = _Model(self._rebuild_merged(step, model_path), key)
+            if kind == "aligner":
+                self.alignments[name] = Alignment.from_tree(tree)
+            return _flatten(tree)
+        log.info("step %s (%s): running", name, step.use)
+        where = f"{self.pipeline.source}, [[steps]] #{index + 1} (use = {step.use!r})"
+        try:
+            nodes = self._execute(name, step, kind, results, step_dir)
+        except MergescopeError as exc:
+            raise type(exc)(f"{where}: {exc}") from exc
+        if kind == "merger" and name in self.models:
+            save_state_dict(self.models[name].module, model_path)
+        save_tree(xr.DataTree.from_dict(nodes), result_path)
+        return nodes
+
+    def _rebuild_merged(self, step: Step, model_path: Path) -> nn.Module:
+        template = self.models[self._step_models(step)[0]].module
+        model = _clone(template)
+        load_into(model, load_state_dict(model_path), source=str(model_path), architecture=step.use)
+        return model.eval()
+
+    def _execute(
+        self, name: str, step: Step, kind: str, results: Mapping[str, xr.Dataset], step_dir: Path
+    ) -> dict[str, xr.Dataset]:
+        component = step.component
+        model_names = self._step_models(step)
+        models = {m: self.models[m].module for m in model_names}
+        if kind == "merger":
+            alignment = self.alignments.get(step.alignment) if step.alignment else None
+            merged: MergeResult = component.merge(models, self.context, alignment=alignment)
+            if merged.model is not None:
+                self.models[name] = _Model(merged.model.eval(), self.step_keys[name])
+            return {"/": merged.results}
+        if kind == "aligner":
+            alignment = component.align(models, model_names[0], self.context)
+            self.alignments[name] = alignment
+            return _flatten(alignment.to_tree())
+        if kind == "metric":
+            return {layer: self._score(component, model_names, layer) for layer in self._step_layers(step)}
+        if kind == "differ":
+            return {
+                layer: component.fit({m: self.activation(m, layer) for m in model_names}, self.context)
+                for layer in self._step_layers(step)
+            }
+        if kind == "visualizer":
+            figures = self.out / "figures" / name
+            tree = xr.DataTree.from_dict(dict(results))
+            files = [str(Path(p).resolve().relative_to(self.out.resolve())) for p in component.render(tree, figures)]
+            return {"/": xr.Dataset({"file": ("file", files)})}
+        raise ConfigError(f"{step.use!r} is a {kind}, which cannot be a step")
+
+    def _score(self, metric: Any, model_names: list[str], layer: str) -> xr.Dataset:
+        reference = model_names[0]
+        scores = []
+        for other in model_names[1:]:
+            score = metric.score(self.activation(reference, layer), self.activation(other, layer))
+            if not isinstance(score, xr.DataArray) or score.dims != ("unit",):
+                raise ContractError(
+                    f"metric {metric.name!r} must return a DataArray with dims ('unit',), "
+                    f"got {getattr(score, 'dims', type(score).__name__)}"
+                )
+            scores.append(score.assign_coords(model=other, reference=reference, layer=layer))
+        variable = (scores[0].name or metric.name).replace("-", "_")
+        return xr.concat(scores, dim="model").to_dataset(name=variable)
+
+    # -- the whole run -----------------------------------------------------------------
+
+    def execute(self) -> RunResult:
+        self.out.mkdir(parents=True, exist_ok=True)
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+        self.load_models()
+        timings["models"] = time.perf_counter() - start
+        results: dict[str, xr.Dataset] = {}
+        lines = []
+        for i, name in enumerate(self.names):
+            t0 = time.perf_counter()
+            nodes = self.run_step(i, results)
+            timings[name] = time.perf_counter() - t0
+            for path, ds in nodes.items():
+                results[f"{name}/{path}".rstrip("/").replace("//", "/")] = ds
+            lines.append(self._summary_line(name, nodes))
+        tree = xr.DataTree.from_dict(results)
+        tree.attrs.update({"mergescope_version": __version__, "pipeline": self.pipeline.to_toml()})
+        save_tree(tree, self.out / "results.nc")
+        summary = "\n".join(lines) + "\n"
+        _write_text(self.out / "summary.txt", summary)
+        _write_text(self.out / "pipeline.toml", self.pipeline.to_toml())
+        run_info = {
+            "mergescope": __version__,
+            "torch": torch.__version__,
+            "xarray": xr.__version__,
+            "python": platform.python_version(),
+            "seed": self.pipeline.seed,
+            "seconds": {k: round(v, 3) for k, v in timings.items()},
+            "steps": {n: {"use": s.use, "key": self.step_keys[n]} for n, s in zip(self.names, self.pipeline.steps)},
+        }
+        _write_text(self.out / "run.json", json.dumps(run_info, indent=2) + "\n")
+        return RunResult(self.out, tree, summary, {n: m.module for n, m in self.models.items()})
+
+    def _summary_line(self, name: str, nodes: Mapping[str, xr.Dataset]) -> str:
+        step = self.pipeline.steps[self.names.index(name)]
+        if self.kinds[name] == "metric":
+            parts = []
+            for layer, ds in nodes.items():
+                for var in ds.data_vars:
+                    for model in ds[var].coords["model"].values:
+                        parts.append(f"  {layer} {model}: {_describe(step.component, ds[var].sel(model=model))}")
+            return f"{name} ({step.use}):\n" + "\n".join(parts)
+        root = nodes.get("/", xr.Dataset())
+        return f"{name} ({step.use}): {_describe(step.component, root)}"
+
+
+def _flatten(tree: xr.DataTree) -> dict[str, xr.Dataset]:
+    """Node path relative to ``tree`` ("/" for the root) -> the node's own Dataset."""
+    out = {"/": tree.to_dataset(inherit=False)}
+    for node in tree.subtree:
+        if node is not tree and node.has_data:
+            out[node.relative_to(tree)] = node.to_dataset(inherit=False)
+    return out
+
+
+def _clone(model: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def _write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def run(
+    pipeline: Pipeline,
+    out_dir: str | Path,
+    *,
+    force: bool = False,
+    quiet: bool = False,
+    registry: Registry | None = None,
+) -> RunResult:
+    """Run ``pipeline`` and write its results to ``out_dir``.
+
+    Parameters
+    ----------
+    pipeline
+        A :class:`~mergescope.pipeline.Pipeline`, from TOML or built in Python.
+    out_dir
+        The run directory; created when missing. Finished steps found there are reused.
+    force
+        Redo every step (and recording) even when a cached result exists.
+    quiet
+        Hide progress bars.
+    registry
+        The component registry; defaults to the entry-point plugins.
+
+    Returns
+    -------
+    RunResult
+    """
+    registry = registry or get_registry()
+    pipeline.check(registry)
+    return _Run(pipeline, Path(out_dir), force=force, quiet=quiet, registry=registry).execute()

@@ -1,0 +1,366 @@
+"""Conformance checks for component authors (modelled on scikit-learn's ``parametrize_with_checks``).
+
+Run every check that applies to your components from your own test suite::
+
+    from mergescope.testing import parametrize_with_checks
+    from my_plugin import MyMetric
+
+    @parametrize_with_checks([MyMetric, MyMetric(window=3)])
+    def test_conformance(component, check):
+        check(component)
+
+A component is given as a class (built with its default options) or as an instance.
+Each check raises ``AssertionError`` saying what the component got wrong. The checks:
+
+- the class is registrable: a ``name``, an attrs class, the kind's method, a docstring;
+- options round-trip through TOML;
+- an unknown option and a value of the wrong type are rejected with a :class:`ConfigError`
+  naming the key;
+- the output is deterministic (two runs under one seed agree);
+- the output follows the contract for the kind (dims, coords, types);
+- bad input raises an error with a message, not a crash deep inside.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import numpy as np
+import torch
+import xarray as xr
+from torch import nn
+
+from .activations import make_activation, validate_activation
+from .components import KINDS, Alignment, Context, ImageDataset, MergeResult, TensorImageDataset
+from .errors import ConfigError
+from .options import option_names, structure_options, unstructure_options
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+import tomli_w
+
+__all__ = [
+    "parametrize_with_checks",
+    "check_component",
+    "checks_for",
+    "kind_of",
+    "example_activations",
+    "example_models",
+    "example_dataset",
+]
+
+Check = Callable[[Any], None]
+
+
+# --------------------------------------------------------------------- examples
+
+
+def example_dataset(n: int = 48, shape: tuple[int, ...] = (1, 4, 4), classes: int = 3, seed: int = 0) -> TensorImageDataset:
+    """A small random labelled dataset (every class present)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = np.arange(n) % classes
+    images = torch.randn((n, *shape), generator=g) + torch.from_numpy(labels).float().view(-1, *[1] * len(shape))
+    return TensorImageDataset("example", images, labels, np.arange(100, 100 + n), [str(c) for c in range(classes)])
+
+
+def example_models(n: int = 2, in_features: int = 16, hidden: int = 8, classes: int = 3) -> dict[str, nn.Module]:
+    """``n`` small MLPs of one architecture from different seeds, named ``model0``, ``model1``, ..."""
+    models = {}
+    for i in range(n):
+        torch.manual_seed(i)
+        models[f"model{i}"] = nn.Sequential(
+            nn.Flatten(), nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, classes)
+        ).eval()
+    return models
+
+
+def example_activations(samples: int = 64, units: int = 6, seed: int = 0) -> tuple[xr.DataArray, xr.DataArray]:
+    """Two correlated activation tensors ``(sample, unit)`` following the contract."""
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(samples, units))
+    b = 0.7 * a + 0.3 * rng.normal(size=(samples, units))
+    ids, labels = np.arange(samples) * 3, np.arange(samples) % 4
+    return (
+        make_activation(a.astype(np.float32), sample_ids=ids, labels=labels, model="a", layer="layer"),
+        make_activation(b.astype(np.float32), sample_ids=ids, labels=labels, model="b", layer="layer"),
+    )
+
+
+# ----------------------------------------------------------------- generic checks
+
+
+def kind_of(component: Any) -> str:
+    """The component kind implied by which method the class implements."""
+    cls = component if isinstance(component, type) else type(component)
+    kinds = [k.name for k in KINDS.values() if callable(getattr(cls, k.method, None))]
+    assert len(kinds) == 1, (
+        f"{cls.__qualname__} must implement exactly one of "
+        f"{', '.join(k.method + '()' for k in KINDS.values())}; it implements {kinds or 'none'}"
+    )
+    return kinds[0]
+
+
+def _instance(component: Any) -> Any:
+    return component() if isinstance(component, type) else copy.deepcopy(component)
+
+
+def check_registrable(component: Any) -> None:
+    """A ``name`` string, an attrs class, the kind's method and a one-line docstring summary."""
+    cls = component if isinstance(component, type) else type(component)
+    assert isinstance(getattr(cls, "name", None), str) and cls.name, f"{cls.__qualname__} needs a string 'name'"
+    assert attrs.has(cls), f"{cls.__qualname__} must be an attrs class"
+    kind_of(cls)
+    assert (cls.__doc__ or "").strip(), f"{cls.__qualname__} needs a docstring (its first line is the catalogue summary)"
+
+
+def check_options_roundtrip(component: Any) -> None:
+    """Options -> TOML -> options gives an equal component."""
+    obj = _instance(component)
+    text = tomli_w.dumps(unstructure_options(obj))
+    back = structure_options(type(obj), tomllib.loads(text))
+    assert back == obj, f"{type(obj).name!r}: options do not round-trip through TOML:\n{text}\n{obj!r} != {back!r}"
+
+
+def check_unknown_option_rejected(component: Any) -> None:
+    """An unknown key is a ConfigError naming the key and the component."""
+    obj = _instance(component)
+    options = {**unstructure_options(obj), "no_such_option": 1}
+    try:
+        structure_options(type(obj), options)
+    except ConfigError as exc:
+        assert "no_such_option" in str(exc) and type(obj).name in str(exc), f"unclear error: {exc}"
+    else:
+        raise AssertionError(f"{type(obj).name!r} accepted the unknown option 'no_such_option'")
+
+
+class _Unfit:
+    """A value no option type accepts (not str, number, bool, list or table)."""
+
+    def __repr__(self) -> str:
+        return "<unfit value>"
+
+
+def check_bad_option_type(component: Any) -> None:
+    """A value of the wrong type for any option is a ConfigError naming that option."""
+    obj = _instance(component)
+    for key in option_names(type(obj)):
+        field = attrs.fields_dict(type(obj)).get(key)
+        if field is not None and field.type in (Any, "Any", object, "object"):
+            continue
+        options = {**unstructure_options(obj), key: _Unfit()}
+        try:
+            structure_options(type(obj), options)
+        except ConfigError as exc:
+            assert key in str(exc), f"{type(obj).name!r}: the error for a bad {key!r} does not name it: {exc}"
+        else:
+            raise AssertionError(f"{type(obj).name!r} accepted {_Unfit()!r} for option {key!r}")
+
+
+# ------------------------------------------------------------ kind-specific checks
+
+
+def _seeded(fn: Callable[[], Any]) -> Any:
+    torch.manual_seed(0)
+    np.random.seed(0)
+    return fn()
+
+
+def _same(x: Any, y: Any) -> bool:
+    if isinstance(x, (xr.DataArray, xr.Dataset)):
+        return x.identical(y)
+    if isinstance(x, dict):
+        return x.keys() == y.keys() and all(_same(x[k], y[k]) for k in x)
+    if isinstance(x, torch.Tensor):
+        return torch.equal(x, y)
+    return bool(x == y)
+
+
+def _metric_output(component: Any) -> None:
+    metric = _instance(component)
+    a, b = example_activations()
+    first = _seeded(lambda: metric.score(a, b))
+    assert isinstance(first, xr.DataArray), f"{metric.name!r}.score() must return a DataArray, got {type(first).__name__}"
+    assert first.dims == ("unit",), f"{metric.name!r}.score() must return dims ('unit',), got {first.dims}"
+    assert np.array_equal(first["unit"].values, b["unit"].values), f"{metric.name!r}: 'unit' coord differs from b's"
+    assert _same(first, _seeded(lambda: metric.score(a, b))), f"{metric.name!r}.score() is not deterministic"
+
+
+def _metric_bad_input(component: Any) -> None:
+    metric = _instance(component)
+    a, b = example_activations()
+    shifted = b.assign_coords(sample=b["sample"].values + 1)
+    for bad, what in ((shifted, "different sample ids"), (b.isel(unit=slice(0, 3)), "a different number of units")):
+        try:
+            metric.score(a, bad)
+        except (ValueError, LookupError) as exc:
+            assert str(exc), f"{metric.name!r}: empty error message for {what}"
+        else:
+            raise AssertionError(f"{metric.name!r}.score() accepted two activations with {what}")
+
+
+def _merger_output(component: Any) -> None:
+    merger = _instance(component)
+    context = Context(data=example_dataset(), quiet=True)
+    models = example_models()
+
+    def merge() -> MergeResult:
+        return merger.merge(copy.deepcopy(models), context)
+
+    first = _seeded(merge)
+    assert isinstance(first, MergeResult), f"{merger.name!r}.merge() must return a MergeResult"
+    assert isinstance(first.results, xr.Dataset), f"{merger.name!r}: MergeResult.results must be an xarray Dataset"
+    second = _seeded(merge)
+    assert first.results.identical(second.results), f"{merger.name!r}: results differ between two seeded runs"
+    if first.model is not None:
+        ref = models["model0"].state_dict()
+        got = first.model.state_dict()
+        assert got.keys() == ref.keys(), f"{merger.name!r}: the merged model has other parameters than its inputs"
+        for k in ref:
+            assert got[k].shape == ref[k].shape, f"{merger.name!r}: merged {k} has shape {tuple(got[k].shape)}"
+        assert _same(got, second.model.state_dict()), f"{merger.name!r}: merged weights differ between seeded runs"
+
+
+def _merger_bad_input(component: Any) -> None:
+    merger = _instance(component)
+    models = example_models()
+    models["model1"] = example_models(hidden=5)["model1"]
+    try:
+        merger.merge(models, Context(data=example_dataset(), quiet=True))
+    except (ValueError, LookupError) as exc:
+        assert str(exc), f"{merger.name!r}: empty error message for models of different widths"
+    else:
+        raise AssertionError(f"{merger.name!r}.merge() accepted models of different widths")
+
+
+def _aligner_output(component: Any) -> None:
+    aligner = _instance(component)
+    context = Context(data=example_dataset(), quiet=True)
+    models = example_models()
+    first = _seeded(lambda: aligner.align(models, "model0", context))
+    assert isinstance(first, Alignment), f"{aligner.name!r}.align() must return an Alignment"
+    assert first.reference == "model0", f"{aligner.name!r}: Alignment.reference must be the reference model"
+    assert "model1" in first.transforms, f"{aligner.name!r}: no transforms for the non-reference model"
+    for group, t in first.transforms["model1"].items():
+        assert t.dims == ("unit", "unit_ref"), f"{aligner.name!r}: transform {group!r} has dims {t.dims}"
+    second = _seeded(lambda: aligner.align(models, "model0", context))
+    assert first.to_tree().identical(second.to_tree()), f"{aligner.name!r}: alignment differs between seeded runs"
+
+
+def _differ_output(component: Any) -> None:
+    differ = _instance(component)
+    a, b = example_activations()
+    context = Context(quiet=True)
+    first = _seeded(lambda: differ.fit({"a": a, "b": b}, context))
+    assert isinstance(first, xr.Dataset), f"{differ.name!r}.fit() must return an xarray Dataset"
+    assert first.identical(_seeded(lambda: differ.fit({"a": a, "b": b}, context))), f"{differ.name!r}: not deterministic"
+
+
+def _visualizer_output(component: Any) -> None:
+    visualizer = _instance(component)
+    a, b = example_activations()
+    tree = xr.DataTree.from_dict({"metric/layer": xr.Dataset({"score": a.mean("sample")})})
+    with tempfile.TemporaryDirectory() as tmp:
+        files = visualizer.render(tree, Path(tmp) / "out")
+        assert isinstance(files, list), f"{visualizer.name!r}.render() must return a list of paths"
+        for f in files:
+            assert Path(f).is_file(), f"{visualizer.name!r}.render() returned {f}, which does not exist"
+
+
+def _dataset_output(component: Any) -> None:
+    source = _instance(component)
+    data = source.load()
+    assert isinstance(data, ImageDataset), f"{source.name!r}.load() must return an ImageDataset"
+    assert len(data) > 0, f"{source.name!r}.load() returned an empty dataset"
+    ids = np.asarray(data.sample_ids)
+    assert len(np.unique(ids)) == len(ids) == len(data), f"{source.name!r}: sample ids must be unique, one per item"
+    labels = np.asarray(data.labels)
+    assert labels.min() >= 0 and labels.max() < len(data.classes), f"{source.name!r}: labels outside the classes"
+    image, label = data[0]
+    assert tuple(image.shape) == tuple(data.input_shape), f"{source.name!r}: item shape {tuple(image.shape)}"
+    assert label == labels[0], f"{source.name!r}: item label disagrees with .labels"
+    again = source.load()
+    assert np.array_equal(ids, again.sample_ids), f"{source.name!r}: sample ids differ between two loads"
+    assert torch.equal(data[len(data) - 1][0], again[len(again) - 1][0]), f"{source.name!r}: images differ between loads"
+
+
+def _architecture_output(component: Any, input_shape: tuple[int, ...] = (1, 28, 28)) -> None:
+    arch = _instance(component)
+    shape = tuple(getattr(arch, "example_input_shape", input_shape))
+    first = _seeded(lambda: arch.build(shape, 5))
+    assert isinstance(first, nn.Module), f"{arch.name!r}.build() must return an nn.Module"
+    first.eval()
+    with torch.no_grad():
+        out = first(torch.zeros(2, *shape))
+    assert tuple(out.shape) == (2, 5), f"{arch.name!r}: output shape {tuple(out.shape)} for 5 classes, batch 2"
+    second = _seeded(lambda: arch.build(shape, 5))
+    assert _same(first.state_dict(), second.state_dict()), f"{arch.name!r}: initialisation ignores torch.manual_seed"
+
+
+_KIND_CHECKS: dict[str, list[Check]] = {
+    "metric": [_metric_output, _metric_bad_input],
+    "merger": [_merger_output, _merger_bad_input],
+    "aligner": [_aligner_output],
+    "differ": [_differ_output],
+    "visualizer": [_visualizer_output],
+    "dataset": [_dataset_output],
+    "architecture": [_architecture_output],
+}
+
+
+def _named(fn: Check, name: str) -> Check:
+    @functools.wraps(fn)
+    def wrapper(component: Any) -> None:
+        fn(component)
+
+    wrapper.__name__ = name
+    return wrapper
+
+
+def checks_for(component: Any) -> Iterator[Check]:
+    """Every check that applies to ``component``, generic ones first."""
+    yield check_registrable
+    yield check_options_roundtrip
+    yield check_unknown_option_rejected
+    yield check_bad_option_type
+    for fn in _KIND_CHECKS[kind_of(component)]:
+        yield _named(fn, f"check_{fn.__name__.lstrip('_')}")
+
+
+def check_component(component: Any) -> None:
+    """Run every applicable check on ``component``; the first failure raises ``AssertionError``."""
+    for check in checks_for(component):
+        check(component)
+
+
+def _label(component: Any) -> str:
+    cls = component if isinstance(component, type) else type(component)
+    if isinstance(component, type):
+        return str(getattr(cls, "name", cls.__qualname__))
+    return f"{cls.name}({', '.join(f'{k}={v!r}' for k, v in unstructure_options(component).items())})"
+
+
+def parametrize_with_checks(components: Sequence[Any]):
+    """A ``pytest.mark.parametrize`` over ``(component, check)`` for every component and check.
+
+    Parameters
+    ----------
+    components
+        Component classes (default options) or instances.
+    """
+    import pytest
+
+    params, ids = [], []
+    for component in components:
+        for check in checks_for(component):
+            params.append((component, check))
+            ids.append(f"{_label(component)}-{check.__name__}")
+    return pytest.mark.parametrize("component, check", params, ids=ids)

@@ -1,0 +1,264 @@
+"""Deterministic classifier training, with a cache of trained weights.
+
+A pipeline that needs trained models names an architecture, a dataset and the
+options of a ``[models.train]`` table. :func:`trained_model` trains once and stores
+the weights under a key derived from all three, so re-running a pipeline (or another
+pipeline that needs the same models) reuses them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+import numpy as np
+import torch
+from torch import nn
+
+from . import checkpoints
+from .components import Architecture, Context, DatasetSource, ImageDataset
+from .options import converter
+
+__all__ = ["Training", "train_classifier", "cache_dir", "cache_key", "trained_model", "CACHE_ENV"]
+
+CACHE_ENV = "MERGESCOPE_CACHE"
+
+# Part of every cache key: bump it when training changes in a way that makes old
+# cached weights wrong (loss, data order, initialisation, ...).
+_CACHE_FORMAT = "mergescope-trained-model-v1"
+
+_OPTIMIZERS = ("adam", "sgd")
+
+
+def _positive(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"'{attribute.name}' must be a positive number, got {value!r}")
+
+
+def _integer(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"'{attribute.name}' must be a non-negative integer, got {value!r}")
+
+
+def _positive_int(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"'{attribute.name}' must be a positive integer, got {value!r}")
+
+
+def _non_negative(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ValueError(f"'{attribute.name}' must be zero or a positive number, got {value!r}")
+
+
+def _known_optimizer(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value not in _OPTIMIZERS:
+        accepted = ", ".join(repr(o) for o in _OPTIMIZERS)
+        raise ValueError(f"'{attribute.name}' must be one of {accepted}, got {value!r}")
+
+
+@attrs.define
+class Training:
+    """Options of a ``[models.train]`` table: how to train a classifier.
+
+    Parameters
+    ----------
+    seed
+        Seeds the weight initialisation and the order of the batches.
+    epochs
+        Passes over the training data.
+    batch_size
+        Images per optimisation step.
+    lr
+        Learning rate.
+    optimizer
+        ``"adam"`` or ``"sgd"`` (with momentum 0.9).
+    weight_decay
+        L2 penalty passed to the optimizer.
+    """
+
+    seed: int = attrs.field(default=0, validator=_integer)
+    epochs: int = attrs.field(default=10, validator=_positive_int)
+    batch_size: int = attrs.field(default=128, validator=_positive_int)
+    lr: float = attrs.field(default=1e-3, validator=_positive)
+    optimizer: str = attrs.field(default="adam", validator=_known_optimizer)
+    weight_decay: float = attrs.field(default=0.0, validator=_non_negative)
+
+
+def _make_optimizer(model: nn.Module, training: Training) -> torch.optim.Optimizer:
+    if training.optimizer == "sgd":
+        return torch.optim.SGD(
+            model.parameters(), lr=training.lr, momentum=0.9, weight_decay=training.weight_decay
+        )
+    return torch.optim.Adam(model.parameters(), lr=training.lr, weight_decay=training.weight_decay)
+
+
+def train_classifier(
+    model: nn.Module, data: ImageDataset, training: Training, context: Context | None = None
+) -> list[float]:
+    """Train ``model`` in place with cross-entropy, reproducibly.
+
+    The global torch RNG is seeded with ``training.seed`` for the duration of training
+    (and restored afterwards) and the batch order comes from a generator seeded with the
+    same value, so on the CPU two runs from the same initial weights give bit-identical
+    weights.
+
+    Parameters
+    ----------
+    model
+        A classifier mapping ``(N, *data.input_shape)`` images to ``(N, classes)`` logits.
+    data
+        Training images and labels.
+    training
+        Optimisation options.
+    context
+        When given, a progress bar over the epochs is shown through
+        :meth:`~mergescope.components.Context.progress`.
+
+    Returns
+    -------
+    list[float]
+        Mean training loss of every epoch.
+    """
+    if len(data) == 0:
+        raise ValueError(f"cannot train on the empty dataset {data.name!r}")
+    losses: list[float] = []
+    # fork_rng keeps training from changing the caller's random stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(training.seed)
+        shuffle = torch.Generator().manual_seed(training.seed)
+        loader = torch.utils.data.DataLoader(
+            data, batch_size=training.batch_size, shuffle=True, generator=shuffle
+        )
+        optimizer = _make_optimizer(model, training)
+        epochs: Any = range(training.epochs)
+        if context is not None:
+            epochs = context.progress(epochs, desc=f"training on {data.name}", total=training.epochs)
+        model.train()
+        for _ in epochs:
+            total, count = 0.0, 0
+            for images, labels in loader:
+                optimizer.zero_grad(set_to_none=True)
+                loss = nn.functional.cross_entropy(model(images), labels)
+                loss.backward()
+                optimizer.step()
+                total += float(loss.detach()) * len(labels)
+                count += len(labels)
+            losses.append(total / count)
+    model.eval()
+    return losses
+
+
+def cache_dir() -> Path:
+    """The directory of cached trained models.
+
+    Returns
+    -------
+    Path
+        ``$MERGESCOPE_CACHE`` when set (and not empty), else ``~/.cache/mergescope``.
+    """
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "mergescope"
+
+
+def _canonical(value: Any) -> Any:
+    """A JSON-ready form of ``value`` that names a component by its ``name``."""
+    if isinstance(value, type):
+        return {"class": _class_name(value)}
+    if attrs.has(type(value)):
+        return {"class": _class_name(type(value)), "options": _canonical(converter.unstructure(value))}
+    if isinstance(value, Mapping):
+        return {str(k): _canonical(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    # Falling back to str() could embed memory addresses and make keys unstable.
+    raise TypeError(f"cannot build a cache key from a {type(value).__name__}: {value!r}")
+
+
+def _class_name(cls: type) -> str:
+    name = getattr(cls, "name", None)
+    return name if isinstance(name, str) else f"{cls.__module__}.{cls.__qualname__}"
+
+
+def cache_key(*parts: Any) -> str:
+    """A stable hash of everything that determines a cached result.
+
+    Parameters
+    ----------
+    *parts
+        Component instances (hashed with their class ``name`` and options), component
+        classes (hashed by ``name``), and plain JSON-like values.
+
+    Returns
+    -------
+    str
+        The sha256 hex digest of a canonical JSON of the parts and the cache format
+        version; any change of an option changes it.
+    """
+    payload = {"format": _CACHE_FORMAT, "parts": [_canonical(p) for p in parts]}
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def trained_model(
+    architecture: Architecture,
+    data_source: DatasetSource,
+    training: Training,
+    context: Context | None = None,
+    cache: Path | None = None,
+) -> nn.Module:
+    """Build a model of ``architecture`` trained on ``data_source``, from the cache if possible.
+
+    The weights are stored at ``<cache>/models/<architecture.name>-<key>.pt`` where
+    ``key`` is :func:`cache_key` of the architecture, the dataset and the training
+    options. On a miss the model is initialised from ``training.seed``, trained with
+    :func:`train_classifier` and saved atomically.
+
+    Parameters
+    ----------
+    architecture
+        The architecture component (its options are part of the key).
+    data_source
+        The training data component (its options are part of the key).
+    training
+        Training options (part of the key).
+    context
+        Passed to :func:`train_classifier` for progress bars.
+    cache
+        Cache directory; defaults to :func:`cache_dir`.
+
+    Returns
+    -------
+    torch.nn.Module
+        The trained model, in eval mode.
+
+    Raises
+    ------
+    CheckpointError
+        A cached file exists but cannot be loaded into the model.
+    """
+    data = data_source.load()
+    with torch.random.fork_rng(devices=[]):
+        # Seed the initialisation too: the weights depend only on the key's inputs.
+        torch.manual_seed(training.seed)
+        model = architecture.build(data.input_shape, len(data.classes))
+    cache = Path(cache) if cache is not None else cache_dir()
+    key = cache_key(architecture, data_source, training)
+    path = cache / "models" / f"{architecture.name}-{key}.pt"
+    if path.is_file():
+        state = checkpoints.load_state_dict(path)
+        checkpoints.load_into(model, state, source=str(path), architecture=architecture.name)
+    else:
+        train_classifier(model, data, training, context)
+        checkpoints.save_state_dict(model, path)
+    return model.eval()

@@ -1,0 +1,374 @@
+"""Linear interpolation of weights: the linear mode connectivity sweep and weighted averages.
+
+Two models ``theta_0``, ``theta_1`` are interpolated as ``(1 - alpha) theta_0 + alpha
+theta_1``; sweeping ``alpha`` and evaluating every point gives the loss / accuracy
+curve whose bump above the straight line between the endpoints is the *barrier*
+(Frankle et al. 2020; Entezari et al. 2022). N models are averaged with given weights
+(a "model soup").
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import attrs
+import numpy as np
+import torch
+import xarray as xr
+from torch import Tensor, nn
+
+from mergescope.components import Alignment, Context, MergeResult
+from mergescope.errors import ConfigError
+from mergescope.hookspecs import hookimpl
+
+__all__ = [
+    "check_compatible",
+    "interpolate_states",
+    "loss_barrier",
+    "default_alphas",
+    "Interpolation",
+    "register_mergers",
+]
+
+# Weights may miss 1 by float rounding when written in a pipeline file (0.1 + 0.2 + 0.7).
+_SUM_TOLERANCE = 1e-6
+
+
+def default_alphas() -> list[float]:
+    """``0, 0.05, ..., 1`` (21 points), rounded so that ``0.15`` is exactly ``0.15``."""
+    return [round(i / 20, 10) for i in range(21)]
+
+
+# ------------------------------------------------------------------- pure functions
+
+
+def check_compatible(states: Mapping[str, Mapping[str, Tensor]]) -> None:
+    """Check that state dicts can be interpolated parameter by parameter.
+
+    Parameters
+    ----------
+    states
+        Model name -> state dict.
+
+    Raises
+    ------
+    ValueError
+        When a model lacks a parameter another has, a parameter's shape differs between
+        two models, a parameter is floating in one model and not in another, or a
+        floating tensor holds NaN or inf. The message names the parameter and models.
+    """
+    if not states:
+        raise ValueError("no models to interpolate")
+    names = list(states)
+    first = names[0]
+    reference = states[first]
+    for other in names[1:]:
+        state = states[other]
+        missing = [key for key in reference if key not in state]
+        if missing:
+            raise ValueError(
+                f"parameter {missing[0]!r} of model {first!r} is missing from model {other!r}; "
+                "interpolated models must share one architecture"
+            )
+        extra = [key for key in state if key not in reference]
+        if extra:
+            raise ValueError(
+                f"parameter {extra[0]!r} of model {other!r} is missing from model {first!r}; "
+                "interpolated models must share one architecture"
+            )
+        for key, tensor in reference.items():
+            theirs = state[key]
+            if tuple(tensor.shape) != tuple(theirs.shape):
+                raise ValueError(
+                    f"parameter {key!r} has shape {tuple(tensor.shape)} in model {first!r} "
+                    f"but {tuple(theirs.shape)} in model {other!r}"
+                )
+            if tensor.is_floating_point() != theirs.is_floating_point():
+                raise ValueError(
+                    f"parameter {key!r} is {tensor.dtype} in model {first!r} but {theirs.dtype} in model {other!r}"
+                )
+    for name, state in states.items():
+        for key, tensor in state.items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"parameter {key!r} of model {name!r} holds NaN or inf values")
+
+
+def interpolate_states(states: Sequence[Mapping[str, Tensor]], weights: Sequence[float]) -> dict[str, Tensor]:
+    """Weighted sum of state dicts: ``sum_i weights[i] * states[i]`` per parameter.
+
+    Parameters
+    ----------
+    states
+        State dicts with the same keys and shapes (see :func:`check_compatible`).
+    weights
+        One weight per state dict. They are used as given (no normalisation).
+
+    Returns
+    -------
+    dict
+        A new state dict. Floating tensors are summed in float64 and cast back to the
+        first model's dtype, so a weight of exactly 1 on one model (and 0 elsewhere)
+        returns its values exactly. Non-floating tensors (e.g. BatchNorm's
+        ``num_batches_tracked``) cannot be averaged and are copied from the first model.
+    """
+    if len(states) != len(weights):
+        raise ValueError(f"got {len(states)} state dicts but {len(weights)} weights")
+    if not states:
+        raise ValueError("no state dicts to interpolate")
+    first = states[0]
+    out: dict[str, Tensor] = {}
+    for key, tensor in first.items():
+        if not tensor.is_floating_point():
+            out[key] = tensor.detach().clone()
+            continue
+        total = torch.zeros(tensor.shape, dtype=torch.float64, device=tensor.device)
+        for state, weight in zip(states, weights):
+            total += float(weight) * state[key].detach().to(device=tensor.device, dtype=torch.float64)
+        out[key] = total.to(tensor.dtype)
+    return out
+
+
+def loss_barrier(alphas: Sequence[float], losses: Sequence[float]) -> float:
+    """Height of the loss barrier along an interpolation path.
+
+    ``max over alpha in [0, 1] of L(alpha) - ((1 - alpha) L(0) + alpha L(1))``, the
+    definition of Frankle et al. (2020) and Entezari et al. (2022). For an accuracy
+    barrier pass negated accuracies.
+
+    Parameters
+    ----------
+    alphas
+        Interpolation coefficients; must contain 0 and 1. Points outside ``[0, 1]``
+        (extrapolation) are ignored.
+    losses
+        ``L(alpha)`` at every alpha.
+
+    Returns
+    -------
+    float
+        The barrier; ``>= 0`` because the endpoints contribute 0. NaN if a loss is NaN.
+    """
+    a = np.asarray(alphas, dtype=float)
+    values = np.asarray(losses, dtype=float)
+    if a.ndim != 1 or a.shape != values.shape:
+        raise ValueError(f"alphas and losses must be 1-D of one length, got shapes {a.shape} and {values.shape}")
+    at0 = np.flatnonzero(a == 0.0)
+    at1 = np.flatnonzero(a == 1.0)
+    if not len(at0) or not len(at1):
+        raise ValueError(f"the barrier needs the endpoints alpha = 0 and alpha = 1 among the alphas, got {a.tolist()}")
+    start, end = values[at0[0]], values[at1[0]]
+    # Extrapolated points have no straight line to compare with; the barrier is on [0, 1].
+    inside = (a >= 0.0) & (a <= 1.0)
+    a, values = a[inside], values[inside]
+    line = (1.0 - a) * start + a * end
+    return float(np.max(values - line))
+
+
+# ------------------------------------------------------------------ option checks
+
+
+def _float_list(value: Any) -> list[float] | None:
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise TypeError(f"expected a list of numbers, got {value!r}")
+    return [float(v) for v in value]
+
+
+def _check_alphas(instance: Interpolation, attribute: attrs.Attribute, value: list[float] | None) -> None:
+    if value is None:
+        return
+    for a in value:
+        if not math.isfinite(a):
+            raise ValueError(f"'alphas' must be finite numbers, got {value}")
+    if len(set(value)) != len(value):
+        raise ValueError(f"'alphas' must not repeat a value, got {value}")
+    outside = [a for a in value if not 0.0 <= a <= 1.0]
+    if outside and not instance.extrapolate:
+        raise ValueError(
+            f"'alphas' must lie in [0, 1], got {outside}; set extrapolate = true to evaluate points beyond the endpoints"
+        )
+    if instance.weights is not None:
+        raise ValueError("'alphas' and 'weights' exclude each other: give 'weights' for one merge, 'alphas' for a sweep")
+
+
+def _check_alpha(instance: Interpolation, attribute: attrs.Attribute, value: float) -> None:
+    if not math.isfinite(value):
+        raise ValueError(f"'alpha' must be a finite number, got {value}")
+    if not 0.0 <= value <= 1.0 and not instance.extrapolate:
+        raise ValueError(f"'alpha' must lie in [0, 1], got {value}; set extrapolate = true to extrapolate")
+
+
+def _check_weights(instance: Interpolation, attribute: attrs.Attribute, value: list[float] | None) -> None:
+    if value is None:
+        return
+    for i, w in enumerate(value):
+        if not math.isfinite(w):
+            raise ValueError(f"'weights' must be finite numbers, got {w} at position {i} of {value}")
+    if len(value) < 2:
+        raise ValueError(f"'weights' needs one weight per model (at least two), got {value}")
+    if instance.extrapolate:
+        return
+    negative = [w for w in value if w < 0]
+    if negative:
+        raise ValueError(
+            f"'weights' must be non-negative, got {value}; set extrapolate = true to allow negative weights"
+        )
+    total = math.fsum(value)
+    if abs(total - 1.0) > _SUM_TOLERANCE:
+        raise ValueError(
+            f"'weights' must sum to 1, got {value} (sum {total:g}); set extrapolate = true to allow other sums"
+        )
+
+
+# ---------------------------------------------------------------------- component
+
+
+@attrs.define
+class Interpolation:
+    """Linearly interpolate the weights of models: a mode connectivity sweep or a weighted average.
+
+    With two models and no ``weights``, evaluates ``(1 - alpha) theta_A + alpha theta_B``
+    at every point of ``alphas`` (plus 0, 1 and ``alpha``, which are always evaluated)
+    and reports the loss / accuracy curves and barriers; the model at ``alpha`` is
+    returned. With ``weights`` (one per model, any number of models) it returns
+    ``sum_i w_i theta_i`` without a sweep; more than two models without ``weights``
+    are averaged uniformly.
+
+    Parameters
+    ----------
+    alphas
+        The sweep for two models. ``None``: ``0, 0.05, ..., 1`` (21 points); ``[]``: no
+        sweep (only the model at ``alpha``).
+    alpha
+        The interpolation coefficient of the returned model (two models).
+    weights
+        One weight per model, in the step's model order; one merge, no sweep.
+    extrapolate
+        Allow alphas outside ``[0, 1]`` and weights that are negative or do not sum to 1.
+    """
+
+    name: ClassVar[str] = "interpolation"
+    paper: ClassVar[str] = "Frankle et al. 2020, Linear Mode Connectivity and the Lottery Ticket Hypothesis"
+
+    alphas: list[float] | None = attrs.field(default=None, converter=_float_list, validator=_check_alphas)
+    alpha: float = attrs.field(default=0.5, converter=float, validator=_check_alpha)
+    weights: list[float] | None = attrs.field(default=None, converter=_float_list, validator=_check_weights)
+    extrapolate: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+
+    def merge(
+        self, models: Mapping[str, nn.Module], context: Context, alignment: Alignment | None = None
+    ) -> MergeResult:
+        """Interpolate ``models``; evaluate on ``context.data`` when there is data.
+
+        Returns
+        -------
+        MergeResult
+            ``model``: the interpolated model (a copy of the first model's module with
+            the interpolated state). ``results``:
+
+            - always ``weights`` (dim ``model``, coord the model names): the weights of
+              the returned model;
+            - sweep (two models, data): ``loss`` and ``accuracy`` on dim ``alpha``,
+              scalars ``loss_barrier`` and ``accuracy_barrier``, ``endpoints`` (dim
+              ``endpoint``, the two model names) and the scalar ``merged_alpha``;
+            - one merge with data: scalars ``loss`` and ``accuracy``.
+
+        Raises
+        ------
+        ConfigError
+            An alignment is passed, fewer than two models, a weight count that does not
+            match the models, or models whose parameters do not match.
+        """
+        if alignment is not None:
+            raise ConfigError(
+                "interpolation does not apply alignments yet: interpolating aligned models needs the aligner's "
+                "transforms applied to the weights first, which this merger cannot do; drop 'alignment' from this step"
+            )
+        names = list(models)
+        if len(names) < 2:
+            raise ConfigError(f"interpolation needs at least two models, got {names}", where="key 'models'")
+        states = {name: models[name].state_dict() for name in names}
+        try:
+            check_compatible(states)
+        except ValueError as exc:
+            raise ConfigError(f"cannot interpolate models {names}: {exc}", where="key 'models'") from exc
+
+        if self.weights is not None:
+            if len(self.weights) != len(names):
+                raise ConfigError(
+                    f"'weights' has {len(self.weights)} values but the step has {len(names)} models ({', '.join(names)})",
+                    where="key 'weights'",
+                )
+            weights = list(self.weights)
+        elif len(names) > 2:
+            weights = [1.0 / len(names)] * len(names)
+        else:
+            weights = [1.0 - self.alpha, self.alpha]
+
+        state_list = [states[name] for name in names]
+        merged = _build(models[names[0]], interpolate_states(state_list, weights))
+        results = xr.Dataset({"weights": ("model", np.asarray(weights, dtype=float))}, coords={"model": names})
+
+        single = self.weights is not None or len(names) > 2 or self.alphas == []
+        if single:  # one merge, no sweep
+            if context.data is not None:
+                evaluation = context.evaluate(merged)
+                results["loss"] = evaluation.loss
+                results["accuracy"] = evaluation.accuracy
+            return MergeResult(merged, results)
+
+        results["endpoints"] = ("endpoint", np.asarray(names, dtype=str))
+        results["merged_alpha"] = self.alpha
+        if context.data is None:
+            return MergeResult(merged, results)
+
+        requested = default_alphas() if self.alphas is None else self.alphas
+        points = sorted(set(requested) | {0.0, 1.0, self.alpha})
+        work = copy.deepcopy(models[names[0]])
+        losses, accuracies = [], []
+        for a in context.progress(points, desc="interpolation", total=len(points)):
+            work.load_state_dict(interpolate_states(state_list, [1.0 - a, a]))
+            evaluation = context.evaluate(work)
+            losses.append(evaluation.loss)
+            accuracies.append(evaluation.accuracy)
+        results = results.assign_coords(alpha=("alpha", np.asarray(points, dtype=float)))
+        results["loss"] = ("alpha", np.asarray(losses, dtype=float))
+        results["accuracy"] = ("alpha", np.asarray(accuracies, dtype=float))
+        results["loss_barrier"] = loss_barrier(points, losses)
+        results["accuracy_barrier"] = loss_barrier(points, [-acc for acc in accuracies])
+        results["alpha"].attrs["long_name"] = f"weight of {names[1]!r} (1 - alpha on {names[0]!r})"
+        return MergeResult(merged, results)
+
+    def describe(self, result: xr.Dataset) -> str:
+        """One line: accuracy along the path and the loss barrier, or the merge's score."""
+        weights = "/".join(f"{w:.2f}" for w in np.atleast_1d(result["weights"].values)) if "weights" in result else ""
+        if "alpha" in result.dims and "accuracy" in result:
+            acc = result["accuracy"]
+            merged_alpha = float(result["merged_alpha"]) if "merged_alpha" in result else 0.5
+            line = (
+                f"accuracy {float(acc.sel(alpha=0.0)):.3f} -> {float(acc.sel(alpha=merged_alpha)):.3f} "
+                f"(alpha {merged_alpha:.2f}) -> {float(acc.sel(alpha=1.0)):.3f}"
+            )
+            if "loss_barrier" in result:
+                line += f"; loss barrier {float(result['loss_barrier']):.3f}"
+            return line
+        if "accuracy" in result:
+            return f"weights {weights}: accuracy {float(result['accuracy']):.3f}, loss {float(result['loss']):.3f}"
+        return f"weights {weights} (not evaluated: the pipeline has no data)"
+
+
+def _build(template: nn.Module, state: Mapping[str, Tensor]) -> nn.Module:
+    """A copy of ``template`` holding ``state``."""
+    model = copy.deepcopy(template)
+    model.load_state_dict(state)
+    return model
+
+
+@hookimpl
+def register_mergers(register):
+    """Register :class:`Interpolation`."""
+    register(Interpolation)

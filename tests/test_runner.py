@@ -1,0 +1,85 @@
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import xarray as xr
+
+import mergescope.runner as runner_module
+from mergescope import Pipeline, run
+from pipelines import SMALL
+
+MERGED = SMALL + """
+[[steps]]
+use = "kendall-tau"
+name = "tau-merged"
+models = ["a", "interpolation"]
+layers = ["relu2"]
+"""
+
+
+@pytest.fixture
+def count_collections(monkeypatch):
+    calls = []
+    real = runner_module.collect
+
+    def counting(model, data, layers, **kw):
+        calls.append((kw["model_name"], tuple(layers)))
+        return real(model, data, layers, **kw)
+
+    monkeypatch.setattr(runner_module, "collect", counting)
+    return calls
+
+
+def test_run_writes_labelled_results(tmp_path, count_collections):
+    out = tmp_path / "run"
+    result = run(Pipeline.from_toml(MERGED), out, quiet=True)
+    tree = xr.open_datatree(out / "results.nc")
+    assert set(tree.children) == {"interpolation", "kendall-tau", "tau-merged"}
+    interp = tree["interpolation"].ds
+    assert list(interp["alpha"].values) == [0.0, 0.5, 1.0]
+    assert interp["accuracy"].dims == ("alpha",) and float(interp["accuracy"][0]) > 0.5
+    tau = tree["kendall-tau/relu1"].ds["kendall_tau"]
+    assert tau.dims == ("model", "unit") and list(tau["model"].values) == ["b"]
+    assert str(tau["reference"].values) == "a" and tau.sizes["unit"] == 32
+    assert np.nanmax(np.abs(tau.values)) <= 1
+    # the merged model of a merger step is usable by name in later steps
+    merged = tree["tau-merged/relu2"].ds["kendall_tau"]
+    assert list(merged["model"].values) == ["interpolation"]
+    # one forward pass per model, every layer it needs at once
+    assert sorted(count_collections) == [("a", ("relu1", "relu2")), ("b", ("relu1", "relu2")), ("interpolation", ("relu2",))]
+    assert "kendall-tau" in result.summary and (out / "summary.txt").read_text() == result.summary
+    info = json.loads((out / "run.json").read_text())
+    assert set(info["seconds"]) >= {"models", "interpolation", "kendall-tau", "tau-merged"}
+    assert Pipeline.from_toml((out / "pipeline.toml").read_text()) == Pipeline.from_toml(MERGED)
+
+
+def test_rerun_skips_finished_steps_and_force_redoes_them(tmp_path, caplog, count_collections):
+    out = tmp_path / "run"
+    first = run(Pipeline.from_toml(SMALL), out, quiet=True)
+    count_collections.clear()
+    with caplog.at_level(logging.INFO, logger="mergescope"):
+        second = run(Pipeline.from_toml(SMALL), out, quiet=True)
+    assert count_collections == []  # nothing recorded again
+    assert sum("done before" in r.getMessage() for r in caplog.records) == 2
+    assert first.results.identical(second.results)
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="mergescope"):
+        run(Pipeline.from_toml(SMALL), out, quiet=True, force=True)
+    assert not any("done before" in r.getMessage() for r in caplog.records)
+    assert len(count_collections) == 2
+
+
+def test_changing_a_step_option_reruns_only_that_step(tmp_path, caplog):
+    out = tmp_path / "run"
+    run(Pipeline.from_toml(SMALL), out, quiet=True)
+    changed = SMALL.replace("alphas = [0.0, 0.5, 1.0]", "alphas = [0.0, 0.25, 1.0]")
+    with caplog.at_level(logging.INFO, logger="mergescope"):
+        result = run(Pipeline.from_toml(changed), out, quiet=True)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("step interpolation (interpolation): running" in m for m in messages)
+    assert any("step kendall-tau (kendall-tau): done before" in m for m in messages)
+    assert 0.25 in result.results["interpolation"].ds["alpha"].values
