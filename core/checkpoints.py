@@ -8,9 +8,7 @@ leaves a truncated file where a cache or a pipeline expects a complete one.
 
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError
+from .storage import atomic_path
 
 __all__ = ["load_state_dict", "load_into", "save_state_dict"]
 
@@ -181,21 +180,7 @@ def save_state_dict(model_or_state: nn.Module | Mapping[str, torch.Tensor], path
     Path
         ``path``.
     """
-    path = Path(path)
     state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        # Never leave a half-written temporary file behind.
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    return Path(path)

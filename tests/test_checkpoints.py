@@ -56,7 +56,8 @@ def test_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
     save_state_dict({"w": torch.zeros(3)}, path)
 
     def broken_save(obj, f):
-        f.write(b"partial")
+        with open(f, "wb") as fh:
+            fh.write(b"partial")
         raise OSError("disk full")
 
     monkeypatch.setattr(checkpoints.torch, "save", broken_save)

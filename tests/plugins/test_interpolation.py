@@ -268,7 +268,7 @@ def test_without_data_nothing_is_evaluated() -> None:
     out = merger.merge({"A": tiny(0), "B": tiny(1)}, context)
     assert context.calls == 0
     assert out.model is not None
-    assert set(out.results.data_vars) == {"weights", "endpoints"}
+    assert set(out.results.data_vars) == {"weights", "endpoints", "merged_alpha"}
     assert "not evaluated" in merger.describe(out.results)
 
 
