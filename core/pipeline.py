@@ -71,11 +71,17 @@ class ActivationSpec:
         ``"mean"`` or ``"max"`` over the spatial positions of conv maps.
     batch_size
         Images per forward pass (collection and evaluation).
+    chunk_size
+        Samples written (and checkpointed) at a time while recording.
+    topk
+        Top-k samples kept per unit while recording.
     """
 
     layers: list[str] = attrs.field(factory=list)
     reduce: str = attrs.field(default="mean", validator=attrs.validators.in_(("mean", "max")))
     batch_size: int = attrs.field(default=256, validator=attrs.validators.gt(0))
+    chunk_size: int = attrs.field(default=4096, validator=attrs.validators.gt(0))
+    topk: int = attrs.field(default=10, validator=attrs.validators.ge(0))
 
 
 @attrs.define

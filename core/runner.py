@@ -6,7 +6,7 @@ The run directory holds::
     pipeline.toml     the pipeline as run
     summary.txt       one paragraph per step
     run.json          versions, seed, and the time of each step
-    activations/      recorded activations, one netCDF collection per model
+    activations/<key>/    activation stores (see mergescope.store), one per recording pass
     steps/<name>-<key>/   a step's cached result (and merged model)
 
 A step's key hashes its component, options, inputs and data, so a re-run skips the
@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import platform
+import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,7 +31,6 @@ import xarray as xr
 from torch import nn
 
 from . import __version__
-from .activations import collect, load_collection, save_collection, to_tree
 from .checkpoints import load_into, load_state_dict, save_state_dict
 from .components import Alignment, Context, ImageDataset, MergeResult
 from .errors import CheckpointError, ConfigError, ContractError, MergescopeError
@@ -38,6 +38,7 @@ from .options import unstructure_options
 from .pipeline import ModelSpec, Pipeline, Step
 from .plugins import Registry, get_registry
 from .storage import atomic_path, load_tree, save_tree
+from .store import Store, StoreSpec, collect_store
 from .training import Training, cache_key, trained_model
 
 __all__ = ["RunResult", "run"]
@@ -94,7 +95,7 @@ class _Run:
         self.models: dict[str, _Model] = {}
         self.alignments: dict[str, Alignment] = {}
         self.step_keys: dict[str, str] = {}
-        self.activations: dict[str, dict[str, xr.DataArray]] = {}
+        self.stores: dict[str, Store] = {}
         self.needed_layers = self._needed_layers()
 
     # -- models ----------------------------------------------------------------
@@ -161,30 +162,36 @@ class _Run:
         return needed
 
     def activation(self, model: str, layer: str) -> xr.DataArray:
-        if model not in self.activations:
-            self.activations[model] = self._record(model)
-        return self.activations[model][layer]
+        if model not in self.stores:
+            self._record()
+        return self.stores[model].activation(model, layer)
 
-    def _record(self, model: str) -> dict[str, xr.DataArray]:
+    def _record(self) -> None:
+        """Record, in one lockstep pass, every available model that needs activations and has none yet."""
         assert self.data is not None
         spec = self.pipeline.activations
-        layers = self.needed_layers[model]
-        key = cache_key(self.models[model].fingerprint, self.pipeline.data, layers, spec.reduce)
-        path = self.out / "activations" / f"{model}-{key[:16]}.nc"
-        if path.exists() and not self.force:
-            tree = load_collection(path)
-            return {layer: tree[f"{model}/{layer}"].ds["activation"] for layer in layers}
-        recorded = collect(
-            self.models[model].module,
-            self.data,
-            layers,
-            model_name=model,
+        pending = sorted(m for m in self.needed_layers if m in self.models and m not in self.stores)
+        store_spec = StoreSpec(
+            layers={m: self.needed_layers[m] for m in pending},
             reduce=spec.reduce,
             batch_size=spec.batch_size,
+            chunk_size=spec.chunk_size,
+            topk=spec.topk,
+        )
+        key = cache_key([self.models[m].fingerprint for m in pending], self.pipeline.data, attrs.asdict(store_spec))
+        directory = self.out / "activations" / key[:16]
+        if self.force:
+            shutil.rmtree(directory, ignore_errors=True)
+        store = collect_store(
+            {m: self.models[m].module for m in pending},
+            self.data,
+            store_spec,
+            directory,
+            key=key,
             context=self.context,
         )
-        save_collection(to_tree({model: recorded}), path)
-        return recorded
+        for m in pending:
+            self.stores[m] = store
 
     # -- steps -------------------------------------------------------------------------
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from mergescope import Pipeline, load_collection, run
+from mergescope import Pipeline, run
+from mergescope.store import Store
 from mergescope.testing import check_component
 from pipelines import SMALL
 
@@ -39,10 +40,8 @@ def test_usable_by_name_in_a_pipeline(example_installed, tmp_path):
     result = run(Pipeline.from_toml(text), tmp_path / "run", quiet=True)
     rho = result.results["example-spearman/relu2"].ds["spearman"].sel(model="b")
     # Compare with scipy on the activations the run recorded.
-    recorded = {
-        m: load_collection(next((tmp_path / "run" / "activations").glob(f"{m}-*.nc")))[f"{m}/relu2"].ds["activation"]
-        for m in "ab"
-    }
+    store = Store.open(next((tmp_path / "run" / "activations").iterdir()))
+    recorded = {m: store.activation(m, "relu2") for m in "ab"}
     unit = int(np.nanargmax(np.abs(rho.values)))
     expected = spearmanr(recorded["a"].values[:, unit], recorded["b"].values[:, unit]).statistic
     assert rho.values[unit] == pytest.approx(expected, abs=1e-9)

@@ -23,13 +23,13 @@ layers = ["relu2"]
 @pytest.fixture
 def count_collections(monkeypatch):
     calls = []
-    real = runner_module.collect
+    real = runner_module.collect_store
 
-    def counting(model, data, layers, **kw):
-        calls.append((kw["model_name"], tuple(layers)))
-        return real(model, data, layers, **kw)
+    def counting(models, data, spec, directory, **kw):
+        calls.append({m: tuple(spec.layers[m]) for m in models})
+        return real(models, data, spec, directory, **kw)
 
-    monkeypatch.setattr(runner_module, "collect", counting)
+    monkeypatch.setattr(runner_module, "collect_store", counting)
     return calls
 
 
@@ -49,7 +49,8 @@ def test_run_writes_labelled_results(tmp_path, count_collections):
     merged = tree["tau-merged/relu2"].ds["kendall_tau"]
     assert list(merged["model"].values) == ["interpolation"]
     # one forward pass per model, every layer it needs at once
-    assert sorted(count_collections) == [("a", ("relu1", "relu2")), ("b", ("relu1", "relu2")), ("interpolation", ("relu2",))]
+    # one lockstep pass: every model that exists when activations are first needed, each with all its layers
+    assert count_collections == [{"a": ("relu1", "relu2"), "b": ("relu1", "relu2"), "interpolation": ("relu2",)}]
     assert "kendall-tau" in result.summary and (out / "summary.txt").read_text() == result.summary
     info = json.loads((out / "run.json").read_text())
     assert set(info["seconds"]) >= {"models", "interpolation", "kendall-tau", "tau-merged"}
@@ -70,7 +71,7 @@ def test_rerun_skips_finished_steps_and_force_redoes_them(tmp_path, caplog, coun
     with caplog.at_level(logging.INFO, logger="mergescope"):
         run(Pipeline.from_toml(SMALL), out, quiet=True, force=True)
     assert not any("done before" in r.getMessage() for r in caplog.records)
-    assert len(count_collections) == 2
+    assert len(count_collections) == 1
 
 
 def test_changing_a_step_option_reruns_only_that_step(tmp_path, caplog):

@@ -1,0 +1,529 @@
+"""The activation store: one streaming pass over the data records every model at once.
+
+:func:`collect_store` runs every model on each batch (one forward pass per model),
+and in the same pass
+
+- writes the channel summaries (or, opt-in, full maps) chunk by chunk,
+- updates per-unit statistics: mean and variance (:class:`~mergescope.statistics.Moments`),
+  top-k samples (:class:`~mergescope.statistics.TopK`), the within-model covariance and
+  the cross-model covariance of chosen pairs (:class:`~mergescope.statistics.CoMoments`).
+
+Memory does not grow with the dataset: a chunk is written to its own netCDF file and
+the accumulators are fixed-size. After every chunk the accumulators are checkpointed,
+so a killed collection resumes from the last finished chunk and ends with results
+identical to an uninterrupted run. At the end the chunks are joined into one netCDF
+file per model (groups ``/<layer>``) plus ``statistics.nc``, each written under a
+temporary name and renamed; a ``COMPLETE`` marker is written last.
+
+A collection directory::
+
+    <model>.nc         /<layer>/activation  (sample, unit[, y, x])
+    statistics.nc      /<model>/<layer>/{moments,topk,covariance}, /cross/<a>/<b>/<layer>
+    COMPLETE           JSON: key, samples, shard -- written last
+    .work/             chunks and the checkpoint while collecting (removed at the end)
+
+Shards (``shard=(i, n)``) collect contiguous slices of the dataset into separate
+directories; :func:`join_stores` merges their statistics exactly and their activations
+with :func:`xarray.open_mfdataset`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import netCDF4
+import numpy as np
+import torch
+import xarray as xr
+from torch import nn
+
+from .activations import REDUCTIONS, VARIABLE, resolve_layers
+from .components import Context, ImageDataset
+from .errors import ConfigError, ContractError
+from .statistics import CoMoments, Moments, TopK
+from .storage import atomic_path, load_tree, save_tree
+
+__all__ = ["StoreSpec", "Store", "collect_store", "join_stores", "shard_positions", "MARKER"]
+
+MARKER = "COMPLETE"
+_WORK = ".work"
+_CHECKPOINT = "checkpoint.nc"
+
+
+@attrs.define
+class StoreSpec:
+    """What a collection records.
+
+    Parameters
+    ----------
+    layers
+        Layer names per model.
+    reduce
+        ``"mean"`` or ``"max"`` over space for channel summaries, or ``"none"`` to keep
+        full ``(unit, y, x)`` maps (statistics are then taken on the spatial means).
+    batch_size
+        Images per forward pass.
+    chunk_size
+        Samples per written chunk and checkpoint (rounded up to whole batches).
+    topk
+        Top-k samples kept per unit (0: none).
+    covariance
+        Also accumulate each layer's within-model covariance (units x units).
+    pairs
+        ``(model_a, model_b)`` pairs whose cross-covariance is accumulated at every layer
+        both record (the alignment statistics).
+    keep_activations
+        Write the activations; ``False`` keeps only the statistics.
+    """
+
+    layers: dict[str, list[str]]
+    reduce: str = "mean"
+    batch_size: int = 256
+    chunk_size: int = 4096
+    topk: int = 10
+    covariance: bool = False
+    pairs: list[tuple[str, str]] = attrs.field(factory=list)
+    keep_activations: bool = True
+
+    def __attrs_post_init__(self) -> None:
+        if self.reduce not in (*REDUCTIONS, "none"):
+            raise ConfigError(f"unknown reduction {self.reduce!r}; accepted: mean, max, none", where="key 'reduce'")
+        for a, b in self.pairs:
+            shared = set(self.layers.get(a, [])) & set(self.layers.get(b, []))
+            if a not in self.layers or b not in self.layers or not shared:
+                raise ConfigError(f"pair ({a!r}, {b!r}): both models must be recorded with a layer in common")
+
+
+def shard_positions(n: int, shard: tuple[int, int]) -> np.ndarray:
+    """Dataset positions of shard ``i`` of ``count``: a contiguous slice, the shards cover ``range(n)``."""
+    i, count = shard
+    if not (count >= 1 and 0 <= i < count):
+        raise ConfigError(f"shard must be i/n with 0 <= i < n, got {i}/{count}")
+    return np.arange(i * n // count, (i + 1) * n // count)
+
+
+# ------------------------------------------------------------------ accumulators
+
+
+class _Accumulators:
+    """Every statistic of one collection, with a netCDF form for checkpoints."""
+
+    def __init__(self) -> None:
+        self.moments: dict[tuple[str, str], Moments] = {}
+        self.topk: dict[tuple[str, str], TopK] = {}
+        self.covariance: dict[tuple[str, str], CoMoments] = {}
+        self.cross: dict[tuple[str, str, str], CoMoments] = {}
+
+    def update(self, spec: StoreSpec, summaries: Mapping[str, Mapping[str, np.ndarray]], ids: np.ndarray) -> None:
+        for model, layers in summaries.items():
+            for layer, values in layers.items():
+                key = (model, layer)
+                units = values.shape[1]
+                self.moments.setdefault(key, Moments(units)).update(values)
+                if spec.topk:
+                    self.topk.setdefault(key, TopK(units, spec.topk)).update(values, ids)
+                if spec.covariance:
+                    self.covariance.setdefault(key, CoMoments.within(units)).update(values)
+        for a, b in spec.pairs:
+            for layer in summaries[a].keys() & summaries[b].keys():
+                x, y = summaries[a][layer], summaries[b][layer]
+                self.cross.setdefault((a, b, layer), CoMoments(x.shape[1], y.shape[1])).update(x, y)
+
+    def to_nodes(self, prefix: str = "") -> dict[str, xr.Dataset]:
+        """``{path: Dataset}`` of every accumulator, paths under ``prefix``."""
+        nodes: dict[str, xr.Dataset] = {}
+        for (m, l), acc in self.moments.items():
+            nodes[f"{prefix}{m}/{l}/moments"] = acc.to_dataset()
+        for (m, l), acc in self.topk.items():
+            nodes[f"{prefix}{m}/{l}/topk"] = acc.to_dataset()
+        for (m, l), acc in self.covariance.items():
+            nodes[f"{prefix}{m}/{l}/covariance"] = acc.to_dataset()
+        for (a, b, l), acc in self.cross.items():
+            nodes[f"{prefix}cross/{a}/{b}/{l}"] = acc.to_dataset()
+        return nodes
+
+    def to_tree(self) -> xr.DataTree:
+        return xr.DataTree.from_dict(self.to_nodes())
+
+    @classmethod
+    def from_tree(cls, tree: xr.DataTree) -> "_Accumulators":
+        readers = {"moments": ("moments", Moments), "topk": ("topk", TopK), "covariance": ("covariance", CoMoments)}
+        acc = cls()
+        for node in tree.subtree:
+            if node is tree or not node.has_data:
+                continue
+            parts = node.relative_to(tree).split("/")
+            ds = node.to_dataset(inherit=False)
+            if parts[0] == "cross" and len(parts) == 4:
+                acc.cross[(parts[1], parts[2], parts[3])] = CoMoments.from_dataset(ds)
+            elif len(parts) == 3 and parts[2] in readers:
+                attr, kind = readers[parts[2]]
+                getattr(acc, attr)[(parts[0], parts[1])] = kind.from_dataset(ds)
+        return acc
+
+    def merge(self, other: "_Accumulators") -> "_Accumulators":
+        out = _Accumulators()
+        for name in ("moments", "topk", "covariance", "cross"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if mine.keys() != theirs.keys():
+                raise ContractError(f"cannot merge stores that recorded different {name}: {sorted(mine)} vs {sorted(theirs)}")
+            setattr(out, name, {k: mine[k].merge(theirs[k]) for k in mine})
+        return out
+
+
+# ----------------------------------------------------------------------- reading
+
+
+class Store:
+    """A finished collection: activations and statistics, read lazily from netCDF.
+
+    Open one with :meth:`open`; :func:`collect_store` and :func:`join_stores` return one.
+    """
+
+    def __init__(self, directories: Sequence[Path], stats: _Accumulators, info: Mapping[str, Any]) -> None:
+        self.directories = [Path(d) for d in directories]
+        self._stats = stats
+        self.info = dict(info)
+
+    @classmethod
+    def open(cls, directory: str | Path) -> "Store":
+        """Open a complete collection; an incomplete one is an error saying so."""
+        directory = Path(directory)
+        marker = directory / MARKER
+        if not marker.is_file():
+            done = _checkpoint_samples(directory)
+            progress = f" ({done} samples recorded so far)" if done is not None else ""
+            raise ContractError(
+                f"the activation store {directory} is incomplete{progress}: its collection was interrupted "
+                "or is still running; run the collection again to resume it"
+            )
+        info = json.loads(marker.read_text(encoding="utf-8"))
+        stats = _Accumulators.from_tree(load_tree(directory / "statistics.nc"))
+        return cls([directory], stats, info)
+
+    @property
+    def models(self) -> list[str]:
+        return list(self.info["layers"])
+
+    def layers(self, model: str) -> list[str]:
+        return list(self.info["layers"][self._model(model)])
+
+    def _model(self, model: str) -> str:
+        if model not in self.info["layers"]:
+            raise ContractError(f"the store holds no model {model!r}; it holds {', '.join(self.info['layers'])}")
+        return model
+
+    def activation(self, model: str, layer: str) -> xr.DataArray:
+        """The activations of ``model`` at ``layer`` (dask-backed when the store has several shards)."""
+        if layer not in self.layers(model):
+            raise ContractError(f"the store did not record layer {layer!r} of {model!r}; it has {self.layers(model)}")
+        if not self.info.get("keep_activations", True):
+            raise ContractError("this store kept only statistics (keep_activations = false)")
+        files = [d / f"{model}.nc" for d in self.directories]
+        if len(files) == 1:
+            with xr.open_dataset(files[0], group=layer, engine="netcdf4") as ds:
+                return ds[VARIABLE].load()
+        ds = xr.open_mfdataset(files, group=layer, engine="netcdf4", combine="nested", concat_dim="sample")
+        return ds[VARIABLE]
+
+    def moments(self, model: str, layer: str) -> Moments:
+        return self._stats.moments[(self._model(model), layer)]
+
+    def topk(self, model: str, layer: str) -> TopK:
+        return self._stats.topk[(self._model(model), layer)]
+
+    def covariance(self, model: str, layer: str) -> CoMoments:
+        return self._stats.covariance[(self._model(model), layer)]
+
+    def cross(self, model_a: str, model_b: str, layer: str) -> CoMoments:
+        """Cross-moments of ``model_a`` (x) against ``model_b`` (y) at ``layer``."""
+        key = (model_a, model_b, layer)
+        if key not in self._stats.cross:
+            raise ContractError(f"no cross statistics for {key}; recorded pairs: {sorted(self._stats.cross)}")
+        return self._stats.cross[key]
+
+    def statistics_tree(self) -> xr.DataTree:
+        """Every statistic as a DataTree (the content of ``statistics.nc``)."""
+        return self._stats.to_tree()
+
+
+# --------------------------------------------------------------------- collection
+
+
+def _checkpoint_samples(directory: Path) -> int | None:
+    path = directory / _WORK / _CHECKPOINT
+    if not path.is_file():
+        return None
+    try:
+        return int(load_tree(path).ds["samples_done"])
+    except (ContractError, KeyError):
+        return None
+
+
+def _summarise(output: torch.Tensor, reduce: str) -> np.ndarray:
+    out = output.detach()
+    if out.ndim > 2 and reduce != "none":
+        flat = out.flatten(2)
+        out = flat.mean(dim=2) if reduce == "mean" else flat.amax(dim=2)
+    return out.float().cpu().numpy()
+
+
+def _batches(data: ImageDataset, positions: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(data, positions.tolist()), batch_size=batch_size, shuffle=False
+    )
+    start = 0
+    for images, _labels in loader:
+        yield positions[start : start + len(images)], images
+        start += len(images)
+
+
+def _write_chunk(path: Path, arrays: Mapping[str, np.ndarray], ids: np.ndarray, labels: np.ndarray) -> None:
+    """One chunk of one model: plain variables per layer, written atomically."""
+    with atomic_path(path) as tmp:
+        with netCDF4.Dataset(tmp, "w") as nc:
+            nc.createDimension("sample", len(ids))
+            nc.createVariable("sample", "i8", ("sample",))[:] = ids
+            nc.createVariable("label", "i8", ("sample",))[:] = labels
+            for i, (layer, values) in enumerate(arrays.items()):
+                dims = ["sample"] + [nc.createDimension(f"d{i}_{j}", s).name for j, s in enumerate(values.shape[1:])]
+                var = nc.createVariable(f"layer{i}", "f4", dims)
+                var[:] = values
+                var.layer = layer
+
+
+def _join_chunks(path: Path, chunk_files: Sequence[Path], model: str, layers: Sequence[str], total: int) -> None:
+    """Copy every chunk into one file with a group per layer, chunk by chunk (constant memory)."""
+    with atomic_path(path) as tmp:
+        with netCDF4.Dataset(tmp, "w") as out:
+            groups = {}
+            for layer in layers:
+                g = out.createGroup(layer)
+                g.createDimension("sample", total)
+                g.createVariable("sample", "i8", ("sample",))
+                g.createVariable("label", "i8", ("sample",))
+                g.createVariable("model", str, ())[0] = model
+                g.createVariable("layer", str, ())[0] = layer
+                groups[layer] = g
+            offset = 0
+            for chunk in chunk_files:
+                with netCDF4.Dataset(chunk, "r") as nc:
+                    n = len(nc.dimensions["sample"])
+                    ids, labels = nc["sample"][:], nc["label"][:]
+                    for i, layer in enumerate(layers):
+                        g, values = groups[layer], nc[f"layer{i}"][:]
+                        if VARIABLE not in g.variables:
+                            dims = ("sample", "unit", "y", "x")[: values.ndim]
+                            for dim, size in zip(dims[1:], values.shape[1:]):
+                                g.createDimension(dim, size)
+                                g.createVariable(dim, "i8", (dim,))[:] = np.arange(size)
+                            var = g.createVariable(
+                                VARIABLE, "f4", dims, zlib=False, chunksizes=(min(n, 1024), *values.shape[1:])
+                            )
+                            var.coordinates = "label model layer"
+                        g[VARIABLE][offset : offset + n] = values
+                        g["sample"][offset : offset + n] = ids
+                        g["label"][offset : offset + n] = labels
+                offset += n
+
+
+def collect_store(
+    models: Mapping[str, nn.Module],
+    data: ImageDataset,
+    spec: StoreSpec,
+    directory: str | Path,
+    *,
+    key: str = "",
+    shard: tuple[int, int] = (0, 1),
+    context: Context | None = None,
+) -> Store:
+    """Record ``models`` over ``data`` into ``directory`` in one pass, resuming if interrupted.
+
+    Parameters
+    ----------
+    models
+        Name -> module; each records ``spec.layers[name]``.
+    data
+        The images; their stable sample ids label every row.
+    spec
+        What to record (see :class:`StoreSpec`).
+    directory
+        The collection directory. A complete collection there with the same ``key``
+        is returned as is; an interrupted one with the same ``key`` is resumed; one with
+        another key is discarded.
+    key
+        Identifies the inputs (models, data, spec); mismatching work is never reused.
+    shard
+        ``(i, n)``: record only the i-th of n contiguous slices of the dataset.
+    context
+        Progress bars.
+
+    Returns
+    -------
+    Store
+    """
+    directory = Path(directory)
+    context = context or Context(quiet=True)
+    full_key = json.dumps({"key": key, "shard": list(shard), "spec": attrs.asdict(spec)}, sort_keys=True)
+    marker = directory / MARKER
+    if marker.is_file() and json.loads(marker.read_text(encoding="utf-8")).get("key") == full_key:
+        return Store.open(directory)
+    missing = [m for m in models if m not in spec.layers]
+    if missing:
+        raise ConfigError(f"no layers given for models {missing}")
+    hooks_for = {m: resolve_layers(models[m], spec.layers[m], m) for m in models}
+    positions = shard_positions(len(data), shard)
+    if len(positions) == 0:
+        raise ConfigError(f"dataset {data.name!r} has no samples for shard {shard[0]}/{shard[1]}; nothing to collect")
+
+    work = directory / _WORK
+    acc, done = _resume(work, full_key)
+    if done == 0:  # a stale or foreign collection: start clean
+        for path in (marker, *directory.glob("*.nc")):
+            path.unlink(missing_ok=True)
+        shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+
+    captured: dict[str, dict[str, np.ndarray]] = {m: {} for m in models}
+    handles = []
+    for m, modules in hooks_for.items():
+        for layer, module in modules.items():
+
+            def hook(_mod, _inp, output, _m=m, _layer=layer):
+                captured[_m][_layer] = _summarise(output, spec.reduce)
+
+            handles.append(module.register_forward_hook(hook))
+    per_chunk = max(1, -(-spec.chunk_size // spec.batch_size)) * spec.batch_size
+    buffers: dict[str, dict[str, list[np.ndarray]]] = {m: {layer: [] for layer in spec.layers[m]} for m in models}
+    chunk_ids: list[np.ndarray] = []
+    modes = {m: models[m].training for m in models}
+    try:
+        for model in models.values():
+            model.eval()
+        remaining = positions[done:]
+        total_batches = -(-len(remaining) // spec.batch_size)
+        batches = context.progress(
+            _batches(data, remaining, spec.batch_size), desc=f"collecting {', '.join(models)}", total=total_batches
+        )
+        with torch.no_grad():
+            for batch_positions, images in batches:
+                for m, model in models.items():
+                    model(images)
+                ids = np.asarray(data.sample_ids)[batch_positions]
+                summaries = {m: {layer: captured[m][layer] for layer in spec.layers[m]} for m in models}
+                stat_view = {
+                    m: {l: (v if v.ndim == 2 else v.reshape(*v.shape[:2], -1).mean(axis=2)) for l, v in layers.items()}
+                    for m, layers in summaries.items()
+                }
+                acc.update(spec, stat_view, ids)
+                if spec.keep_activations:
+                    for m in models:
+                        for layer in spec.layers[m]:
+                            buffers[m][layer].append(summaries[m][layer])
+                chunk_ids.append(batch_positions)
+                if sum(len(p) for p in chunk_ids) >= per_chunk:
+                    done = _flush(work, data, spec, buffers, chunk_ids, acc, done, full_key)
+            if chunk_ids:
+                done = _flush(work, data, spec, buffers, chunk_ids, acc, done, full_key)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, was_training in modes.items():
+            models[m].train(was_training)
+    return _finish(directory, data, spec, acc, full_key, shard, len(positions))
+
+
+def _resume(work: Path, full_key: str) -> tuple[_Accumulators, int]:
+    path = work / _CHECKPOINT
+    if not path.is_file():
+        return _Accumulators(), 0
+    try:
+        tree = load_tree(path)
+    except ContractError:
+        return _Accumulators(), 0
+    if str(tree.ds["key"].values) != full_key:
+        return _Accumulators(), 0
+    stats = tree["stats"] if "stats" in tree.children else xr.DataTree()
+    return _Accumulators.from_tree(stats), int(tree.ds["samples_done"])
+
+
+def _flush(
+    work: Path,
+    data: ImageDataset,
+    spec: StoreSpec,
+    buffers: dict[str, dict[str, list[np.ndarray]]],
+    chunk_ids: list[np.ndarray],
+    acc: _Accumulators,
+    done: int,
+    full_key: str,
+) -> int:
+    """Write the buffered chunk, then checkpoint; a kill between the two only redoes this chunk."""
+    positions = np.concatenate(chunk_ids)
+    ids = np.asarray(data.sample_ids)[positions]
+    labels = np.asarray(data.labels)[positions]
+    if spec.keep_activations:
+        for m, layers in buffers.items():
+            arrays = {layer: np.concatenate(parts) for layer, parts in layers.items()}
+            _write_chunk(work / m / f"{done:012d}.nc", arrays, ids, labels)
+            for parts in layers.values():
+                parts.clear()
+    chunk_ids.clear()
+    done += len(positions)
+    root = xr.Dataset({"key": full_key, "samples_done": np.int64(done)})
+    tree = xr.DataTree.from_dict({"/": root, **acc.to_nodes(prefix="stats/")})
+    save_tree(tree, work / _CHECKPOINT)
+    return done
+
+
+def _finish(
+    directory: Path,
+    data: ImageDataset,
+    spec: StoreSpec,
+    acc: _Accumulators,
+    full_key: str,
+    shard: tuple[int, int],
+    total: int,
+) -> Store:
+    work = directory / _WORK
+    if spec.keep_activations:
+        for model, layers in spec.layers.items():
+            chunks = sorted((work / model).glob("*.nc"))
+            _join_chunks(directory / f"{model}.nc", chunks, model, layers, total)
+    save_tree(acc.to_tree(), directory / "statistics.nc")
+    info = {
+        "key": full_key,
+        "samples": total,
+        "shard": list(shard),
+        "dataset": data.name,
+        "layers": spec.layers,
+        "keep_activations": spec.keep_activations,
+    }
+    with atomic_path(directory / MARKER) as tmp:
+        tmp.write_text(json.dumps(info, indent=2), encoding="utf-8")
+    shutil.rmtree(work, ignore_errors=True)
+    return Store.open(directory)
+
+
+def join_stores(directories: Sequence[str | Path]) -> Store:
+    """Join shard stores: statistics merged exactly, activations concatenated along ``sample``.
+
+    Raises
+    ------
+    ContractError
+        A shard is incomplete, or the shards recorded different models or layers.
+    """
+    stores = [Store.open(d) for d in directories]
+    first = stores[0]
+    for s in stores[1:]:
+        if s.info["layers"] != first.info["layers"]:
+            raise ContractError(f"shard {s.directories[0]} recorded other models/layers than {first.directories[0]}")
+    stats = first._stats
+    for s in stores[1:]:
+        stats = stats.merge(s._stats)
+    info = {**first.info, "samples": sum(s.info["samples"] for s in stores), "shard": None}
+    return Store([s.directories[0] for s in stores], stats, info)

@@ -1,0 +1,180 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+
+from mergescope import ConfigError, ContractError, collect
+from mergescope.store import MARKER, Store, StoreSpec, collect_store, join_stores, shard_positions
+from mergescope.testing import example_dataset, example_models
+
+
+class ConvNet(torch.nn.Module):
+    def __init__(self, seed: int, width: int = 6):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv = torch.nn.Conv2d(1, width, 3, padding=1)
+        self.relu = torch.nn.ReLU()
+        self.pool = torch.nn.AdaptiveAvgPool2d(1)
+        self.head = torch.nn.Linear(width, 3)
+
+    def forward(self, x):
+        return self.head(self.pool(self.relu(self.conv(x))).flatten(1))
+
+
+@pytest.fixture
+def data():
+    return example_dataset(n=90)
+
+
+@pytest.fixture
+def models():
+    return {"a": ConvNet(0).eval(), "b": ConvNet(1).eval()}
+
+
+def spec(**kw):
+    base = dict(layers={"a": ["conv", "relu"], "b": ["conv", "relu"]}, batch_size=8, chunk_size=20, topk=3,
+                covariance=True, pairs=[("a", "b")])
+    base.update(kw)
+    return StoreSpec(**base)
+
+
+def test_store_matches_direct_collection_and_statistics(tmp_path, data, models):
+    store = collect_store(models, data, spec(), tmp_path / "s", key="k")
+    for m in ("a", "b"):
+        direct = collect(models[m], data, ["relu"], model_name=m)["relu"]
+        stored = store.activation(m, "relu")
+        xr.testing.assert_equal(stored.drop_vars(["model", "layer"]), direct.drop_vars(["model", "layer"]))
+        assert str(stored["model"].values) == m and str(stored["layer"].values) == "relu"
+        x = direct.values.astype(np.float64)
+        np.testing.assert_allclose(store.moments(m, "relu").mean, x.mean(0), rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(store.moments(m, "relu").variance, x.var(0), rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(store.covariance(m, "relu").covariance, np.cov(x.T, bias=True), atol=1e-10)
+        order = np.lexsort((direct["sample"].values[:, None].repeat(x.shape[1], 1).T, -x.T))  # value desc, id asc
+        top = direct["sample"].values[order[:, :3]].T
+        np.testing.assert_array_equal(store.topk(m, "relu").sample_ids, top)
+    xa = store.activation("a", "conv").values.astype(np.float64)
+    xb = store.activation("b", "conv").values.astype(np.float64)
+    expected = np.corrcoef(xa.T, xb.T)[:6, 6:]
+    np.testing.assert_allclose(store.cross("a", "b", "conv").correlation, expected, atol=1e-9)
+    assert not (tmp_path / "s" / ".work").exists() and (tmp_path / "s" / MARKER).exists()
+
+
+def test_full_maps_are_opt_in(tmp_path, data, models):
+    store = collect_store(models, data, spec(reduce="none", pairs=[]), tmp_path / "s")
+    maps = store.activation("a", "relu")
+    assert maps.dims == ("sample", "unit", "y", "x") and maps.shape == (90, 6, 4, 4)
+    means = collect(models["a"], data, ["relu"], model_name="a")["relu"].values
+    np.testing.assert_allclose(store.moments("a", "relu").mean, means.mean(0), rtol=1e-5)
+
+
+def test_a_complete_store_is_reused_and_a_new_key_redoes_it(tmp_path, data, models):
+    collect_store(models, data, spec(), tmp_path / "s", key="k")
+    stamp = (tmp_path / "s" / "a.nc").stat().st_mtime_ns
+    collect_store(models, data, spec(), tmp_path / "s", key="k")
+    assert (tmp_path / "s" / "a.nc").stat().st_mtime_ns == stamp
+    collect_store(models, data, spec(), tmp_path / "s", key="other")
+    assert (tmp_path / "s" / "a.nc").stat().st_mtime_ns != stamp
+
+
+KILLER = """
+import os, signal, sys
+import torch
+sys.path.insert(0, {tests!r})
+from test_store import ConvNet, spec
+from mergescope.testing import example_dataset
+from mergescope.store import collect_store
+
+class Dying(type(example_dataset())):
+    def __getitem__(self, i):
+        if i == {kill_at}:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().__getitem__(i)
+
+base = example_dataset(n=90)
+data = Dying(base.name, base.images, base.labels, base.sample_ids, base.classes)
+models = {{"a": ConvNet(0).eval(), "b": ConvNet(1).eval()}}
+collect_store(models, data, spec(), {out!r}, key="k")
+"""
+
+
+@pytest.mark.parametrize("kill_at", [5, 47])
+def test_a_killed_collection_resumes_to_identical_results(tmp_path, data, models, kill_at):
+    out = tmp_path / "killed"
+    script = KILLER.format(tests=os.path.dirname(__file__), kill_at=kill_at, out=str(out))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True)
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    assert not (out / MARKER).exists()
+    with pytest.raises(ContractError, match="incomplete"):
+        Store.open(out)
+    assert not list(out.glob("*.nc"))  # nothing half-written under a final name
+    resumed = collect_store(models, data, spec(), out, key="k")
+    clean = collect_store(models, data, spec(), tmp_path / "clean", key="k")
+    for m in ("a", "b"):
+        xr.testing.assert_identical(resumed.activation(m, "relu"), clean.activation(m, "relu"))
+    assert resumed.statistics_tree().identical(clean.statistics_tree())
+
+
+def test_shards_join_to_the_single_run(tmp_path, data, models):
+    single = collect_store(models, data, spec(), tmp_path / "single")
+    shards = [collect_store(models, data, spec(), tmp_path / f"shard{i}", shard=(i, 3)) for i in range(3)]
+    assert sum(s.info["samples"] for s in shards) == 90
+    joined = join_stores([tmp_path / f"shard{i}" for i in range(3)])
+    for m in ("a", "b"):
+        np.testing.assert_allclose(joined.moments(m, "relu").mean, single.moments(m, "relu").mean, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(joined.moments(m, "relu").m2, single.moments(m, "relu").m2, rtol=0, atol=1e-9)
+        np.testing.assert_array_equal(joined.topk(m, "relu").sample_ids, single.topk(m, "relu").sample_ids)
+        joined_acts = joined.activation(m, "relu")
+        assert joined_acts.chunks is not None  # dask-backed, one chunk per shard
+        xr.testing.assert_equal(joined_acts.compute(), single.activation(m, "relu"))
+    diff = np.abs(joined.cross("a", "b", "conv").comoment - single.cross("a", "b", "conv").comoment).max()
+    assert diff <= 1e-9
+
+
+def test_dask_reductions_on_a_local_cluster_equal_the_single_process(tmp_path, data, models):
+    distributed = pytest.importorskip("distributed")
+    for i in range(2):
+        collect_store(models, data, spec(), tmp_path / f"shard{i}", shard=(i, 2))
+    joined = join_stores([tmp_path / "shard0", tmp_path / "shard1"])
+    single = collect_store(models, data, spec(), tmp_path / "single")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        with distributed.Client(cluster):
+            acts = joined.activation("a", "relu").astype("float64")
+            mean = acts.mean("sample").compute()
+            centred = acts - mean
+            cov = xr.dot(centred, centred.rename(unit="unit_y"), dim="sample").compute() / acts.sizes["sample"]
+    np.testing.assert_allclose(mean.values, single.moments("a", "relu").mean, atol=1e-12)
+    np.testing.assert_allclose(cov.values, single.covariance("a", "relu").covariance, atol=1e-12)
+
+
+def test_bad_input(tmp_path, data, models):
+    with pytest.raises(ConfigError, match="no layer 'rleu'"):
+        collect_store(models, data, spec(layers={"a": ["rleu"], "b": ["relu"]}, pairs=[]), tmp_path / "x")
+    with pytest.raises(ConfigError, match="is empty|no samples"):
+        collect_store(models, data.subset([]), spec(), tmp_path / "y")
+    with pytest.raises(ConfigError, match="shard must be"):
+        shard_positions(10, (3, 2))
+    with pytest.raises(ConfigError, match="unknown reduction"):
+        spec(reduce="median")
+    with pytest.raises(ConfigError, match="pair"):
+        spec(pairs=[("a", "c")])
+
+
+def test_a_corrupt_statistics_file_is_named(tmp_path, data, models):
+    collect_store(models, data, spec(), tmp_path / "s")
+    stats = tmp_path / "s" / "statistics.nc"
+    stats.write_bytes(stats.read_bytes()[:200])
+    with pytest.raises(ContractError, match="statistics.nc.*truncated or corrupt"):
+        Store.open(tmp_path / "s")
+
+
+def test_example_models_record_linear_layers(tmp_path):
+    models = example_models()
+    store = collect_store(models, example_dataset(n=30), StoreSpec(layers={m: ["2"] for m in models}, batch_size=7), tmp_path / "s")
+    assert store.activation("model0", "2").shape == (30, 8)
