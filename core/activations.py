@@ -14,7 +14,8 @@ Dataset with the ``activation`` variable. Components never read ``.attrs``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import fnmatch
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,9 @@ __all__ = [
     "collect",
     "layer_names",
     "resolve_layers",
+    "attach_recorders",
+    "summarise",
+    "INPUT_SUFFIX",
     "make_activation",
     "validate_activation",
     "validate_collection",
@@ -46,26 +50,94 @@ _SUMMARY_DIMS = ("sample", "unit")
 _MAP_DIMS = ("sample", "unit", "y", "x")
 
 
+#: Suffix of a layer name that records the module's input (e.g. a ReLU's pre-activation).
+INPUT_SUFFIX = "@in"
+
+
 def layer_names(model: nn.Module) -> list[str]:
     """Names of every submodule that can be recorded, in definition order."""
     return [name for name, _ in model.named_modules() if name]
 
 
-def resolve_layers(model: nn.Module, layers: Sequence[str], model_name: str = "model") -> dict[str, nn.Module]:
-    """Map layer names to modules, failing with the known names and the closest match."""
+def _type_names(module: nn.Module) -> set[str]:
+    return {cls.__name__ for cls in type(module).__mro__}
+
+
+def resolve_layers(model: nn.Module, layers: Sequence[str], model_name: str = "model") -> dict[str, tuple[nn.Module, bool]]:
+    """Expand layer selectors into ``{layer name: (module, records_input)}``.
+
+    A selector is a module name from ``named_modules()`` (``"layer1.0.conv1"``), a glob
+    over names (``"layer*.relu"``), or ``"type:<Class>"`` for every module of that class
+    or a subclass (``"type:Conv2d"``; ``"type:BasicBlock"`` gives every residual block
+    output of a torchvision ResNet). A ``"@in"`` suffix records the module's input
+    instead of its output, e.g. ``"relu1@in"`` is the pre-activation REPAIR needs.
+
+    Raises
+    ------
+    ConfigError
+        A selector matches nothing; the message lists the model's layers (or types)
+        and the closest match.
+    """
     modules = dict(model.named_modules())
-    found: dict[str, nn.Module] = {}
-    for layer in layers:
-        if not layer or layer not in modules:
-            known = layer_names(model)
-            guess = closest(layer, known)
+    names = [n for n in modules if n]
+    found: dict[str, tuple[nn.Module, bool]] = {}
+    for selector in layers:
+        base, records_input = selector, False
+        if selector.endswith(INPUT_SUFFIX):
+            base, records_input = selector[: -len(INPUT_SUFFIX)], True
+        suffix = INPUT_SUFFIX if records_input else ""
+        if base.startswith("type:"):
+            wanted = base[len("type:") :]
+            matched = [n for n in names if wanted in _type_names(modules[n])]
+            if not matched:
+                types = sorted({type(modules[n]).__name__ for n in names})
+                guess = closest(wanted, types)
+                hint = f" Did you mean 'type:{guess}'?" if guess else ""
+                raise ConfigError(
+                    f"model {model_name!r} has no module of type {wanted!r}.{hint} Its module types: {', '.join(types)}.",
+                    where="key 'layers'",
+                )
+        elif any(c in base for c in "*?["):
+            matched = fnmatch.filter(names, base)
+            if not matched:
+                raise ConfigError(
+                    f"no layer of model {model_name!r} matches {base!r}. Its layers: {', '.join(names)}.",
+                    where="key 'layers'",
+                )
+        elif base in modules and base:
+            matched = [base]
+        else:
+            guess = closest(base, names)
             hint = f" Did you mean {guess!r}?" if guess else ""
             raise ConfigError(
-                f"model {model_name!r} has no layer {layer!r}.{hint} Its layers: {', '.join(known)}.",
+                f"model {model_name!r} has no layer {base!r}.{hint} Its layers: {', '.join(names)}.",
                 where="key 'layers'",
             )
-        found[layer] = modules[layer]
+        for name in matched:
+            found[name + suffix] = (modules[name], records_input)
     return found
+
+
+def attach_recorders(
+    model: nn.Module, layers: Sequence[str], sink: Callable[[str, torch.Tensor], None], model_name: str = "model"
+) -> list[torch.utils.hooks.RemovableHandle]:
+    """Hook ``layers`` of ``model`` so every forward pass calls ``sink(layer, tensor)``; return the handles."""
+    handles = []
+    for name, (module, records_input) in resolve_layers(model, layers, model_name).items():
+        if records_input:
+            handles.append(module.register_forward_pre_hook(lambda _m, args, _n=name: sink(_n, args[0])))
+        else:
+            handles.append(module.register_forward_hook(lambda _m, _i, out, _n=name: sink(_n, out)))
+    return handles
+
+
+def summarise(output: torch.Tensor, reduce: str) -> np.ndarray:
+    """A layer output as float32 NumPy: conv maps reduced over space (``"none"`` keeps them)."""
+    out = output.detach()
+    if out.ndim > 2 and reduce != "none":
+        flat = out.flatten(2)
+        out = flat.mean(dim=2) if reduce == "mean" else flat.amax(dim=2)
+    return out.float().cpu().numpy()
 
 
 def make_activation(
@@ -159,7 +231,8 @@ def collect(
     model_name
         Value of the scalar ``model`` coord.
     reduce
-        ``"mean"`` or ``"max"`` over spatial positions of conv maps.
+        ``"mean"`` or ``"max"`` over spatial positions of conv maps, or ``"none"``
+        for full ``(sample, unit, y, x)`` maps.
     batch_size
         Images per forward pass.
     context
@@ -170,28 +243,22 @@ def collect(
     dict
         Layer name -> activation DataArray with dims ``("sample", "unit")``.
     """
-    if reduce not in REDUCTIONS:
-        raise ConfigError(f"unknown reduction {reduce!r}; accepted: {', '.join(REDUCTIONS)}", where="key 'reduce'")
+    if reduce not in (*REDUCTIONS, "none"):
+        raise ConfigError(f"unknown reduction {reduce!r}; accepted: mean, max, none", where="key 'reduce'")
     if len(data) == 0:
         raise ConfigError(f"dataset {data.name!r} is empty; nothing to collect")
-    modules = resolve_layers(model, layers, model_name)
+    names = list(resolve_layers(model, layers, model_name))
     n = len(data)
     buffers: dict[str, np.ndarray] = {}
     offset = 0
 
-    def hook_for(layer: str):
-        def hook(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
-            out = output.detach()
-            if out.ndim > 2:  # channel summary over every position
-                flat = out.flatten(2)
-                out = flat.mean(dim=2) if reduce == "mean" else flat.amax(dim=2)
-            if layer not in buffers:
-                buffers[layer] = np.empty((n, out.shape[1]), dtype=np.float32)
-            buffers[layer][offset : offset + len(out)] = out.cpu().numpy()
+    def sink(layer: str, output: torch.Tensor) -> None:
+        out = summarise(output, reduce)
+        if layer not in buffers:
+            buffers[layer] = np.empty((n, *out.shape[1:]), dtype=np.float32)
+        buffers[layer][offset : offset + len(out)] = out
 
-        return hook
-
-    handles = [m.register_forward_hook(hook_for(name)) for name, m in modules.items()]
+    handles = attach_recorders(model, layers, sink, model_name)
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
     context = context or Context(quiet=True)
     was_training = model.training
@@ -205,14 +272,14 @@ def collect(
         for h in handles:
             h.remove()
         model.train(was_training)
-    missing = [layer for layer in modules if layer not in buffers]
+    missing = [layer for layer in names if layer not in buffers]
     if missing:
         raise ConfigError(f"layers {missing} of model {model_name!r} never ran in the forward pass", where="key 'layers'")
     return {
         layer: make_activation(
             buffers[layer], sample_ids=data.sample_ids, labels=data.labels, model=model_name, layer=layer
         )
-        for layer in modules
+        for layer in names
     }
 
 

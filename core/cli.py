@@ -46,6 +46,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--show", action="store_true", help="print the demo pipeline and exit")
     p.set_defaults(func=_cmd_demo)
 
+    p = sub.add_parser(
+        "collect",
+        help="record a pipeline's activations and statistics",
+        description="Record [activations] layers of every model of a pipeline into an activation store "
+        "(resumes when interrupted). --shard i/n records one of n slices of the dataset.",
+    )
+    p.add_argument("pipeline", type=Path, help="pipeline TOML file")
+    p.add_argument("--out", required=True, type=Path, help="store directory")
+    p.add_argument("--shard", default="0/1", help="i/n: record the i-th of n slices (default 0/1)")
+    p.set_defaults(func=_cmd_collect)
+
     p = sub.add_parser("plugins", help="list plugins and their components", description="List loaded plugins.")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_plugins)
@@ -114,6 +125,22 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         print(text, end="")
         return 0
     return _run(Pipeline.from_toml(text, source=f"<embedded {DEMO_PIPELINE}>"), args)
+
+
+def _cmd_collect(args: argparse.Namespace) -> int:
+    from .errors import ConfigError
+    from .pipeline import load_pipeline
+    from .runner import collect_activations
+
+    try:
+        i, n = (int(part) for part in args.shard.split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard must look like i/n (e.g. 0/4), got {args.shard!r}") from None
+    _logging(args, args.out)
+    store = collect_activations(load_pipeline(args.pipeline), args.out, shard=(i, n), quiet=args.quiet)
+    if not args.quiet:
+        print(f"{store.info['samples']} samples of {', '.join(store.models)} recorded in {args.out}")
+    return 0
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:

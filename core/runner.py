@@ -31,6 +31,7 @@ import xarray as xr
 from torch import nn
 
 from . import __version__
+from .activations import resolve_layers
 from .checkpoints import load_into, load_state_dict, save_state_dict
 from .components import Alignment, Context, ImageDataset, MergeResult
 from .errors import CheckpointError, ConfigError, ContractError, MergescopeError
@@ -41,7 +42,7 @@ from .storage import atomic_path, load_tree, save_tree
 from .store import Store, StoreSpec, collect_store
 from .training import Training, cache_key, trained_model
 
-__all__ = ["RunResult", "run"]
+__all__ = ["RunResult", "run", "collect_activations"]
 
 log = logging.getLogger("mergescope")
 
@@ -148,8 +149,13 @@ class _Run:
     def _step_models(self, step: Step) -> list[str]:
         return list(step.models) if step.models else [m.name for m in self.pipeline.models]
 
-    def _step_layers(self, step: Step) -> list[str]:
+    def _step_selectors(self, step: Step) -> list[str]:
         return list(step.layers or self.pipeline.activations.layers)
+
+    def _step_layers(self, step: Step) -> list[str]:
+        """The step's layer selectors expanded to names on its first model."""
+        first = self._step_models(step)[0]
+        return list(resolve_layers(self.models[first].module, self._step_selectors(step), first))
 
     def _needed_layers(self) -> dict[str, list[str]]:
         """Every layer any step reads, per model, so each model is recorded in one pass."""
@@ -158,7 +164,7 @@ class _Run:
             if self.kinds[name] in ("metric", "differ"):
                 for model in self._step_models(step):
                     layers = needed.setdefault(model, [])
-                    layers.extend(layer for layer in self._step_layers(step) if layer not in layers)
+                    layers.extend(layer for layer in self._step_selectors(step) if layer not in layers)
         return needed
 
     def activation(self, model: str, layer: str) -> xr.DataArray:
@@ -199,7 +205,7 @@ class _Run:
         kind = self.kinds[name]
         inputs: list[Any] = [self.models[m].fingerprint for m in self._step_models(step)] if kind != "visualizer" else []
         if kind in ("metric", "differ"):
-            inputs += [self._step_layers(step), self.pipeline.activations.reduce]
+            inputs += [self._step_selectors(step), self.pipeline.activations.reduce]
         if kind == "visualizer":  # draws everything before it
             inputs += [self.step_keys[n] for n in self.names[: self.names.index(name)]]
         if step.alignment:
@@ -384,3 +390,37 @@ def run(
     registry = registry or get_registry()
     pipeline.check(registry)
     return _Run(pipeline, Path(out_dir), force=force, quiet=quiet, registry=registry).execute()
+
+
+def collect_activations(
+    pipeline: Pipeline,
+    out_dir: str | Path,
+    *,
+    shard: tuple[int, int] = (0, 1),
+    quiet: bool = False,
+    registry: Registry | None = None,
+) -> Store:
+    """Record ``[activations] layers`` of every pipeline model into an activation store.
+
+    The models are loaded or trained as in :func:`run`; the steps are not run. Use
+    ``shard=(i, n)`` to record one of ``n`` slices of the dataset (e.g. one per
+    machine) and :func:`mergescope.store.join_stores` to join the shards.
+    """
+    registry = registry or get_registry()
+    pipeline.check(registry)
+    if pipeline.data is None or not pipeline.activations.layers:
+        raise ConfigError(
+            "collecting needs [data] and [activations] layers", where=f"{pipeline.source}, key 'activations'"
+        )
+    job = _Run(pipeline, Path(out_dir), force=False, quiet=quiet, registry=registry)
+    job.load_models()
+    spec = pipeline.activations
+    layers = {m.name: list(spec.layers) for m in pipeline.models}
+    store_spec = StoreSpec(
+        layers=layers, reduce=spec.reduce, batch_size=spec.batch_size, chunk_size=spec.chunk_size, topk=spec.topk
+    )
+    key = cache_key([job.models[m].fingerprint for m in layers], pipeline.data, attrs.asdict(store_spec))
+    assert job.data is not None
+    return collect_store(
+        {m: job.models[m].module for m in layers}, job.data, store_spec, out_dir, key=key, shard=shard, context=job.context
+    )

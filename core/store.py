@@ -30,6 +30,7 @@ with :func:`xarray.open_mfdataset`.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -42,8 +43,8 @@ import torch
 import xarray as xr
 from torch import nn
 
-from .activations import REDUCTIONS, VARIABLE, resolve_layers
-from .components import Context, ImageDataset
+from .activations import REDUCTIONS, VARIABLE, attach_recorders, resolve_layers, summarise
+from .components import Context, Evaluation, ImageDataset
 from .errors import ConfigError, ContractError
 from .statistics import CoMoments, Moments, TopK
 from .storage import atomic_path, load_tree, save_tree
@@ -118,6 +119,17 @@ class _Accumulators:
         self.topk: dict[tuple[str, str], TopK] = {}
         self.covariance: dict[tuple[str, str], CoMoments] = {}
         self.cross: dict[tuple[str, str, str], CoMoments] = {}
+        # Per model: summed cross-entropy, correct predictions, samples (classifier outputs only).
+        self.evaluation: dict[str, np.ndarray] = {}
+
+    def score(self, model: str, logits: torch.Tensor, labels: torch.Tensor, classes: int) -> None:
+        """Add one batch of classifier outputs to the model's loss and accuracy."""
+        if logits.ndim != 2 or logits.shape[1] != classes:
+            return  # not a classifier over the dataset's classes: nothing to evaluate
+        loss = float(torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum"))
+        correct = float((logits.argmax(dim=1) == labels).sum())
+        totals = self.evaluation.setdefault(model, np.zeros(3))
+        totals += (loss, correct, len(labels))
 
     def update(self, spec: StoreSpec, summaries: Mapping[str, Mapping[str, np.ndarray]], ids: np.ndarray) -> None:
         for model, layers in summaries.items():
@@ -145,6 +157,8 @@ class _Accumulators:
             nodes[f"{prefix}{m}/{l}/covariance"] = acc.to_dataset()
         for (a, b, l), acc in self.cross.items():
             nodes[f"{prefix}cross/{a}/{b}/{l}"] = acc.to_dataset()
+        for m, (loss, correct, count) in self.evaluation.items():
+            nodes[f"{prefix}evaluation/{m}"] = xr.Dataset({"loss_sum": loss, "correct": correct, "count": count})
         return nodes
 
     def to_tree(self) -> xr.DataTree:
@@ -159,7 +173,9 @@ class _Accumulators:
                 continue
             parts = node.relative_to(tree).split("/")
             ds = node.to_dataset(inherit=False)
-            if parts[0] == "cross" and len(parts) == 4:
+            if parts[0] == "evaluation" and len(parts) == 2:
+                acc.evaluation[parts[1]] = np.array([float(ds[v]) for v in ("loss_sum", "correct", "count")])
+            elif parts[0] == "cross" and len(parts) == 4:
                 acc.cross[(parts[1], parts[2], parts[3])] = CoMoments.from_dataset(ds)
             elif len(parts) == 3 and parts[2] in readers:
                 attr, kind = readers[parts[2]]
@@ -168,11 +184,12 @@ class _Accumulators:
 
     def merge(self, other: "_Accumulators") -> "_Accumulators":
         out = _Accumulators()
-        for name in ("moments", "topk", "covariance", "cross"):
+        for name in ("moments", "topk", "covariance", "cross", "evaluation"):
             mine, theirs = getattr(self, name), getattr(other, name)
             if mine.keys() != theirs.keys():
                 raise ContractError(f"cannot merge stores that recorded different {name}: {sorted(mine)} vs {sorted(theirs)}")
-            setattr(out, name, {k: mine[k].merge(theirs[k]) for k in mine})
+            combine = (lambda a, b: a + b) if name == "evaluation" else (lambda a, b: a.merge(b))
+            setattr(out, name, {k: combine(mine[k], theirs[k]) for k in mine})
         return out
 
 
@@ -247,6 +264,14 @@ class Store:
             raise ContractError(f"no cross statistics for {key}; recorded pairs: {sorted(self._stats.cross)}")
         return self._stats.cross[key]
 
+    def evaluation(self, model: str) -> Evaluation:
+        """Loss and accuracy of ``model`` over the recorded samples, measured in the same pass."""
+        totals = self._stats.evaluation.get(self._model(model))
+        if totals is None:
+            raise ContractError(f"model {model!r} does not output one logit per class, so it was not evaluated")
+        loss, correct, count = totals
+        return Evaluation(loss=loss / count, accuracy=correct / count)
+
     def statistics_tree(self) -> xr.DataTree:
         """Every statistic as a DataTree (the content of ``statistics.nc``)."""
         return self._stats.to_tree()
@@ -265,22 +290,26 @@ def _checkpoint_samples(directory: Path) -> int | None:
         return None
 
 
-def _summarise(output: torch.Tensor, reduce: str) -> np.ndarray:
-    out = output.detach()
-    if out.ndim > 2 and reduce != "none":
-        flat = out.flatten(2)
-        out = flat.mean(dim=2) if reduce == "mean" else flat.amax(dim=2)
-    return out.float().cpu().numpy()
-
-
-def _batches(data: ImageDataset, positions: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+def _batches(
+    data: ImageDataset, positions: np.ndarray, batch_size: int
+) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(data, positions.tolist()), batch_size=batch_size, shuffle=False
     )
     start = 0
-    for images, _labels in loader:
-        yield positions[start : start + len(images)], images
+    for images, labels in loader:
+        yield positions[start : start + len(images)], images, labels
         start += len(images)
+
+
+def _forward(model: nn.Module, images: torch.Tensor, name: str, data: ImageDataset) -> torch.Tensor:
+    try:
+        return model(images)
+    except RuntimeError as exc:  # almost always an input the architecture cannot take
+        raise ConfigError(
+            f"model {name!r} cannot run on images of shape {tuple(images.shape[1:])} from dataset "
+            f"{data.name!r}: {str(exc).splitlines()[0]}"
+        ) from exc
 
 
 def _write_chunk(path: Path, arrays: Mapping[str, np.ndarray], ids: np.ndarray, labels: np.ndarray) -> None:
@@ -376,28 +405,32 @@ def collect_store(
     missing = [m for m in models if m not in spec.layers]
     if missing:
         raise ConfigError(f"no layers given for models {missing}")
-    hooks_for = {m: resolve_layers(models[m], spec.layers[m], m) for m in models}
+    for a, b in spec.pairs:
+        if type(models[a]) is not type(models[b]):
+            raise ConfigError(
+                f"cross-model statistics need models of one architecture, but {a!r} is a "
+                f"{type(models[a]).__name__} and {b!r} a {type(models[b]).__name__}"
+            )
+    # Selectors (globs, "type:Conv2d", "relu1@in") become concrete layer names here.
+    spec = attrs.evolve(spec, layers={m: list(resolve_layers(models[m], spec.layers[m], m)) for m in models})
     positions = shard_positions(len(data), shard)
     if len(positions) == 0:
         raise ConfigError(f"dataset {data.name!r} has no samples for shard {shard[0]}/{shard[1]}; nothing to collect")
 
     work = directory / _WORK
     acc, done = _resume(work, full_key)
-    if done == 0:  # a stale or foreign collection: start clean
-        for path in (marker, *directory.glob("*.nc")):
-            path.unlink(missing_ok=True)
+    if done == 0:  # stale or foreign work: start it over (a complete store stays until the swap)
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
 
     captured: dict[str, dict[str, np.ndarray]] = {m: {} for m in models}
     handles = []
-    for m, modules in hooks_for.items():
-        for layer, module in modules.items():
+    for m in models:
 
-            def hook(_mod, _inp, output, _m=m, _layer=layer):
-                captured[_m][_layer] = _summarise(output, spec.reduce)
+        def sink(layer: str, output: torch.Tensor, _m: str = m) -> None:
+            captured[_m][layer] = summarise(output, spec.reduce)
 
-            handles.append(module.register_forward_hook(hook))
+        handles += attach_recorders(models[m], spec.layers[m], sink, m)
     per_chunk = max(1, -(-spec.chunk_size // spec.batch_size)) * spec.batch_size
     buffers: dict[str, dict[str, list[np.ndarray]]] = {m: {layer: [] for layer in spec.layers[m]} for m in models}
     chunk_ids: list[np.ndarray] = []
@@ -411,9 +444,9 @@ def collect_store(
             _batches(data, remaining, spec.batch_size), desc=f"collecting {', '.join(models)}", total=total_batches
         )
         with torch.no_grad():
-            for batch_positions, images in batches:
+            for batch_positions, images, labels in batches:
                 for m, model in models.items():
-                    model(images)
+                    acc.score(m, _forward(model, images, m, data), labels, len(data.classes))
                 ids = np.asarray(data.sample_ids)[batch_positions]
                 summaries = {m: {layer: captured[m][layer] for layer in spec.layers[m]} for m in models}
                 stat_view = {
@@ -490,11 +523,16 @@ def _finish(
     total: int,
 ) -> Store:
     work = directory / _WORK
+    final = work / "final"
+    shutil.rmtree(final, ignore_errors=True)
+    final.mkdir()
+    # Everything is built inside .work first: a failure here (disk full, kill) leaves any
+    # previous complete store in `directory` as it was.
     if spec.keep_activations:
         for model, layers in spec.layers.items():
             chunks = sorted((work / model).glob("*.nc"))
-            _join_chunks(directory / f"{model}.nc", chunks, model, layers, total)
-    save_tree(acc.to_tree(), directory / "statistics.nc")
+            _join_chunks(final / f"{model}.nc", chunks, model, layers, total)
+    save_tree(acc.to_tree(), final / "statistics.nc")
     info = {
         "key": full_key,
         "samples": total,
@@ -503,6 +541,12 @@ def _finish(
         "layers": spec.layers,
         "keep_activations": spec.keep_activations,
     }
+    # The swap needs no new disk space: drop the old marker, move the files, write the marker.
+    (directory / MARKER).unlink(missing_ok=True)
+    for old in directory.glob("*.nc"):
+        old.unlink()
+    for new in final.iterdir():
+        os.replace(new, directory / new.name)
     with atomic_path(directory / MARKER) as tmp:
         tmp.write_text(json.dumps(info, indent=2), encoding="utf-8")
     shutil.rmtree(work, ignore_errors=True)

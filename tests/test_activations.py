@@ -88,3 +88,21 @@ def test_truncated_file_is_reported(tmp_path, data):
     path.write_bytes(raw[: len(raw) // 2])
     with pytest.raises(ContractError, match="truncated or corrupt"):
         load_collection(path)
+
+
+def test_layer_selectors_by_type_glob_and_input(data):
+    from mergescope.activations import resolve_layers
+
+    model = TinyCNN()
+    assert list(resolve_layers(model, ["type:Conv2d", "type:Linear"])) == ["conv", "head.1"]
+    assert list(resolve_layers(model, ["head.*"])) == ["head.0", "head.1"]
+    assert list(resolve_layers(model, ["type:Module"]))[:2] == ["conv", "relu"]  # subclasses count
+    with pytest.raises(ConfigError, match="no module of type 'Conv3d'.*Did you mean 'type:Conv2d'"):
+        resolve_layers(model, ["type:Conv3d"])
+    with pytest.raises(ConfigError, match="no layer of model 'model' matches 'tail.*'"):
+        resolve_layers(model, ["tail.*"])
+    acts = collect(model, data, ["relu@in", "relu"], model_name="m")
+    with torch.no_grad():
+        pre = model.conv(data.images).mean(dim=(2, 3)).numpy()
+    np.testing.assert_allclose(acts["relu@in"].values, pre, rtol=1e-5, atol=1e-6)  # the pre-activation
+    assert (acts["relu"].values >= 0).all() and (acts["relu@in"].values < 0).any()

@@ -21,7 +21,7 @@ def test_version(capsys):
     assert info.value.code == 0 and __version__ in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("command", [[], ["run"], ["demo"], ["plugins"], ["registry"]])
+@pytest.mark.parametrize("command", [[], ["run"], ["collect"], ["demo"], ["plugins"], ["registry"]])
 def test_help_on_every_command(command, capsys):
     with pytest.raises(SystemExit) as info:
         main([*command, "--help"])
@@ -90,3 +90,19 @@ def test_run_command_writes_results(tmp_path, capsys):
 def test_demo_show_prints_the_embedded_pipeline(capsys):
     assert main(["demo", "--show"]) == 0
     assert 'use = "interpolation"' in capsys.readouterr().out
+
+
+def test_collect_shards_join_to_the_single_collection(tmp_path, capsys):
+    from mergescope.store import Store, join_stores
+
+    path = tmp_path / "p.toml"
+    path.write_text(SMALL)
+    for i in range(2):
+        assert main(["--quiet", "collect", str(path), "--out", str(tmp_path / f"shard{i}"), "--shard", f"{i}/2"]) == 0
+    assert main(["--quiet", "collect", str(path), "--out", str(tmp_path / "all")]) == 0
+    joined, single = join_stores([tmp_path / "shard0", tmp_path / "shard1"]), Store.open(tmp_path / "all")
+    assert joined.info["samples"] == single.info["samples"] == 200
+    diff = abs(joined.moments("a", "relu2").m2 - single.moments("a", "relu2").m2).max()
+    assert diff <= 1e-9
+    assert main(["collect", str(path), "--out", str(tmp_path / "x"), "--shard", "2/2"]) == 2
+    assert "shard must be i/n" in capsys.readouterr().err

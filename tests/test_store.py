@@ -178,3 +178,48 @@ def test_example_models_record_linear_layers(tmp_path):
     models = example_models()
     store = collect_store(models, example_dataset(n=30), StoreSpec(layers={m: ["2"] for m in models}, batch_size=7), tmp_path / "s")
     assert store.activation("model0", "2").shape == (30, 8)
+
+
+def test_evaluation_is_measured_in_the_same_pass(tmp_path, data, models):
+    from mergescope import Context
+
+    store = collect_store(models, data, spec(), tmp_path / "s")
+    for m in ("a", "b"):
+        expected = Context(data=data, batch_size=13).evaluate(models[m])
+        got = store.evaluation(m)
+        assert got.accuracy == pytest.approx(expected.accuracy, abs=1e-12)
+        assert got.loss == pytest.approx(expected.loss, rel=1e-6)
+
+
+def test_an_image_size_the_model_cannot_take(tmp_path, models):
+    wrong = example_dataset(n=10, shape=(2, 4, 4))  # two channels for a one-channel conv
+    with pytest.raises(ConfigError, match=r"model 'a' cannot run on images of shape \(2, 4, 4\)"):
+        collect_store(models, wrong, spec(), tmp_path / "s")
+
+
+def test_cross_statistics_need_one_architecture(tmp_path, data):
+    models = {"a": ConvNet(0).eval(), "b": example_models()["model0"]}
+    bad = StoreSpec(layers={"a": ["relu"], "b": ["relu"]}, pairs=[("a", "b")])
+    with pytest.raises(ConfigError, match="one architecture.*'a' is a ConvNet and 'b' a Sequential"):
+        collect_store(models, data, bad, tmp_path / "s")
+
+
+def test_disk_full_leaves_the_previous_complete_store_untouched(tmp_path, data, models, monkeypatch):
+    import mergescope.store as store_module
+
+    out = tmp_path / "s"
+    before = collect_store(models, data, spec(), out, key="old")
+    old_acts = before.activation("a", "relu")
+    old_stats = before.statistics_tree()
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store_module, "_join_chunks", full)
+    with pytest.raises(OSError, match="No space left"):
+        collect_store(models, data, spec(topk=2), out, key="new")
+    monkeypatch.undo()
+    again = Store.open(out)
+    assert "old" in again.info["key"]
+    xr.testing.assert_identical(again.activation("a", "relu"), old_acts)
+    assert again.statistics_tree().identical(old_stats)
