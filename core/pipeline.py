@@ -75,6 +75,8 @@ class ActivationSpec:
         Samples written (and checkpointed) at a time while recording.
     topk
         Top-k samples kept per unit while recording.
+    workers
+        Data-loading worker processes while recording.
     """
 
     layers: list[str] = attrs.field(factory=list)
@@ -82,6 +84,7 @@ class ActivationSpec:
     batch_size: int = attrs.field(default=256, validator=attrs.validators.gt(0))
     chunk_size: int = attrs.field(default=4096, validator=attrs.validators.gt(0))
     topk: int = attrs.field(default=10, validator=attrs.validators.ge(0))
+    workers: int = attrs.field(default=0, validator=attrs.validators.ge(0))
 
 
 @attrs.define

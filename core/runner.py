@@ -183,6 +183,7 @@ class _Run:
             batch_size=spec.batch_size,
             chunk_size=spec.chunk_size,
             topk=spec.topk,
+            workers=spec.workers,
         )
         key = cache_key([self.models[m].fingerprint for m in pending], self.pipeline.data, attrs.asdict(store_spec))
         directory = self.out / "activations" / key[:16]
@@ -417,7 +418,12 @@ def collect_activations(
     spec = pipeline.activations
     layers = {m.name: list(spec.layers) for m in pipeline.models}
     store_spec = StoreSpec(
-        layers=layers, reduce=spec.reduce, batch_size=spec.batch_size, chunk_size=spec.chunk_size, topk=spec.topk
+        layers=layers,
+        reduce=spec.reduce,
+        batch_size=spec.batch_size,
+        chunk_size=spec.chunk_size,
+        topk=spec.topk,
+        workers=spec.workers,
     )
     key = cache_key([job.models[m].fingerprint for m in layers], pipeline.data, attrs.asdict(store_spec))
     assert job.data is not None

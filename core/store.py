@@ -80,6 +80,8 @@ class StoreSpec:
         both record (the alignment statistics).
     keep_activations
         Write the activations; ``False`` keeps only the statistics.
+    workers
+        Data-loading worker processes (image decoding in parallel with the models).
     """
 
     layers: dict[str, list[str]]
@@ -90,6 +92,7 @@ class StoreSpec:
     covariance: bool = False
     pairs: list[tuple[str, str]] = attrs.field(factory=list)
     keep_activations: bool = True
+    workers: int = 0
 
     def __attrs_post_init__(self) -> None:
         if self.reduce not in (*REDUCTIONS, "none"):
@@ -98,6 +101,11 @@ class StoreSpec:
             shared = set(self.layers.get(a, [])) & set(self.layers.get(b, []))
             if a not in self.layers or b not in self.layers or not shared:
                 raise ConfigError(f"pair ({a!r}, {b!r}): both models must be recorded with a layer in common")
+
+
+def _spec_identity(spec: StoreSpec) -> dict[str, Any]:
+    """The options that change what a store holds (not how fast it is made)."""
+    return attrs.asdict(spec, filter=lambda a, _v: a.name != "workers")
 
 
 def shard_positions(n: int, shard: tuple[int, int]) -> np.ndarray:
@@ -291,10 +299,10 @@ def _checkpoint_samples(directory: Path) -> int | None:
 
 
 def _batches(
-    data: ImageDataset, positions: np.ndarray, batch_size: int
+    data: ImageDataset, positions: np.ndarray, batch_size: int, workers: int = 0
 ) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
     loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(data, positions.tolist()), batch_size=batch_size, shuffle=False
+        torch.utils.data.Subset(data, positions.tolist()), batch_size=batch_size, shuffle=False, num_workers=workers
     )
     start = 0
     for images, labels in loader:
@@ -398,7 +406,7 @@ def collect_store(
     """
     directory = Path(directory)
     context = context or Context(quiet=True)
-    full_key = json.dumps({"key": key, "shard": list(shard), "spec": attrs.asdict(spec)}, sort_keys=True)
+    full_key = json.dumps({"key": key, "shard": list(shard), "spec": _spec_identity(spec)}, sort_keys=True)
     marker = directory / MARKER
     if marker.is_file() and json.loads(marker.read_text(encoding="utf-8")).get("key") == full_key:
         return Store.open(directory)
@@ -441,7 +449,7 @@ def collect_store(
         remaining = positions[done:]
         total_batches = -(-len(remaining) // spec.batch_size)
         batches = context.progress(
-            _batches(data, remaining, spec.batch_size), desc=f"collecting {', '.join(models)}", total=total_batches
+            _batches(data, remaining, spec.batch_size, spec.workers), desc=f"collecting {', '.join(models)}", total=total_batches
         )
         with torch.no_grad():
             for batch_positions, images, labels in batches:
