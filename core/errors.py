@@ -19,6 +19,7 @@ __all__ = [
     "CheckpointError",
     "ContractError",
     "closest",
+    "article",
 ]
 
 
@@ -66,6 +67,11 @@ class CheckpointError(MergescopeError):
 
 class ContractError(MergescopeError, ValueError):
     """A labelled array does not follow the activation / result contract."""
+
+
+def article(word: str) -> str:
+    """``"a merger"`` / ``"an aligner"``: the word with its indefinite article."""
+    return f"{'an' if word[:1].lower() in 'aeiou' else 'a'} {word}"
 
 
 def closest(name: str, known: Iterable[str]) -> str | None:

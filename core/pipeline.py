@@ -34,7 +34,7 @@ from typing import Any
 
 import attrs
 
-from .errors import ConfigError, closest
+from .errors import ConfigError, DuplicateComponentError, article, closest
 from .options import structure_options, unstructure_options
 from .plugins import Registry, get_registry
 from .training import Training
@@ -68,7 +68,7 @@ class ActivationSpec:
     layers
         Default layers for steps that do not name their own.
     reduce
-        ``"mean"`` or ``"max"`` over the spatial positions of conv maps.
+        ``"mean"`` or ``"max"`` over the spatial positions of conv maps, ``"none"`` for full maps.
     batch_size
         Images per forward pass (collection and evaluation).
     chunk_size
@@ -80,7 +80,7 @@ class ActivationSpec:
     """
 
     layers: list[str] = attrs.field(factory=list)
-    reduce: str = attrs.field(default="mean", validator=attrs.validators.in_(("mean", "max")))
+    reduce: str = attrs.field(default="mean", validator=attrs.validators.in_(("mean", "max", "none")))
     batch_size: int = attrs.field(default=256, validator=attrs.validators.gt(0))
     chunk_size: int = attrs.field(default=4096, validator=attrs.validators.gt(0))
     topk: int = attrs.field(default=10, validator=attrs.validators.ge(0))
@@ -272,7 +272,7 @@ class Pipeline:
             kind = registry.kind_of(type(step.component))
             if kind not in STEP_KINDS:
                 raise ConfigError(
-                    f"{step.use!r} is a {kind}, which cannot be a step; steps use one of: {', '.join(STEP_KINDS)}",
+                    f"{step.use!r} is {article(kind)}, which cannot be a step; steps use one of: {', '.join(STEP_KINDS)}",
                     where=f"{where}, key 'use'",
                 )
             if name in available or name in kinds:
@@ -352,7 +352,7 @@ def _structure(cls: type, table: Any, where: str) -> Any:
     if not isinstance(table, dict):
         raise ConfigError(f"expected a table, got {type(table).__name__}", where=where)
     try:
-        return structure_options(cls, table, label=f"[{cls.__name__}]")
+        return structure_options(cls, table, label=where.rsplit(", ", 1)[-1])
     except ConfigError as exc:
         raise exc.located(where) from exc
 
@@ -367,6 +367,8 @@ def _component(registry: Registry, kind: str, table: dict[str, Any], where: str,
         cls = registry.get(kind, use)
     except ConfigError as exc:
         raise exc.located(f"{where}, key 'use'") from exc
+    except DuplicateComponentError as exc:
+        raise DuplicateComponentError(f"{where}, key 'use': {exc}") from exc
     options = {k: v for k, v in table.items() if k not in reserved}
     try:
         return structure_options(cls, options, label=f"{kind} {use!r}", reserved=reserved)
@@ -398,7 +400,13 @@ def _model(registry: Registry, table: dict[str, Any], where: str, base_dir: Path
 
 def _step(registry: Registry, table: dict[str, Any], where: str) -> Step:
     use = table.get("use")
-    kind = next((k for k in STEP_KINDS if isinstance(use, str) and use in registry.names(k)), None)
+    kinds = [k for k in STEP_KINDS if isinstance(use, str) and use in registry.names(k)]
+    if len(kinds) > 1:
+        raise ConfigError(
+            f"{use!r} names components of several kinds ({', '.join(kinds)}); block one of their plugins",
+            where=f"{where}, key 'use'",
+        )
+    kind = kinds[0] if kinds else None
     if kind is None:
         if not isinstance(use, str):
             raise ConfigError("every step needs 'use = \"<component name>\"'", where=f"{where}, key 'use'")

@@ -29,7 +29,7 @@ import pluggy
 
 from . import hookspecs
 from .components import KINDS, Kind
-from .errors import DuplicateComponentError, PluginError, UnknownComponentError, closest
+from .errors import DuplicateComponentError, PluginError, UnknownComponentError, article, closest
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -170,7 +170,7 @@ class Registry:
             # Say when the name exists under another kind: a common slip in pipeline files.
             other = [k for k in KINDS if k != kind and name in self._entries[k]]
             if other:
-                hint += f" ({name!r} is a {other[0]}, not a {kind}.)"
+                hint += f" ({name!r} is {article(other[0])}, not {article(kind)}.)"
             raise UnknownComponentError(
                 f"unknown {kind} {name!r}.{hint} Known {kind}s: {', '.join(known) or '(none loaded)'}."
             )

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import platform
 import shutil
 import time
@@ -34,7 +35,7 @@ from . import __version__
 from .activations import resolve_layers
 from .checkpoints import load_into, load_state_dict, save_state_dict
 from .components import Alignment, Context, ImageDataset, MergeResult
-from .errors import CheckpointError, ConfigError, ContractError, MergescopeError
+from .errors import CheckpointError, ConfigError, ContractError, MergescopeError, article
 from .options import unstructure_options
 from .pipeline import ModelSpec, Pipeline, Step
 from .plugins import Registry, get_registry
@@ -275,9 +276,9 @@ class _Run:
         if kind == "visualizer":
             figures = self.out / "figures" / name
             tree = xr.DataTree.from_dict(dict(results))
-            files = [str(Path(p).resolve().relative_to(self.out.resolve())) for p in component.render(tree, figures)]
-            return {"/": xr.Dataset({"file": ("file", files)})}
-        raise ConfigError(f"{step.use!r} is a {kind}, which cannot be a step")
+            files = [os.path.relpath(Path(p).resolve(), self.out.resolve()) for p in component.render(tree, figures)]
+            return {"/": xr.Dataset({"files": ("file", files)})}
+        raise ConfigError(f"{step.use!r} is {article(kind)}, which cannot be a step")
 
     def _score(self, metric: Any, model_names: list[str], layer: str) -> xr.Dataset:
         reference = model_names[0]
@@ -330,12 +331,16 @@ class _Run:
 
     def _summary_line(self, name: str, nodes: Mapping[str, xr.Dataset]) -> str:
         step = self.pipeline.steps[self.names.index(name)]
+        layers = {path: ds for path, ds in nodes.items() if path != "/"}
         if self.kinds[name] == "metric":
             parts = []
-            for layer, ds in nodes.items():
+            for layer, ds in layers.items():
                 for var in ds.data_vars:
                     for model in ds[var].coords["model"].values:
                         parts.append(f"  {layer} {model}: {_describe(step.component, ds[var].sel(model=model))}")
+            return f"{name} ({step.use}):\n" + "\n".join(parts)
+        if self.kinds[name] == "differ":
+            parts = [f"  {layer}: {_describe(step.component, ds)}" for layer, ds in layers.items()]
             return f"{name} ({step.use}):\n" + "\n".join(parts)
         root = nodes.get("/", xr.Dataset())
         return f"{name} ({step.use}): {_describe(step.component, root)}"

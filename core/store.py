@@ -43,7 +43,7 @@ import torch
 import xarray as xr
 from torch import nn
 
-from .activations import REDUCTIONS, VARIABLE, attach_recorders, resolve_layers, summarise
+from .activations import REDUCTIONS, VARIABLE, attach_recorders, resolve_layers, summarise, validate_activation
 from .components import Context, Evaluation, ImageDataset
 from .errors import ConfigError, ContractError
 from .statistics import CoMoments, Moments, TopK
@@ -252,9 +252,9 @@ class Store:
         files = [d / f"{model}.nc" for d in self.directories]
         if len(files) == 1:
             with xr.open_dataset(files[0], group=layer, engine="netcdf4") as ds:
-                return ds[VARIABLE].load()
+                return validate_activation(ds[VARIABLE].load(), where=f"{files[0]}:/{layer}")
         ds = xr.open_mfdataset(files, group=layer, engine="netcdf4", combine="nested", concat_dim="sample")
-        return ds[VARIABLE]
+        return validate_activation(ds[VARIABLE], where=f"{files[0].name} (+{len(files) - 1} shards):/{layer}")
 
     def moments(self, model: str, layer: str) -> Moments:
         return self._stats.moments[(self._model(model), layer)]
