@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from mergescope.components import TensorImageDataset
+from mergescope.datasets import class_imbalanced_split, per_class_subset, stratified_split
 from mergescope.errors import ConfigError
 from mergescope.hookspecs import hookimpl
 
@@ -29,37 +30,6 @@ _SPLIT_SEED = 0
 
 MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
-
-
-def stratified_split(labels: np.ndarray, test_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """Split item indices into train and test, class by class, reproducibly.
-
-    Within each class (in increasing label order) a permutation drawn from
-    ``numpy.random.default_rng(0)`` puts ``round(test_fraction * n_class)`` items in the
-    test split and the rest in the train split.
-
-    Parameters
-    ----------
-    labels
-        Class of every item, ``(N,)``.
-    test_fraction
-        Share of every class that goes to the test split.
-
-    Returns
-    -------
-    tuple[numpy.ndarray, numpy.ndarray]
-        Sorted train indices and sorted test indices; together they cover every item once.
-    """
-    labels = np.asarray(labels)
-    rng = np.random.default_rng(_SPLIT_SEED)
-    train, test = [], []
-    for label in np.unique(labels):
-        members = np.flatnonzero(labels == label)
-        order = rng.permutation(members)
-        n_test = int(round(test_fraction * len(members)))
-        test.append(order[:n_test])
-        train.append(order[n_test:])
-    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
 def _check_split(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
@@ -78,6 +48,16 @@ def _check_per_class(instance: Any, attribute: attrs.Attribute, value: Any) -> N
         raise ValueError(f"'{attribute.name}' must be a positive integer or unset, got {value!r}")
 
 
+def _check_class_split(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is not None and value not in ("a", "b"):
+        raise ValueError(f"'{attribute.name}' must be 'a', 'b' or unset, got {value!r}")
+
+
+def _check_major_fraction(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.5 <= value <= 1:
+        raise ValueError(f"'{attribute.name}' must be a number between 0.5 and 1, got {value!r}")
+
+
 @attrs.define
 class _SplitDataset:
     """Options and split logic shared by the bundled datasets."""
@@ -85,6 +65,8 @@ class _SplitDataset:
     split: str = attrs.field(default="test", validator=_check_split)
     test_fraction: float = attrs.field(default=0.2, validator=_check_fraction)
     per_class: int | None = attrs.field(default=None, validator=_check_per_class)
+    class_split: str | None = attrs.field(default=None, validator=_check_class_split)
+    major_fraction: float = attrs.field(default=0.8, validator=_check_major_fraction)
 
     name: ClassVar[str]
 
@@ -93,20 +75,19 @@ class _SplitDataset:
         if self.split == "all":
             chosen = np.arange(len(labels))
         else:
-            train, test = stratified_split(labels, self.test_fraction)
+            train, test = stratified_split(labels, self.test_fraction, seed=_SPLIT_SEED)
             chosen = train if self.split == "train" else test
+        if self.class_split is not None:
+            # The thesis's "stratified" pair: complementary parts with opposite class imbalance.
+            chosen = chosen[class_imbalanced_split(labels[chosen], self.class_split, self.major_fraction)]
         if self.per_class is None:
             return chosen
-        picked = []
-        for label in np.unique(labels):
-            members = chosen[labels[chosen] == label]
-            if len(members) < self.per_class:
-                raise ConfigError(
-                    f"'per_class' = {self.per_class} is more than the {len(members)} items of class "
-                    f"{label} in the {self.split!r} split of {self.name!r}"
-                )
-            picked.append(members[: self.per_class])
-        return np.sort(np.concatenate(picked))
+        try:
+            # Every class of the full set must contribute, even one missing from the split.
+            picked = per_class_subset(labels[chosen], self.per_class, classes=np.unique(labels))
+        except ConfigError as exc:
+            raise ConfigError(f"{exc.message} in the {self.split!r} split of {self.name!r}") from None
+        return chosen[picked]
 
     def _build(self, images: torch.Tensor, labels: np.ndarray) -> TensorImageDataset:
         idx = self._select(labels)
@@ -152,6 +133,12 @@ class MNIST5000(_SplitDataset):
         Share of every class in the fixed test split.
     per_class
         Keep only the first ``per_class`` items (in id order) of every class of the split.
+    class_split
+        ``"a"`` or ``"b"``: one of two complementary, class-imbalanced parts of the split
+        (``major_fraction`` of each first-half class and the rest of each second-half
+        class for ``"a"``; the complement for ``"b"``), for training a "stratified" pair.
+    major_fraction
+        The majority share of ``class_split`` (0.8 in the thesis).
     """
 
     name: ClassVar[str] = "mnist5000"
@@ -178,6 +165,12 @@ class Digits(_SplitDataset):
         Share of every class in the fixed test split.
     per_class
         Keep only the first ``per_class`` items (in id order) of every class of the split.
+    class_split
+        ``"a"`` or ``"b"``: one of two complementary, class-imbalanced parts of the split
+        (``major_fraction`` of each first-half class and the rest of each second-half
+        class for ``"a"``; the complement for ``"b"``), for training a "stratified" pair.
+    major_fraction
+        The majority share of ``class_split`` (0.8 in the thesis).
     """
 
     name: ClassVar[str] = "digits"

@@ -2,15 +2,39 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
+from PIL import Image
+
 from mergescope.catalogue import bundled_entries
 from mergescope.plugins import get_registry
 from mergescope.testing import parametrize_with_checks
 
-BUNDLED = [e.cls for e in bundled_entries(get_registry())]
+
+def _image_folder() -> str:
+    """A tiny ImageFolder (two classes, two images each) for components that need a root."""
+    root = Path(tempfile.mkdtemp(prefix="mergescope-imagefolder-"))
+    for c in ("a", "b"):
+        (root / c).mkdir()
+        for i in range(2):
+            Image.new("RGB", (8, 8), (100 * i, 50, 0)).save(root / c / f"{i}.png")
+    return str(root)
+
+
+def _example(cls):
+    """Default options, except where a component has a required option."""
+    if cls.name == "imagefolder":
+        return cls(root=_image_folder(), image_size=8, resize=8)
+    return cls
+
+
+BUNDLED = [_example(e.cls) for e in bundled_entries(get_registry())]
 
 
 def test_every_kind_with_bundled_components_is_covered():
-    assert {"merger", "metric", "dataset", "architecture"} <= {get_registry().kind_of(c) for c in BUNDLED}
+    kinds = {get_registry().kind_of(c if isinstance(c, type) else type(c)) for c in BUNDLED}
+    assert {"merger", "metric", "dataset", "architecture"} <= kinds
 
 
 @parametrize_with_checks(BUNDLED)

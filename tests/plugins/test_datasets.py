@@ -167,3 +167,18 @@ def test_plugin_registers_both_datasets():
     manager.hook.register_datasets(register=registered.append)
     assert {cls.name for cls in registered} == {"mnist5000", "digits"}
     assert all(cls.paper for cls in registered)
+
+
+def test_class_split_gives_the_stratified_pair():
+    from mergescope_plugins.datasets import MNIST5000
+
+    a = MNIST5000(split="train", class_split="a").load()
+    b = MNIST5000(split="train", class_split="b").load()
+    full = MNIST5000(split="train").load()
+    assert set(a.sample_ids).isdisjoint(b.sample_ids)
+    assert sorted([*a.sample_ids, *b.sample_ids]) == sorted(full.sample_ids)
+    count_a = np.bincount(a.labels, minlength=10)
+    count_b = np.bincount(b.labels, minlength=10)
+    # 80% of digits 0-4 and 20% of digits 5-9 in part a; the opposite in part b
+    assert (count_a[:5] > 3 * count_b[:5]).all() and (count_b[5:] > 3 * count_a[5:]).all()
+    assert abs(count_a[0] / (count_a[0] + count_b[0]) - 0.8) < 0.01

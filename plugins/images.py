@@ -1,0 +1,408 @@
+"""Bundled datasets of real photographs: a user's image folder and foolbox's samples.
+
+``imagefolder`` reads a directory in the ImageNet layout (``root/<class>/<image>``)
+lazily, one file per item, with the usual resize / centre-crop / normalise
+preprocessing. ``foolbox-samples`` loads the 20 real images per dataset that the
+``foolbox`` package ships (ImageNet validation, CIFAR-10/100, MNIST, Fashion-MNIST),
+enough to check a pretrained model offline.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import attrs
+import numpy as np
+import torch
+
+from mergescope.components import TensorImageDataset
+from mergescope.datasets import PARTS, class_imbalanced_split, per_class_subset
+from mergescope.errors import ConfigError
+from mergescope.hookspecs import hookimpl
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ImageFileDataset",
+    "ImageFolderDataset",
+    "FoolboxSamples",
+    "FOOLBOX_SOURCES",
+    "register_datasets",
+]
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+# ------------------------------------------------------------------------ validators
+
+
+def _positive_int(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"'{attribute.name}' must be a positive integer, got {value!r}")
+
+
+def _optional_positive_int(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+        raise ValueError(f"'{attribute.name}' must be a positive integer or unset, got {value!r}")
+
+
+def _channel_values(positive: bool) -> Callable[[Any, attrs.Attribute, Any], None]:
+    def check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if value is None:
+            return
+        ok = isinstance(value, (list, tuple)) and value and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and (v > 0 or not positive) for v in value
+        )
+        if not ok:
+            what = "positive numbers" if positive else "numbers"
+            raise ValueError(f"'{attribute.name}' must be a non-empty list of {what} (one per channel), got {value!r}")
+
+    return check
+
+
+def _check_resize(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    _positive_int(instance, attribute, value)
+    if isinstance(instance.image_size, int) and value < instance.image_size:
+        raise ValueError(
+            f"'{attribute.name}' = {value} must be at least 'image_size' = {instance.image_size} "
+            "(images are resized, then centre-cropped to image_size)"
+        )
+
+
+def _check_part(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is not None and value not in PARTS:
+        accepted = ", ".join(repr(p) for p in PARTS)
+        raise ValueError(f"'{attribute.name}' must be one of {accepted} or unset, got {value!r}")
+
+
+def _check_major_fraction(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.5 <= value <= 1:
+        raise ValueError(f"'{attribute.name}' must be a number between 0.5 and 1, got {value!r}")
+
+
+def _transform(image_size: int, resize: int, mean: Sequence[float], std: Sequence[float]) -> Any:
+    from torchvision import transforms
+
+    return transforms.Compose(
+        [
+            transforms.Resize(resize),
+            transforms.CenterCrop(image_size),
+            transforms.ToTensor(),
+            transforms.Normalize(list(mean), list(std)),
+        ]
+    )
+
+
+def _read_rgb(path: str) -> Any:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+# ----------------------------------------------------------------- lazy dataset
+
+
+@attrs.define(eq=False)
+class ImageFileDataset(torch.utils.data.Dataset):
+    """An :class:`~mergescope.components.ImageDataset` that reads one image file per item.
+
+    Files are opened on ``dataset[i]`` (not when the dataset is built), converted to RGB
+    and passed through ``transform``, so a large folder costs no memory until used.
+
+    Parameters
+    ----------
+    name
+        A short name used in labels.
+    paths
+        Image file of every item.
+    labels
+        Integer class of every item, ``(N,)``.
+    sample_ids
+        Stable id of every item, ``(N,)``.
+    classes
+        Class names, indexed by label.
+    transform
+        Maps a PIL image to a float tensor of shape ``image_shape``.
+    image_shape
+        Shape ``(C, H, W)`` of every transformed image.
+    """
+
+    name: str
+    paths: tuple[str, ...] = attrs.field(converter=tuple)
+    labels: np.ndarray = attrs.field(converter=lambda a: np.asarray(a, dtype=np.int64))
+    sample_ids: np.ndarray = attrs.field(converter=lambda a: np.asarray(a, dtype=np.int64))
+    classes: tuple[str, ...] = attrs.field(converter=tuple)
+    transform: Callable[[Any], torch.Tensor]
+    image_shape: tuple[int, ...] = attrs.field(converter=tuple)
+
+    def __attrs_post_init__(self) -> None:
+        n = len(self.paths)
+        if len(self.labels) != n or len(self.sample_ids) != n:
+            raise ValueError(
+                f"dataset {self.name!r}: {n} files but {len(self.labels)} labels and {len(self.sample_ids)} sample ids"
+            )
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.transform(_read_rgb(self.paths[index])), int(self.labels[index])
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.image_shape
+
+    def subset(self, indices: Sequence[int], name: str | None = None) -> "ImageFileDataset":
+        """Return the items at ``indices`` (positions, not sample ids), keeping their ids."""
+        idx = np.asarray(indices, dtype=np.int64)
+        return attrs.evolve(
+            self,
+            name=name or self.name,
+            paths=[self.paths[i] for i in idx],
+            labels=self.labels[idx],
+            sample_ids=self.sample_ids[idx],
+        )
+
+
+# ------------------------------------------------------------------- image folder
+
+
+def _scan_folder(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
+    """Class names and ``(path, label)`` of every image, in torchvision ``ImageFolder`` order."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+
+    if not root.exists():
+        raise ConfigError(f"image folder {str(root)!r} does not exist")
+    if not root.is_dir():
+        raise ConfigError(f"image folder {str(root)!r} is not a directory")
+    classes = sorted(entry.name for entry in root.iterdir() if entry.is_dir())
+    if not classes:
+        raise ConfigError(
+            f"image folder {str(root)!r} has no class folders; expected the layout root/<class>/<image>"
+        )
+    samples = make_dataset(root, {c: i for i, c in enumerate(classes)}, extensions=IMG_EXTENSIONS, allow_empty=True)
+    counts = np.bincount([label for _, label in samples], minlength=len(classes))
+    empty = [classes[i] for i in np.flatnonzero(counts == 0)]
+    if empty:
+        raise ConfigError(
+            f"class folder {str(root / empty[0])!r} has no images"
+            + (f" (nor do {len(empty) - 1} other class folders)" if len(empty) > 1 else "")
+            + f"; accepted extensions: {', '.join(IMG_EXTENSIONS)}"
+        )
+    return classes, samples
+
+
+@attrs.define
+class ImageFolderDataset:
+    """Your own images in the ImageNet folder layout root/<class>/<image>, read lazily.
+
+    Class names are the sorted folder names; labels index them. Every image is read
+    when it is used, converted to RGB, resized (shorter side to ``resize``),
+    centre-cropped to ``image_size`` and normalised with ``mean`` / ``std`` (ImageNet
+    statistics by default). Sample ids are positions in the full sorted listing (the
+    order of ``torchvision.datasets.ImageFolder``), so they do not change when
+    ``per_class`` or ``class_split`` select a subset.
+
+    Parameters
+    ----------
+    root
+        The folder holding one sub-folder of images per class.
+    image_size
+        Side of the square images the models see.
+    resize
+        Length the shorter side is resized to before the centre crop.
+    mean, std
+        Per-channel normalisation of the [0, 1] RGB values.
+    per_class
+        Keep only the first ``per_class`` images (in listing order) of every class.
+    class_split
+        ``"a"`` or ``"b"``: one of two complementary parts with opposite class imbalance
+        (see :func:`mergescope.datasets.class_imbalanced_split`), for training a pair of
+        models on differently distributed data. Applied before ``per_class``.
+    major_fraction
+        With ``class_split``: the share of each of its majority classes a part receives.
+    """
+
+    name: ClassVar[str] = "imagefolder"
+    paper: ClassVar[str] = "Deng et al. 2009, ImageNet: A large-scale hierarchical image database (folder layout)"
+
+    root: str = attrs.field(validator=attrs.validators.instance_of(str))
+    image_size: int = attrs.field(default=224, validator=_positive_int)
+    resize: int = attrs.field(default=256, validator=_check_resize)
+    mean: list[float] = attrs.field(factory=lambda: list(IMAGENET_MEAN), validator=_channel_values(False))
+    std: list[float] = attrs.field(factory=lambda: list(IMAGENET_STD), validator=_channel_values(True))
+    per_class: int | None = attrs.field(default=None, validator=_optional_positive_int)
+    class_split: str | None = attrs.field(default=None, validator=_check_part)
+    major_fraction: float = attrs.field(default=0.8, validator=_check_major_fraction)
+
+    def load(self) -> ImageFileDataset:
+        """List the folder and return the chosen images as a lazy :class:`ImageFileDataset`.
+
+        Raises
+        ------
+        ConfigError
+            When ``root`` is missing or has no class folders, a class folder has no
+            images, ``mean`` / ``std`` do not have 1 or 3 values, or ``per_class`` asks
+            for more images than a class has.
+        """
+        root = Path(self.root).expanduser()
+        for key in ("mean", "std"):
+            if len(getattr(self, key)) not in (1, 3):
+                raise ConfigError(f"'{key}' needs 1 or 3 values for RGB images, got {getattr(self, key)!r}")
+        classes, samples = _scan_folder(root)
+        labels = np.array([label for _, label in samples], dtype=np.int64)
+        chosen = np.arange(len(samples))
+        if self.class_split is not None:
+            chosen = class_imbalanced_split(labels, self.class_split, self.major_fraction)
+        if self.per_class is not None:
+            try:
+                chosen = chosen[per_class_subset(labels[chosen], self.per_class, names=classes)]
+            except ConfigError as exc:
+                part = f", part {self.class_split!r}" if self.class_split else ""
+                raise ConfigError(f"{exc.message} in image folder {str(root)!r}{part}") from None
+        name = f"{self.name}/{root.name}" + (f"/{self.class_split}" if self.class_split else "")
+        return ImageFileDataset(
+            name,
+            [samples[i][0] for i in chosen],
+            labels[chosen],
+            chosen,
+            classes,
+            _transform(self.image_size, self.resize, self.mean, self.std),
+            (3, self.image_size, self.image_size),
+        )
+
+
+# ---------------------------------------------------------------- foolbox samples
+
+# The datasets foolbox ships 20 images of, with their number of classes.
+FOOLBOX_SOURCES: dict[str, int] = {"imagenet": 1000, "cifar10": 10, "cifar100": 100, "mnist": 10, "fashionMNIST": 10}
+
+
+def _check_source(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value not in FOOLBOX_SOURCES:
+        accepted = ", ".join(repr(s) for s in FOOLBOX_SOURCES)
+        raise ValueError(f"'{attribute.name}' must be one of {accepted}, got {value!r}")
+
+
+def _foolbox_data_dir() -> Path:
+    # Locate the package without importing it: only its image files are needed.
+    spec = importlib.util.find_spec("foolbox")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("dataset 'foolbox-samples' needs the foolbox package: pip install foolbox==3.3.4")
+    return Path(next(iter(spec.submodule_search_locations))) / "data"
+
+
+def _foolbox_files(source: str) -> list[tuple[int, int, Path]]:
+    """``(index, label, path)`` of the sample images of ``source``, by index."""
+    folder = _foolbox_data_dir()
+    pattern = re.compile(rf"{re.escape(source)}_(\d+)_(\d+)\.(?:png|jpg|jpeg)")
+    found = []
+    for path in folder.iterdir() if folder.is_dir() else ():
+        match = pattern.fullmatch(path.name)
+        if match:
+            found.append((int(match.group(1)), int(match.group(2)), path))
+    if not found:
+        raise ConfigError(f"no {source!r} sample images in {str(folder)!r}; is foolbox 3.3.4 installed?")
+    return sorted(found)
+
+
+@attrs.define
+class FoolboxSamples:
+    """The 20 real sample images per dataset that foolbox ships (ImageNet val, CIFAR, MNIST).
+
+    Reads the image files bundled with the ``foolbox`` package (without importing it):
+    20 ImageNet validation photos (512x512 JPEG), and 20 test images each of CIFAR-10,
+    CIFAR-100, MNIST and Fashion-MNIST. Labels come from the file names and are the
+    source's own class indices: for ImageNet the 1000-class index, so a pretrained
+    ImageNet classifier is evaluated directly. ``classes`` are all the source's class
+    indices as strings (``"0"`` ... ``"999"`` for ImageNet), not only those present.
+    Sample ids are the image numbers 0..19 of the file names.
+
+    ImageNet photos are resized (shorter side to ``image_size * 256 / 224``), centre-cropped
+    to ``image_size`` and normalised with ``mean`` / ``std`` (ImageNet statistics by
+    default). The small sets keep their native size (CIFAR 3x32x32, MNIST 1x28x28) and
+    [0, 1] pixel values unless ``image_size`` / ``mean`` / ``std`` are set.
+
+    Parameters
+    ----------
+    source
+        ``"imagenet"``, ``"cifar10"``, ``"cifar100"``, ``"mnist"`` or ``"fashionMNIST"``.
+    image_size
+        Side of the square images; unset: 224 for ImageNet, native for the others.
+    mean, std
+        Per-channel normalisation of the [0, 1] values (1 value or one per channel);
+        unset: ImageNet statistics for ImageNet, none for the others.
+    """
+
+    name: ClassVar[str] = "foolbox-samples"
+    paper: ClassVar[str] = "Rauber et al. 2017, Foolbox: A Python toolbox to benchmark the robustness of ML models"
+
+    source: str = attrs.field(default="imagenet", validator=_check_source)
+    image_size: int | None = attrs.field(default=None, validator=_optional_positive_int)
+    mean: list[float] | None = attrs.field(default=None, validator=_channel_values(False))
+    std: list[float] | None = attrs.field(default=None, validator=_channel_values(True))
+
+    def load(self) -> TensorImageDataset:
+        """Read and preprocess the 20 images of :attr:`source` into a tensor dataset.
+
+        Raises
+        ------
+        ConfigError
+            When foolbox is not installed or ``mean`` / ``std`` do not fit the channels.
+        """
+        images, labels, ids = _foolbox_tensors(
+            self.source,
+            self.image_size,
+            None if self.mean is None else tuple(self.mean),
+            None if self.std is None else tuple(self.std),
+        )
+        classes = [str(c) for c in range(FOOLBOX_SOURCES[self.source])]
+        # A copy, so that changing one loaded dataset leaves the cache and other loads alone.
+        return TensorImageDataset(f"foolbox/{self.source}", images.clone(), labels, ids, classes)
+
+
+@functools.lru_cache(maxsize=4)
+def _foolbox_tensors(
+    source: str, image_size: int | None, mean: tuple[float, ...] | None, std: tuple[float, ...] | None
+) -> tuple[torch.Tensor, list[int], list[int]]:
+    from PIL import Image
+    from torchvision import transforms
+
+    files = _foolbox_files(source)
+    imagenet = source == "imagenet"
+    channels = 1 if "mnist" in source.lower() else 3
+    mean = mean if mean is not None else (tuple(IMAGENET_MEAN) if imagenet else None)
+    std = std if std is not None else (tuple(IMAGENET_STD) if imagenet else None)
+    for key, values in (("mean", mean), ("std", std)):
+        if values is not None and len(values) not in (1, channels):
+            raise ConfigError(
+                f"'{key}' needs 1 or {channels} values for the {channels}-channel {source!r} images, got {list(values)!r}"
+            )
+    steps: list[Any] = []
+    size = image_size if image_size is not None else (224 if imagenet else None)
+    if size is not None:
+        # The usual ImageNet evaluation crop: 224 out of 256.
+        steps += [transforms.Resize(round(size * 256 / 224)), transforms.CenterCrop(size)]
+    steps.append(transforms.ToTensor())
+    if mean is not None or std is not None:
+        steps.append(transforms.Normalize(list(mean or [0.0]), list(std or [1.0])))
+    transform = transforms.Compose(steps)
+    images = []
+    for _, _, path in files:
+        with Image.open(path) as image:
+            images.append(transform(image.convert("L" if channels == 1 else "RGB")))
+    return torch.stack(images), [label for _, label, _ in files], [index for index, _, _ in files]
+
+
+@hookimpl
+def register_datasets(register):
+    """Register the image datasets."""
+    register(ImageFolderDataset)
+    register(FoolboxSamples)
