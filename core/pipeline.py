@@ -103,13 +103,17 @@ class ModelSpec:
         Training options; defaults apply when neither ``checkpoint`` nor ``train`` is given.
     train_data
         Dataset component to train on; default: the pipeline's data with ``split = "train"``.
+    module
+        Any ``nn.Module`` given directly from Python (then ``architecture`` may be ``None``
+        and nothing is trained or loaded). Such a pipeline cannot be written as TOML.
     """
 
     name: str
-    architecture: Any
+    architecture: Any = None
     checkpoint: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
     train: Training | None = None
     train_data: Any | None = None
+    module: Any = attrs.field(default=None, eq=False, repr=False)
 
 
 @attrs.define
@@ -221,6 +225,11 @@ class Pipeline:
         out["activations"] = unstructure_options(self.activations)
         out["models"] = []
         for m in self.models:
+            if m.module is not None:
+                raise ConfigError(
+                    f"model {m.name!r} is a Python module, which a pipeline file cannot hold; save its "
+                    "state dict with torch.save(module.state_dict(), path) and give an architecture and 'checkpoint'"
+                )
             table: dict[str, Any] = {"name": m.name, "use": _name_of(m.architecture)}
             table.update(unstructure_options(m.architecture))
             if m.checkpoint is not None:
@@ -260,6 +269,8 @@ class Pipeline:
             where = f"{self.source}, [[models]] #{i + 1} (name = {name!r})"
             if name in model_names[:i]:
                 raise ConfigError(f"two models are named {name!r}", where=f"{where}, key 'name'")
+            if spec.module is None and spec.architecture is None:
+                raise ConfigError("a model needs an architecture ('use') or a module", where=f"{where}, key 'use'")
             if spec.checkpoint is not None and not spec.checkpoint.is_file():
                 raise ConfigError(
                     f"checkpoint file {str(spec.checkpoint)!r} does not exist", where=f"{where}, key 'checkpoint'"
@@ -303,7 +314,7 @@ class Pipeline:
             if kind == "merger":
                 available.append(name)
             kinds[name] = kind
-        if any(m.checkpoint is None for m in self.models) or any(
+        if any(m.checkpoint is None and m.module is None for m in self.models) or any(
             kinds[n] in ("merger", "metric", "differ") for n in step_names
         ):
             if self.data is None:

@@ -72,6 +72,16 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _state_digest(module: nn.Module) -> str:
+    """A fingerprint of a module's weights (names, shapes, values)."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _describe(component: Any, result: Any) -> str:
     describe = getattr(component, "describe", None)
     if callable(describe):
@@ -108,7 +118,9 @@ class _Run:
     def load_models(self) -> None:
         for i, spec in enumerate(self.pipeline.models):
             where = self._model_where(i, spec)
-            if spec.checkpoint is not None:
+            if spec.module is not None:
+                self.models[spec.name] = _Model(spec.module.eval(), _state_digest(spec.module))
+            elif spec.checkpoint is not None:
                 self.models[spec.name] = self._from_checkpoint(spec, where)
             else:
                 self.models[spec.name] = self._trained(spec, where)
@@ -312,11 +324,12 @@ class _Run:
                 results[f"{name}/{path}".rstrip("/").replace("//", "/")] = ds
             lines.append(self._summary_line(name, nodes))
         tree = xr.DataTree.from_dict(results)
-        tree.attrs.update({"mergescope_version": __version__, "pipeline": self.pipeline.to_toml()})
+        pipeline_text = _as_toml(self.pipeline)
+        tree.attrs.update({"mergescope_version": __version__, "pipeline": pipeline_text})
         save_tree(tree, self.out / "results.nc")
         summary = "\n".join(lines) + "\n"
         _write_text(self.out / "summary.txt", summary)
-        _write_text(self.out / "pipeline.toml", self.pipeline.to_toml())
+        _write_text(self.out / "pipeline.toml", pipeline_text)
         run_info = {
             "mergescope": __version__,
             "torch": torch.__version__,
@@ -344,6 +357,14 @@ class _Run:
             return f"{name} ({step.use}):\n" + "\n".join(parts)
         root = nodes.get("/", xr.Dataset())
         return f"{name} ({step.use}): {_describe(step.component, root)}"
+
+
+def _as_toml(pipeline: Pipeline) -> str:
+    """The pipeline as TOML, or a comment saying why it has none (models given as modules)."""
+    try:
+        return pipeline.to_toml()
+    except ConfigError as exc:
+        return f"# This pipeline was composed in Python and has no TOML form: {exc}\n"
 
 
 def _flatten(tree: xr.DataTree) -> dict[str, xr.Dataset]:

@@ -84,3 +84,27 @@ def test_changing_a_step_option_reruns_only_that_step(tmp_path, caplog):
     assert any("step interpolation (interpolation): running" in m for m in messages)
     assert any("step kendall-tau (kendall-tau): done before" in m for m in messages)
     assert 0.25 in result.results["interpolation"].ds["alpha"].values
+
+
+def test_any_module_from_python(tmp_path):
+    import torch
+
+    from mergescope import ModelSpec, Step, get_registry
+    from mergescope.pipeline import ActivationSpec
+
+    reg = get_registry()
+
+    def net(seed):
+        torch.manual_seed(seed)
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10))
+
+    pipeline = Pipeline(
+        data=reg.get("dataset", "mnist5000")(split="test", per_class=10),
+        activations=ActivationSpec(layers=["2"]),
+        models=[ModelSpec("x", module=net(0)), ModelSpec("y", module=net(1))],
+        steps=[Step(reg.get("metric", "kendall-tau")(), models=["x", "y"])],
+    )
+    result = run(pipeline, tmp_path / "run", quiet=True)
+    assert result.results["kendall-tau/2"].ds["kendall_tau"].sizes["unit"] == 16
+    with pytest.raises(Exception, match="cannot hold"):
+        pipeline.to_toml()
