@@ -8,6 +8,7 @@ leaves a truncated file where a cache or a pipeline expects a complete one.
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,7 +20,7 @@ from torch import nn
 from .errors import CheckpointError
 from .storage import atomic_path
 
-__all__ = ["load_state_dict", "load_into", "save_state_dict"]
+__all__ = ["load_state_dict", "load_into", "save_state_dict", "state_digest"]
 
 # How many keys of each kind of mismatch an error message lists.
 _SHOWN = 5
@@ -184,3 +185,13 @@ def save_state_dict(model_or_state: nn.Module | Mapping[str, torch.Tensor], path
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
     return Path(path)
+
+
+def state_digest(model: nn.Module) -> str:
+    """A sha256 fingerprint of a module's weights: names, shapes and values of its state dict."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()

@@ -22,6 +22,7 @@ component's result used in run summaries.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
@@ -218,18 +219,73 @@ class Context:
         Batch size for passes over ``data``.
     quiet
         Hide progress bars.
+    workdir
+        Where :meth:`record` keeps its activation stores (the runner uses the run
+        directory, so recordings are reused on a re-run); a temporary folder when ``None``.
     """
 
     data: ImageDataset | None = None
     seed: int = 0
     batch_size: int = 256
     quiet: bool = False
+    workdir: Path | None = None
 
     def evaluate(self, model: nn.Module) -> Evaluation:
         """Loss and accuracy of ``model`` on :attr:`data`."""
         if self.data is None:
             raise ValueError("this step needs data to evaluate models, but the pipeline has no [data]")
         return _default_evaluate(model, self.data, self.batch_size)
+
+    def record(
+        self,
+        models: Mapping[str, nn.Module],
+        layers: Mapping[str, Sequence[str]],
+        *,
+        pairs: Sequence[tuple[str, str]] = (),
+        covariance: bool = False,
+        topk: int = 0,
+        keep_activations: bool = True,
+        reduce: str = "mean",
+    ) -> Any:
+        """Record ``models`` over :attr:`data` in one pass: activations and streaming statistics.
+
+        Parameters
+        ----------
+        models
+            Name -> module.
+        layers
+            Layer selectors per model (see :func:`mergescope.activations.resolve_layers`).
+        pairs
+            Model pairs whose cross-covariance is accumulated (alignment statistics).
+        covariance, topk, keep_activations, reduce
+            As in :class:`mergescope.store.StoreSpec`.
+
+        Returns
+        -------
+        mergescope.store.Store
+            Identical inputs (weights, data, options) reuse an earlier recording.
+        """
+        import tempfile
+
+        from .checkpoints import state_digest
+        from .store import StoreSpec, collect_store
+        from .training import cache_key
+
+        if self.data is None:
+            raise ValueError("recording activations needs data, but the context has none")
+        spec = StoreSpec(
+            layers={m: list(layers[m]) for m in models},
+            reduce=reduce,
+            batch_size=self.batch_size,
+            topk=topk,
+            covariance=covariance,
+            pairs=[tuple(p) for p in pairs],
+            keep_activations=keep_activations,
+        )
+        ids = hashlib.sha256(np.asarray(self.data.sample_ids, dtype=np.int64).tobytes()).hexdigest()
+        key = cache_key([state_digest(m) for m in models.values()], self.data.name, ids, attrs.asdict(spec))
+        root = self.workdir if self.workdir is not None else Path(tempfile.gettempdir()) / "mergescope-records"
+        return collect_store(models, self.data, spec, root / key[:16], key=key, context=self)
 
     def progress(self, iterable: Iterable[T], desc: str, total: int | None = None) -> Iterator[T]:
         """Wrap ``iterable`` in a progress bar (silent when :attr:`quiet`)."""

@@ -33,7 +33,7 @@ from torch import nn
 
 from . import __version__
 from .activations import resolve_layers
-from .checkpoints import load_into, load_state_dict, save_state_dict
+from .checkpoints import load_into, load_state_dict, save_state_dict, state_digest
 from .components import Alignment, Context, ImageDataset, MergeResult
 from .errors import CheckpointError, ConfigError, ContractError, MergescopeError, article
 from .options import unstructure_options
@@ -72,16 +72,6 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _state_digest(module: nn.Module) -> str:
-    """A fingerprint of a module's weights (names, shapes, values)."""
-    digest = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        digest.update(name.encode())
-        digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
 def _describe(component: Any, result: Any) -> str:
     describe = getattr(component, "describe", None)
     if callable(describe):
@@ -102,7 +92,11 @@ class _Run:
         self.kinds = {name: registry.kind_of(type(s.component)) for name, s in zip(self.names, pipeline.steps)}
         self.data: ImageDataset | None = pipeline.data.load() if pipeline.data is not None else None
         self.context = Context(
-            data=self.data, seed=pipeline.seed, batch_size=pipeline.activations.batch_size, quiet=quiet
+            data=self.data,
+            seed=pipeline.seed,
+            batch_size=pipeline.activations.batch_size,
+            quiet=quiet,
+            workdir=out_dir / "activations",
         )
         self.models: dict[str, _Model] = {}
         self.alignments: dict[str, Alignment] = {}
@@ -119,7 +113,7 @@ class _Run:
         for i, spec in enumerate(self.pipeline.models):
             where = self._model_where(i, spec)
             if spec.module is not None:
-                self.models[spec.name] = _Model(spec.module.eval(), _state_digest(spec.module))
+                self.models[spec.name] = _Model(spec.module.eval(), state_digest(spec.module))
             elif spec.checkpoint is not None:
                 self.models[spec.name] = self._from_checkpoint(spec, where)
             else:

@@ -19,6 +19,10 @@ Each check raises ``AssertionError`` saying what the component got wrong. The ch
 - the output is deterministic (two runs under one seed agree);
 - the output follows the contract for the kind (dims, coords, types);
 - bad input raises an error with a message, not a crash deep inside.
+
+Mergers and aligners are given two small MLPs of one architecture (``example_models``).
+A component that needs other inputs (e.g. a base model and fine-tunes of it) provides a
+classmethod ``conformance_models() -> dict[str, nn.Module]``; the checks then use those.
 """
 
 from __future__ import annotations
@@ -207,10 +211,17 @@ def _metric_bad_input(component: Any) -> None:
             raise AssertionError(f"{metric.name!r}.score() accepted two activations with {what}")
 
 
+def _conformance_models(component: Any) -> dict[str, nn.Module]:
+    """The component's own example inputs when it declares them (e.g. a base and its fine-tunes)."""
+    cls = component if isinstance(component, type) else type(component)
+    make = getattr(cls, "conformance_models", None)
+    return dict(make()) if callable(make) else example_models()
+
+
 def _merger_output(component: Any) -> None:
     merger = _instance(component)
     context = Context(data=example_dataset(), quiet=True)
-    models = example_models()
+    models = _conformance_models(component)
 
     def merge() -> MergeResult:
         return merger.merge(copy.deepcopy(models), context)
@@ -221,7 +232,7 @@ def _merger_output(component: Any) -> None:
     second = _seeded(merge)
     assert first.results.identical(second.results), f"{merger.name!r}: results differ between two seeded runs"
     if first.model is not None:
-        ref = models["model0"].state_dict()
+        ref = next(iter(models.values())).state_dict()
         got = first.model.state_dict()
         assert got.keys() == ref.keys(), f"{merger.name!r}: the merged model has other parameters than its inputs"
         for k in ref:
@@ -231,8 +242,9 @@ def _merger_output(component: Any) -> None:
 
 def _merger_bad_input(component: Any) -> None:
     merger = _instance(component)
-    models = example_models()
-    models["model1"] = example_models(hidden=5)["model1"]
+    models = _conformance_models(component)
+    last = list(models)[-1]
+    models[last] = example_models(hidden=5)["model1"]  # another width than the others
     try:
         merger.merge(models, Context(data=example_dataset(), quiet=True))
     except (ValueError, LookupError) as exc:

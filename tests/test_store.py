@@ -223,3 +223,16 @@ def test_disk_full_leaves_the_previous_complete_store_untouched(tmp_path, data, 
     assert "old" in again.info["key"]
     xr.testing.assert_identical(again.activation("a", "relu"), old_acts)
     assert again.statistics_tree().identical(old_stats)
+
+
+def test_context_record_reuses_identical_recordings(tmp_path, data, models):
+    from mergescope import Context
+
+    context = Context(data=data, batch_size=16, workdir=tmp_path)
+    store = context.record(models, {"a": ["relu"], "b": ["relu"]}, pairs=[("a", "b")])
+    corr = store.cross("a", "b", "relu").correlation
+    assert corr.shape == (6, 6) and np.isfinite(corr).all()
+    again = context.record(models, {"a": ["relu"], "b": ["relu"]}, pairs=[("a", "b")])
+    assert again.directories == store.directories
+    other = context.record({"a": ConvNet(5).eval(), "b": models["b"]}, {"a": ["relu"], "b": ["relu"]})
+    assert other.directories != store.directories
