@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from mergescope.components import Alignment, Context, MergeResult
 from mergescope.errors import ConfigError
 from mergescope.hookspecs import hookimpl
+from mergescope.task_vectors import check_compatible
 
 __all__ = [
     "check_compatible",
@@ -43,57 +44,6 @@ def default_alphas() -> list[float]:
 
 
 # ------------------------------------------------------------------- pure functions
-
-
-def check_compatible(states: Mapping[str, Mapping[str, Tensor]]) -> None:
-    """Check that state dicts can be interpolated parameter by parameter.
-
-    Parameters
-    ----------
-    states
-        Model name -> state dict.
-
-    Raises
-    ------
-    ValueError
-        When a model lacks a parameter another has, a parameter's shape differs between
-        two models, a parameter is floating in one model and not in another, or a
-        floating tensor holds NaN or inf. The message names the parameter and models.
-    """
-    if not states:
-        raise ValueError("no models to interpolate")
-    names = list(states)
-    first = names[0]
-    reference = states[first]
-    for other in names[1:]:
-        state = states[other]
-        missing = [key for key in reference if key not in state]
-        if missing:
-            raise ValueError(
-                f"parameter {missing[0]!r} of model {first!r} is missing from model {other!r}; "
-                "interpolated models must share one architecture"
-            )
-        extra = [key for key in state if key not in reference]
-        if extra:
-            raise ValueError(
-                f"parameter {extra[0]!r} of model {other!r} is missing from model {first!r}; "
-                "interpolated models must share one architecture"
-            )
-        for key, tensor in reference.items():
-            theirs = state[key]
-            if tuple(tensor.shape) != tuple(theirs.shape):
-                raise ValueError(
-                    f"parameter {key!r} has shape {tuple(tensor.shape)} in model {first!r} "
-                    f"but {tuple(theirs.shape)} in model {other!r}"
-                )
-            if tensor.is_floating_point() != theirs.is_floating_point():
-                raise ValueError(
-                    f"parameter {key!r} is {tensor.dtype} in model {first!r} but {theirs.dtype} in model {other!r}"
-                )
-    for name, state in states.items():
-        for key, tensor in state.items():
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                raise ValueError(f"parameter {key!r} of model {name!r} holds NaN or inf values")
 
 
 def interpolate_states(states: Sequence[Mapping[str, Tensor]], weights: Sequence[float]) -> dict[str, Tensor]:

@@ -1,0 +1,790 @@
+"""Task vectors: the shared arithmetic of task-vector mergers (task arithmetic, TIES, PCB).
+
+A *task vector* is what fine-tuning added to a pre-trained model: ``tau_i = theta_i -
+theta_base`` (Ilharco et al. 2023, Editing Models with Task Arithmetic). Task-vector
+mergers combine the ``tau_i`` of several fine-tunes of **one** base model and add the
+result back to the base. Given anything else (raw weights, or independently trained
+networks whose "task vectors" are as large as the weights themselves) they compute
+meaningless numbers without complaint, so every such merger calls
+:func:`check_finetuned` first.
+
+Which entries of a state dict are merged
+----------------------------------------
+- Floating parameters and floating buffers form the task vectors.
+- BatchNorm running means and variances are statistics of the data, not learned
+  weights: trimming or sign-electing them has no meaning. They are averaged over the
+  fine-tuned models, and recomputed on the pipeline's data when a merger's
+  ``reset_batchnorm`` option is on and there is data (see
+  :func:`mergescope.batchnorm.reset_batchnorm`).
+- Integer buffers (BatchNorm's ``num_batches_tracked``) are copied from the base.
+
+Arithmetic is done in float64 and cast back to each entry's dtype, so ``theta_base +
+tau_i`` gives ``theta_i`` back exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import Any
+
+import attrs
+import numpy as np
+import torch
+import xarray as xr
+from torch import Tensor, nn
+
+from .batchnorm import reset_batchnorm, running_stat_keys
+from .components import Context
+from .errors import ConfigError
+
+__all__ = [
+    "MAX_RELATIVE_DISTANCE",
+    "check_compatible",
+    "merge_keys",
+    "task_vectors",
+    "relative_distances",
+    "check_finetuned",
+    "average_states",
+    "add_to_base",
+    "flatten",
+    "unflatten",
+    "top_fraction_mask",
+    "sign_conflicts",
+    "TaskVectors",
+    "prepare",
+    "build_model",
+    "ScalingSearch",
+    "search_scaling",
+    "finish_merge",
+    "float_list",
+    "check_scaling",
+    "check_scalings",
+    "check_fraction",
+    "example_finetunes",
+]
+
+MAX_RELATIVE_DISTANCE = 1.0
+"""Largest ``||tau_i|| / ||theta_base||`` accepted as a fine-tune of the base.
+
+Fine-tuning moves a network by a small fraction of its norm (typically 0.01 to 0.3).
+Two independently initialised or trained networks of one architecture, with weights of
+similar norm and no correlation, are ``sqrt(2) ~ 1.4`` apart relative to either one.
+Above 1.0 a model is no closer to the base than an unrelated network would be.
+"""
+
+
+# ---------------------------------------------------------------------- checking
+
+
+def check_compatible(states: Mapping[str, Mapping[str, Tensor]]) -> None:
+    """Check that state dicts can be combined entry by entry.
+
+    Parameters
+    ----------
+    states
+        Model name -> state dict.
+
+    Raises
+    ------
+    ValueError
+        A model lacks an entry another has, an entry's shape differs between two models
+        (the message names the first such entry, both shapes and both models), an entry
+        is floating in one model and not in another, or a floating tensor holds NaN/inf.
+    """
+    if not states:
+        raise ValueError("no models to merge")
+    names = list(states)
+    first = names[0]
+    reference = states[first]
+    for other in names[1:]:
+        state = states[other]
+        missing = [key for key in reference if key not in state]
+        if missing:
+            raise ValueError(
+                f"parameter {missing[0]!r} of model {first!r} is missing from model {other!r}; "
+                "merged models must share one architecture"
+            )
+        extra = [key for key in state if key not in reference]
+        if extra:
+            raise ValueError(
+                f"parameter {extra[0]!r} of model {other!r} is missing from model {first!r}; "
+                "merged models must share one architecture"
+            )
+        for key, tensor in reference.items():
+            theirs = state[key]
+            if tuple(tensor.shape) != tuple(theirs.shape):
+                raise ValueError(
+                    f"parameter {key!r} has shape {tuple(tensor.shape)} in model {first!r} "
+                    f"but {tuple(theirs.shape)} in model {other!r}"
+                )
+            if tensor.is_floating_point() != theirs.is_floating_point():
+                raise ValueError(
+                    f"parameter {key!r} is {tensor.dtype} in model {first!r} but {theirs.dtype} in model {other!r}"
+                )
+    for name, state in states.items():
+        for key, tensor in state.items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"parameter {key!r} of model {name!r} holds NaN or inf values")
+
+
+def merge_keys(model: nn.Module) -> tuple[list[str], list[str]]:
+    """Split ``model``'s state-dict keys into task-vector entries and BatchNorm statistics.
+
+    Returns
+    -------
+    vector_keys, statistic_keys
+        ``vector_keys``: every floating entry (parameters and float buffers) except
+        BatchNorm running statistics, in state-dict order. ``statistic_keys``: the
+        BatchNorm running means and variances. Integer entries are in neither.
+    """
+    state = model.state_dict()
+    stats = set(running_stat_keys(model))
+    vector_keys = [k for k, t in state.items() if t.is_floating_point() and k not in stats]
+    statistic_keys = [k for k, t in state.items() if t.is_floating_point() and k in stats]
+    return vector_keys, statistic_keys
+
+
+def _float_keys(state: Mapping[str, Tensor], keys: Collection[str] | None) -> list[str]:
+    if keys is None:
+        return [k for k, t in state.items() if t.is_floating_point()]
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise ValueError(f"parameter {missing[0]!r} is not in the base model's state")
+    return [k for k in keys if state[k].is_floating_point()]
+
+
+# ------------------------------------------------------------------ task vectors
+
+
+def task_vectors(
+    base_state: Mapping[str, Tensor],
+    finetuned_states: Sequence[Mapping[str, Tensor]],
+    *,
+    keys: Collection[str] | None = None,
+    names: Sequence[str] | None = None,
+) -> list[dict[str, Tensor]]:
+    """``tau_i = theta_i - theta_base`` for every fine-tuned state dict.
+
+    Parameters
+    ----------
+    base_state
+        State dict of the pre-trained base model.
+    finetuned_states
+        State dicts of its fine-tunes.
+    keys
+        The entries to take the difference of (default: every floating entry; integer
+        buffers such as ``num_batches_tracked`` have no task vector and are skipped).
+    names
+        Names of the fine-tuned models, for error messages (default ``#1``, ``#2``, ...).
+
+    Returns
+    -------
+    list of dict
+        One float64 task vector per fine-tune, keyed like the state dicts.
+
+    Raises
+    ------
+    ValueError
+        A fine-tune lacks an entry of the base or has another shape; the message names
+        the first such entry, both shapes and the model.
+    """
+    labels = list(names) if names is not None else [f"#{i + 1}" for i in range(len(finetuned_states))]
+    if len(labels) != len(finetuned_states):
+        raise ValueError(f"got {len(finetuned_states)} fine-tuned state dicts but {len(labels)} names")
+    selected = _float_keys(base_state, keys)
+    out = []
+    for label, state in zip(labels, finetuned_states):
+        tau = {}
+        for key in selected:
+            if key not in state:
+                raise ValueError(f"parameter {key!r} of the base model is missing from model {label!r}")
+            base, tuned = base_state[key], state[key]
+            if tuple(base.shape) != tuple(tuned.shape):
+                raise ValueError(
+                    f"parameter {key!r} has shape {tuple(base.shape)} in the base model "
+                    f"but {tuple(tuned.shape)} in model {label!r}"
+                )
+            tau[key] = tuned.detach().to(device=base.device, dtype=torch.float64) - base.detach().to(torch.float64)
+        out.append(tau)
+    return out
+
+
+def relative_distances(
+    base_state: Mapping[str, Tensor],
+    states: Sequence[Mapping[str, Tensor]],
+    *,
+    keys: Collection[str] | None = None,
+) -> list[float]:
+    """``||theta_i - theta_base|| / ||theta_base||`` over ``keys`` for every state dict.
+
+    Norms are Euclidean over all selected entries flattened together (default: every
+    floating entry). ``inf`` when the base is all zeros and a model is not.
+    """
+    selected = _float_keys(base_state, keys)
+    base_sq = math.fsum(float(base_state[k].detach().double().pow(2).sum()) for k in selected)
+    out = []
+    for state in states:
+        diff_sq = math.fsum(
+            float((state[k].detach().double() - base_state[k].detach().double()).pow(2).sum()) for k in selected
+        )
+        if base_sq == 0.0:
+            out.append(0.0 if diff_sq == 0.0 else math.inf)
+        else:
+            out.append(math.sqrt(diff_sq / base_sq))
+    return out
+
+
+def check_finetuned(
+    base_state: Mapping[str, Tensor],
+    states: Sequence[Mapping[str, Tensor]],
+    names: Sequence[str],
+    *,
+    base_name: str = "base",
+    method: str = "task-vector mergers",
+    keys: Collection[str] | None = None,
+    threshold: float = MAX_RELATIVE_DISTANCE,
+) -> list[float]:
+    """Check that ``states`` look like fine-tunes of ``base_state``, not raw weights.
+
+    A merger of task vectors given the wrong models does not fail, it silently computes
+    nonsense (e.g. PCB fed raw weights instead of ``theta_i - theta_base``). Two cases are
+    caught:
+
+    - no fine-tune at all: the step lists the base alone (fewer than two models);
+    - a model whose relative distance ``||theta_i - theta_base|| / ||theta_base||``
+      exceeds ``threshold`` (default :data:`MAX_RELATIVE_DISTANCE` = 1.0): it is no
+      closer to the base than an unrelated network (independently trained networks
+      give about 1.4), so it is not a fine-tune of it.
+
+    It cannot tell a base from a fine-tune: two sibling fine-tunes given without their
+    base pass, the first playing the base. Name the base with the mergers' ``base``
+    option.
+
+    Parameters
+    ----------
+    base_state
+        State dict of the base model.
+    states
+        State dicts of the models to merge into it.
+    names
+        Their names, for the message.
+    base_name
+        The base model's name, for the message.
+    method
+        The merger's name, for the message.
+    keys
+        Entries the distance is measured over (default every floating entry). Mergers
+        pass the model's weight matrices and convolution kernels (parameters of two or
+        more dimensions): buffers such as BatchNorm statistics move a lot when the data
+        changes, and norm-layer scales and biases start from shared constants (1 and 0)
+        in every network, which would make unrelated networks look closer than they are.
+    threshold
+        Largest accepted relative distance.
+
+    Returns
+    -------
+    list of float
+        The relative distance of every model.
+
+    Raises
+    ------
+    ConfigError
+        No fine-tune, or a model too far from the base; the message names the model,
+        its relative distance and what to do instead.
+    """
+    if len(states) != len(names):
+        raise ValueError(f"got {len(states)} state dicts but {len(names)} names")
+    if not states:
+        raise ConfigError(
+            f"{method} adds the task vectors (fine-tune minus base) of fine-tuned models to their pre-trained "
+            f"base, so it needs the base and at least one fine-tune of it; the step has only {base_name!r}. "
+            "List the pre-trained base model and its fine-tunes under 'models'",
+            where="key 'models'",
+        )
+    distances = relative_distances(base_state, states, keys=keys)
+    for name, distance in zip(names, distances):
+        if distance > threshold:
+            raise ConfigError(
+                f"model {name!r} does not look like a fine-tune of the base model {base_name!r}: its relative "
+                f"distance ||theta_{name} - theta_{base_name}|| / ||theta_{base_name}|| = {distance:.3g}, "
+                f"above {threshold:g} "
+                "(fine-tunes are typically below 0.3; independently trained networks give about 1.4). "
+                f"{method} merges task vectors, so it needs fine-tunes of one pre-trained base: list that base "
+                "among the step's models and name it with the 'base' option. To merge independently trained "
+                "models, use 'interpolation' (after an alignment step when the models are not aligned)",
+                where="key 'models'",
+            )
+    return distances
+
+
+# ------------------------------------------------------------------ state arithmetic
+
+
+def average_states(
+    states: Sequence[Mapping[str, Tensor]],
+    weights: Sequence[float] | None = None,
+    *,
+    keys: Collection[str] | None = None,
+) -> dict[str, Tensor]:
+    """Weighted average ``sum_i w_i theta_i`` of state dicts, entry by entry.
+
+    Parameters
+    ----------
+    states
+        State dicts with the same keys and shapes.
+    weights
+        One weight per state dict, used as given (default: uniform ``1 / n``).
+    keys
+        Entries to average (default every floating entry). Only these are returned.
+
+    Returns
+    -------
+    dict
+        Floating entries summed in float64 and cast back to the first model's dtype.
+    """
+    if not states:
+        raise ValueError("no state dicts to average")
+    if weights is None:
+        weights = [1.0 / len(states)] * len(states)
+    if len(weights) != len(states):
+        raise ValueError(f"got {len(states)} state dicts but {len(weights)} weights")
+    first = states[0]
+    out = {}
+    for key in _float_keys(first, keys):
+        tensor = first[key]
+        total = torch.zeros(tensor.shape, dtype=torch.float64, device=tensor.device)
+        for state, weight in zip(states, weights):
+            total += float(weight) * state[key].detach().to(device=tensor.device, dtype=torch.float64)
+        out[key] = total.to(tensor.dtype)
+    return out
+
+
+def add_to_base(
+    base_state: Mapping[str, Tensor],
+    delta: Mapping[str, Tensor],
+    scaling: float = 1.0,
+    *,
+    overrides: Mapping[str, Tensor] | None = None,
+) -> dict[str, Tensor]:
+    """``theta_base + scaling * delta`` as a complete state dict.
+
+    Parameters
+    ----------
+    base_state
+        State dict of the base model.
+    delta
+        A (merged) task vector over some of the floating entries.
+    scaling
+        The coefficient ``lambda`` of the task vector.
+    overrides
+        Entries to take as given instead (e.g. averaged BatchNorm statistics).
+
+    Returns
+    -------
+    dict
+        Every entry of ``base_state``: ``base + scaling * delta`` computed in float64 and
+        cast to the base's dtype where ``delta`` has the key, the override where given,
+        a copy of the base entry elsewhere.
+    """
+    overrides = overrides or {}
+    out = {}
+    for key, tensor in base_state.items():
+        if key in overrides:
+            out[key] = overrides[key].detach().to(device=tensor.device, dtype=tensor.dtype).clone()
+        elif key in delta:
+            total = tensor.detach().to(torch.float64) + float(scaling) * delta[key].to(
+                device=tensor.device, dtype=torch.float64
+            )
+            out[key] = total.to(tensor.dtype)
+        else:
+            out[key] = tensor.detach().clone()
+    return out
+
+
+def flatten(vectors: Sequence[Mapping[str, Tensor]], keys: Sequence[str]) -> Tensor:
+    """Stack task vectors into one float64 matrix ``(n_models, n_entries)``.
+
+    Entries are concatenated in the order of ``keys``, each flattened row-major. Methods
+    that rank entries across the whole network (TIES trimming, PCB's normalisation)
+    work on these rows.
+    """
+    if not vectors:
+        raise ValueError("no task vectors to flatten")
+    if not keys:
+        return torch.zeros((len(vectors), 0), dtype=torch.float64)
+    return torch.stack([torch.cat([v[k].reshape(-1).to(torch.float64) for k in keys]) for v in vectors])
+
+
+def unflatten(flat: Tensor, like: Mapping[str, Tensor], keys: Sequence[str]) -> dict[str, Tensor]:
+    """Split a flat vector (one row of :func:`flatten`) back into entries shaped like ``like``."""
+    covered = sum(like[key].numel() for key in keys)
+    if flat.ndim != 1 or flat.numel() != covered:
+        raise ValueError(f"the flat vector has {flat.numel()} entries but the keys cover {covered}")
+    out, start = {}, 0
+    for key in keys:
+        n = like[key].numel()
+        out[key] = flat[start : start + n].reshape(like[key].shape)
+        start += n
+    return out
+
+
+def top_fraction_mask(scores: Tensor, fraction: float) -> Tensor:
+    """Per row, mark the entries whose score is among the top ``fraction`` of the row.
+
+    ``k = max(1, round(fraction * n_entries))`` entries are kept per row: every entry
+    whose score is at least the row's k-th largest (ties at the threshold are all kept,
+    as in the TIES reference code). Used for TIES trimming (on ``|tau|``) and PCB's drop
+    (on the balancing matrix).
+
+    Parameters
+    ----------
+    scores
+        ``(n_rows, n_entries)``.
+    fraction
+        In ``(0, 1]``.
+
+    Returns
+    -------
+    Tensor
+        Boolean mask of the shape of ``scores``.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must lie in (0, 1], got {fraction}")
+    if scores.ndim != 2:
+        raise ValueError(f"scores must be 2-D (rows, entries), got shape {tuple(scores.shape)}")
+    n = scores.shape[1]
+    if n == 0:
+        return torch.zeros(scores.shape, dtype=torch.bool)
+    k = min(n, max(1, math.floor(fraction * n + 0.5)))
+    # kthvalue counts from the smallest: the k-th largest is the (n - k + 1)-th smallest.
+    threshold = scores.kthvalue(n - k + 1, dim=1, keepdim=True).values
+    return scores >= threshold
+
+
+def sign_conflicts(values: Tensor) -> float:
+    """Fraction of columns of ``values`` ``(n_models, n_entries)`` holding both signs.
+
+    A column conflicts when one model's entry is positive and another's negative (zeros
+    are abstentions), the interference TIES-Merging resolves by electing a sign.
+    """
+    if values.shape[1] == 0:
+        return 0.0
+    conflicts = (values > 0).any(dim=0) & (values < 0).any(dim=0)
+    return float(conflicts.double().mean())
+
+
+# ------------------------------------------------------------- merger scaffolding
+
+
+@attrs.frozen
+class TaskVectors:
+    """The inputs of a task-vector merge, checked.
+
+    Attributes
+    ----------
+    base
+        Name of the base model.
+    names
+        Names of the fine-tuned models, in the step's order (the base left out).
+    template
+        The base module (a merged model is a copy of it).
+    base_state
+        Its state dict.
+    states
+        State dicts of the fine-tunes, in the order of ``names``.
+    vector_keys, statistic_keys
+        See :func:`merge_keys`.
+    vectors
+        ``tau_i`` over ``vector_keys``, float64, in the order of ``names``.
+    distances
+        ``||tau_i|| / ||theta_base||`` over the weight matrices and kernels (see
+        :func:`check_finetuned`), in the order of ``names``.
+    """
+
+    base: str
+    names: list[str]
+    template: nn.Module
+    base_state: dict[str, Tensor]
+    states: list[dict[str, Tensor]]
+    vector_keys: list[str]
+    statistic_keys: list[str]
+    vectors: list[dict[str, Tensor]]
+    distances: list[float]
+
+    def statistics(self) -> dict[str, Tensor]:
+        """BatchNorm running statistics averaged uniformly over the fine-tunes."""
+        if not self.statistic_keys:
+            return {}
+        return average_states(self.states, keys=self.statistic_keys)
+
+
+def prepare(models: Mapping[str, nn.Module], base: str | None, *, method: str) -> TaskVectors:
+    """Resolve the base model, check the models and compute their task vectors.
+
+    Parameters
+    ----------
+    models
+        The step's models by name.
+    base
+        Name of the base model among them (``None``: the first).
+    method
+        The merger's name, for messages.
+
+    Raises
+    ------
+    ConfigError
+        ``base`` is not one of the models, fewer than two models, models of different
+        architectures, or models that are not fine-tunes of the base (see
+        :func:`check_finetuned`).
+    """
+    names = list(models)
+    if not names:
+        raise ConfigError(f"{method} needs models to merge, got none", where="key 'models'")
+    if base is None:
+        base = names[0]
+    elif base not in names:
+        raise ConfigError(
+            f"base model {base!r} is not among the step's models ({', '.join(names)}); "
+            "'base' names the pre-trained model the others were fine-tuned from",
+            where="key 'base'",
+        )
+    others = [n for n in names if n != base]
+    states = {name: models[name].state_dict() for name in [base, *others]}
+    try:
+        check_compatible(states)
+    except ValueError as exc:
+        raise ConfigError(f"cannot merge models {names}: {exc}", where="key 'models'") from exc
+    template = models[base]
+    vector_keys, statistic_keys = merge_keys(template)
+    # Weight matrices and kernels start from random initialisations; norm-layer scales and
+    # biases start from shared constants (1 and 0) that make unrelated networks look closer.
+    parameters = {name for name, p in template.named_parameters() if p.ndim >= 2}
+    measured = [k for k in vector_keys if k in parameters] or vector_keys
+    base_state = states[base]
+    tuned = [states[n] for n in others]
+    distances = check_finetuned(base_state, tuned, others, base_name=base, method=method, keys=measured)
+    vectors = task_vectors(base_state, tuned, keys=vector_keys, names=others)
+    return TaskVectors(base, others, template, base_state, tuned, vector_keys, statistic_keys, vectors, distances)
+
+
+def build_model(
+    template: nn.Module, state: Mapping[str, Tensor], context: Context | None = None, *, reset: bool = False
+) -> nn.Module:
+    """A copy of ``template`` holding ``state``, in evaluation mode.
+
+    With ``reset`` and data in ``context``, its BatchNorm statistics are recomputed on
+    ``context.data`` (:func:`mergescope.batchnorm.reset_batchnorm`).
+    """
+    model = copy.deepcopy(template)
+    model.load_state_dict(state)
+    if reset and context is not None and context.data is not None:
+        reset_batchnorm(model, context.data, batch_size=context.batch_size, context=context)
+    return model.eval()
+
+
+@attrs.frozen
+class ScalingSearch:
+    """The outcome of :func:`search_scaling`: the grid, its scores and the chosen point."""
+
+    scalings: list[float]
+    losses: list[float]
+    accuracies: list[float]
+    best: int
+
+    @property
+    def scaling(self) -> float:
+        """The chosen scaling."""
+        return self.scalings[self.best]
+
+
+def search_scaling(
+    model_at: Callable[[float], nn.Module], scalings: Sequence[float], context: Context, *, desc: str
+) -> ScalingSearch:
+    """Evaluate ``model_at(s)`` for every ``s`` in ``scalings`` and choose the best.
+
+    A plain grid search on ``context.data``: the highest accuracy wins, ties go to the
+    lower loss, then to the earlier grid point. The data it chooses on must not be the
+    data results are reported on: point the pipeline's ``[data]`` at a validation split.
+
+    Parameters
+    ----------
+    model_at
+        Builds the merged model for one scaling (BatchNorm already reset if wanted).
+    scalings
+        The grid, evaluated in the given order.
+    context
+        Gives the data and the evaluation.
+    desc
+        Progress bar label.
+
+    Raises
+    ------
+    ConfigError
+        The pipeline has no data to choose with.
+    """
+    if context.data is None:
+        raise ConfigError(
+            "'scalings' asks for a search that chooses the scaling by accuracy, which needs data: add [data] "
+            "pointing at a validation split, or give one 'scaling' instead",
+            where="key 'scalings'",
+        )
+    losses, accuracies = [], []
+    for s in context.progress(list(scalings), desc=desc, total=len(scalings)):
+        evaluation = context.evaluate(model_at(float(s)))
+        losses.append(float(evaluation.loss))
+        accuracies.append(float(evaluation.accuracy))
+    # lexsort sorts by the last key first: accuracy (descending), then loss, then position.
+    order = np.lexsort((np.arange(len(scalings)), np.asarray(losses), -np.asarray(accuracies)))
+    return ScalingSearch([float(s) for s in scalings], losses, accuracies, int(order[0]))
+
+
+def finish_merge(
+    inputs: TaskVectors,
+    delta: Mapping[str, Tensor],
+    *,
+    scaling: float,
+    scalings: Sequence[float] | None,
+    context: Context,
+    reset: bool,
+    method: str,
+) -> tuple[nn.Module, xr.Dataset]:
+    """Add a merged task vector to the base, choose its scaling, evaluate: the shared tail of a merge.
+
+    Parameters
+    ----------
+    inputs
+        From :func:`prepare`.
+    delta
+        The merged task vector ``tau`` (before scaling), over ``inputs.vector_keys``.
+    scaling
+        ``lambda`` in ``theta = theta_base + lambda * tau``, used when ``scalings`` is None.
+    scalings
+        A grid to choose ``lambda`` from by accuracy on ``context.data`` (see
+        :func:`search_scaling`).
+    context
+        Data for the search, the BatchNorm reset and the evaluation.
+    reset
+        Recompute BatchNorm statistics on ``context.data`` (when there is data);
+        otherwise they are the fine-tunes' average.
+    method
+        The merger's name, for messages and progress bars.
+
+    Returns
+    -------
+    model, results
+        The merged model and its labelled results: coord ``model`` (the fine-tunes),
+        ``coefficient`` (dim ``model``, the ``lambda`` applied to each task vector),
+        ``relative_distance`` (dim ``model``, ``||tau_i|| / ||theta_base||``), scalars
+        ``base`` (its name), ``merged_scaling`` and ``batchnorm_statistics``
+        (``"recomputed"``, ``"averaged"`` or ``"none"``); with data, scalars ``loss`` and
+        ``accuracy``; with ``scalings``, coord ``scaling`` (the grid) and
+        ``search_loss`` / ``search_accuracy`` on it.
+    """
+    statistics = inputs.statistics()
+
+    def model_at(s: float) -> nn.Module:
+        state = add_to_base(inputs.base_state, delta, s, overrides=statistics)
+        return build_model(inputs.template, state, context, reset=reset)
+
+    search = None
+    if scalings is not None:
+        search = search_scaling(model_at, scalings, context, desc=method)
+        scaling = search.scaling
+    merged = model_at(scaling)
+
+    n = len(inputs.names)
+    results = xr.Dataset(
+        {
+            "coefficient": ("model", np.full(n, float(scaling))),
+            "relative_distance": ("model", np.asarray(inputs.distances, dtype=float)),
+        },
+        coords={"model": list(inputs.names)},
+    )
+    results["base"] = inputs.base
+    results["merged_scaling"] = float(scaling)
+    if not inputs.statistic_keys:
+        results["batchnorm_statistics"] = "none"
+    else:
+        results["batchnorm_statistics"] = "recomputed" if reset and context.data is not None else "averaged"
+    if search is not None:
+        results = results.assign_coords(scaling=("scaling", np.asarray(search.scalings, dtype=float)))
+        results["search_loss"] = ("scaling", np.asarray(search.losses, dtype=float))
+        results["search_accuracy"] = ("scaling", np.asarray(search.accuracies, dtype=float))
+        # The chosen model is the one evaluated at the grid point: no second pass.
+        results["loss"] = search.losses[search.best]
+        results["accuracy"] = search.accuracies[search.best]
+    elif context.data is not None:
+        evaluation = context.evaluate(merged)
+        results["loss"] = float(evaluation.loss)
+        results["accuracy"] = float(evaluation.accuracy)
+    return merged, results
+
+
+# ----------------------------------------------------------------- option checks
+
+
+def float_list(value: Any) -> list[float] | None:
+    """Converter for list-of-number options: ``None`` stays ``None``, numbers become floats."""
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise TypeError(f"expected a list of numbers, got {value!r}")
+    return [float(v) for v in value]
+
+
+def check_scaling(instance: Any, attribute: attrs.Attribute, value: float) -> None:
+    """Validator: a finite scaling (negative values subtract task vectors, as in task negation)."""
+    if not math.isfinite(value):
+        raise ValueError(f"'{attribute.name}' must be a finite number, got {value}")
+
+
+def check_scalings(instance: Any, attribute: attrs.Attribute, value: list[float] | None) -> None:
+    """Validator of a ``scalings`` grid: finite, non-empty, no repeats, and no ``scaling`` beside it."""
+    if value is None:
+        return
+    if not value:
+        raise ValueError(f"'{attribute.name}' must hold at least one value; leave it out to use 'scaling'")
+    for s in value:
+        if not math.isfinite(s):
+            raise ValueError(f"'{attribute.name}' must be finite numbers, got {value}")
+    if len(set(value)) != len(value):
+        raise ValueError(f"'{attribute.name}' must not repeat a value, got {value}")
+    default = attrs.fields_dict(type(instance))["scaling"].default
+    if instance.scaling != default:
+        raise ValueError(
+            f"'scaling' and '{attribute.name}' exclude each other: give 'scaling' for one merge, "
+            f"'{attribute.name}' to choose it on the data"
+        )
+
+
+def check_fraction(instance: Any, attribute: attrs.Attribute, value: float) -> None:
+    """Validator: a fraction of entries to keep, in ``(0, 1]``."""
+    if not math.isfinite(value) or not 0.0 < value <= 1.0:
+        raise ValueError(f"'{attribute.name}' must lie in (0, 1] (the fraction of entries kept), got {value}")
+
+
+def example_finetunes(n: int = 2, *, scale: float = 0.05, seed: int = 0) -> dict[str, nn.Module]:
+    """A small base MLP and ``n`` perturbed copies standing in for its fine-tunes.
+
+    The architecture is that of :func:`mergescope.testing.example_models`. ``model0`` is
+    the base; ``model1`` ... ``model{n}`` add Gaussian noise of ``scale`` times each
+    tensor's RMS, so their relative distance to the base is about ``scale``.
+    Deterministic for a given ``seed``. Meant for examples and conformance tests of
+    task-vector mergers, which reject independently initialised models.
+    """
+    from .testing import example_models
+
+    with torch.random.fork_rng(devices=[]):  # example_models seeds the global generator
+        base = example_models(1)["model0"]
+    gen = torch.Generator().manual_seed(seed)
+    models: dict[str, nn.Module] = {"model0": base}
+    for i in range(1, n + 1):
+        tuned = copy.deepcopy(base)
+        with torch.no_grad():
+            for p in tuned.parameters():
+                rms = p.pow(2).mean().sqrt()
+                p.add_(scale * rms * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+        models[f"model{i}"] = tuned.eval()
+    return models
