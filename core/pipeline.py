@@ -45,14 +45,15 @@ else:  # pragma: no cover
     import tomli as tomllib
 import tomli_w
 
-__all__ = ["ActivationSpec", "ModelSpec", "Step", "Pipeline", "load_pipeline", "STEP_KINDS"]
+__all__ = ["ActivationSpec", "ModelSpec", "Step", "TaskSpec", "Pipeline", "load_pipeline", "STEP_KINDS"]
 
 #: Component kinds that can be pipeline steps.
 STEP_KINDS = ("aligner", "merger", "metric", "differ", "visualizer")
 
-_TOP_KEYS = ("seed", "data", "activations", "models", "steps")
+_TOP_KEYS = ("seed", "data", "activations", "models", "steps", "tasks")
 _MODEL_KEYS = ("name", "use", "checkpoint", "train", "train_data")
 _STEP_KEYS = ("use", "name", "models", "layers", "alignment")
+_TASK_KEYS = ("name", "use", "expert", "restrict", "models")
 
 
 def _name_of(component: Any) -> str:
@@ -148,6 +149,33 @@ class Step:
 
 
 @attrs.define
+class TaskSpec:
+    """A task every model is evaluated on after the steps (the table of multi-task merging).
+
+    Parameters
+    ----------
+    name
+        The task's label in the results (coord ``task``).
+    data
+        A dataset component instance: the task's evaluation images.
+    expert
+        The model trained for this task; accuracies are also reported relative to its
+        accuracy (normalised accuracy, as in the task-merging literature).
+    restrict
+        Let only the classes present in the task's data compete (a task head carved out
+        of a shared classifier).
+    models
+        Models (or merger steps) to evaluate; default: every model and merged model.
+    """
+
+    name: str
+    data: Any
+    expert: str | None = None
+    restrict: bool = True
+    models: list[str] | None = None
+
+
+@attrs.define
 class Pipeline:
     """A whole experiment: data, models and steps.
 
@@ -157,6 +185,7 @@ class Pipeline:
 
     models: list[ModelSpec] = attrs.field(factory=list)
     steps: list[Step] = attrs.field(factory=list)
+    tasks: list[TaskSpec] = attrs.field(factory=list)
     data: Any | None = None
     activations: ActivationSpec = attrs.field(factory=ActivationSpec)
     seed: int = 0
@@ -210,10 +239,16 @@ class Pipeline:
             _step(registry, _table(s, f"[[steps]] #{i + 1}", source), f"{source}, [[steps]] #{i + 1}")
             for i, s in enumerate(_list(raw.get("steps", []), "steps", source))
         ]
+        tasks = [
+            _task(registry, _table(t, f"[[tasks]] #{i + 1}", source), f"{source}, [[tasks]] #{i + 1}")
+            for i, t in enumerate(_list(raw.get("tasks", []), "tasks", source))
+        ]
         seed = raw.get("seed", 0)
         if not isinstance(seed, int):
             raise ConfigError(f"'seed' must be an integer, got {seed!r}", where=f"{source}, key 'seed'")
-        pipeline = cls(models=models, steps=steps, data=data, activations=activations, seed=seed, source=source)
+        pipeline = cls(
+            models=models, steps=steps, tasks=tasks, data=data, activations=activations, seed=seed, source=source
+        )
         pipeline.check(registry)
         return pipeline
 
@@ -247,6 +282,15 @@ class Pipeline:
                     table[key] = getattr(s, key)
             table.update(unstructure_options(s.component))
             out["steps"].append(table)
+        if self.tasks:
+            out["tasks"] = []
+        for t in self.tasks:
+            table = {"name": t.name, "use": _name_of(t.data), **unstructure_options(t.data), "restrict": t.restrict}
+            if t.expert is not None:
+                table["expert"] = t.expert
+            if t.models is not None:
+                table["models"] = t.models
+            out["tasks"].append(table)
         return out
 
     def to_toml(self) -> str:
@@ -314,6 +358,20 @@ class Pipeline:
             if kind == "merger":
                 available.append(name)
             kinds[name] = kind
+        task_names = [t.name for t in self.tasks]
+        for i, task in enumerate(self.tasks):
+            where = f"{self.source}, [[tasks]] #{i + 1} (name = {task.name!r})"
+            if task.name in task_names[:i]:
+                raise ConfigError(f"two tasks are named {task.name!r}", where=f"{where}, key 'name'")
+            for key, refs in (("expert", [task.expert] if task.expert else []), ("models", task.models or [])):
+                for ref in refs:
+                    if ref not in available:
+                        guess = closest(ref, available)
+                        hint = f" Did you mean {guess!r}?" if guess else ""
+                        raise ConfigError(
+                            f"unknown model {ref!r}.{hint} Models and merged models: {', '.join(available)}.",
+                            where=f"{where}, key {key!r}",
+                        )
         if any(m.checkpoint is None and m.module is None for m in self.models) or any(
             kinds[n] in ("merger", "metric", "differ") for n in step_names
         ):
@@ -407,6 +465,22 @@ def _model(registry: Registry, table: dict[str, Any], where: str, base_dir: Path
     if checkpoint is not None and base_dir is not None and not Path(checkpoint).is_absolute():
         checkpoint = str(base_dir / checkpoint)
     return ModelSpec(name, architecture, checkpoint, train, train_data)
+
+
+def _task(registry: Registry, table: dict[str, Any], where: str) -> TaskSpec:
+    name = table.get("name")
+    if not isinstance(name, str) or not name:
+        raise ConfigError("every task needs a 'name' (a string)", where=f"{where}, key 'name'")
+    where = f"{where} (name = {name!r})"
+    data = _component(registry, "dataset", table, where, reserved=_TASK_KEYS)
+    expert, restrict, models = table.get("expert"), table.get("restrict", True), table.get("models")
+    if expert is not None and not isinstance(expert, str):
+        raise ConfigError(f"'expert' must be a model name, got {expert!r}", where=f"{where}, key 'expert'")
+    if not isinstance(restrict, bool):
+        raise ConfigError(f"'restrict' must be true or false, got {restrict!r}", where=f"{where}, key 'restrict'")
+    if models is not None and not (isinstance(models, list) and all(isinstance(m, str) for m in models)):
+        raise ConfigError(f"'models' must be a list of model names, got {models!r}", where=f"{where}, key 'models'")
+    return TaskSpec(name, data, expert, restrict, models)
 
 
 def _step(registry: Registry, table: dict[str, Any], where: str) -> Step:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import numpy as np
 import torch
 import xarray as xr
 from torch import nn
@@ -34,7 +35,7 @@ from torch import nn
 from . import __version__
 from .activations import resolve_layers
 from .checkpoints import load_into, load_state_dict, save_state_dict, state_digest
-from .components import Alignment, Context, ImageDataset, MergeResult
+from .components import Alignment, Context, ImageDataset, MergeResult, evaluate
 from .errors import CheckpointError, ConfigError, ContractError, MergescopeError, article
 from .options import unstructure_options
 from .pipeline import ModelSpec, Pipeline, Step
@@ -317,6 +318,11 @@ class _Run:
             for path, ds in nodes.items():
                 results[f"{name}/{path}".rstrip("/").replace("//", "/")] = ds
             lines.append(self._summary_line(name, nodes))
+        if self.pipeline.tasks:
+            t0 = time.perf_counter()
+            results["tasks"] = self.evaluate_tasks()
+            timings["tasks"] = time.perf_counter() - t0
+            lines.append(task_table(results["tasks"]))
         tree = xr.DataTree.from_dict(results)
         pipeline_text = _as_toml(self.pipeline)
         tree.attrs.update({"mergescope_version": __version__, "pipeline": pipeline_text})
@@ -336,6 +342,41 @@ class _Run:
         _write_text(self.out / "run.json", json.dumps(run_info, indent=2) + "\n")
         return RunResult(self.out, tree, summary, {n: m.module for n, m in self.models.items()})
 
+    def evaluate_tasks(self) -> xr.Dataset:
+        """Loss and accuracy of every model on every task; normalised by each task's expert."""
+        tasks = self.pipeline.tasks
+        models = list(self.models)
+        key = cache_key(
+            [self.models[m].fingerprint for m in models],
+            [[t.name, t.data, t.expert, t.restrict, t.models] for t in tasks],
+        )
+        path = self.out / "steps" / f"tasks-{key[:16]}" / "result.nc"
+        if path.exists() and not self.force:
+            log.info("tasks: done before, loaded from %s", path.parent)
+            return load_tree(path).to_dataset()
+        accuracy = np.full((len(models), len(tasks)), np.nan)
+        loss = np.full_like(accuracy, np.nan)
+        for j, task in enumerate(tasks):
+            data = task.data.load()
+            classes = np.unique(data.labels).tolist() if task.restrict else None
+            for i, m in enumerate(models):
+                if task.models is not None and m not in task.models:
+                    continue
+                result = evaluate(self.models[m].module, data, self.pipeline.activations.batch_size, classes)
+                accuracy[i, j], loss[i, j] = result.accuracy, result.loss
+        ds = xr.Dataset(
+            {"accuracy": (("model", "task"), accuracy), "loss": (("model", "task"), loss)},
+            coords={"model": models, "task": [t.name for t in tasks]},
+        )
+        experts = [models.index(t.expert) if t.expert else -1 for t in tasks]
+        if any(e >= 0 for e in experts):
+            reference = np.array([accuracy[e, j] if e >= 0 else np.nan for j, e in enumerate(experts)])
+            ds["normalized_accuracy"] = ds["accuracy"] / xr.DataArray(reference, dims="task")
+            ds["average_normalized_accuracy"] = ds["normalized_accuracy"].mean("task")
+        ds["average_accuracy"] = ds["accuracy"].mean("task")
+        save_tree(xr.DataTree(ds), path)
+        return ds
+
     def _summary_line(self, name: str, nodes: Mapping[str, xr.Dataset]) -> str:
         step = self.pipeline.steps[self.names.index(name)]
         layers = {path: ds for path, ds in nodes.items() if path != "/"}
@@ -351,6 +392,22 @@ class _Run:
             return f"{name} ({step.use}):\n" + "\n".join(parts)
         root = nodes.get("/", xr.Dataset())
         return f"{name} ({step.use}): {_describe(step.component, root)}"
+
+
+def task_table(ds: xr.Dataset) -> str:
+    """Models x tasks accuracy table (percent) with the average and normalised average."""
+    tasks = [str(t) for t in ds["task"].values]
+    head = ["model", *tasks, "avg"] + (["norm. avg"] if "average_normalized_accuracy" in ds else [])
+    rows = []
+    for m in ds["model"].values:
+        row = [str(m), *(f"{100 * v:.1f}" for v in ds["accuracy"].sel(model=m).values)]
+        row.append(f"{100 * float(ds['average_accuracy'].sel(model=m)):.1f}")
+        if "average_normalized_accuracy" in ds:
+            row.append(f"{100 * float(ds['average_normalized_accuracy'].sel(model=m)):.1f}")
+        rows.append(row)
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    return "tasks (accuracy %):\n" + "\n".join("  " + fmt(r) for r in [head, *rows])
 
 
 def _as_toml(pipeline: Pipeline) -> str:

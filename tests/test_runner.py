@@ -8,7 +8,7 @@ import pytest
 import xarray as xr
 
 import mergescope.runner as runner_module
-from mergescope import Pipeline, run
+from mergescope import ConfigError, Pipeline, run
 from pipelines import SMALL
 
 MERGED = SMALL + """
@@ -108,3 +108,45 @@ def test_any_module_from_python(tmp_path):
     assert result.results["kendall-tau/2"].ds["kendall_tau"].sizes["unit"] == 16
     with pytest.raises(Exception, match="cannot hold"):
         pipeline.to_toml()
+
+
+TASKS = SMALL + """
+[[tasks]]
+name = "low"
+use = "mnist5000"
+split = "test"
+per_class = 10
+expert = "a"
+
+[[tasks]]
+name = "all"
+use = "mnist5000"
+split = "test"
+per_class = 10
+restrict = false
+"""
+
+
+def test_tasks_evaluate_every_model_on_every_task(tmp_path):
+    from mergescope import Context
+    from mergescope.components import evaluate
+
+    pipeline = Pipeline.from_toml(TASKS)
+    assert Pipeline.from_toml(pipeline.to_toml()) == pipeline
+    result = run(pipeline, tmp_path / "run", quiet=True)
+    tasks = result.results["tasks"].ds
+    assert list(tasks["model"].values) == ["a", "b", "interpolation"]
+    assert list(tasks["task"].values) == ["low", "all"]
+    data = pipeline.tasks[1].data.load()
+    direct = Context(data=data).evaluate(result.models["b"])
+    assert float(tasks["accuracy"].sel(model="b", task="all")) == pytest.approx(direct.accuracy)
+    assert float(tasks["normalized_accuracy"].sel(model="a", task="low")) == pytest.approx(1.0)
+    assert "tasks (accuracy %)" in result.summary and "norm. avg" in result.summary
+    # restricting to classes that are all present changes nothing; to fewer classes it can only help
+    restricted = evaluate(result.models["b"], data, restrict_to=range(10))
+    assert restricted.accuracy == pytest.approx(direct.accuracy)
+
+
+def test_task_errors_name_the_key():
+    with pytest.raises(ConfigError, match=r"\[\[tasks\]\] #1 \(name = 'low'\), key 'expert'.*unknown model 'z'"):
+        Pipeline.from_toml(TASKS.replace('expert = "a"', 'expert = "z"'))
