@@ -263,6 +263,7 @@ class Context:
         topk: int = 0,
         keep_activations: bool = True,
         reduce: str = "mean",
+        positions: bool = False,
     ) -> Any:
         """Record ``models`` over :attr:`data` in one pass: activations and streaming statistics.
 
@@ -274,7 +275,7 @@ class Context:
             Layer selectors per model (see :func:`mergescope.activations.resolve_layers`).
         pairs
             Model pairs whose cross-covariance is accumulated (alignment statistics).
-        covariance, topk, keep_activations, reduce
+        covariance, topk, keep_activations, reduce, positions
             As in :class:`mergescope.store.StoreSpec`.
 
         Returns
@@ -298,6 +299,7 @@ class Context:
             covariance=covariance,
             pairs=[tuple(p) for p in pairs],
             keep_activations=keep_activations,
+            positions=positions,
         )
         ids = hashlib.sha256(np.asarray(self.data.sample_ids, dtype=np.int64).tobytes()).hexdigest()
         key = cache_key([state_digest(m) for m in models.values()], self.data.name, ids, attrs.asdict(spec))

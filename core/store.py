@@ -82,6 +82,10 @@ class StoreSpec:
         Write the activations; ``False`` keeps only the statistics.
     workers
         Data-loading worker processes (image decoding in parallel with the models).
+    positions
+        Take the moments and covariances of conv maps over every spatial position
+        (samples x positions rows), as activation matching and REPAIR do; top-k stays
+        per image. Default: over the per-image summaries.
     """
 
     layers: dict[str, list[str]]
@@ -93,6 +97,7 @@ class StoreSpec:
     pairs: list[tuple[str, str]] = attrs.field(factory=list)
     keep_activations: bool = True
     workers: int = 0
+    positions: bool = False
 
     def __attrs_post_init__(self) -> None:
         if self.reduce not in (*REDUCTIONS, "none"):
@@ -139,19 +144,26 @@ class _Accumulators:
         totals = self.evaluation.setdefault(model, np.zeros(3))
         totals += (loss, correct, len(labels))
 
-    def update(self, spec: StoreSpec, summaries: Mapping[str, Mapping[str, np.ndarray]], ids: np.ndarray) -> None:
-        for model, layers in summaries.items():
+    def update(
+        self,
+        spec: StoreSpec,
+        summaries: Mapping[str, Mapping[str, np.ndarray]],
+        rows: Mapping[str, Mapping[str, np.ndarray]],
+        ids: np.ndarray,
+    ) -> None:
+        """Add a batch: ``summaries`` (one row per sample) feed top-k, ``rows`` the moments."""
+        for model, layers in rows.items():
             for layer, values in layers.items():
                 key = (model, layer)
                 units = values.shape[1]
                 self.moments.setdefault(key, Moments(units)).update(values)
                 if spec.topk:
-                    self.topk.setdefault(key, TopK(units, spec.topk)).update(values, ids)
+                    self.topk.setdefault(key, TopK(units, spec.topk)).update(summaries[model][layer], ids)
                 if spec.covariance:
                     self.covariance.setdefault(key, CoMoments.within(units)).update(values)
         for a, b in spec.pairs:
-            for layer in summaries[a].keys() & summaries[b].keys():
-                x, y = summaries[a][layer], summaries[b][layer]
+            for layer in rows[a].keys() & rows[b].keys():
+                x, y = rows[a][layer], rows[b][layer]
                 self.cross.setdefault((a, b, layer), CoMoments(x.shape[1], y.shape[1])).update(x, y)
 
     def to_nodes(self, prefix: str = "") -> dict[str, xr.Dataset]:
@@ -432,10 +444,14 @@ def collect_store(
     work.mkdir(parents=True, exist_ok=True)
 
     captured: dict[str, dict[str, np.ndarray]] = {m: {} for m in models}
+    captured_rows: dict[str, dict[str, np.ndarray]] = {m: {} for m in models}
     handles = []
     for m in models:
 
         def sink(layer: str, output: torch.Tensor, _m: str = m) -> None:
+            if spec.positions and output.ndim > 2:
+                # channels last, then one row per (sample, position)
+                captured_rows[_m][layer] = output.detach().float().movedim(1, -1).reshape(-1, output.shape[1]).numpy()
             captured[_m][layer] = summarise(output, spec.reduce)
 
         handles += attach_recorders(models[m], spec.layers[m], sink, m)
@@ -457,11 +473,12 @@ def collect_store(
                     acc.score(m, _forward(model, images, m, data), labels, len(data.classes))
                 ids = np.asarray(data.sample_ids)[batch_positions]
                 summaries = {m: {layer: captured[m][layer] for layer in spec.layers[m]} for m in models}
-                stat_view = {
+                per_sample = {
                     m: {l: (v if v.ndim == 2 else v.reshape(*v.shape[:2], -1).mean(axis=2)) for l, v in layers.items()}
                     for m, layers in summaries.items()
                 }
-                acc.update(spec, stat_view, ids)
+                rows = {m: {l: captured_rows[m].get(l, v) for l, v in layers.items()} for m, layers in per_sample.items()}
+                acc.update(spec, per_sample, rows, ids)
                 if spec.keep_activations:
                     for m in models:
                         for layer in spec.layers[m]:

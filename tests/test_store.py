@@ -236,3 +236,15 @@ def test_context_record_reuses_identical_recordings(tmp_path, data, models):
     assert again.directories == store.directories
     other = context.record({"a": ConvNet(5).eval(), "b": models["b"]}, {"a": ["relu"], "b": ["relu"]})
     assert other.directories != store.directories
+
+
+def test_statistics_over_spatial_positions(tmp_path, data, models):
+    store = collect_store(models, data, spec(positions=True), tmp_path / "s")
+    with torch.no_grad():
+        maps = {m: models[m].conv(data.images) for m in models}
+    rows = {m: maps[m].movedim(1, -1).reshape(-1, 6).double().numpy() for m in maps}
+    np.testing.assert_allclose(store.moments("a", "conv").mean, rows["a"].mean(0), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(store.moments("a", "conv").variance, rows["a"].var(0), rtol=1e-8)
+    expected = np.corrcoef(rows["a"].T, rows["b"].T)[:6, 6:]
+    np.testing.assert_allclose(store.cross("a", "b", "conv").correlation, expected, atol=1e-9)
+    assert store.activation("a", "conv").dims == ("sample", "unit")  # still written per image
