@@ -148,15 +148,19 @@ class Alignment:
 
     ``transforms[model][group]`` is a DataArray with dims ``("unit", "unit_ref")``: a
     permutation matrix, an invertible map or a general linear map from ``model``'s units
-    of channel group ``group`` to the reference's.
+    of channel group ``group`` to the reference's (aligned activations are ``a @ M``).
+    ``diagnostics`` holds whatever the aligner measured (matched correlations,
+    iterations, ...) as labelled variables.
     """
 
     reference: str
     transforms: dict[str, dict[str, xr.DataArray]] = attrs.field(factory=dict)
+    diagnostics: xr.Dataset = attrs.field(factory=xr.Dataset)
 
     def to_tree(self) -> xr.DataTree:
-        """Return the alignment as a DataTree: ``reference`` at the root, ``/<model>/<group>`` transforms."""
-        children: dict[str, xr.Dataset] = {"/": xr.Dataset({"reference": self.reference})}
+        """Return the alignment as a DataTree: ``reference`` and diagnostics at the root, ``/<model>/<group>`` transforms."""
+        root = self.diagnostics.assign(reference=self.reference)
+        children: dict[str, xr.Dataset] = {"/": root}
         for model, groups in self.transforms.items():
             for group, t in groups.items():
                 children[f"{model}/{group}"] = xr.Dataset({"transform": t})
@@ -168,7 +172,8 @@ class Alignment:
         transforms: dict[str, dict[str, xr.DataArray]] = {}
         for model_node in tree.children.values():
             transforms[model_node.name] = {g.name: g.ds["transform"] for g in model_node.children.values()}
-        return cls(str(tree.ds["reference"].item()), transforms)
+        root = tree.to_dataset(inherit=False)
+        return cls(str(root["reference"].item()), transforms, root.drop_vars("reference"))
 
 
 @attrs.define

@@ -74,6 +74,8 @@ __all__ = [
     "perm_from_matrix",
     "apply_linear",
     "maps_from_transforms",
+    "example_input",
+    "align_to_reference",
 ]
 
 ROLES = ("output", "input", "channel")
@@ -1874,3 +1876,53 @@ def _transform_axis(tensor: torch.Tensor, ax: Axis, size: int, matrix: np.ndarra
     m = torch.from_numpy(matrix).to(device=tensor.device)
     result = torch.einsum("ij,jrk->irk", m, values).reshape(size * ax.repeat, *rest)
     block.copy_(result.to(tensor.dtype))
+
+
+def example_input(data: Any, count: int = 2) -> torch.Tensor:
+    """A small batch of real images from a dataset, for tracing with :func:`channel_groups`."""
+    if data is None or len(data) == 0:
+        raise ValueError("finding channel groups needs example images, but there is no data")
+    return torch.stack([data[i][0] for i in range(min(count, len(data)))])
+
+
+def align_to_reference(
+    models: Mapping[str, nn.Module], alignment: Any, groups: Sequence[ChannelGroup]
+) -> dict[str, nn.Module]:
+    """Map every model into the reference's unit order (or space) with an alignment.
+
+    Parameters
+    ----------
+    models
+        Name -> model; the alignment's reference and models it has no transforms for
+        are returned unchanged (copies are made only for transformed models).
+    alignment
+        A :class:`mergescope.Alignment` whose groups are those of ``groups``.
+    groups
+        The architecture's groups (:func:`channel_groups` of the reference).
+
+    Returns
+    -------
+    dict
+        Name -> aligned model: permuted when every transform is a permutation matrix
+        (the function is unchanged), else transformed with :func:`apply_linear`
+        (per-channel quantities mixed; re-estimate BatchNorm statistics afterwards).
+    """
+    known = {g.name for g in groups}
+    out: dict[str, nn.Module] = {}
+    for name, model in models.items():
+        transforms = alignment.transforms.get(name)
+        if not transforms or name == alignment.reference:
+            out[name] = model
+            continue
+        unknown = sorted(set(transforms) - known)
+        if unknown:
+            raise ValueError(
+                f"the alignment of {name!r} has groups {unknown} that this architecture does not have "
+                f"(its groups: {', '.join(sorted(known))})"
+            )
+        matrices = {g: np.asarray(t.transpose("unit", "unit_ref").values) for g, t in transforms.items()}
+        if all(_is_permutation_matrix(m) for m in matrices.values()):
+            out[name] = permute(model, {g: perm_from_matrix(t) for g, t in transforms.items()}, groups)
+        else:
+            out[name] = apply_linear(model, maps_from_transforms(transforms), groups, per_channel="mix")
+    return out

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from mergescope.components import Alignment, Context, MergeResult
 from mergescope.errors import ConfigError
+from mergescope.groups import align_to_reference, channel_groups, example_input
 from mergescope.hookspecs import hookimpl
 from mergescope.task_vectors import check_compatible
 
@@ -230,17 +231,21 @@ class Interpolation:
         Raises
         ------
         ConfigError
-            An alignment is passed, fewer than two models, a weight count that does not
+            An alignment whose reference is not a step model, fewer than two models, a weight count that does not
             match the models, or models whose parameters do not match.
         """
-        if alignment is not None:
-            raise ConfigError(
-                "interpolation does not apply alignments yet: interpolating aligned models needs the aligner's "
-                "transforms applied to the weights first, which this merger cannot do; drop 'alignment' from this step"
-            )
         names = list(models)
         if len(names) < 2:
             raise ConfigError(f"interpolation needs at least two models, got {names}", where="key 'models'")
+        if alignment is not None:
+            if alignment.reference not in models:
+                raise ConfigError(
+                    f"the alignment's reference {alignment.reference!r} is not among this step's models {names}",
+                    where="key 'alignment'",
+                )
+            # Bring every model into the reference's unit order before interpolating.
+            groups = channel_groups(models[alignment.reference], example_input(context.data))
+            models = align_to_reference(models, alignment, groups)
         states = {name: models[name].state_dict() for name in names}
         try:
             check_compatible(states)

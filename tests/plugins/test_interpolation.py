@@ -274,8 +274,10 @@ def test_without_data_nothing_is_evaluated() -> None:
 
 def test_merge_errors(data: TensorImageDataset) -> None:
     context = Context(data=data, quiet=True)
-    with pytest.raises(ValueError, match="does not apply alignments yet"):
-        Interpolation().merge({"A": tiny(0), "B": tiny(1)}, context, alignment=object())
+    from mergescope import Alignment
+
+    with pytest.raises(ValueError, match="reference 'Z' is not among this step's models"):
+        Interpolation().merge({"A": tiny(0), "B": tiny(1)}, context, alignment=Alignment("Z"))
     with pytest.raises(ValueError, match="at least two models"):
         Interpolation().merge({"A": tiny(0)}, context)
     with pytest.raises(ValueError, match="'weights' has 2 values but the step has 3 models"):

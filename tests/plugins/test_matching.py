@@ -1,0 +1,83 @@
+"""Weight matching and activation matching recover a hidden permutation and remove the barrier."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mergescope import Context
+from mergescope.groups import align_to_reference, channel_groups, example_input, perm_from_matrix, permute
+from mergescope.testing import example_dataset
+from mergescope_plugins.activation_matching import ActivationMatching, match_correlations
+from mergescope_plugins.interpolation import Interpolation
+from mergescope_plugins.weight_matching import WeightMatching
+from mergescope_plugins.zoo import MLP, SmallCNN
+
+
+@pytest.fixture(scope="module")
+def data():
+    return example_dataset(n=64, shape=(1, 8, 8))
+
+
+def scrambled(model, data, seed, noise=0.0):
+    """The same function with every group's units shuffled (and a little weight noise)."""
+    groups = channel_groups(model, example_input(data))
+    rng = np.random.default_rng(seed)
+    perms = {g.name: rng.permutation(g.size) for g in groups}
+    other = permute(model, perms, groups)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(noise * torch.randn_like(p))
+    return other, perms, groups
+
+
+@pytest.mark.parametrize("aligner", [WeightMatching(), ActivationMatching()])
+@pytest.mark.parametrize("arch", [MLP(hidden=[32, 16]), SmallCNN(widths=[8, 16], batchnorm=True)])
+def test_a_hidden_permutation_is_recovered(aligner, arch, data):
+    torch.manual_seed(0)
+    model = arch.build((1, 8, 8), 3).eval()
+    other, perms, groups = scrambled(model, data, seed=1, noise=1e-4)
+    alignment = aligner.align({"ref": model, "other": other}, "ref", Context(data=data, quiet=True))
+    for g in groups:
+        found = perm_from_matrix(alignment.transforms["other"][g.name])
+        # other's position i holds ref's unit perms[i]; matching must undo that
+        np.testing.assert_array_equal(perms[g.name][found], np.arange(g.size))
+    aligned = align_to_reference({"ref": model, "other": other}, alignment, groups)["other"]
+    for (k, v), w in zip(model.state_dict().items(), aligned.state_dict().values()):
+        if v.is_floating_point():
+            assert torch.allclose(v, w, atol=1e-3), k
+
+
+def test_aligned_interpolation_has_no_barrier_on_a_permuted_copy(data):
+    torch.manual_seed(0)
+    model = MLP(hidden=[32]).build((1, 8, 8), 3).eval()
+    other, _, _ = scrambled(model, data, seed=2)
+    context = Context(data=data, quiet=True)
+    naive = Interpolation(alphas=[0.0, 0.5, 1.0]).merge({"ref": model, "other": other}, context)
+    alignment = WeightMatching().align({"ref": model, "other": other}, "ref", context)
+    aligned = Interpolation(alphas=[0.0, 0.5, 1.0]).merge({"ref": model, "other": other}, context, alignment)
+    assert float(aligned.results["loss_barrier"]) == pytest.approx(0.0, abs=1e-5)
+    x = data.images[:16]
+    with torch.no_grad():  # the aligned midpoint is the model itself; the naive one is not
+        assert torch.allclose(aligned.model(x), model(x), atol=1e-5)
+        assert not torch.allclose(naive.model(x), model(x), atol=1e-2)
+
+
+def test_match_correlations_and_dead_units():
+    corr = np.array([[0.1, 0.9, 0.0], [0.8, 0.2, 0.1], [np.nan, np.nan, np.nan]])
+    perm, mean = match_correlations(corr)
+    assert perm.tolist() == [1, 0, 2] and mean == pytest.approx((0.8 + 0.9 + 0.0) / 3)
+    with pytest.raises(ValueError, match="square"):
+        match_correlations(np.zeros((2, 3)))
+
+
+def test_models_of_another_width_are_refused(data):
+    torch.manual_seed(0)
+    a = MLP(hidden=[32]).build((1, 8, 8), 3)
+    b = MLP(hidden=[16]).build((1, 8, 8), 3)
+    context = Context(data=data, quiet=True)
+    with pytest.raises(ValueError, match="one architecture: 'fc1.weight'"):
+        WeightMatching().align({"a": a, "b": b}, "a", context)
+    with pytest.raises(ValueError, match="16 units but the reference 'a' has 32"):
+        ActivationMatching().align({"a": a, "b": b}, "a", context)
