@@ -283,8 +283,14 @@ class _Run:
         if kind == "visualizer":
             figures = self.out / "figures" / name
             tree = xr.DataTree.from_dict(dict(results))
-            files = [os.path.relpath(Path(p).resolve(), self.out.resolve()) for p in component.render(tree, figures)]
-            return {"/": xr.Dataset({"files": ("file", files)})}
+            paths = [Path(p) for p in component.render(tree, figures)]
+            node = xr.Dataset({"files": ("file", [os.path.relpath(p.resolve(), self.out.resolve()) for p in paths])})
+            # Labelled data a visualizer draws from (its .nc outputs) joins the run's results.
+            for path in paths:
+                if path.suffix == ".nc":
+                    with xr.open_dataset(path) as drawn:
+                        node = node.merge(drawn.load())
+            return {"/": node}
         raise ConfigError(f"{step.use!r} is {article(kind)}, which cannot be a step")
 
     def _score(self, metric: Any, model_names: list[str], layer: str) -> xr.Dataset:
