@@ -24,6 +24,7 @@ from mergescope.components import Alignment, Context, MergeResult
 from mergescope.errors import ConfigError
 from mergescope.groups import align_to_reference, channel_groups, example_input
 from mergescope.hookspecs import hookimpl
+from mergescope.sweeps import default_alphas, loss_barrier
 from mergescope.task_vectors import check_compatible
 
 __all__ = [
@@ -37,11 +38,6 @@ __all__ = [
 
 # Weights may miss 1 by float rounding when written in a pipeline file (0.1 + 0.2 + 0.7).
 _SUM_TOLERANCE = 1e-6
-
-
-def default_alphas() -> list[float]:
-    """``0, 0.05, ..., 1`` (21 points), rounded so that ``0.15`` is exactly ``0.15``."""
-    return [round(i / 20, 10) for i in range(21)]
 
 
 # ------------------------------------------------------------------- pure functions
@@ -80,42 +76,6 @@ def interpolate_states(states: Sequence[Mapping[str, Tensor]], weights: Sequence
             total += float(weight) * state[key].detach().to(device=tensor.device, dtype=torch.float64)
         out[key] = total.to(tensor.dtype)
     return out
-
-
-def loss_barrier(alphas: Sequence[float], losses: Sequence[float]) -> float:
-    """Height of the loss barrier along an interpolation path.
-
-    ``max over alpha in [0, 1] of L(alpha) - ((1 - alpha) L(0) + alpha L(1))``, the
-    definition of Frankle et al. (2020) and Entezari et al. (2022). For an accuracy
-    barrier pass negated accuracies.
-
-    Parameters
-    ----------
-    alphas
-        Interpolation coefficients; must contain 0 and 1. Points outside ``[0, 1]``
-        (extrapolation) are ignored.
-    losses
-        ``L(alpha)`` at every alpha.
-
-    Returns
-    -------
-    float
-        The barrier; ``>= 0`` because the endpoints contribute 0. NaN if a loss is NaN.
-    """
-    a = np.asarray(alphas, dtype=float)
-    values = np.asarray(losses, dtype=float)
-    if a.ndim != 1 or a.shape != values.shape:
-        raise ValueError(f"alphas and losses must be 1-D of one length, got shapes {a.shape} and {values.shape}")
-    at0 = np.flatnonzero(a == 0.0)
-    at1 = np.flatnonzero(a == 1.0)
-    if not len(at0) or not len(at1):
-        raise ValueError(f"the barrier needs the endpoints alpha = 0 and alpha = 1 among the alphas, got {a.tolist()}")
-    start, end = values[at0[0]], values[at1[0]]
-    # Extrapolated points have no straight line to compare with; the barrier is on [0, 1].
-    inside = (a >= 0.0) & (a <= 1.0)
-    a, values = a[inside], values[inside]
-    line = (1.0 - a) * start + a * end
-    return float(np.max(values - line))
 
 
 # ------------------------------------------------------------------ option checks

@@ -1,0 +1,250 @@
+"""REPAIR: renormalise the interpolated network's pre-activations (Jordan et al. 2023).
+
+Interpolating two aligned networks shrinks the variance of their hidden units
+("variance collapse"). REPAIR gives every channel of the merged network the mean and
+standard deviation that interpolating the endpoints' statistics predicts:
+
+    mu_t = (1 - alpha) mu_A + alpha mu_B,      sigma_t = (1 - alpha) sigma_A + alpha sigma_B
+
+measured at each channel group's last per-channel affine layer before the
+nonlinearity (its BatchNorm, else its conv/linear output), over every spatial position.
+As in the paper's implementation, the merged network's statistics are measured in one
+pass in which every corrected layer already normalises its output with batch
+statistics, so each layer sees the corrected layers before it; the corrections are then
+folded into the layers' weights (BatchNorm scale and shift, or conv/linear weight and
+bias). The ``reset-bn`` variant only recomputes BatchNorm running statistics.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from typing import ClassVar
+
+import attrs
+import numpy as np
+import torch
+import xarray as xr
+from torch import nn
+
+from mergescope.batchnorm import reset_batchnorm
+from mergescope.components import Alignment, Context, MergeResult
+from mergescope.errors import ConfigError
+from mergescope.groups import ChannelGroup, align_to_reference, channel_groups, example_input
+from mergescope.hookspecs import hookimpl
+from mergescope.sweeps import default_alphas, loss_barrier
+from mergescope.task_vectors import check_compatible
+
+__all__ = ["repair_layers", "renormalise", "Repair", "register_mergers"]
+
+VARIANTS = ("repair", "reset-bn")
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_AFFINE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def repair_layers(model: nn.Module, groups: Sequence[ChannelGroup]) -> list[str]:
+    """The layers whose outputs REPAIR corrects: each group's BatchNorms, else its conv/linear producers."""
+    modules = dict(model.named_modules())
+    layers: list[str] = []
+    for g in groups:
+        producers = [p for p in g.producers if p in modules]
+        norms = [p for p in producers if isinstance(modules[p], _BN)]
+        chosen = norms or [p for p in producers if isinstance(modules[p], _AFFINE)]
+        layers.extend(p for p in chosen if p not in layers)
+    return layers
+
+
+def _channel_rows(out: torch.Tensor) -> torch.Tensor:
+    """Channels last, one row per sample and position."""
+    return out.movedim(1, -1).reshape(-1, out.shape[1]) if out.ndim > 2 else out
+
+
+def renormalise(
+    model: nn.Module,
+    layers: Sequence[str],
+    target_mean: Mapping[str, np.ndarray],
+    target_std: Mapping[str, np.ndarray],
+    context: Context,
+    eps: float = 1e-5,
+) -> nn.Module:
+    """Give ``layers`` of ``model`` (in place) the target per-channel mean and std on ``context.data``.
+
+    Raises
+    ------
+    ConfigError
+        A layer to correct is neither a BatchNorm nor a conv/linear layer with a bias.
+    """
+    modules = dict(model.named_modules())
+    sums = {layer: None for layer in layers}
+
+    def hook_for(layer: str):
+        mean_t = torch.as_tensor(target_mean[layer], dtype=torch.float32)
+        std_t = torch.as_tensor(target_std[layer], dtype=torch.float32)
+
+        def hook(_module: nn.Module, _inputs: object, out: torch.Tensor) -> torch.Tensor:
+            rows = _channel_rows(out).double()
+            batch = torch.stack([rows.sum(0), (rows**2).sum(0), torch.full_like(rows[0], len(rows))])
+            sums[layer] = batch if sums[layer] is None else sums[layer] + batch
+            # Corrected with batch statistics, so later layers see a repaired input.
+            shape = (1, -1) + (1,) * (out.ndim - 2)
+            mu = rows.mean(0).float().view(shape)
+            sd = rows.std(0, unbiased=False).float().view(shape)
+            return (out - mu) / (sd + eps) * std_t.view(shape) + mean_t.view(shape)
+
+        return hook
+
+    for layer in layers:
+        module = modules[layer]
+        if not isinstance(module, _BN) and not (isinstance(module, _AFFINE) and module.bias is not None):
+            raise ConfigError(
+                f"REPAIR corrects layer {layer!r} ({type(module).__name__}), which has neither a BatchNorm "
+                "nor a bias to absorb the correction"
+            )
+    handles = [modules[layer].register_forward_hook(hook_for(layer)) for layer in layers]
+    model.eval()
+    try:
+        loader = torch.utils.data.DataLoader(context.data, batch_size=context.batch_size, shuffle=False)
+        with torch.no_grad():
+            for images, _ in context.progress(loader, desc="REPAIR statistics", total=len(loader)):
+                model(images)
+    finally:
+        for h in handles:
+            h.remove()
+    with torch.no_grad():
+        for layer in layers:
+            total, squares, count = sums[layer]
+            mean = total / count
+            std = (squares / count - mean**2).clamp_min(0).sqrt()
+            scale = torch.as_tensor(target_std[layer], dtype=torch.float64) / (std + eps)
+            shift = torch.as_tensor(target_mean[layer], dtype=torch.float64) - mean * scale
+            module = modules[layer]
+            weight_shape = (-1,) + (1,) * (module.weight.ndim - 1)
+            # y' = scale * y + shift, folded into the layer's own affine parameters
+            module.weight.mul_(scale.to(module.weight.dtype).view(weight_shape))
+            module.bias.mul_(scale.to(module.bias.dtype)).add_(shift.to(module.bias.dtype))
+    return model
+
+
+def _interpolate(first: nn.Module, second: nn.Module, alpha: float) -> nn.Module:
+    merged = copy.deepcopy(first)
+    other = second.state_dict()
+    with torch.no_grad():
+        for key, value in merged.state_dict().items():
+            if value.is_floating_point():
+                value.copy_(((1 - alpha) * value.double() + alpha * other[key].double()).to(value.dtype))
+    return merged
+
+
+def _check_alpha(instance: "Repair", attribute: attrs.Attribute, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"'{attribute.name}' must lie in [0, 1], got {value}")
+
+
+def _check_alphas(instance: "Repair", attribute: attrs.Attribute, value: list[float] | None) -> None:
+    if value is not None and any(not 0.0 <= a <= 1.0 for a in value):
+        raise ValueError(f"'{attribute.name}' must lie in [0, 1], got {value}")
+
+
+@attrs.define
+class Repair:
+    """Interpolate two aligned models and renormalise every channel to the interpolated endpoint statistics (REPAIR).
+
+    Parameters
+    ----------
+    alpha
+        The returned merge: ``(1 - alpha) theta_A + alpha theta_B``, repaired.
+    alphas
+        Also repair and evaluate every point of this sweep (``[]``: none; unset:
+        ``0, 0.05, ..., 1``), giving ``loss`` / ``accuracy`` on dim ``alpha`` and the
+        barriers.
+    variant
+        ``"repair"`` (renormalise every channel group) or ``"reset-bn"`` (only recompute
+        BatchNorm running statistics, the simpler fix for networks with BatchNorm).
+    """
+
+    name: ClassVar[str] = "repair"
+    paper: ClassVar[str] = "Jordan et al. 2023, REPAIR: REnormalizing Permuted Activations for Interpolation Repair"
+
+    alpha: float = attrs.field(default=0.5, converter=float, validator=_check_alpha)
+    alphas: list[float] | None = attrs.field(default=None, validator=_check_alphas)
+    variant: str = attrs.field(default="repair", validator=attrs.validators.in_(VARIANTS))
+
+    def _repaired(self, a: nn.Module, b: nn.Module, alpha: float, layers: list[str], stats, context: Context):
+        merged = _interpolate(a, b, alpha)
+        if self.variant == "reset-bn":
+            return reset_batchnorm(merged, context.data, batch_size=context.batch_size, context=context)
+        (mean_a, std_a), (mean_b, std_b) = stats
+        target_mean = {l: (1 - alpha) * mean_a[l] + alpha * mean_b[l] for l in layers}
+        target_std = {l: (1 - alpha) * std_a[l] + alpha * std_b[l] for l in layers}
+        return renormalise(merged, layers, target_mean, target_std, context)
+
+    def merge(
+        self, models: Mapping[str, nn.Module], context: Context, alignment: Alignment | None = None
+    ) -> MergeResult:
+        """Repair the interpolation of two models (aligned first when ``alignment`` is given).
+
+        Raises
+        ------
+        ConfigError
+            Not exactly two models, no data to measure statistics on, models that do not
+            match, or a layer that cannot absorb the correction.
+        """
+        names = list(models)
+        if len(names) != 2:
+            raise ConfigError(f"REPAIR merges two models, got {len(names)}: {names}", where="key 'models'")
+        if context.data is None:
+            raise ConfigError("REPAIR measures activation statistics and needs [data]")
+        try:
+            check_compatible({n: models[n].state_dict() for n in names})
+        except ValueError as exc:
+            raise ConfigError(f"cannot merge models {names}: {exc}", where="key 'models'") from exc
+        groups = channel_groups(models[names[0]], example_input(context.data))
+        if alignment is not None:
+            models = align_to_reference(models, alignment, groups)
+        a, b = models[names[0]], models[names[1]]
+        layers = repair_layers(a, groups) if self.variant == "repair" else []
+        stats = None
+        if layers:
+            store = context.record({"a": a, "b": b}, {"a": layers, "b": layers}, keep_activations=False, positions=True)
+            stats = tuple(
+                ({l: store.moments(m, l).mean for l in layers}, {l: store.moments(m, l).std for l in layers})
+                for m in ("a", "b")
+            )
+        merged = self._repaired(a, b, self.alpha, layers, stats, context)
+        evaluation = context.evaluate(merged)
+        results = xr.Dataset(
+            {
+                "endpoints": ("endpoint", np.asarray(names, dtype=str)),
+                "merged_alpha": self.alpha,
+                "merged_loss": evaluation.loss,
+                "merged_accuracy": evaluation.accuracy,
+                "repaired_layers": ("layer", np.asarray(layers, dtype=str)),
+            }
+        )
+        points = default_alphas() if self.alphas is None else sorted(set(self.alphas))
+        if points:
+            points = sorted(set(points) | {0.0, 1.0})
+            losses, accuracies = [], []
+            for alpha in context.progress(points, desc="REPAIR sweep", total=len(points)):
+                e = context.evaluate(self._repaired(a, b, alpha, layers, stats, context))
+                losses.append(e.loss)
+                accuracies.append(e.accuracy)
+            results = results.assign_coords(alpha=("alpha", np.asarray(points)))
+            results["loss"] = ("alpha", np.asarray(losses))
+            results["accuracy"] = ("alpha", np.asarray(accuracies))
+            results["loss_barrier"] = loss_barrier(points, losses)
+            results["accuracy_barrier"] = loss_barrier(points, [-x for x in accuracies])
+        return MergeResult(merged, results)
+
+    def describe(self, result: xr.Dataset) -> str:
+        """Accuracy of the repaired merge (and the barrier of the repaired path)."""
+        line = f"{self.variant} at alpha {float(result['merged_alpha']):.2f}: accuracy {float(result['merged_accuracy']):.3f}"
+        if "loss_barrier" in result:
+            line += f"; loss barrier {float(result['loss_barrier']):.3f}"
+        return line
+
+
+@hookimpl
+def register_mergers(register):
+    """Register :class:`Repair`."""
+    register(Repair)
