@@ -139,7 +139,7 @@ class _Accumulators:
         """Add one batch of classifier outputs to the model's loss and accuracy."""
         if logits.ndim != 2 or logits.shape[1] != classes:
             return  # not a classifier over the dataset's classes: nothing to evaluate
-        loss = float(torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum"))
+        loss = float(torch.nn.functional.cross_entropy(logits.double(), labels, reduction="sum"))
         correct = float((logits.argmax(dim=1) == labels).sum())
         totals = self.evaluation.setdefault(model, np.zeros(3))
         totals += (loss, correct, len(labels))
