@@ -21,12 +21,31 @@ import torch
 from torch import nn
 
 from . import checkpoints
+from .batchnorm import reset_batchnorm
 from .components import Architecture, Context, DatasetSource, ImageDataset
 from .options import converter
 
-__all__ = ["Training", "train_classifier", "cache_dir", "cache_key", "trained_model", "CACHE_ENV"]
+__all__ = [
+    "Training",
+    "train_classifier",
+    "cache_dir",
+    "cache_key",
+    "trained_model",
+    "CACHE_ENV",
+    "OMIT_DEFAULT_FROM_KEY",
+]
 
 CACHE_ENV = "MERGESCOPE_CACHE"
+
+OMIT_DEFAULT_FROM_KEY = "mergescope.omit_default_from_key"
+"""``attrs`` field metadata: leave the option out of cache keys while it has its default.
+
+Give it to an option added to an existing component
+(``attrs.field(default=..., metadata={OMIT_DEFAULT_FROM_KEY: True})``): keys of
+instances that do not set the new option stay what they were before it existed, so
+cached models and step results stay valid. Once set to another value, the option is
+part of the key like any other.
+"""
 
 # Part of every cache key: bump it when training changes in a way that makes old
 # cached weights wrong (loss, data order, initialisation, ...).
@@ -70,7 +89,9 @@ class Training:
     seed
         Seeds the weight initialisation and the order of the batches.
     epochs
-        Passes over the training data.
+        Passes over the training data. ``0`` trains nothing: the model is the one built
+        from ``seed`` (e.g. a pretrained network with a freshly initialised head, the
+        common starting point of fine-tunes that share the seed).
     batch_size
         Images per optimisation step.
     lr
@@ -79,14 +100,24 @@ class Training:
         ``"adam"`` or ``"sgd"`` (with momentum 0.9).
     weight_decay
         L2 penalty passed to the optimizer.
+    reset_batchnorm
+        After the last epoch, recompute every BatchNorm layer's running statistics on
+        the training data with the final weights (one pass, no gradients; see
+        :func:`mergescope.batchnorm.reset_batchnorm`). Running statistics are a moving
+        average over training with a small momentum (0.01 in EfficientNet's layers), so
+        after a short fine-tune they still describe the starting weights and the
+        pre-training data, and the model in evaluation mode is far worse than it trained.
     """
 
     seed: int = attrs.field(default=0, validator=_integer)
-    epochs: int = attrs.field(default=10, validator=_positive_int)
+    epochs: int = attrs.field(default=10, validator=_integer)
     batch_size: int = attrs.field(default=128, validator=_positive_int)
     lr: float = attrs.field(default=1e-3, validator=_positive)
     optimizer: str = attrs.field(default="adam", validator=_known_optimizer)
     weight_decay: float = attrs.field(default=0.0, validator=_non_negative)
+    reset_batchnorm: bool = attrs.field(
+        default=False, validator=attrs.validators.instance_of(bool), metadata={OMIT_DEFAULT_FROM_KEY: True}
+    )
 
 
 def _make_optimizer(model: nn.Module, training: Training) -> torch.optim.Optimizer:
@@ -149,6 +180,8 @@ def train_classifier(
                 total += float(loss.detach()) * len(labels)
                 count += len(labels)
             losses.append(total / count)
+        if training.reset_batchnorm:
+            reset_batchnorm(model, data, batch_size=training.batch_size, context=context)
     model.eval()
     return losses
 
@@ -170,7 +203,7 @@ def _canonical(value: Any) -> Any:
     if isinstance(value, type):
         return {"class": _class_name(value)}
     if attrs.has(type(value)):
-        return {"class": _class_name(type(value)), "options": _canonical(converter.unstructure(value))}
+        return {"class": _class_name(type(value)), "options": _canonical(_key_options(value))}
     if isinstance(value, Mapping):
         return {str(k): _canonical(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -183,6 +216,19 @@ def _canonical(value: Any) -> Any:
         return value
     # Falling back to str() could embed memory addresses and make keys unstable.
     raise TypeError(f"cannot build a cache key from a {type(value).__name__}: {value!r}")
+
+
+def _key_options(instance: Any) -> dict[str, Any]:
+    """The unstructured options of ``instance``, without flagged options at their defaults."""
+    options = converter.unstructure(instance)
+    for field in attrs.fields(type(instance)):
+        if field.metadata.get(OMIT_DEFAULT_FROM_KEY) and field.name in options:
+            default = field.default
+            if isinstance(default, attrs.Factory):
+                default = default.factory(instance) if default.takes_self else default.factory()
+            if getattr(instance, field.name) == default:
+                del options[field.name]
+    return options
 
 
 def _class_name(cls: type) -> str:
@@ -222,7 +268,9 @@ def trained_model(
     The weights are stored at ``<cache>/models/<architecture.name>-<key>.pt`` where
     ``key`` is :func:`cache_key` of the architecture, the dataset and the training
     options. On a miss the model is initialised from ``training.seed``, trained with
-    :func:`train_classifier` and saved atomically.
+    :func:`train_classifier` and saved atomically. With ``training.epochs == 0`` the
+    model initialised from the seed is returned as it is (nothing is trained or cached;
+    the dataset only gives the input shape and the number of classes).
 
     Parameters
     ----------
@@ -252,6 +300,9 @@ def trained_model(
         # Seed the initialisation too: the weights depend only on the key's inputs.
         torch.manual_seed(training.seed)
         model = architecture.build(data.input_shape, len(data.classes))
+    if training.epochs == 0:
+        # The seed alone determines the model: there is nothing to train or cache.
+        return model.eval()
     cache = Path(cache) if cache is not None else cache_dir()
     key = cache_key(architecture, data_source, training)
     path = cache / "models" / f"{architecture.name}-{key}.pt"

@@ -49,7 +49,7 @@ def test_training_options_structure_from_a_table():
 @pytest.mark.parametrize(
     ("options", "key"),
     [
-        ({"epochs": 0}, "epochs"),
+        ({"epochs": -1}, "epochs"),
         ({"batch_size": -1}, "batch_size"),
         ({"lr": 0.0}, "lr"),
         ({"weight_decay": -0.1}, "weight_decay"),
@@ -117,6 +117,37 @@ def test_progress_goes_through_the_context():
     assert calls == [("training on mnist5000/train", 2)]
 
 
+def test_zero_epochs_give_the_common_starting_point_of_fine_tunes(cache):
+    start = trained_model(SMALL_MLP, SMALL_DATA, attrs.evolve(SHORT, epochs=0))
+    assert states_equal(start, fresh_model(0))
+    assert not start.training
+    # Nothing trained, nothing cached: building from the seed is the whole model.
+    assert not (cache / "models").exists()
+    # A fine-tune with the same seed starts from exactly these weights.
+    tuned = trained_model(SMALL_MLP, SMALL_DATA, SHORT)
+    replayed = copy.deepcopy(start)
+    train_classifier(replayed, SMALL_DATA.load(), SHORT)
+    assert states_equal(tuned, replayed)
+    assert train_classifier(copy.deepcopy(start), SMALL_DATA.load(), attrs.evolve(SHORT, epochs=0)) == []
+
+
+def test_reset_batchnorm_recomputes_the_statistics_after_training():
+    from mergescope.batchnorm import reset_batchnorm
+
+    data = SMALL_DATA.load()
+    torch.manual_seed(0)
+    start = SmallCNN(widths=[4, 8], batchnorm=True).build((1, 28, 28), 10)
+    plain, reset = copy.deepcopy(start), copy.deepcopy(start)
+    one_epoch = attrs.evolve(SHORT, epochs=1)
+    train_classifier(plain, data, one_epoch)
+    train_classifier(reset, data, attrs.evolve(one_epoch, reset_batchnorm=True))
+    expected = reset_batchnorm(copy.deepcopy(plain), data, batch_size=one_epoch.batch_size)
+    assert states_equal(reset, expected)
+    assert not torch.equal(reset.bn1.running_mean, plain.bn1.running_mean)
+    assert torch.equal(reset.conv1.weight, plain.conv1.weight)  # the weights are those trained
+    assert not reset.training
+
+
 def test_trained_mlp_reaches_85_percent_on_mnist5000(tmp_path):
     model = trained_model(MLP(), MNIST5000(split="train"), Training(epochs=2), cache=tmp_path)
     accuracy = Context(data=MNIST5000(split="test").load()).evaluate(model).accuracy
@@ -149,10 +180,43 @@ def test_cache_key_changes_with_every_option():
         cache_key(SmallCNN(), SMALL_DATA, SHORT),
         *(
             cache_key(SMALL_MLP, SMALL_DATA, attrs.evolve(SHORT, **change))
-            for change in ({"seed": 1}, {"epochs": 3}, {"batch_size": 64}, {"lr": 2e-3}, {"optimizer": "sgd"}, {"weight_decay": 1e-4})
+            for change in (
+                {"seed": 1},
+                {"epochs": 3},
+                {"batch_size": 64},
+                {"lr": 2e-3},
+                {"optimizer": "sgd"},
+                {"weight_decay": 1e-4},
+                {"reset_batchnorm": True},
+            )
         ),
     ]
     assert len({base, *variants}) == len(variants) + 1
+
+
+def test_cache_keys_of_existing_options_are_pinned():
+    # Cached models are found by these keys: options added later must not move them.
+    pinned = "24b7793d6a6ee839b68625375195aa9913d3cb2650a15f3e8601bab7e083d69d"
+    assert cache_key(SMALL_MLP, SMALL_DATA, SHORT) == pinned
+    assert cache_key(SMALL_MLP, SMALL_DATA, attrs.evolve(SHORT, reset_batchnorm=False)) == pinned
+
+
+def test_options_flagged_new_are_left_out_of_keys_at_their_default():
+    @attrs.define
+    class Old:
+        name = "old-component"
+        size: int = 1
+
+    @attrs.define
+    class New:
+        name = "old-component"
+        size: int = 1
+        extra: list[int] = attrs.field(factory=list, metadata={training.OMIT_DEFAULT_FROM_KEY: True})
+        plain: int = attrs.field(default=0)
+
+    assert cache_key(New(plain=0)) != cache_key(Old())  # an unflagged new option is always in the key
+    assert cache_key(New(extra=[])) == cache_key(New())
+    assert cache_key(New(extra=[1])) != cache_key(New())
 
 
 def test_cache_key_names_classes_and_refuses_opaque_objects():

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import attrs
 import numpy as np
 import pluggy
 import pytest
@@ -9,8 +10,9 @@ from mergescope import hookspecs
 from mergescope.components import DatasetSource, ImageDataset
 from mergescope.errors import ConfigError
 from mergescope.options import structure_options
+from mergescope.training import cache_key
 from mergescope_plugins import datasets
-from mergescope_plugins.datasets import Digits, MNIST5000, stratified_split
+from mergescope_plugins.datasets import IMAGENET_MEAN, IMAGENET_STD, Digits, MNIST5000, stratified_split
 
 SOURCES = [MNIST5000, Digits]
 
@@ -125,10 +127,17 @@ def test_per_class_larger_than_a_class_is_an_error():
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"split": "val"}, "'split' must be one of 'train', 'test', 'all', got 'val'"),
+        ({"split": "val"}, "'split' must be one of 'train', 'test', 'all', 'validation', got 'val'"),
         ({"test_fraction": 0.0}, "'test_fraction' must be a number strictly between 0 and 1"),
         ({"test_fraction": 1.0}, "'test_fraction' must be a number strictly between 0 and 1"),
         ({"per_class": 0}, "'per_class' must be a positive integer"),
+        ({"split": "validation"}, "split = 'validation' needs a 'validation_fraction' above 0"),
+        ({"validation_fraction": 1.0}, "'validation_fraction' must be a number from 0 up to"),
+        ({"validation_fraction": 0.5, "test_fraction": 0.5}, "'validation_fraction' must stay below 1"),
+        ({"classes": []}, "'classes' must be a non-empty list of integer labels"),
+        ({"classes": [1, 1]}, "'classes' must not repeat a label"),
+        ({"classes": [3, 10, -1]}, "'classes' names labels the dataset does not have: -1, 10"),
+        ({"image_size": 0}, "'image_size' must be a positive integer"),
     ],
 )
 @pytest.mark.parametrize("source", SOURCES)
@@ -182,3 +191,97 @@ def test_class_split_gives_the_stratified_pair():
     # 80% of digits 0-4 and 20% of digits 5-9 in part a; the opposite in part b
     assert (count_a[:5] > 3 * count_b[:5]).all() and (count_b[5:] > 3 * count_a[5:]).all()
     assert abs(count_a[0] / (count_a[0] + count_b[0]) - 0.8) < 0.01
+
+
+# ---------------------------------------------------- validation, classes, resizing, rgb
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_validation_split_comes_out_of_the_train_split(source):
+    options = {"test_fraction": 0.2, "validation_fraction": 0.1}
+    test = source(split="test", **options).load()
+    validation = source(split="validation", **options).load()
+    train = source(split="train", **options).load()
+    # The test split is the one without a validation split: results on it stay comparable.
+    assert np.array_equal(test.sample_ids, source(split="test").load().sample_ids)
+    ids = [set(d.sample_ids) for d in (test, validation, train)]
+    assert not ids[0] & ids[1] and not ids[0] & ids[2] and not ids[1] & ids[2]
+    assert sorted(ids[0] | ids[1] | ids[2]) == list(range(len(source(split="all").load())))
+    full = class_counts(source(split="all").load())
+    assert np.array_equal(class_counts(validation), np.round(0.3 * full) - np.round(0.2 * full))
+    assert validation.name == f"{source.name}/validation"
+    assert np.all(np.diff(validation.sample_ids) > 0)
+
+
+def test_classes_keep_the_labels_and_the_full_class_list():
+    low = MNIST5000(split="train", classes=[4, 0, 1, 2, 3]).load()
+    everything = MNIST5000(split="train").load()
+    assert set(low.labels) == {0, 1, 2, 3, 4}
+    assert low.classes == everything.classes == tuple(str(i) for i in range(10))
+    assert np.array_equal(low.sample_ids, everything.sample_ids[everything.labels < 5])
+    assert torch.equal(low.images, everything.images[torch.from_numpy(everything.labels < 5)])
+    # The order a list is written in does not matter (nor does it change a cache key).
+    assert MNIST5000(classes=[3, 1]) == MNIST5000(classes=[1, 3])
+    assert cache_key(MNIST5000(classes=[3, 1])) == cache_key(MNIST5000(classes=[1, 3]))
+
+
+def test_per_class_counts_the_kept_classes_only():
+    data = Digits(split="train", classes=[7, 2], per_class=5).load()
+    assert class_counts(data).tolist() == [0, 0, 5, 0, 0, 0, 0, 5, 0, 0]
+
+
+def test_classes_with_no_items_in_the_split_are_named():
+    # 0.001 of ~180 digits per class rounds to an empty test split.
+    message = "'classes' asks for labels with no items in the 'test' split of 'digits': 3, 5"
+    with pytest.raises(ConfigError, match=message):
+        Digits(test_fraction=0.001, classes=[3, 5]).load()
+
+
+def test_image_size_resizes_bilinearly():
+    small = Digits(split="all", per_class=3).load()
+    large = Digits(split="all", per_class=3, image_size=32).load()
+    assert large.input_shape == (1, 32, 32)
+    expected = torch.nn.functional.interpolate(small.images, size=(32, 32), mode="bilinear")
+    assert torch.allclose(large.images, expected, atol=1e-5)
+    assert Digits(split="all", per_class=3, image_size=8).load().images.equal(small.images)
+    shrunk = MNIST5000(per_class=2, image_size=14).load()
+    assert shrunk.input_shape == (1, 14, 14)
+    # Antialiased shrinking averages 2x2 blocks: the mean intensity is kept.
+    assert shrunk.images.mean().item() == pytest.approx(MNIST5000(per_class=2).load().images.mean().item(), abs=1e-3)
+
+
+@pytest.mark.parametrize(("source", "arrays"), [(MNIST5000, datasets._mnist_arrays), (Digits, datasets._digits_arrays)])
+def test_rgb_repeats_the_channel_with_imagenet_statistics(source, arrays):
+    rgb = source(per_class=4, rgb=True).load()
+    pixels = arrays()[0][torch.from_numpy(rgb.sample_ids)]  # the source's grey pixels in [0, 1]
+    assert rgb.input_shape == (3, *pixels.shape[2:])
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    assert torch.allclose(rgb.images, (pixels.expand(-1, 3, -1, -1) - mean) / std, atol=1e-6)
+    assert rgb.images.is_contiguous()
+
+
+def test_new_options_at_their_defaults_keep_cache_keys():
+    from mergescope.training import Training
+    from mergescope_plugins.zoo import MLP
+
+    # The key of a model cached before these options existed: it must not move.
+    pinned = "24b7793d6a6ee839b68625375195aa9913d3cb2650a15f3e8601bab7e083d69d"
+    data = MNIST5000(split="train", per_class=20)
+    assert cache_key(MLP(hidden=[32]), data, Training(epochs=2, batch_size=32)) == pinned
+    explicit = MNIST5000(split="train", per_class=20, validation_fraction=0.0, classes=None, image_size=None, rgb=False)
+    assert cache_key(explicit) == cache_key(data)
+    keys = {
+        cache_key(attrs.evolve(data, **change))
+        for change in ({}, {"validation_fraction": 0.1}, {"classes": [0, 1]}, {"image_size": 32}, {"rgb": True})
+    }
+    assert len(keys) == 5
+
+
+def test_new_options_structure_from_a_table():
+    options = {"split": "validation", "validation_fraction": 0.1, "classes": [5, 6], "image_size": 32, "rgb": True}
+    assert structure_options(Digits, options) == Digits(**options)
+    with pytest.raises(ConfigError, match="classes"):
+        structure_options(Digits, {"classes": "0-4"})
+    with pytest.raises(ConfigError, match="rgb"):
+        structure_options(Digits, {"rgb": 1})
