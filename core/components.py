@@ -13,7 +13,12 @@ metric          ``register_metrics``        ``score(a, b)``
 differ          ``register_differs``        ``fit(activations, context)``
 dataset         ``register_datasets``       ``load()``
 architecture    ``register_architectures``  ``build(input_shape, num_classes)``
+embedder        ``register_embedders``      ``embed(images)``
 ==============  ==========================  =====================================
+
+Metrics and visualizers that need more than their arguments (the dataset's images,
+the store's top-k, other models' activations) accept an optional keyword argument
+``context``: the runner then passes the step's :class:`Context`.
 
 Optional class attributes: ``paper`` (the reference a method reproduces, shown in the
 registry). Optional method: ``describe(result) -> str``, a short human summary of the
@@ -23,7 +28,7 @@ component's result used in run summaries.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
@@ -43,6 +48,7 @@ __all__ = [
     "Differ",
     "DatasetSource",
     "Architecture",
+    "Embedder",
     "ImageDataset",
     "TensorImageDataset",
     "Alignment",
@@ -244,6 +250,11 @@ class Context:
     workdir
         Where :meth:`record` keeps its activation stores (the runner uses the run
         directory, so recordings are reused on a re-run); a temporary folder when ``None``.
+    models, layers
+        The models (declared or merged) and layer names of the running step.
+    stores
+        ``model -> Store``: where the runner recorded each model over :attr:`data`
+        (behind :meth:`activation` and :meth:`topk`); ``None`` outside a run.
     """
 
     data: ImageDataset | None = None
@@ -251,6 +262,9 @@ class Context:
     batch_size: int = 256
     quiet: bool = False
     workdir: Path | None = None
+    models: list[str] = attrs.field(factory=list)
+    layers: list[str] = attrs.field(factory=list)
+    stores: Callable[[str], Any] | None = attrs.field(default=None, eq=False, repr=False)
 
     def evaluate(self, model: nn.Module) -> Evaluation:
         """Loss and accuracy of ``model`` on :attr:`data`."""
@@ -311,6 +325,42 @@ class Context:
         root = self.workdir if self.workdir is not None else Path(tempfile.gettempdir()) / "mergescope-records"
         return collect_store(models, self.data, spec, root / key[:16], key=key, context=self)
 
+    def _store(self, model: str) -> Any:
+        if self.stores is None:
+            raise ValueError(f"no recorded activations of {model!r}: this context has no stores (it runs outside a pipeline)")
+        return self.stores(model)
+
+    def activation(self, model: str, layer: str) -> xr.DataArray:
+        """The recorded activations of ``model`` at ``layer`` over :attr:`data` (activation contract)."""
+        return self._store(model).activation(model, layer)
+
+    def topk(self, model: str, layer: str) -> Any:
+        """The streaming top-k of ``model`` at ``layer`` (a :class:`mergescope.statistics.TopK`)."""
+        return self._store(model).topk(model, layer)
+
+    def images(self, sample_ids: Sequence[int] | np.ndarray) -> torch.Tensor:
+        """The images of :attr:`data` with the given sample ids, ``(len(ids), C, H, W)``.
+
+        Raises
+        ------
+        KeyError
+            Naming the first id that is not in the dataset.
+        """
+        if self.data is None:
+            raise ValueError("this step needs the dataset's images, but the pipeline has no [data]")
+        wanted = np.asarray(sample_ids, dtype=np.int64).ravel()
+        ids = np.asarray(self.data.sample_ids, dtype=np.int64)
+        order = np.argsort(ids, kind="stable")
+        pos = np.searchsorted(ids, wanted, sorter=order)
+        pos = np.minimum(pos, len(ids) - 1)
+        found = order[pos]
+        missing = ids[found] != wanted
+        if missing.any():
+            raise KeyError(f"sample id {int(wanted[missing][0])} is not in the dataset {self.data.name!r}")
+        if not len(wanted):
+            return torch.empty((0, *self.data.input_shape))
+        return torch.stack([self.data[int(i)][0] for i in found])
+
     def progress(self, iterable: Iterable[T], desc: str, total: int | None = None) -> Iterator[T]:
         """Wrap ``iterable`` in a progress bar (silent when :attr:`quiet`)."""
         from tqdm.auto import tqdm
@@ -348,6 +398,19 @@ class Visualizer(Protocol):
     name: ClassVar[str]
 
     def render(self, results: xr.DataTree, out_dir: Path) -> list[Path]: ...
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """Embed images as vectors whose cosine similarity measures how alike they look.
+
+    ``images`` is a float tensor ``(N, C, H, W)`` of dataset images (values as the
+    dataset gives them); the result is a float array ``(N, d)``.
+    """
+
+    name: ClassVar[str]
+
+    def embed(self, images: torch.Tensor) -> np.ndarray: ...
 
 
 @runtime_checkable
@@ -411,5 +474,6 @@ KINDS: dict[str, Kind] = {
         Kind("differ", "register_differs", Differ, "fit"),
         Kind("dataset", "register_datasets", DatasetSource, "load"),
         Kind("architecture", "register_architectures", Architecture, "build"),
+        Kind("embedder", "register_embedders", Embedder, "embed"),
     )
 }

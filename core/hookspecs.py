@@ -108,3 +108,19 @@ def register_architectures(register):
         Call ``register(cls)`` for each class implementing
         :class:`mergescope.components.Architecture`.
     """
+
+
+@hookspec
+def register_embedders(register):
+    """Register image embedder classes: images -> one feature vector per image.
+
+    Embedders turn dataset images into vectors whose cosine similarity says how alike
+    two images look (CLIP, or a pretrained classifier's penultimate features); metrics
+    such as CLIP-delta compare the top-k image sets of units through them.
+
+    Parameters
+    ----------
+    register : callable
+        Call ``register(cls)`` for each class implementing
+        :class:`mergescope.components.Embedder`.
+    """

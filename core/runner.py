@@ -16,6 +16,7 @@ steps that are done and redoes the ones whose inputs changed.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -169,16 +170,35 @@ class _Run:
         """Every layer any step reads, per model, so each model is recorded in one pass."""
         needed: dict[str, list[str]] = {}
         for name, step in zip(self.names, self.pipeline.steps):
-            if self.kinds[name] in ("metric", "differ"):
+            # A visualizer reads recordings only of the models it names (top-k grids).
+            if self.kinds[name] in ("metric", "differ") or (self.kinds[name] == "visualizer" and step.models):
                 for model in self._step_models(step):
                     layers = needed.setdefault(model, [])
                     layers.extend(layer for layer in self._step_selectors(step) if layer not in layers)
         return needed
 
     def activation(self, model: str, layer: str) -> xr.DataArray:
+        return self.store_of(model).activation(model, layer)
+
+    def store_of(self, model: str) -> Store:
+        """The store holding ``model``'s recording, recording every pending model first if needed."""
         if model not in self.stores:
+            if model not in self.needed_layers:
+                raise ConfigError(
+                    f"{model!r} is not recorded: only models named by a metric, differ or visualizer step "
+                    f"are ({', '.join(sorted(self.needed_layers)) or 'none'})"
+                )
+            if model not in self.models:
+                raise ConfigError(f"{model!r} is not available yet: a step can only read models built before it")
             self._record()
-        return self.stores[model].activation(model, layer)
+        return self.stores[model]
+
+    def step_context(self, step: Step, kind: str) -> Context:
+        """The run's context narrowed to one step: its models, its layers, the stores."""
+        models = self._step_models(step)
+        reads_layers = kind in ("metric", "differ", "visualizer") or bool(step.layers)
+        layers = self._step_layers(step) if reads_layers and self._step_selectors(step) else []
+        return attrs.evolve(self.context, models=models, layers=layers, stores=self.store_of)
 
     def _record(self) -> None:
         """Record, in one lockstep pass, every available model that needs activations and has none yet."""
@@ -212,9 +232,10 @@ class _Run:
 
     def _step_key(self, name: str, step: Step) -> str:
         kind = self.kinds[name]
-        inputs: list[Any] = [self.models[m].fingerprint for m in self._step_models(step)] if kind != "visualizer" else []
-        if kind in ("metric", "differ"):
-            inputs += [self._step_selectors(step), self.pipeline.activations.reduce]
+        reads_models = kind != "visualizer" or bool(step.models)
+        inputs: list[Any] = [self.models[m].fingerprint for m in self._step_models(step)] if reads_models else []
+        if kind in ("metric", "differ") or (kind == "visualizer" and step.models):
+            inputs += [self._step_selectors(step), self.pipeline.activations.reduce, self.pipeline.activations.topk]
         if kind == "visualizer":  # draws everything before it
             inputs += [self.step_keys[n] for n in self.names[: self.names.index(name)]]
         if step.alignment:
@@ -263,27 +284,29 @@ class _Run:
         component = step.component
         model_names = self._step_models(step)
         models = {m: self.models[m].module for m in model_names}
+        context = self.step_context(step, kind)
         if kind == "merger":
             alignment = self.alignments.get(step.alignment) if step.alignment else None
-            merged: MergeResult = component.merge(models, self.context, alignment=alignment)
+            merged: MergeResult = component.merge(models, context, alignment=alignment)
             if merged.model is not None:
                 self.models[name] = _Model(merged.model.eval(), self.step_keys[name])
             return {"/": merged.results}
         if kind == "aligner":
-            alignment = component.align(models, model_names[0], self.context)
+            alignment = component.align(models, model_names[0], context)
             self.alignments[name] = alignment
             return _flatten(alignment.to_tree())
         if kind == "metric":
-            return {layer: self._score(component, model_names, layer) for layer in self._step_layers(step)}
+            return {layer: self._score(component, model_names, layer, context) for layer in context.layers}
         if kind == "differ":
             return {
-                layer: component.fit({m: self.activation(m, layer) for m in model_names}, self.context)
-                for layer in self._step_layers(step)
+                layer: component.fit({m: self.activation(m, layer) for m in model_names}, context)
+                for layer in context.layers
             }
         if kind == "visualizer":
             figures = self.out / "figures" / name
             tree = xr.DataTree.from_dict(dict(results))
-            paths = [Path(p) for p in component.render(tree, figures)]
+            extra = {"context": context} if _takes_context(component.render) else {}
+            paths = [Path(p) for p in component.render(tree, figures, **extra)]
             node = xr.Dataset({"files": ("file", [os.path.relpath(p.resolve(), self.out.resolve()) for p in paths])})
             # Labelled data a visualizer draws from (its .nc outputs) joins the run's results.
             for path in paths:
@@ -293,11 +316,12 @@ class _Run:
             return {"/": node}
         raise ConfigError(f"{step.use!r} is {article(kind)}, which cannot be a step")
 
-    def _score(self, metric: Any, model_names: list[str], layer: str) -> xr.Dataset:
+    def _score(self, metric: Any, model_names: list[str], layer: str, context: Context) -> xr.Dataset:
         reference = model_names[0]
         scores = []
+        extra = {"context": context} if _takes_context(metric.score) else {}
         for other in model_names[1:]:
-            score = metric.score(self.activation(reference, layer), self.activation(other, layer))
+            score = metric.score(self.activation(reference, layer), self.activation(other, layer), **extra)
             if not isinstance(score, xr.DataArray) or score.dims != ("unit",):
                 raise ContractError(
                     f"metric {metric.name!r} must return a DataArray with dims ('unit',), "
@@ -422,6 +446,14 @@ def _as_toml(pipeline: Pipeline) -> str:
         return pipeline.to_toml()
     except ConfigError as exc:
         return f"# This pipeline was composed in Python and has no TOML form: {exc}\n"
+
+
+def _takes_context(method: Any) -> bool:
+    """Whether a component method accepts the optional ``context`` keyword."""
+    try:
+        return "context" in inspect.signature(method).parameters
+    except (TypeError, ValueError):  # builtins without a signature
+        return False
 
 
 def _flatten(tree: xr.DataTree) -> dict[str, xr.Dataset]:

@@ -28,6 +28,7 @@ classmethod ``conformance_models() -> dict[str, nn.Module]``; the checks then us
 from __future__ import annotations
 
 import copy
+import inspect
 import functools
 import sys
 import tempfile
@@ -60,6 +61,7 @@ __all__ = [
     "example_activations",
     "example_models",
     "example_dataset",
+    "example_context",
 ]
 
 Check = Callable[[Any], None]
@@ -97,6 +99,25 @@ def example_activations(samples: int = 64, units: int = 6, seed: int = 0) -> tup
         make_activation(a.astype(np.float32), sample_ids=ids, labels=labels, model="a", layer="layer"),
         make_activation(b.astype(np.float32), sample_ids=ids, labels=labels, model="b", layer="layer"),
     )
+
+
+def example_context(a: xr.DataArray, shape: tuple[int, ...] = (3, 16, 16)) -> Context:
+    """A context whose dataset holds one small random RGB image per sample id of ``a``."""
+    ids = np.asarray(a["sample"].values)
+    g = torch.Generator().manual_seed(0)
+    labels = np.asarray(a["label"].values) if "label" in a.coords else np.zeros(len(ids), dtype=np.int64)
+    images = torch.rand((len(ids), *shape), generator=g)
+    classes = [str(c) for c in range(int(labels.max()) + 1)]
+    return Context(data=TensorImageDataset("example", images, labels, ids, classes), quiet=True)
+
+
+def _extra(method: Callable[..., Any], context: Context) -> dict[str, Any]:
+    """``{"context": context}`` for methods that take the optional context keyword."""
+    try:
+        takes = "context" in inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        takes = False
+    return {"context": context} if takes else {}
 
 
 # ----------------------------------------------------------------- generic checks
@@ -191,20 +212,22 @@ def _same(x: Any, y: Any) -> bool:
 def _metric_output(component: Any) -> None:
     metric = _instance(component)
     a, b = example_activations()
-    first = _seeded(lambda: metric.score(a, b))
+    extra = _extra(metric.score, example_context(a))
+    first = _seeded(lambda: metric.score(a, b, **extra))
     assert isinstance(first, xr.DataArray), f"{metric.name!r}.score() must return a DataArray, got {type(first).__name__}"
     assert first.dims == ("unit",), f"{metric.name!r}.score() must return dims ('unit',), got {first.dims}"
     assert np.array_equal(first["unit"].values, b["unit"].values), f"{metric.name!r}: 'unit' coord differs from b's"
-    assert _same(first, _seeded(lambda: metric.score(a, b))), f"{metric.name!r}.score() is not deterministic"
+    assert _same(first, _seeded(lambda: metric.score(a, b, **extra))), f"{metric.name!r}.score() is not deterministic"
 
 
 def _metric_bad_input(component: Any) -> None:
     metric = _instance(component)
     a, b = example_activations()
+    extra = _extra(metric.score, example_context(a))
     shifted = b.assign_coords(sample=b["sample"].values + 1)
     for bad, what in ((shifted, "different sample ids"), (b.isel(unit=slice(0, 3)), "a different number of units")):
         try:
-            metric.score(a, bad)
+            metric.score(a, bad, **extra)
         except (ValueError, LookupError) as exc:
             assert str(exc), f"{metric.name!r}: empty error message for {what}"
         else:
@@ -281,7 +304,7 @@ def _visualizer_output(component: Any) -> None:
     a, b = example_activations()
     tree = xr.DataTree.from_dict({"metric/layer": xr.Dataset({"score": a.mean("sample")})})
     with tempfile.TemporaryDirectory() as tmp:
-        files = visualizer.render(tree, Path(tmp) / "out")
+        files = visualizer.render(tree, Path(tmp) / "out", **_extra(visualizer.render, example_context(a)))
         assert isinstance(files, list), f"{visualizer.name!r}.render() must return a list of paths"
         for f in files:
             assert Path(f).is_file(), f"{visualizer.name!r}.render() returned {f}, which does not exist"
@@ -317,6 +340,17 @@ def _architecture_output(component: Any, input_shape: tuple[int, ...] = (1, 28, 
     assert _same(first.state_dict(), second.state_dict()), f"{arch.name!r}: initialisation ignores torch.manual_seed"
 
 
+def _embedder_output(component: Any) -> None:
+    embedder = _instance(component)
+    shape = tuple(getattr(embedder, "example_input_shape", (3, 32, 32)))
+    images = torch.rand((4, *shape), generator=torch.Generator().manual_seed(0))
+    first = _seeded(lambda: embedder.embed(images))
+    assert isinstance(first, np.ndarray), f"{embedder.name!r}.embed() must return a numpy array"
+    assert first.ndim == 2 and first.shape[0] == 4, f"{embedder.name!r}.embed(): shape {first.shape} for 4 images"
+    assert np.isfinite(first).all(), f"{embedder.name!r}.embed() returned non-finite values"
+    assert np.allclose(first, _seeded(lambda: embedder.embed(images))), f"{embedder.name!r}.embed() is not deterministic"
+
+
 _KIND_CHECKS: dict[str, list[Check]] = {
     "metric": [_metric_output, _metric_bad_input],
     "merger": [_merger_output, _merger_bad_input],
@@ -325,6 +359,7 @@ _KIND_CHECKS: dict[str, list[Check]] = {
     "visualizer": [_visualizer_output],
     "dataset": [_dataset_output],
     "architecture": [_architecture_output],
+    "embedder": [_embedder_output],
 }
 
 

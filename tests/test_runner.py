@@ -150,3 +150,80 @@ def test_tasks_evaluate_every_model_on_every_task(tmp_path):
 def test_task_errors_name_the_key():
     with pytest.raises(ConfigError, match=r"\[\[tasks\]\] #1 \(name = 'low'\), key 'expert'.*unknown model 'z'"):
         Pipeline.from_toml(TASKS.replace('expert = "a"', 'expert = "z"'))
+
+
+def test_context_reaches_metrics_and_visualizers_that_ask_for_it(tmp_path, fresh_registry):
+    """A step method with a ``context`` keyword gets the step's models, layers, stores and images."""
+    from typing import ClassVar
+
+    import attrs
+    import torch
+
+    from mergescope import ModelSpec, Step, get_registry, hookimpl
+    from mergescope.pipeline import ActivationSpec
+
+    seen = {}
+
+    @attrs.define
+    class TopImages:
+        name: ClassVar[str] = "test-top-images"
+
+        def render(self, results, out_dir, context=None):
+            seen["models"], seen["layers"] = list(context.models), list(context.layers)
+            top = context.topk("x", context.layers[0])
+            seen["ids"] = np.asarray(top.sample_ids)
+            seen["images"] = context.images(np.asarray(top.sample_ids)[:, 0])
+            seen["activation"] = context.activation("y", context.layers[0])
+            return []
+
+    @attrs.define
+    class NeedsImages:
+        name: ClassVar[str] = "test-needs-images"
+
+        def score(self, a, b, context=None):
+            seen["metric_images"] = context.images(a["sample"].values[:3])
+            return (a - b).mean("sample")
+
+    class Plugin:
+        @hookimpl
+        def register_metrics(register):
+            register(NeedsImages)
+
+        @hookimpl
+        def register_visualizers(register):
+            register(TopImages)
+
+    fresh_registry.register_plugin(Plugin, name="context-test")
+    reg = get_registry()
+
+    def net(seed):
+        torch.manual_seed(seed)
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10))
+
+    data = reg.get("dataset", "mnist5000")(split="test", per_class=10)
+    pipeline = Pipeline(
+        data=data,
+        activations=ActivationSpec(layers=["2"], topk=4),
+        models=[ModelSpec("x", module=net(0)), ModelSpec("y", module=net(1))],
+        steps=[Step(NeedsImages(), models=["x", "y"]), Step(TopImages(), models=["x", "y"])],
+    )
+    run(pipeline, tmp_path / "run", quiet=True)
+    assert seen["models"] == ["x", "y"] and seen["layers"] == ["2"]
+    assert seen["ids"].shape == (4, 16)  # (k, unit)
+    loaded = data.load()
+    first = int(np.flatnonzero(loaded.sample_ids == seen["ids"][0, 0])[0])
+    assert torch.equal(seen["images"][0], loaded[first][0])
+    assert seen["activation"].sizes["unit"] == 16
+    assert seen["metric_images"].shape == (3, 1, 28, 28)
+
+
+def test_context_images_names_an_unknown_id():
+    from mergescope.testing import example_activations, example_context
+
+    a, _ = example_activations()
+    context = example_context(a)
+    assert context.images(a["sample"].values[[2, 0]]).shape == (2, 3, 16, 16)
+    with pytest.raises(KeyError, match="sample id 1 "):
+        context.images([0, 1])
+    with pytest.raises(ValueError, match="outside a pipeline"):
+        context.topk("a", "layer")
