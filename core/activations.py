@@ -15,6 +15,7 @@ Dataset with the ``activation`` variable. Components never read ``.attrs``.
 from __future__ import annotations
 
 import fnmatch
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import torch
 import xarray as xr
 from torch import nn
 
+from . import groups as _groups
 from .components import Context, ImageDataset
 from .errors import ConfigError, ContractError, closest
 from .storage import load_tree, save_tree
@@ -36,6 +38,8 @@ __all__ = [
     "attach_recorders",
     "summarise",
     "INPUT_SUFFIX",
+    "GROUP_PREFIX",
+    "uses_groups",
     "make_activation",
     "validate_activation",
     "validate_collection",
@@ -53,17 +57,119 @@ _MAP_DIMS = ("sample", "unit", "y", "x")
 #: Suffix of a layer name that records the module's input (e.g. a ReLU's pre-activation).
 INPUT_SUFFIX = "@in"
 
+#: Prefix of a selector that picks the layers carrying channel groups (``group:*``).
+GROUP_PREFIX = "group:"
+
+# Side lengths tried, in order, when a group selector has no example input to trace with.
+_GUESSED_SIDES = (32, 64, 28, 224, 299)
+
+# Model -> {(input shape, module structure): group -> layers}; tracing a model takes ~0.1-0.5 s.
+_GROUP_LAYERS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, dict[str, list[str]]]] = weakref.WeakKeyDictionary()
+
 
 def layer_names(model: nn.Module) -> list[str]:
     """Names of every submodule that can be recorded, in definition order."""
     return [name for name, _ in model.named_modules() if name]
 
 
+def uses_groups(layers: Sequence[str]) -> bool:
+    """Whether any selector is a ``group:`` selector (which needs an example input to trace)."""
+    return any(selector.startswith(GROUP_PREFIX) for selector in layers)
+
+
 def _type_names(module: nn.Module) -> set[str]:
     return {cls.__name__ for cls in type(module).__mro__}
 
 
-def resolve_layers(model: nn.Module, layers: Sequence[str], model_name: str = "model") -> dict[str, tuple[nn.Module, bool]]:
+def _guessed_inputs(model: nn.Module) -> list[torch.Tensor]:
+    """Random batches shaped for the model's first convolution or linear layer, most likely first."""
+    first = next((m for m in model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))), None)
+    if isinstance(first, nn.Linear):
+        return [torch.randn(2, first.in_features)]
+    if isinstance(first, nn.modules.conv._ConvNd):
+        dims = len(first.kernel_size)
+        return [torch.randn(2, first.in_channels, *(side,) * dims) for side in _GUESSED_SIDES]
+    return []
+
+
+def _runs_on(model: nn.Module, x: torch.Tensor) -> bool:
+    with _groups._eval_mode(model), torch.no_grad():
+        try:
+            model(x)
+        except Exception:  # any failure means: not this input shape
+            return False
+    return True
+
+
+def _group_layers(
+    model: nn.Module, example_input: torch.Tensor | None, model_name: str, selector: str
+) -> dict[str, list[str]]:
+    """:func:`mergescope.groups.group_layers` of ``model``, cached per model and input shape."""
+    structure = tuple((name, type(m)) for name, m in model.named_modules())
+    shape = tuple(example_input.shape) if example_input is not None else None
+    cache = _GROUP_LAYERS.setdefault(model, {})
+    if (shape, structure) in cache:
+        return cache[(shape, structure)]
+    where = f"layer selector {selector!r} of model {model_name!r}"
+    if example_input is not None:
+        x = example_input
+    else:
+        # Group membership follows the graph, not the image size: any input the model
+        # accepts traces to the same groups.
+        x = next((c for c in _guessed_inputs(model) if _runs_on(model, c)), None)
+        if x is None:
+            raise ConfigError(
+                f"{where}: finding the channel groups needs an example input, and none of the shapes tried "
+                "for the model's first layer runs; record with data (collect, collect_store) or pass "
+                "example_input to resolve_layers",
+                where="key 'layers'",
+            )
+    try:
+        found = _groups.group_layers(model, x)
+    except _groups.UnsupportedLayerError as exc:
+        raise ConfigError(f"{where}: the model's channel groups cannot be found: {exc}", where="key 'layers'") from exc
+    cache[(shape, structure)] = found
+    return found
+
+
+def _match_groups(
+    model: nn.Module, selector: str, example_input: torch.Tensor | None, model_name: str
+) -> list[str]:
+    """The layer names of a ``group:<name or glob>`` selector, in group order."""
+    pattern = selector[len(GROUP_PREFIX) :]
+    by_group = _group_layers(model, example_input, model_name, selector)
+    names = list(by_group)
+    glob = any(c in pattern for c in "*?[")
+    if glob:
+        matched = [g for g in names if fnmatch.fnmatchcase(g, pattern)]
+    else:
+        matched = [pattern] if pattern in by_group else []
+    listing = f"Its channel groups: {', '.join(names)}." if names else "It has no channel groups."
+    if not matched:
+        guess = closest(pattern, names)
+        hint = f" Did you mean 'group:{guess}'?" if guess else ""
+        raise ConfigError(
+            f"layer selector {selector!r}: model {model_name!r} has no channel group "
+            f"{'matching ' if glob else ''}{pattern!r}.{hint} {listing}",
+            where="key 'layers'",
+        )
+    layers = [layer for g in matched for layer in by_group[g]]
+    if not layers:
+        raise ConfigError(
+            f"layer selector {selector!r}: the channel group(s) {', '.join(matched)} of model {model_name!r} "
+            "are read only by functional calls, so no module output or input carries them; select layers by name",
+            where="key 'layers'",
+        )
+    return layers
+
+
+def resolve_layers(
+    model: nn.Module,
+    layers: Sequence[str],
+    model_name: str = "model",
+    *,
+    example_input: torch.Tensor | None = None,
+) -> dict[str, tuple[nn.Module, bool]]:
     """Expand layer selectors into ``{layer name: (module, records_input)}``.
 
     A selector is a module name from ``named_modules()`` (``"layer1.0.conv1"``), a glob
@@ -72,16 +178,55 @@ def resolve_layers(model: nn.Module, layers: Sequence[str], model_name: str = "m
     output of a torchvision ResNet). A ``"@in"`` suffix records the module's input
     instead of its output, e.g. ``"relu1@in"`` is the pre-activation REPAIR needs.
 
+    ``"group:<name or glob>"`` selects by the architecture's channel groups
+    (:func:`mergescope.groups.channel_groups`): for every group whose name matches
+    (``"group:*"`` for all), the layers where the group's units are read, as found by
+    :func:`mergescope.groups.group_layers` -- the ``relu`` after each convolution of a
+    plain CNN, every residual block output carrying a ResNet's stream (``"group:layer2"``
+    gives ``layer2.0`` and ``layer2.1``), and ``<module>@in`` where only a module's
+    input carries a group (``layer1.0.conv2@in`` inside a BasicBlock). Group selectors
+    take no ``"@in"`` suffix.
+
+    Parameters
+    ----------
+    model
+        The network.
+    layers
+        Selectors; the result keeps their order, each name once.
+    model_name
+        How the model is called in error messages.
+    example_input
+        A batch the model accepts, traced by group selectors (e.g.
+        ``mergescope.groups.example_input(data)``). Without it, random batches shaped
+        for the model's first convolution (sides 32, 64, 28, 224, 299) or linear layer
+        are tried, and the first one the model runs on is traced.
+
+    Returns
+    -------
+    dict
+        Layer name (with ``"@in"`` for a recorded input) -> (module, records_input).
+
     Raises
     ------
     ConfigError
-        A selector matches nothing; the message lists the model's layers (or types)
-        and the closest match.
+        A selector matches nothing; the message names the selector and lists the
+        model's layers (module types, or channel groups) with the closest match.
     """
     modules = dict(model.named_modules())
     names = [n for n in modules if n]
     found: dict[str, tuple[nn.Module, bool]] = {}
     for selector in layers:
+        if selector.startswith(GROUP_PREFIX):
+            if selector.endswith(INPUT_SUFFIX):
+                raise ConfigError(
+                    f"layer selector {selector!r}: a group selector takes no {INPUT_SUFFIX!r} suffix; it already "
+                    "names inputs where a group is only read there",
+                    where="key 'layers'",
+                )
+            for layer in _match_groups(model, selector, example_input, model_name):
+                records_input = layer.endswith(INPUT_SUFFIX)
+                found[layer] = (modules[layer[: -len(INPUT_SUFFIX)] if records_input else layer], records_input)
+            continue
         base, records_input = selector, False
         if selector.endswith(INPUT_SUFFIX):
             base, records_input = selector[: -len(INPUT_SUFFIX)], True
@@ -227,7 +372,7 @@ def collect(
     data
         The images; their ``sample_ids`` and ``labels`` become coords.
     layers
-        Layer names.
+        Layer selectors (see :func:`resolve_layers`).
     model_name
         Value of the scalar ``model`` coord.
     reduce
@@ -247,7 +392,8 @@ def collect(
         raise ConfigError(f"unknown reduction {reduce!r}; accepted: mean, max, none", where="key 'reduce'")
     if len(data) == 0:
         raise ConfigError(f"dataset {data.name!r} is empty; nothing to collect")
-    names = list(resolve_layers(model, layers, model_name))
+    x = _groups.example_input(data) if uses_groups(layers) else None
+    names = list(resolve_layers(model, layers, model_name, example_input=x))
     n = len(data)
     buffers: dict[str, np.ndarray] = {}
     offset = 0
@@ -258,7 +404,7 @@ def collect(
             buffers[layer] = np.empty((n, *out.shape[1:]), dtype=np.float32)
         buffers[layer][offset : offset + len(out)] = out
 
-    handles = attach_recorders(model, layers, sink, model_name)
+    handles = attach_recorders(model, names, sink, model_name)
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
     context = context or Context(quiet=True)
     was_training = model.training

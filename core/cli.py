@@ -101,6 +101,7 @@ class _JsonMessage(logging.Filter):
 
 
 def _run(pipeline, args: argparse.Namespace) -> int:
+    from .report import REPORT_FILE
     from .runner import run
 
     _logging(args, Path(args.out))
@@ -108,6 +109,7 @@ def _run(pipeline, args: argparse.Namespace) -> int:
     if not args.quiet:
         print(result.summary, end="")
         print(f"results: {result.out_dir / 'results.nc'}")
+        print(f"report: {result.out_dir / REPORT_FILE}")
     return 0
 
 

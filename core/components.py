@@ -156,12 +156,16 @@ class Alignment:
     permutation matrix, an invertible map or a general linear map from ``model``'s units
     of channel group ``group`` to the reference's (aligned activations are ``a @ M``).
     ``diagnostics`` holds whatever the aligner measured (matched correlations,
-    iterations, ...) as labelled variables.
+    iterations, ...) as labelled variables. ``results`` holds further result nodes by
+    path relative to the step: ``"<layer>"`` for per-layer results (e.g. the top-k of
+    aligned activations, ``topk_sample`` / ``topk_value``, which top-k grids draw), or
+    ``"<model>/<group>"`` to sit beside that transform.
     """
 
     reference: str
     transforms: dict[str, dict[str, xr.DataArray]] = attrs.field(factory=dict)
     diagnostics: xr.Dataset = attrs.field(factory=xr.Dataset)
+    results: dict[str, xr.Dataset] = attrs.field(factory=dict)
 
     def to_tree(self) -> xr.DataTree:
         """Return the alignment as a DataTree: ``reference`` and diagnostics at the root, ``/<model>/<group>`` transforms."""
@@ -170,16 +174,28 @@ class Alignment:
         for model, groups in self.transforms.items():
             for group, t in groups.items():
                 children[f"{model}/{group}"] = xr.Dataset({"transform": t})
+        for path, ds in self.results.items():
+            path = path.strip("/")
+            children[path] = children[path].merge(ds) if path in children else ds
         return xr.DataTree.from_dict(children)
 
     @classmethod
     def from_tree(cls, tree: xr.DataTree) -> "Alignment":
         """Rebuild an alignment written by :meth:`to_tree`."""
         transforms: dict[str, dict[str, xr.DataArray]] = {}
-        for model_node in tree.children.values():
-            transforms[model_node.name] = {g.name: g.ds["transform"] for g in model_node.children.values()}
+        results: dict[str, xr.Dataset] = {}
+        for node in tree.subtree:
+            if node is tree:
+                continue
+            ds = node.to_dataset(inherit=False)
+            relative = node.relative_to(tree)
+            if "transform" in ds and node.parent is not None and node.parent.parent is tree:
+                transforms.setdefault(node.parent.name, {})[node.name] = ds["transform"]
+                ds = ds.drop_vars("transform")
+            if ds.data_vars:
+                results[relative] = ds
         root = tree.to_dataset(inherit=False)
-        return cls(str(root["reference"].item()), transforms, root.drop_vars("reference"))
+        return cls(str(root["reference"].item()), transforms, root.drop_vars("reference"), results)
 
 
 @attrs.define

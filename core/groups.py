@@ -67,6 +67,7 @@ __all__ = [
     "UnsupportedLayerError",
     "EquivalenceError",
     "channel_groups",
+    "group_layers",
     "permute",
     "random_permutations",
     "check_equivalence",
@@ -458,6 +459,8 @@ class _Analyzer:
         self.order = 0
         self.claimed: set[str] = set()
         self.desc = ""
+        # Union-find root of every group's channel spaces -> the group's name (set by finish).
+        self.group_of_root: dict[int, str] = {}
 
     # ----------------------------------------------------------------- helpers
 
@@ -1304,13 +1307,25 @@ class _Analyzer:
             producers = [name for _, name in sorted({p for s in spaces for p in sp.producers[s]})]
             order = creators[0][0] if creators else n
             naming_names = list(dict.fromkeys(c for _, c in naming))
-            groups.append((order, sp.size[root], naming_names, list(dict.fromkeys(producers)), list(axes.values())))
+            groups.append(
+                (order, sp.size[root], naming_names, list(dict.fromkeys(producers)), list(axes.values()), root)
+            )
         groups.sort(key=lambda g: g[0])
         names = _group_names([g[2] for g in groups])
+        self.group_of_root = {g[5]: name for name, g in zip(names, groups)}
         return [
             ChannelGroup(name, size, tuple(axes), tuple(producers))
-            for name, (_, size, _, producers, axes) in zip(names, groups)
+            for name, (_, size, _, producers, axes, _root) in zip(names, groups)
         ]
+
+    def carried(self, node: fx.Node) -> str | None:
+        """The group whose channels, and only those, ``node``'s output holds in dim 1 (after :meth:`run`)."""
+        value = self.env.get(node)
+        if not isinstance(value, _Tensor) or value.layout is None or value.layout.dim != 1:
+            return None
+        if len(value.layout.parts) != 1 or value.layout.parts[0].repeat != 1:
+            return None  # several groups side by side, or channels flattened into blocks
+        return self.group_of_root.get(self.spaces.find(value.layout.parts[0].space))
 
 
 def _tail_nodes(graph: fx.Graph) -> set[fx.Node]:
@@ -1506,10 +1521,16 @@ def channel_groups(model: nn.Module, example_input: torch.Tensor | Sequence[torc
     (ResNeXt, RegNet) and channel shuffles (ShuffleNet) are not supported; attention
     modules are not looked into.
     """
+    return _analyse(model, example_input, fx.Tracer()).run()
+
+
+def _analyse(model: nn.Module, example_input: Any, tracer: fx.Tracer) -> _Analyzer:
+    """Trace ``model`` with ``tracer`` and propagate shapes; the analyzer is ready to :meth:`~_Analyzer.run`."""
     inputs = tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
     with _eval_mode(model):
         try:
-            gm = fx.symbolic_trace(model)
+            graph = tracer.trace(model)
+            gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
         except Exception as exc:  # fx raises TraceError, but also NotImplementedError, TypeError, ...
             raise UnsupportedLayerError(
                 f"torch.fx cannot trace {type(model).__name__}: {type(exc).__name__}: {exc}. "
@@ -1523,7 +1544,134 @@ def channel_groups(model: nn.Module, example_input: torch.Tensor | Sequence[torc
             raise UnsupportedLayerError(
                 f"running the traced {type(model).__name__} on the example input failed: {type(exc).__name__}: {exc}"
             ) from exc
-    return _Analyzer(model, gm).run()
+    return _Analyzer(model, gm)
+
+
+class _CallTracer(fx.Tracer):
+    """A tracer that also notes every module call: its first input's node and its output's node."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: dict[str, list[tuple[fx.Node | None, fx.Node | None]]] = defaultdict(list)
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        out = super().call_module(m, forward, args, kwargs)
+        first = args[0] if args else next(iter(kwargs.values()), None)
+        self.calls[self.path_of_module(m)].append(
+            (first.node if isinstance(first, fx.Proxy) else None, out.node if isinstance(out, fx.Proxy) else None)
+        )
+        return out
+
+
+def group_layers(model: nn.Module, example_input: torch.Tensor | Sequence[torch.Tensor]) -> dict[str, list[str]]:
+    """Where the units of every channel group can be recorded: layer names per group.
+
+    A group's units are recorded where its channels are *read*: at every tensor that
+    holds exactly the group's channels (in dim 1, one unit per channel) and is read by
+    something that does not pass those channels on, such as a convolution or linear
+    layer mixing them into another group, a ``cat`` with other channels, or a
+    ``flatten`` of whole maps. Operations that pass the channels on (BatchNorm,
+    activations, a residual sum, a gate) lead to a later tensor, and pooling, padding
+    or a flatten of 1x1 maps are looked through, so
+
+    - a plain ``conv -> bn -> relu -> conv`` chain gives the ``relu``,
+    - the last maps before global pooling and the classifier give the last ``relu``
+      (recording the map, not the pooled vector),
+    - a residual stream gives every block output that carries it (``layer2.0``,
+      ``layer2.1`` of a torchvision ResNet; the summed branches inside the blocks are
+      not read by anything but the sum),
+    - the stem of a ResNet gives its ``relu`` (the max pooling after it is looked
+      through), which starts the stream of ``layer1``.
+
+    Each tensor is named by the outermost module that returns it and runs once per
+    forward pass, plain :class:`torch.nn.Sequential` containers aside (the block
+    ``layer2.1``, not the stage ``layer2`` nor the block's shared ``relu``; a block
+    ending in a BatchNorm, not the BatchNorm), else as ``<module>@in`` of the innermost
+    module that reads it (``layer1.0.conv2@in`` for the activation inside a BasicBlock,
+    whose ``relu`` module is called twice). Tensors with neither, e.g. a result of a
+    functional call only read by other functional calls, are left out.
+
+    Parameters
+    ----------
+    model
+        The network. It is not modified.
+    example_input
+        A batch the model accepts, as for :func:`channel_groups`.
+
+    Returns
+    -------
+    dict
+        Group name -> layer names (``"relu1"``, ``"layer1.0"``, ``"layer1.0.conv2@in"``)
+        in graph order, for every group of :func:`channel_groups`, in its order; a group
+        with no recordable tensor maps to an empty list.
+
+    Raises
+    ------
+    UnsupportedLayerError
+        As :func:`channel_groups`.
+    """
+    tracer = _CallTracer()
+    analyzer = _analyse(model, example_input, tracer)
+    groups = analyzer.run()
+    graph = analyzer.gm.graph
+    order = {node: i for i, node in enumerate(graph.nodes)}
+
+    def shape(node: fx.Node) -> tuple[int, ...] | None:
+        value = analyzer.env.get(node)
+        return value.shape if isinstance(value, _Tensor) else None
+
+    def resamples(node: fx.Node, group: str) -> bool:
+        """Same channels as an input, other shape: pooling, padding, interpolation, a flatten of 1x1 maps."""
+        return analyzer.carried(node) == group and any(
+            analyzer.carried(i) == group and shape(i) != shape(node) for i in node.all_input_nodes
+        )
+
+    def read_elsewhere(node: fx.Node, group: str) -> bool:
+        """Whether a user of ``node`` (looking through resampling) does not pass the group's channels on."""
+        for user in node.users:
+            if user.op == "output" or not isinstance(analyzer.env.get(user), (_Tensor, tuple, list, dict)):
+                continue  # the model's result (never a group), or sizes, dims and dtypes
+            if resamples(user, group):
+                if read_elsewhere(user, group):
+                    return True
+            elif analyzer.carried(user) != group:
+                return True
+        return False
+
+    # Modules that run once per forward pass, keyed by the node they return and the node they read.
+    returns: dict[fx.Node, list[str]] = defaultdict(list)
+    reads: dict[fx.Node, list[str]] = defaultdict(list)
+    for name, calls in tracer.calls.items():
+        if len(calls) == 1 and name:
+            read, returned = calls[0]
+            if returned is not None:
+                returns[returned].append(name)
+            if read is not None:
+                reads[read].append(name)
+
+    def depth(name: str) -> int:
+        return name.count(".")
+
+    def returned_by(names: list[str]) -> str:
+        # Nested modules returning one tensor (a stage, its last block, the block's last
+        # BatchNorm): the outermost that is not a plain Sequential, i.e. the block.
+        named = [n for n in names if type(model.get_submodule(n)) is not nn.Sequential]
+        return min(named, key=depth) if named else max(names, key=depth)
+
+    found: dict[str, list[str]] = {g.name: [] for g in groups}
+    for node in sorted(analyzer.env, key=order.__getitem__):
+        group = analyzer.carried(node)
+        if group is None or resamples(node, group) or not read_elsewhere(node, group):
+            continue
+        if returns.get(node):
+            layer = returned_by(returns[node])
+        elif reads.get(node):
+            layer = max(reads[node], key=depth) + "@in"  # the layer reading it, not a block around it
+        else:
+            continue
+        if layer not in found[group]:
+            found[group].append(layer)
+    return found
 
 
 def _group_lookup(groups: Iterable[ChannelGroup], names: Iterable[str]) -> dict[str, ChannelGroup]:

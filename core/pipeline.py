@@ -27,6 +27,7 @@ A pipeline file::
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -52,7 +53,11 @@ STEP_KINDS = ("aligner", "merger", "metric", "differ", "visualizer")
 
 _TOP_KEYS = ("seed", "data", "activations", "models", "steps", "tasks")
 _MODEL_KEYS = ("name", "use", "checkpoint", "train", "train_data")
-_STEP_KEYS = ("use", "name", "models", "layers", "alignment")
+_STEP_KEYS = ("use", "name", "models", "layers", "alignment", "allow_unaligned")
+# Model and step names become netCDF group names and are joined with "@" and "/".
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+#: Separates a model from the aligner step that maps it onto its reference: ``"b@wm"``.
+ALIGNED = "@"
 _TASK_KEYS = ("name", "use", "expert", "restrict", "models")
 
 
@@ -130,11 +135,16 @@ class Step:
         Defaults to the component name, suffixed with the step number when repeated.
     models
         Model (or merger step) names; default: every declared model. The first is the
-        reference for metrics and aligners.
+        reference for metrics and aligners. ``"b@wm"`` is model ``b`` mapped onto the
+        reference of the aligner step ``wm`` (its units permuted or transformed into the
+        reference's order): how metrics and top-k grids see aligned models.
     layers
         Layers for metrics and differs; default: ``[activations] layers``.
     alignment
         Name of an aligner step whose alignment a merger applies.
+    allow_unaligned
+        Let a metric compare two declared models unit by unit without an alignment
+        (their units already correspond, e.g. fine-tunes of one base).
     """
 
     component: Any
@@ -142,6 +152,7 @@ class Step:
     models: list[str] | None = None
     layers: list[str] | None = None
     alignment: str | None = None
+    allow_unaligned: bool = False
 
     @property
     def use(self) -> str:
@@ -280,6 +291,8 @@ class Pipeline:
             for key in ("name", "models", "layers", "alignment"):
                 if getattr(s, key) is not None:
                     table[key] = getattr(s, key)
+            if s.allow_unaligned:
+                table["allow_unaligned"] = True
             table.update(unstructure_options(s.component))
             out["steps"].append(table)
         if self.tasks:
@@ -313,6 +326,12 @@ class Pipeline:
             where = f"{self.source}, [[models]] #{i + 1} (name = {name!r})"
             if name in model_names[:i]:
                 raise ConfigError(f"two models are named {name!r}", where=f"{where}, key 'name'")
+            if not _NAME.fullmatch(name):
+                raise ConfigError(
+                    f"model name {name!r} must start with a letter or digit and hold only letters, digits and "
+                    "'_', '-', '.', '+'",
+                    where=f"{where}, key 'name'",
+                )
             if spec.module is None and spec.architecture is None:
                 raise ConfigError("a model needs an architecture ('use') or a module", where=f"{where}, key 'use'")
             if spec.checkpoint is not None and not spec.checkpoint.is_file():
@@ -330,16 +349,41 @@ class Pipeline:
                     f"{step.use!r} is {article(kind)}, which cannot be a step; steps use one of: {', '.join(STEP_KINDS)}",
                     where=f"{where}, key 'use'",
                 )
+            if not _NAME.fullmatch(name):
+                raise ConfigError(
+                    f"step name {name!r} must start with a letter or digit and hold only letters, digits and "
+                    "'_', '-', '.', '+' (it names a group in results.nc and, for a merger, a model)",
+                    where=f"{where}, key 'name'",
+                )
             if name in available or name in kinds:
                 raise ConfigError(
                     f"step name {name!r} is already taken by a model or an earlier step", where=f"{where}, key 'name'"
                 )
             for ref in step.models or []:
-                if ref not in available:
-                    guess = closest(ref, available)
+                model, _, aligner = ref.partition(ALIGNED)
+                if model not in available:
+                    guess = closest(model, available)
                     hint = f" Did you mean {guess!r}?" if guess else ""
                     raise ConfigError(
-                        f"unknown model {ref!r}.{hint} Models available to this step: {', '.join(available) or '(none)'}.",
+                        f"unknown model {model!r}.{hint} Models available to this step: {', '.join(available) or '(none)'}.",
+                        where=f"{where}, key 'models'",
+                    )
+                if aligner and kinds.get(aligner) != "aligner":
+                    aligners = [n for n, k in kinds.items() if k == "aligner"]
+                    raise ConfigError(
+                        f"{ref!r}: {aligner!r} is not an earlier aligner step (write '<model>@<aligner step>'); "
+                        f"aligner steps: {', '.join(aligners) or '(none)'}",
+                        where=f"{where}, key 'models'",
+                    )
+            if kind == "metric" and not step.allow_unaligned:
+                refs = step.models or model_names
+                declared = [r for r in refs if r in model_names]
+                if refs[0] in model_names and len(declared) > 1:
+                    raise ConfigError(
+                        f"{step.use!r} compares unit j of one model with unit j of another, but the declared "
+                        f"models {', '.join(map(repr, declared))} are not aligned to each other; compare aligned "
+                        f"models ('{declared[1]}@<aligner step>') or merges, or set allow_unaligned = true when "
+                        "their units already correspond (fine-tunes of one base) or to measure the misalignment",
                         where=f"{where}, key 'models'",
                     )
             if step.alignment is not None and kinds.get(step.alignment) != "aligner":
@@ -504,7 +548,14 @@ def _step(registry: Registry, table: dict[str, Any], where: str) -> Step:
         )
     component = _component(registry, kind, table, where, reserved=_STEP_KEYS)
     where = f"{where} (use = {use!r})"
-    fields = {}
+    fields: dict[str, Any] = {}
+    if "allow_unaligned" in table:
+        if not isinstance(table["allow_unaligned"], bool):
+            raise ConfigError(
+                f"'allow_unaligned' must be true or false, got {table['allow_unaligned']!r}",
+                where=f"{where}, key 'allow_unaligned'",
+            )
+        fields["allow_unaligned"] = table["allow_unaligned"]
     for key, expected in (("name", str), ("alignment", str), ("models", list), ("layers", list)):
         value = table.get(key)
         if value is None:

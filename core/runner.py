@@ -6,6 +6,7 @@ The run directory holds::
     pipeline.toml     the pipeline as run
     summary.txt       one paragraph per step
     run.json          versions, seed, and the time of each step
+    report.html       the self-contained report (see mergescope.report)
     activations/<key>/    activation stores (see mergescope.store), one per recording pass
     steps/<name>-<key>/   a step's cached result (and merged model)
 
@@ -39,8 +40,10 @@ from .checkpoints import load_into, load_state_dict, save_state_dict, state_dige
 from .components import Alignment, Context, ImageDataset, MergeResult, evaluate
 from .errors import CheckpointError, ConfigError, ContractError, MergescopeError, article
 from .options import unstructure_options
-from .pipeline import ModelSpec, Pipeline, Step
+from .groups import align_to_reference, channel_groups, example_input
+from .pipeline import ALIGNED, ModelSpec, Pipeline, Step
 from .plugins import Registry, get_registry
+from .report import write_report
 from .storage import atomic_path, load_tree, save_tree
 from .store import Store, StoreSpec, collect_store
 from .training import Training, cache_key, trained_model
@@ -153,6 +156,32 @@ class _Run:
         model = trained_model(spec.architecture, source, training, context=self.context)
         return _Model(model, cache_key(spec.architecture, source, training))
 
+    def _available(self, name: str) -> bool:
+        model, _, aligner = name.partition(ALIGNED)
+        return model in self.models and (not aligner or aligner in self.alignments)
+
+    def model(self, name: str) -> _Model:
+        """A model by name; ``"b@wm"`` is ``b`` mapped onto the reference of aligner step ``wm``."""
+        if name not in self.models:
+            model, _, aligner = name.partition(ALIGNED)
+            if not aligner:
+                raise KeyError(name)
+            alignment = self.alignments[aligner]
+            source = self.models[model]
+            if model == alignment.reference:
+                self.models[name] = source
+            elif model not in alignment.transforms:
+                raise ConfigError(
+                    f"{name!r}: the aligner step {aligner!r} aligned {', '.join(sorted(alignment.transforms))} "
+                    f"onto {alignment.reference!r}, not {model!r}"
+                )
+            else:
+                reference = self.models[alignment.reference].module
+                groups = channel_groups(reference, example_input(self.data))
+                aligned = align_to_reference({model: source.module}, alignment, groups)[model]
+                self.models[name] = _Model(aligned.eval(), cache_key(source.fingerprint, self.step_keys[aligner]))
+        return self.models[name]
+
     # -- activations ---------------------------------------------------------------
 
     def _step_models(self, step: Step) -> list[str]:
@@ -164,7 +193,7 @@ class _Run:
     def _step_layers(self, step: Step) -> list[str]:
         """The step's layer selectors expanded to names on its first model."""
         first = self._step_models(step)[0]
-        return list(resolve_layers(self.models[first].module, self._step_selectors(step), first))
+        return list(resolve_layers(self.model(first).module, self._step_selectors(step), first))
 
     def _needed_layers(self) -> dict[str, list[str]]:
         """Every layer any step reads, per model, so each model is recorded in one pass."""
@@ -188,7 +217,7 @@ class _Run:
                     f"{model!r} is not recorded: only models named by a metric, differ or visualizer step "
                     f"are ({', '.join(sorted(self.needed_layers)) or 'none'})"
                 )
-            if model not in self.models:
+            if not self._available(model):
                 raise ConfigError(f"{model!r} is not available yet: a step can only read models built before it")
             self._record()
         return self.stores[model]
@@ -204,7 +233,7 @@ class _Run:
         """Record, in one lockstep pass, every available model that needs activations and has none yet."""
         assert self.data is not None
         spec = self.pipeline.activations
-        pending = sorted(m for m in self.needed_layers if m in self.models and m not in self.stores)
+        pending = sorted(m for m in self.needed_layers if self._available(m) and m not in self.stores)
         store_spec = StoreSpec(
             layers={m: self.needed_layers[m] for m in pending},
             reduce=spec.reduce,
@@ -213,12 +242,12 @@ class _Run:
             topk=spec.topk,
             workers=spec.workers,
         )
-        key = cache_key([self.models[m].fingerprint for m in pending], self.pipeline.data, attrs.asdict(store_spec))
+        key = cache_key([self.model(m).fingerprint for m in pending], self.pipeline.data, attrs.asdict(store_spec))
         directory = self.out / "activations" / key[:16]
         if self.force:
             shutil.rmtree(directory, ignore_errors=True)
         store = collect_store(
-            {m: self.models[m].module for m in pending},
+            {m: self.model(m).module for m in pending},
             self.data,
             store_spec,
             directory,
@@ -233,13 +262,15 @@ class _Run:
     def _step_key(self, name: str, step: Step) -> str:
         kind = self.kinds[name]
         reads_models = kind != "visualizer" or bool(step.models)
-        inputs: list[Any] = [self.models[m].fingerprint for m in self._step_models(step)] if reads_models else []
+        inputs: list[Any] = [self.model(m).fingerprint for m in self._step_models(step)] if reads_models else []
         if kind in ("metric", "differ") or (kind == "visualizer" and step.models):
             inputs += [self._step_selectors(step), self.pipeline.activations.reduce, self.pipeline.activations.topk]
         if kind == "visualizer":  # draws everything before it
             inputs += [self.step_keys[n] for n in self.names[: self.names.index(name)]]
         if step.alignment:
             inputs.append(self.step_keys[step.alignment])
+        if step.layers is not None and kind not in ("metric", "differ", "visualizer"):
+            inputs.append({"layers": list(step.layers)})  # aligners and mergers may read them too
         return cache_key(
             {"use": step.use, "kind": kind, "options": unstructure_options(step.component)},
             self.pipeline.data,
@@ -273,7 +304,7 @@ class _Run:
         return nodes
 
     def _rebuild_merged(self, step: Step, model_path: Path) -> nn.Module:
-        template = self.models[self._step_models(step)[0]].module
+        template = self.model(self._step_models(step)[0]).module
         model = _clone(template)
         load_into(model, load_state_dict(model_path), source=str(model_path), architecture=step.use)
         return model.eval()
@@ -283,7 +314,7 @@ class _Run:
     ) -> dict[str, xr.Dataset]:
         component = step.component
         model_names = self._step_models(step)
-        models = {m: self.models[m].module for m in model_names}
+        models = {m: self.model(m).module for m in model_names}
         context = self.step_context(step, kind)
         if kind == "merger":
             alignment = self.alignments.get(step.alignment) if step.alignment else None
@@ -329,7 +360,11 @@ class _Run:
                 )
             scores.append(score.assign_coords(model=other, reference=reference, layer=layer))
         variable = (scores[0].name or metric.name).replace("-", "_")
-        return xr.concat(scores, dim="model").to_dataset(name=variable)
+        ds = xr.concat(scores, dim="model", coords="different", compat="equals").to_dataset(name=variable)
+        if ds.sizes["model"] > 1:  # N models against one reference: the spread per unit
+            ds[f"{variable}_mean"] = ds[variable].mean("model")
+            ds[f"{variable}_std"] = ds[variable].std("model")
+        return ds
 
     # -- the whole run -----------------------------------------------------------------
 
@@ -341,6 +376,8 @@ class _Run:
         timings["models"] = time.perf_counter() - start
         results: dict[str, xr.Dataset] = {}
         lines = []
+        # Which step results exist before the run, to tell cached steps apart in run.json and the report.
+        done_before = set() if self.force else {p.parent.name for p in (self.out / "steps").glob("*/result.nc")}
         for i, name in enumerate(self.names):
             t0 = time.perf_counter()
             nodes = self.run_step(i, results)
@@ -367,9 +404,19 @@ class _Run:
             "python": platform.python_version(),
             "seed": self.pipeline.seed,
             "seconds": {k: round(v, 3) for k, v in timings.items()},
-            "steps": {n: {"use": s.use, "key": self.step_keys[n]} for n, s in zip(self.names, self.pipeline.steps)},
+            "steps": {
+                n: {
+                    "use": s.use,
+                    "kind": self.kinds[n],
+                    "key": self.step_keys[n],
+                    "cached": f"{n}-{self.step_keys[n][:16]}" in done_before,
+                }
+                for n, s in zip(self.names, self.pipeline.steps)
+            },
         }
         _write_text(self.out / "run.json", json.dumps(run_info, indent=2) + "\n")
+        components = {n: s.component for n, s in zip(self.names, self.pipeline.steps)}
+        write_report(self.out, tree, info=run_info, pipeline_text=pipeline_text, summary=summary, components=components)
         return RunResult(self.out, tree, summary, {n: m.module for n, m in self.models.items()})
 
     def evaluate_tasks(self) -> xr.Dataset:
@@ -414,6 +461,8 @@ class _Run:
             parts = []
             for layer, ds in layers.items():
                 for var in ds.data_vars:
+                    if "model" not in ds[var].dims:  # the mean and spread over models
+                        continue
                     for model in ds[var].coords["model"].values:
                         parts.append(f"  {layer} {model}: {_describe(step.component, ds[var].sel(model=model))}")
             return f"{name} ({step.use}):\n" + "\n".join(parts)

@@ -38,4 +38,5 @@ alphas = [0.0, 0.5, 1.0]
 [[steps]]
 use = "kendall-tau"
 models = ["a", "b"]
+allow_unaligned = true
 """

@@ -106,3 +106,126 @@ def test_layer_selectors_by_type_glob_and_input(data):
         pre = model.conv(data.images).mean(dim=(2, 3)).numpy()
     np.testing.assert_allclose(acts["relu@in"].values, pre, rtol=1e-5, atol=1e-6)  # the pre-activation
     assert (acts["relu"].values >= 0).all() and (acts["relu@in"].values < 0).any()
+
+
+# ------------------------------------------------------------------ group selectors
+
+RESNET18_GROUP_LAYERS = [
+    "relu", "layer1.0", "layer1.1",  # group "conv1": the stem's output and the stream of layer1
+    "layer1.0.conv2@in",  # group "layer1.0.conv1": read only by the block's conv2
+    "layer1.1.conv2@in",
+    "layer2.0.conv2@in",
+    "layer2.0", "layer2.1",  # group "layer2": the residual stream of layer2
+    "layer2.1.conv2@in",
+    "layer3.0.conv2@in",
+    "layer3.0", "layer3.1",
+    "layer3.1.conv2@in",
+    "layer4.0.conv2@in",
+    "layer4.0", "layer4.1",
+    "layer4.1.conv2@in",
+]  # fmt: skip
+
+
+def _outputs(model, layers, x):
+    """Every selected layer's tensor for input ``x`` (outputs, or inputs for ``@in``)."""
+    from mergescope.activations import attach_recorders
+
+    seen = {}
+    handles = attach_recorders(model, layers, lambda name, t: seen.__setitem__(name, t.detach().clone()))
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def _assert_layers_carry_their_groups(model, x, by_group):
+    """Permuting a group's channels permutes exactly those channels at each of its layers."""
+    from mergescope.groups import channel_groups, permute, random_permutations
+
+    groups = channel_groups(model, x)
+    perms = random_permutations(groups, seed=1)
+    layers = [layer for ls in by_group.values() for layer in ls]
+    before, after = _outputs(model, layers, x), _outputs(permute(model, perms, groups), layers, x)
+    for group, ls in by_group.items():
+        for layer in ls:
+            torch.testing.assert_close(after[layer], before[layer][:, perms[group]], rtol=1e-4, atol=1e-5)
+
+
+def test_group_selectors_on_the_zoo_cnn(data):
+    from mergescope.activations import resolve_layers
+    from mergescope.groups import group_layers
+    from mergescope_plugins.zoo import MLP, SmallCNN
+
+    x = torch.randn(2, 1, 28, 28)
+    for batchnorm in (False, True):
+        model = SmallCNN(batchnorm=batchnorm).build((1, 28, 28), 10)
+        # After each convolution (and batchnorm) the relu; the last one is read through the pooling.
+        assert group_layers(model, x) == {"conv1": ["relu1"], "conv2": ["relu2"], "conv3": ["relu3"]}
+        assert list(resolve_layers(model, ["group:*"], example_input=x)) == ["relu1", "relu2", "relu3"]
+        assert list(resolve_layers(model, ["group:conv2", "relu1"], example_input=x)) == ["relu2", "relu1"]
+        # Without an example input a batch shaped for the first convolution is traced.
+        assert list(resolve_layers(model, ["group:conv[13]"])) == ["relu1", "relu3"]
+    _assert_layers_carry_their_groups(model, x, group_layers(model, x))
+    mlp = MLP(hidden=[8, 8]).build((1, 4, 4), 3)
+    assert list(resolve_layers(mlp, ["group:*"])) == ["relu1", "relu2"]
+    # Recording by group: the relu maps, reduced like any other layer.
+    small = SmallCNN(widths=[4, 6]).build((1, 4, 4), 3)
+    acts = collect(small, data, ["group:*"], model_name="m")
+    assert list(acts) == ["relu1", "relu2"] and acts["relu2"].shape == (10, 6)
+
+
+def test_group_selectors_on_resnet18():
+    import torchvision
+
+    from mergescope.activations import resolve_layers
+    from mergescope.groups import group_layers
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None)
+    x = torch.randn(2, 3, 64, 64)
+    by_group = group_layers(model, x)
+    assert [layer for ls in by_group.values() for layer in ls] == RESNET18_GROUP_LAYERS
+    # The residual streams resolve to the block outputs carrying them: one unit per channel.
+    assert list(resolve_layers(model, ["group:layer2", "group:layer4"], example_input=x)) == [
+        "layer2.0", "layer2.1", "layer4.0", "layer4.1"
+    ]
+    assert by_group["conv1"] == ["relu", "layer1.0", "layer1.1"]
+    blocks = list(resolve_layers(model, ["type:BasicBlock"]))
+    every = resolve_layers(model, ["group:*"], example_input=x)
+    assert list(every) == RESNET18_GROUP_LAYERS and set(blocks) <= set(every)
+    # Inside a block the relu module runs twice, so the activation is recorded as conv2's input.
+    assert every["layer1.0.conv2@in"] == (model.layer1[0].conv2, True)
+    assert list(resolve_layers(model, ["group:layer*.conv1"])) == [
+        layer for layer in RESNET18_GROUP_LAYERS if layer.endswith("@in")
+    ]  # the same without an example input: a guessed 32x32 batch traces the same graph
+    _assert_layers_carry_their_groups(model, x, by_group)
+
+
+def test_group_selectors_that_match_nothing_are_named():
+    from mergescope.activations import resolve_layers
+    from mergescope_plugins.zoo import SmallCNN
+
+    model = SmallCNN().build((1, 28, 28), 10)
+    with pytest.raises(ConfigError, match=r"selector 'group:conv9'.*'cnn' has no channel group 'conv9'\. "
+                       r"Did you mean 'group:conv3'\? Its channel groups: conv1, conv2, conv3\."):
+        resolve_layers(model, ["relu1", "group:conv9"], "cnn")
+    with pytest.raises(ConfigError, match=r"selector 'group:layer\*'.*no channel group matching 'layer\*'"):
+        resolve_layers(model, ["group:layer*"], "cnn")
+    with pytest.raises(ConfigError, match=r"selector 'group:\*@in'.*no '@in' suffix"):
+        resolve_layers(model, ["group:*@in"], "cnn")
+
+    class Branchy(nn.Module):  # data-dependent control flow cannot be traced
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 3, 3)
+
+        def forward(self, x):
+            return self.conv(x) if x.sum() > 0 else -self.conv(x)
+
+    with pytest.raises(ConfigError, match=r"selector 'group:\*' of model 'b'.*channel groups cannot be found"):
+        resolve_layers(Branchy(), ["group:*"], "b", example_input=torch.randn(2, 1, 8, 8))
+    with pytest.raises(ConfigError, match=r"selector 'group:\*'.*needs an example input"):
+        resolve_layers(nn.Sequential(nn.ReLU()), ["group:*"], "r")

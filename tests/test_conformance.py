@@ -5,6 +5,8 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import pytest
+
 from PIL import Image
 
 from mergescope.catalogue import bundled_entries
@@ -26,6 +28,8 @@ def _example(cls):
     """Default options, except where a component has a required option."""
     if cls.name == "imagefolder":
         return cls(root=_image_folder(), image_size=8, resize=8)
+    if cls.name == "clip-delta":  # the default embedder at 32 px: the same code, a tenth of the time
+        return cls(k=3, embedder_options={"image_size": 32})
     return cls
 
 
@@ -39,4 +43,8 @@ def test_every_kind_with_bundled_components_is_covered():
 
 @parametrize_with_checks(BUNDLED)
 def test_bundled_component(component, check):
+    if getattr(component, "name", "") == "open-clip" and "embedder_output" in getattr(check, "__name__", ""):
+        # No CLIP weights ship offline; tests/plugins/test_embedders.py checks the output
+        # on a tiny CLIP saved as a local checkpoint.
+        pytest.skip("open-clip needs weights; its output is checked with a local checkpoint in test_embedders.py")
     check(component)

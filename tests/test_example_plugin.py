@@ -36,7 +36,7 @@ def test_passes_the_conformance_kit(example_installed):
 
 
 def test_usable_by_name_in_a_pipeline(example_installed, tmp_path):
-    text = SMALL + '\n[[steps]]\nuse = "example-spearman"\nmodels = ["a", "b"]\nlayers = ["relu2"]\n'
+    text = SMALL + '\n[[steps]]\nuse = "example-spearman"\nmodels = ["a", "b"]\nallow_unaligned = true\nlayers = ["relu2"]\n'
     result = run(Pipeline.from_toml(text), tmp_path / "run", quiet=True)
     rho = result.results["example-spearman/relu2"].ds["spearman"].sel(model="b")
     # Compare with scipy on the activations the run recorded.

@@ -33,7 +33,7 @@ def test_python_composition_equals_toml():
         ],
         steps=[
             Step(reg.get("merger", "interpolation")(alphas=[0.0, 0.5, 1.0]), models=["a", "b"]),
-            Step(reg.get("metric", "kendall-tau")(), models=["a", "b"]),
+            Step(reg.get("metric", "kendall-tau")(), models=["a", "b"], allow_unaligned=True),
         ],
     )
     assert pipeline == Pipeline.from_toml(SMALL)
@@ -41,7 +41,7 @@ def test_python_composition_equals_toml():
 
 
 def test_step_names_default_to_the_component_and_stay_unique():
-    text = SMALL + '\n[[steps]]\nuse = "kendall-tau"\nmodels = ["b", "a"]\n'
+    text = SMALL + '\n[[steps]]\nuse = "kendall-tau"\nmodels = ["b", "a"]\nallow_unaligned = true\n'
     assert Pipeline.from_toml(text).step_names() == ["interpolation", "kendall-tau-2", "kendall-tau-3"]
 
 
@@ -116,3 +116,13 @@ def test_invalid_toml_names_the_file(tmp_path):
     with pytest.raises(ConfigError, match="not valid TOML") as info:
         load_pipeline(path)
     assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("bad", ["a/b", "<script>", "b@wm", " a"])
+def test_names_that_cannot_be_groups_or_references_are_refused(bad):
+    from mergescope import ConfigError
+
+    with pytest.raises(ConfigError, match="must start with a letter or digit"):
+        Pipeline.from_toml(SMALL.replace('name = "a"', f"name = {bad!r}".replace("'", '"'), 1))
+    with pytest.raises(ConfigError, match="must start with a letter or digit"):
+        Pipeline.from_toml(SMALL.replace('use = "interpolation"', f'use = "interpolation"\nname = "{bad}"', 1))

@@ -23,5 +23,5 @@ def test_pipeline_example_parses():
 
     (block,) = re.findall(r"```toml\n(.*?)```", README, flags=re.S)
     pipeline = Pipeline.from_toml(block)
-    assert [s.use for s in pipeline.steps] == ["interpolation", "kendall-tau"]
+    assert [s.use for s in pipeline.steps] == ["interpolation", "weight-matching", "kendall-tau"]
     assert Pipeline.from_toml(pipeline.to_toml()) == pipeline

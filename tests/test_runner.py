@@ -4,6 +4,7 @@ import json
 import logging
 
 import numpy as np
+import torch
 import pytest
 import xarray as xr
 
@@ -102,7 +103,7 @@ def test_any_module_from_python(tmp_path):
         data=reg.get("dataset", "mnist5000")(split="test", per_class=10),
         activations=ActivationSpec(layers=["2"]),
         models=[ModelSpec("x", module=net(0)), ModelSpec("y", module=net(1))],
-        steps=[Step(reg.get("metric", "kendall-tau")(), models=["x", "y"])],
+        steps=[Step(reg.get("metric", "kendall-tau")(), models=["x", "y"], allow_unaligned=True)],
     )
     result = run(pipeline, tmp_path / "run", quiet=True)
     assert result.results["kendall-tau/2"].ds["kendall_tau"].sizes["unit"] == 16
@@ -205,7 +206,7 @@ def test_context_reaches_metrics_and_visualizers_that_ask_for_it(tmp_path, fresh
         data=data,
         activations=ActivationSpec(layers=["2"], topk=4),
         models=[ModelSpec("x", module=net(0)), ModelSpec("y", module=net(1))],
-        steps=[Step(NeedsImages(), models=["x", "y"]), Step(TopImages(), models=["x", "y"])],
+        steps=[Step(NeedsImages(), models=["x", "y"], allow_unaligned=True), Step(TopImages(), models=["x", "y"])],
     )
     run(pipeline, tmp_path / "run", quiet=True)
     assert seen["models"] == ["x", "y"] and seen["layers"] == ["2"]
@@ -227,3 +228,59 @@ def test_context_images_names_an_unknown_id():
         context.images([0, 1])
     with pytest.raises(ValueError, match="outside a pipeline"):
         context.topk("a", "layer")
+
+
+ALIGNED = SMALL.replace("allow_unaligned = true\n", 'allow_unaligned = true\nname = "tau-raw"\n') + """
+[[steps]]
+use = "activation-matching"
+name = "wm"
+models = ["a", "b"]
+
+[[steps]]
+use = "kendall-tau"
+name = "tau-aligned"
+models = ["a", "b@wm"]
+"""
+
+
+def test_aligned_models_are_permuted_copies_that_metrics_compare(tmp_path):
+    result = run(Pipeline.from_toml(ALIGNED), tmp_path / "run", quiet=True)
+    raw = result.results["tau-raw/relu1"].ds["kendall_tau"].sel(model="b")
+    aligned = result.results["tau-aligned/relu1"].ds["kendall_tau"].sel(model="b@wm")
+    # Matching units by their activations makes unit j of b track unit j of a.
+    assert float(aligned.mean()) > float(raw.mean()) + 0.2
+    a, b = result.models["b"], result.models["b@wm"]
+    x = torch.rand(5, 1, 28, 28)
+    assert torch.allclose(a(x), b(x), atol=1e-5)  # a permutation keeps the function
+
+
+def test_metrics_refuse_unaligned_declared_models():
+    text = SMALL.replace("allow_unaligned = true\n", "")
+    with pytest.raises(ConfigError, match=r"not aligned.*'b@<aligner step>'.*allow_unaligned"):
+        Pipeline.from_toml(text)
+    bad = ALIGNED.replace('"b@wm"', '"b@nothing"')
+    with pytest.raises(ConfigError, match="'nothing' is not an earlier aligner step"):
+        Pipeline.from_toml(bad)
+
+
+def test_metrics_over_several_models_give_mean_and_std_per_unit(tmp_path):
+    text = ALIGNED.replace('models = ["a", "b@wm"]', 'models = ["a", "b@wm", "interpolation"]')
+    result = run(Pipeline.from_toml(text), tmp_path / "run", quiet=True)
+    ds = result.results["tau-aligned/relu2"].ds
+    assert ds["kendall_tau"].sizes["model"] == 2
+    assert np.allclose(ds["kendall_tau_mean"], ds["kendall_tau"].mean("model"), equal_nan=True)
+    assert np.allclose(ds["kendall_tau_std"], ds["kendall_tau"].std("model"), equal_nan=True)
+
+
+def test_alignment_results_round_trip_through_the_tree():
+    from mergescope import Alignment
+
+    t = xr.DataArray(np.eye(2), dims=("unit", "unit_ref"))
+    extra = xr.Dataset({"topk_sample": (("rank", "unit"), np.array([[1, 2]]))})
+    beside = xr.Dataset({"r2": ("unit_ref", [0.5, 0.7])})
+    alignment = Alignment("a", {"b": {"fc1": t}}, xr.Dataset({"score": 1.0}), {"fc1": extra, "b/fc1": beside})
+    again = Alignment.from_tree(alignment.to_tree())
+    assert again.reference == "a" and list(again.transforms) == ["b"]
+    assert again.transforms["b"]["fc1"].rename(None).identical(t)
+    assert again.results["fc1"].identical(extra) and again.results["b/fc1"].identical(beside)
+    assert again.diagnostics.identical(alignment.diagnostics)

@@ -248,3 +248,44 @@ def test_statistics_over_spatial_positions(tmp_path, data, models):
     expected = np.corrcoef(rows["a"].T, rows["b"].T)[:6, 6:]
     np.testing.assert_allclose(store.cross("a", "b", "conv").correlation, expected, atol=1e-9)
     assert store.activation("a", "conv").dims == ("sample", "unit")  # still written per image
+
+
+def test_the_returned_store_equals_the_one_on_disk(tmp_path, data, models, monkeypatch):
+    import mergescope.store as store_module
+
+    saved = []
+    save_tree = store_module.save_tree
+    monkeypatch.setattr(store_module, "save_tree", lambda tree, path: saved.append(path.name) or save_tree(tree, path))
+    store = collect_store(models, data, spec(), tmp_path / "s", key="k")
+    # 90 samples in chunks of 24: a checkpoint after each of the first three, none after the last.
+    assert saved == ["checkpoint.nc"] * 3 + ["statistics.nc"]
+    again = Store.open(tmp_path / "s")
+    assert store.info == again.info and store.directories == again.directories
+    assert store.statistics_tree().identical(again.statistics_tree())
+
+
+def test_a_collection_killed_before_its_final_files_redoes_the_last_chunk(tmp_path, data, models, monkeypatch):
+    import mergescope.store as store_module
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(store_module, "_finish", killed)
+    with pytest.raises(KeyboardInterrupt):
+        collect_store(models, data, spec(), tmp_path / "s", key="k")
+    monkeypatch.undo()
+    assert int(xr.open_datatree(tmp_path / "s" / ".work" / "checkpoint.nc").ds["samples_done"]) == 72
+    resumed = collect_store(models, data, spec(), tmp_path / "s", key="k")
+    clean = collect_store(models, data, spec(), tmp_path / "clean", key="k")
+    for m in ("a", "b"):
+        xr.testing.assert_identical(resumed.activation(m, "relu"), clean.activation(m, "relu"))
+    assert resumed.statistics_tree().identical(clean.statistics_tree())
+
+
+def test_layers_selected_by_channel_group(tmp_path, data, models):
+    store = collect_store(models, data, spec(layers={"a": ["group:*"], "b": ["group:*"]}), tmp_path / "s")
+    # The relu maps carry the conv's channels to the head (through pooling and a 1x1 flatten).
+    assert store.layers("a") == store.layers("b") == ["relu"]
+    assert store.cross("a", "b", "relu").count == 90
+    one = collect_store(models, data, spec(layers={"a": ["group:conv"], "b": ["conv"]}, pairs=[]), tmp_path / "t")
+    assert one.layers("a") == ["relu"]

@@ -225,3 +225,35 @@ def test_registers_the_metric() -> None:
     kt.register_metrics(registered.append)
     assert registered == [KendallTau]
     assert KendallTau.name == "kendall-tau"
+
+
+def test_subset_scores_only_the_chosen_samples():
+    from scipy.stats import kendalltau
+
+    from mergescope import make_activation
+
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(60, 4)), rng.normal(size=(60, 4))
+    labels = np.arange(60) % 3
+    a = make_activation(x, sample_ids=np.arange(60), labels=labels, model="a", layer="l")
+    b = make_activation(y, sample_ids=np.arange(60), labels=labels, model="b", layer="l")
+    metric = KendallTau(classes=[0, 2], per_class=5, seed=1)
+    chosen = metric.subset(a)
+    assert len(chosen) == 10 and set(labels[chosen]) == {0, 2}
+    assert np.array_equal(chosen, KendallTau(classes=[0, 2], per_class=5, seed=1).subset(a))
+    tau = metric.score(a, b).values
+    expected = [kendalltau(x[chosen, j], y[chosen, j]).statistic for j in range(4)]
+    assert np.allclose(tau, expected, atol=1e-12)
+    with pytest.raises(ValueError, match="holds 0 sample"):
+        KendallTau(classes=[7]).score(a, b)
+
+
+def test_long_columns_take_the_compiled_count_and_agree_with_scipy():
+    rng = np.random.default_rng(5)
+    n = kt._COMPILED_FROM + 300
+    x = np.maximum(rng.normal(size=(n, 3)), 0).round(1)  # many ties
+    y = np.maximum(0.5 * x + rng.normal(size=(n, 3)), 0).round(1)
+    ours = kendall_tau_b(x, y)
+    expected = [stats.kendalltau(x[:, j], y[:, j]).statistic for j in range(3)]
+    assert np.allclose(ours, expected, atol=1e-12, rtol=0)
+    assert np.array_equal(kt._count_inversions(np.array([[3, 1, 2, 2]])), [3])

@@ -1,0 +1,464 @@
+"""CLIP-δ: do two models' units respond to images that look alike?
+
+For every unit ``j`` the metric takes the ``k`` dataset images on which unit ``j`` of
+the reference model ``a`` is most active (its top-k set ``S1_j``) and the ``k`` images
+of unit ``j`` of the other model ``b`` (``S2_j``), embeds them with an image embedder
+(CLIP in the study; by default the offline EfficientNet-Lite0 features) and compares
+mean cosine similarities:
+
+.. code-block:: text
+
+    delta_j = (C(S1_j, S1_j) - C(S1_j, S2_j)) / ((1 / (N - 1)) sum_{p != j} C(S1_j, S1_p))
+
+The exact reading is documented on :class:`ClipDelta`. The kernel :func:`clip_delta`
+works on embeddings alone; :class:`ClipDelta` finds the top-k sets (streaming over the
+samples, so dask-backed activations are never loaded whole), fetches and embeds each
+needed image once and labels the result.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import attrs
+import numpy as np
+import xarray as xr
+
+import mergescope
+from mergescope.components import Context
+from mergescope.errors import ContractError
+from mergescope.hookspecs import hookimpl
+from mergescope.options import structure_options, unstructure_options
+from mergescope.statistics import TopK
+
+__all__ = ["clip_delta", "set_similarities", "ClipDelta", "register_metrics"]
+
+# Elements of one (sample, unit) chunk read at a time from in-memory activations.
+_CHUNK_ELEMENTS = 1 << 22
+# Images fetched and embedded per call of the embedder (bounds image memory).
+_IMAGES_PER_CALL = 256
+
+
+# ---------------------------------------------------------------------------- kernel
+
+
+def set_similarities(
+    sets_1: np.ndarray, sets_2: np.ndarray, embeddings: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The three mean cosine similarities CLIP-δ is made of, for every unit.
+
+    Parameters
+    ----------
+    sets_1, sets_2
+        ``(units, k)`` integer rows into ``embeddings``: the top-k images of every unit
+        of model 1 (the reference) and of model 2.
+    embeddings
+        ``(images, d)`` embeddings; each row is L2-normalised here.
+
+    Returns
+    -------
+    within
+        ``C(S1_j, S1_j)``: mean cosine over the ``k (k - 1)`` ordered pairs of *distinct*
+        positions of ``S1_j`` (an image is not compared with itself).
+    between
+        ``C(S1_j, S2_j)``: mean cosine over all ``k * k`` pairs, one image from each set;
+        an image in both sets contributes a pair of cosine 1.
+    others
+        ``(1 / (N - 1)) sum_{p != j} C(S1_j, S1_p)``: the mean over the other units of
+        the mean cosine over all ``k * k`` pairs between ``S1_j`` and ``S1_p``.
+
+    Raises
+    ------
+    ValueError
+        Fewer than 2 images per set or fewer than 2 units, sets of different shapes,
+        or an embedding row that is zero or not finite.
+
+    Notes
+    -----
+    With unit-length rows the mean cosine over all pairs of two sets is the dot product
+    of their mean embeddings ``m``, so everything is ``O(units * k * d)``:
+    ``between_j = m1_j . m2_j``, ``others_j = m1_j . (sum_p m1_p - m1_j) / (N - 1)`` and,
+    removing the ``k`` self-pairs of cosine 1 from ``k^2 |m1_j|^2``,
+    ``within_j = (k |m1_j|^2 - 1) / (k - 1)``.
+    """
+    sets_1 = np.asarray(sets_1)
+    sets_2 = np.asarray(sets_2)
+    if sets_1.ndim != 2 or sets_1.shape != sets_2.shape:
+        raise ValueError(f"sets_1 and sets_2 must both be (units, k), got {sets_1.shape} and {sets_2.shape}")
+    units, k = sets_1.shape
+    if k < 2:
+        raise ValueError(f"the within-set similarity needs k >= 2 images per set, got k = {k}")
+    if units < 2:
+        raise ValueError(f"the baseline over the other units needs at least 2 units, got {units}")
+    e = np.asarray(embeddings, dtype=np.float64)
+    if e.ndim != 2:
+        raise ValueError(f"embeddings must be (images, d), got shape {e.shape}")
+    norms = np.linalg.norm(e, axis=1)
+    bad = ~np.isfinite(norms) | (norms == 0)
+    if bad.any():
+        raise ValueError(f"{int(bad.sum())} embedding(s) are zero or not finite (first: row {int(np.argmax(bad))})")
+    e = e / norms[:, None]
+    m1, m2 = _set_means(sets_1, e), _set_means(sets_2, e)  # (units, d)
+    within = (k * np.einsum("jd,jd->j", m1, m1) - 1.0) / (k - 1)
+    between = np.einsum("jd,jd->j", m1, m2)
+    others = np.einsum("jd,jd->j", m1, m1.sum(axis=0) - m1) / (units - 1)
+    return within, between, others
+
+
+def _set_means(sets: np.ndarray, e: np.ndarray) -> np.ndarray:
+    """Mean embedding of every set, over blocks of units so ``(units, k, d)`` is never formed whole."""
+    units, k = sets.shape
+    out = np.empty((units, e.shape[1]))
+    block = max(1, _CHUNK_ELEMENTS // max(1, k * e.shape[1]))
+    for start in range(0, units, block):
+        out[start : start + block] = e[sets[start : start + block]].mean(axis=1)
+    return out
+
+
+def clip_delta(sets_1: np.ndarray, sets_2: np.ndarray, embeddings: np.ndarray) -> np.ndarray:
+    """CLIP-δ of every unit from its two top-k sets and the image embeddings.
+
+    Parameters
+    ----------
+    sets_1, sets_2, embeddings
+        As in :func:`set_similarities`.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(units,)`` float64 ``(within - between) / others``; NaN where ``others`` is not
+        positive (the baseline is then no scale to divide by).
+    """
+    return _delta(*set_similarities(sets_1, sets_2, embeddings))
+
+
+def _delta(within: np.ndarray, between: np.ndarray, others: np.ndarray) -> np.ndarray:
+    valid = others > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(valid, (within - between) / np.where(valid, others, 1.0), np.nan)
+
+
+# ------------------------------------------------------------------------ validation
+
+
+def _check_activation(da: Any, which: str) -> None:
+    if not isinstance(da, xr.DataArray):
+        raise ContractError(f"clip-delta: {which} must be an xarray.DataArray, got {type(da).__name__}")
+    if set(da.dims) != {"sample", "unit"}:
+        extra = [d for d in da.dims if d not in ("sample", "unit")]
+        detail = (
+            f"it has extra dims {extra}: top-k images need one value per sample and unit, so record channel "
+            "summaries (reduce = 'mean' or 'max')"
+            if extra
+            else "activations need dims ('sample', 'unit')"
+        )
+        raise ContractError(f"clip-delta: {which} has dims {da.dims}; {detail}")
+    if "sample" not in da.coords:
+        raise ContractError(f"clip-delta: {which} has no 'sample' coord; the sample ids say which images to embed")
+
+
+def _check_pair(a: xr.DataArray, b: xr.DataArray, k: int) -> None:
+    na, nb = a.sizes["sample"], b.sizes["sample"]
+    if na != nb:
+        raise ContractError(f"clip-delta: a has {na} samples but b has {nb}; both must cover the same samples")
+    ids_a = np.asarray(a["sample"].values)
+    ids_b = np.asarray(b["sample"].values)
+    differ = int(np.count_nonzero(ids_a != ids_b))
+    if differ:
+        same_set = np.array_equal(np.sort(ids_a), np.sort(ids_b))
+        detail = "the same ids in a different order" if same_set else "different sample ids"
+        raise ContractError(
+            f"clip-delta: a and b have different 'sample' coords: {differ} of {na} positions differ ({detail}); "
+            "score activations recorded on the same samples in the same order"
+        )
+    ua, ub = a.sizes["unit"], b.sizes["unit"]
+    if ua != ub:
+        raise ContractError(
+            f"clip-delta: a has {ua} units but b has {ub}; it compares unit j with unit j, so both layers need "
+            "the same number of units"
+        )
+    if ua < 2:
+        raise ContractError(
+            f"clip-delta: needs at least 2 units (its scale is the similarity to the other units), got {ua}"
+        )
+    if na < k:
+        raise ContractError(f"clip-delta: k = {k} top images per unit but only {na} samples")
+
+
+def _chunks(a: xr.DataArray, b: xr.DataArray) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """``(ids, a_chunk, b_chunk)`` over consecutive sample ranges, ``(n, unit)`` each.
+
+    Dask-backed inputs are read along their own sample chunks (a's, else b's), one
+    range at a time, so a recording larger than memory is never loaded whole.
+    """
+    a = a.transpose("sample", "unit")
+    b = b.transpose("sample", "unit")
+    n = a.sizes["sample"]
+    lazy = a.chunks is not None or b.chunks is not None
+    if lazy:
+        sizes = (a if a.chunks is not None else b).chunksizes["sample"]
+        stops = np.cumsum(sizes)
+    else:
+        step = max(1, _CHUNK_ELEMENTS // max(1, a.sizes["unit"]))
+        stops = np.arange(step, n + step, step).clip(max=n)
+    ids = np.asarray(a["sample"].values)
+    start = 0
+    for stop in (int(s) for s in stops):
+        part = slice(start, stop)
+        xa, xb = a.data[part], b.data[part]
+        if lazy:
+            import dask
+
+            xa, xb = dask.compute(xa, xb)
+        yield ids[part], np.asarray(xa), np.asarray(xb)
+        start = stop
+
+
+def _top_sets(a: xr.DataArray, b: xr.DataArray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top-k sample ids ``(unit, k)`` of a and of b, and a mask of units constant in either."""
+    units = a.sizes["unit"]
+    top_a, top_b = TopK(units, k), TopK(units, k)
+    low = np.full((2, units), np.inf)
+    high = np.full((2, units), -np.inf)
+    for ids, xa, xb in _chunks(a, b):
+        for which, (top, values) in enumerate(((top_a, xa), (top_b, xb))):
+            try:
+                top.update(values, ids)
+            except ValueError as exc:
+                raise ContractError(f"clip-delta: {'ab'[which]}: {exc}") from None
+            if len(values):
+                low[which] = np.minimum(low[which], values.min(axis=0))
+                high[which] = np.maximum(high[which], values.max(axis=0))
+    return top_a.sample_ids.T, top_b.sample_ids.T, (low == high).any(axis=0)
+
+
+def _unit_label(b: xr.DataArray, mask: np.ndarray, limit: int = 10) -> str:
+    units = [str(u) for u in np.asarray(b["unit"].values if "unit" in b.coords else np.arange(b.sizes["unit"]))[mask]]
+    more = f" and {len(units) - limit} more" if len(units) > limit else ""
+    return ", ".join(units[:limit]) + more
+
+
+# ------------------------------------------------------------------------- component
+
+
+def _check_k(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+        raise ValueError(
+            f"'{attribute.name}' must be an integer >= 2 (the within-set similarity compares distinct images), "
+            f"got {value!r}"
+        )
+
+
+def _check_name(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"'{attribute.name}' must name a registered embedder, got {value!r}")
+
+
+def _check_table(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if not isinstance(value, dict) or not all(isinstance(key, str) for key in value):
+        raise ValueError(f"'{attribute.name}' must be a table of the embedder's options, got {value!r}")
+
+
+@attrs.define
+class ClipDelta:
+    """CLIP-δ: how much less alike the top-k images of unit j are across two models than within one.
+
+    For unit ``j``, ``S1_j`` holds the ``k`` samples with the largest activations of
+    unit ``j`` in ``a`` (the reference model) and ``S2_j`` the ``k`` largest in ``b``;
+    equal activations are ordered by sample id, so the sets are deterministic. Every
+    image in any set is embedded once by the embedder and L2-normalised; ``cos`` is the
+    dot product of two embeddings. With ``N`` units:
+
+    - ``C(S1_j, S1_j)``, the *within* similarity: the mean ``cos`` over the
+      ``k (k - 1)`` ordered pairs of **distinct** members of ``S1_j``. Self-pairs are
+      left out: their cosine is 1 whatever the images, so they would make up a fixed
+      ``1 / k`` share of the mean and say nothing about how coherent the set is. (Two
+      different samples whose images happen to be identical do count.)
+    - ``C(S1_j, S2_j)``, the *between* similarity: the mean ``cos`` over all ``k * k``
+      pairs of one image from each set. An image in both sets forms a pair with itself
+      of ``cos`` 1, and that pair counts: sharing images is what makes two units alike.
+    - The *other units* baseline ``(1 / (N - 1)) sum_{p != j} C(S1_j, S1_p)``: for every
+      other unit ``p`` of the reference, the mean ``cos`` over all ``k * k`` pairs of
+      ``S1_j`` and ``S1_p`` (shared images count as above), averaged over the ``N - 1``
+      units.
+
+    ``CLIP-δ_j = (within_j - between_j) / others_j``: lower is more similar. It is about
+    0 when ``b``'s images are as alike to ``a``'s set as that set is to itself, and
+    grows as they drift apart, in units of how alike the images of two different units
+    of ``a`` are. Because shared images count in ``between`` but self-pairs do not in
+    ``within``, identical sets (``S2_j = S1_j``) score slightly below 0:
+    ``-(1 - within_j) / (k * others_j)``. It is NaN where the baseline is not positive.
+    Units are compared position by position (unit ``j`` with unit ``j``): score ``b``
+    after it was permuted onto ``a`` to compare matched units.
+
+    Parameters
+    ----------
+    k
+        Top images per unit (10 in the study); at least 2.
+    embedder
+        Name of a registered embedder (``mergescope plugins`` lists them): the offline
+        ``"efficientnet-lite0-features"`` by default, ``"open-clip"`` for CLIP as in the
+        study (needs its weights; see that embedder).
+    embedder_options
+        The embedder's options, a table (e.g. ``{pretrained = "/path/model.bin"}``).
+    """
+
+    name: ClassVar[str] = "clip-delta"
+    paper: ClassVar[str] = (
+        "Zou 2025, Model Merging and Feature Visualization in Deep Neural Networks (sec. 3.1.4), "
+        "after Nanfack et al. 2023"
+    )
+
+    k: int = attrs.field(default=10, validator=_check_k)
+    embedder: str = attrs.field(default="efficientnet-lite0-features", validator=_check_name)
+    embedder_options: dict[str, Any] = attrs.field(factory=dict, validator=_check_table)
+    # ((embedder, options), instance): built once, rebuilt only if those options change.
+    _embedder_instance: Any = attrs.field(default=None, init=False, eq=False, repr=False)
+
+    def make_embedder(self) -> Any:
+        """The embedder named by ``embedder`` with ``embedder_options``, created once per metric.
+
+        Raises
+        ------
+        mergescope.errors.UnknownComponentError
+            No loaded plugin registers that embedder (the message lists those that do).
+        mergescope.errors.ConfigError
+            An embedder option is unknown or has a bad value.
+        """
+        key = (self.embedder, repr(self.embedder_options))
+        if self._embedder_instance is None or self._embedder_instance[0] != key:
+            cls = mergescope.get_registry().get("embedder", self.embedder)
+            label = f"embedder {self.embedder!r} (option 'embedder_options' of metric {self.name!r})"
+            self._embedder_instance = (key, structure_options(cls, self.embedder_options, label=label))
+        return self._embedder_instance[1]
+
+    def score(self, a: xr.DataArray, b: xr.DataArray, context: Context | None = None) -> xr.DataArray:
+        """CLIP-δ of every unit of ``b`` against the same unit of ``a``.
+
+        Parameters
+        ----------
+        a
+            Reference activations, dims ``("sample", "unit")`` with a ``sample`` coord
+            of dataset sample ids; may be dask-backed.
+        b
+            Activations of the other model over the same samples, same number of units.
+        context
+            Gives the images (``context.images``) of the dataset the activations were
+            recorded on; the runner passes it.
+
+        Returns
+        -------
+        xarray.DataArray
+            Named ``"clip_delta"``, float64, dims ``("unit",)`` with ``b``'s ``unit``
+            coords; per-unit coords ``similarity_within``, ``similarity_between`` and
+            ``similarity_others`` (the three terms); scalar coords ``embedder`` (what
+            made the embeddings), ``model``, ``reference`` and ``layer`` when the inputs
+            carry them.
+
+        Raises
+        ------
+        ValueError
+            No context or dataset (``ValueError``), or (``ContractError``) wrong dims,
+            different samples or unit counts, fewer than 2 units or than ``k`` samples.
+        LookupError
+            A sample id that is not in the dataset, or an unknown embedder.
+        """
+        if context is None or getattr(context, "data", None) is None:
+            raise ValueError(
+                "clip-delta needs the images the activations were recorded on: run it as a pipeline step with a "
+                "[data] table, or call score(a, b, context=mergescope.Context(data=dataset))"
+            )
+        _check_activation(a, "a")
+        _check_activation(b, "b")
+        _check_pair(a, b, self.k)
+        sets_a, sets_b, constant = _top_sets(a, b, self.k)
+        if constant.any():
+            warnings.warn(
+                f"clip-delta: unit(s) {_unit_label(b, constant)} are constant over the samples in a or b; "
+                "their top-k images are the lowest sample ids, not images they respond to",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        ids, inverse = np.unique(np.concatenate([sets_a.ravel(), sets_b.ravel()]), return_inverse=True)
+        embeddings = self._embed(ids, context)
+        positions = inverse.reshape(2, *sets_a.shape)
+        try:
+            within, between, others = set_similarities(positions[0], positions[1], embeddings)
+        except ValueError as exc:
+            raise ValueError(f"clip-delta with embedder {self.embedder!r}: {exc}") from None
+        bad = ~(others > 0)
+        if bad.any():
+            warnings.warn(
+                f"clip-delta: unit(s) {_unit_label(b, bad)} have a baseline similarity to the other units that is "
+                "not positive; their CLIP-δ is NaN",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return self._label(_delta(within, between, others), within, between, others, a, b)
+
+    def _embed(self, ids: np.ndarray, context: Context) -> np.ndarray:
+        """Embeddings ``(len(ids), d)`` of the images with these sample ids, each embedded once."""
+        embedder = self.make_embedder()
+        parts = []
+        for start in range(0, len(ids), _IMAGES_PER_CALL):
+            chunk = ids[start : start + _IMAGES_PER_CALL]
+            out = np.asarray(embedder.embed(context.images(chunk)))
+            if out.ndim != 2 or out.shape[0] != len(chunk):
+                raise ValueError(
+                    f"clip-delta: embedder {self.embedder!r} returned shape {out.shape} for {len(chunk)} images; "
+                    "an embedder returns (N, d)"
+                )
+            parts.append(out.astype(np.float64, copy=False))
+        return np.concatenate(parts)
+
+    def _identity(self) -> str:
+        embedder = self.make_embedder()
+        identity = getattr(embedder, "identity", None)
+        if callable(identity):
+            return str(identity())
+        options = unstructure_options(embedder)
+        return f"{self.embedder} {options}" if options else self.embedder
+
+    def _label(
+        self,
+        delta: np.ndarray,
+        within: np.ndarray,
+        between: np.ndarray,
+        others: np.ndarray,
+        a: xr.DataArray,
+        b: xr.DataArray,
+    ) -> xr.DataArray:
+        coords: dict[str, Any] = {k: v.variable for k, v in b.coords.items() if v.dims == ("unit",)}
+        if "unit" not in coords:
+            coords["unit"] = ("unit", np.arange(b.sizes["unit"]))
+        coords["similarity_within"] = ("unit", within)
+        coords["similarity_between"] = ("unit", between)
+        coords["similarity_others"] = ("unit", others)
+        coords["embedder"] = ((), self._identity())
+        if "model" in b.coords:
+            coords["model"] = b.coords["model"].variable
+        if "model" in a.coords:
+            coords["reference"] = ((), a.coords["model"].values)
+        if "layer" in b.coords:
+            coords["layer"] = b.coords["layer"].variable
+        return xr.DataArray(np.asarray(delta, dtype=np.float64), dims=("unit",), coords=coords, name="clip_delta")
+
+    def describe(self, result: xr.DataArray) -> str:
+        """One line: mean and median CLIP-δ over units, NaN units, and the embedder."""
+        values = np.asarray(result.values, dtype=float).ravel()
+        nan = int(np.isnan(values).sum())
+        embedder = f" [{result['embedder'].item()}]" if "embedder" in result.coords else ""
+        if nan == values.size:
+            return f"no defined CLIP-δ ({nan} NaN units){embedder}"
+        return (
+            f"mean CLIP-δ {float(np.nanmean(values)):.3f} (median {float(np.nanmedian(values)):.3f}, "
+            f"{nan} NaN unit{'s' if nan != 1 else ''}){embedder}"
+        )
+
+
+@hookimpl
+def register_metrics(register):
+    """Register :class:`ClipDelta`."""
+    register(ClipDelta)

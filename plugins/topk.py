@@ -1,0 +1,721 @@
+"""Top-k image grids: the dataset images that activate each unit most, one row per model.
+
+For every layer of the step and every unit, one PNG shows the ``k`` dataset images with
+the highest recorded activation of that unit in each model (rank 0 on the left), one row
+per model, with the model's name and, optionally, per-unit metric values on the left: the
+thesis's Figures 3.3 and 3.4 (model 1, model 2, permuted model 2, permuted merge and
+direct merge; or N models aligned to one reference with Kendall-tau beside each row).
+
+The top-k comes from the recording's streaming statistics (``Context.topk``), so drawing
+needs no further pass over the data; only the images shown are loaded, each once.
+Extra rows come from earlier results that hold ``topk_sample`` (and ``topk_value``) on
+dims ``(rank, unit)`` at ``/<step>/<layer>`` (e.g. the top-k of regression-aligned
+activations).
+
+Layout of one grid (all sizes in pixels)::
+
+    +---------------------------------------------------------+
+    | header: "<layer>, unit <u>", unit-wide metric values     |
+    +-----------+----------+-----+----------+-----+------------+
+    | label     | rank 0   | gap | rank 1   | ... | rank k-1   |   row 0 (tile high)
+    +-----------+----------+-----+----------+-----+------------+
+    |  (gap)                                                   |
+    | label     | ...                                          |   row 1
+    +---------------------------------------------------------+
+
+The tiles fill the bottom-right ``rows * tile + (rows - 1) * gap`` by
+``k * tile + (k - 1) * gap`` pixels; the label column and the header take the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import attrs
+import numpy as np
+import xarray as xr
+
+from mergescope.components import Context
+from mergescope.errors import ConfigError
+from mergescope.hookspecs import hookimpl
+
+__all__ = ["TopKGrids", "display_image", "display_images", "grid_layout", "safe_name", "register_visualizers"]
+
+log = logging.getLogger("mergescope")
+
+INDEX_FILE = "topk-index.nc"
+_PAD = 4  # pixels around text
+_INK = 0  # text colour (black), drawn on white
+_PAPER = 255  # background of labels, header, gaps and letterboxing
+# Ids loaded per call of Context.images: bounds the memory of full-size images in flight.
+_LOAD_CHUNK = 2048
+
+
+# --------------------------------------------------------------------------- images
+
+
+def display_images(images: Any, size: int) -> np.ndarray:
+    """Images of one shape as ``(n, size, size, 3)`` uint8 tiles for display.
+
+    Every image (``(n, C, H, W)`` with 1 or 3 channels; a tensor or an array, in whatever
+    value range the dataset uses) is min-max normalised to [0, 255] over all its pixels
+    and channels at once (so colours keep their balance; a constant image becomes
+    black; NaN and infinities count as 0), a single channel becomes grey RGB, and it is
+    scaled with PIL so its longer side is ``size``: nearest-neighbour when enlarging
+    (small images such as MNIST stay sharp), bicubic with antialiasing when shrinking. A
+    non-square image is centred on a white square.
+
+    Raises
+    ------
+    ValueError
+        For shapes other than ``(n, 1 or 3, H, W)``.
+    """
+    from PIL import Image
+
+    array = images.detach().cpu().numpy() if hasattr(images, "detach") else np.asarray(images)
+    if array.ndim != 4 or array.shape[1] not in (1, 3) or 0 in array.shape[2:]:
+        raise ValueError(f"top-k grids show images (1 or 3, H, W) or (H, W), got shape {tuple(array.shape[1:])}")
+    array = np.asarray(array, dtype=np.float32)
+    if not np.isfinite(array).all():
+        array = np.nan_to_num(array, nan=0.0, posinf=0.0, neginf=0.0)
+    low = array.min(axis=(1, 2, 3), keepdims=True)
+    span = array.max(axis=(1, 2, 3), keepdims=True) - low
+    scale = np.divide(255.0, span, out=np.zeros_like(span), where=span > 0)
+    pixels = np.rint((array - low) * scale).astype(np.uint8).transpose(0, 2, 3, 1)  # (n, H, W, C)
+    n, h, w, channels = pixels.shape
+    factor = size / max(h, w)
+    new_h, new_w = max(1, round(h * factor)), max(1, round(w * factor))
+    if (new_h, new_w) != (h, w):
+        # Resize before making grey images RGB: a third of the work.
+        resample = Image.Resampling.NEAREST if factor > 1 else Image.Resampling.BICUBIC
+        planes = pixels[..., 0] if channels == 1 else pixels
+        pixels = np.stack([np.asarray(Image.fromarray(p).resize((new_w, new_h), resample)) for p in planes])
+        pixels = pixels.reshape(n, new_h, new_w, channels)
+    if channels == 1:
+        pixels = np.repeat(pixels, 3, axis=3)
+    if (new_h, new_w) == (size, size):
+        return np.ascontiguousarray(pixels)
+    tiles = np.full((n, size, size, 3), _PAPER, dtype=np.uint8)
+    top, left = (size - new_h) // 2, (size - new_w) // 2
+    tiles[:, top : top + new_h, left : left + new_w] = pixels
+    return tiles
+
+
+def display_image(image: Any, size: int) -> np.ndarray:
+    """One image, ``(C, H, W)`` with 1 or 3 channels or ``(H, W)``, as a ``(size, size, 3)`` tile.
+
+    As :func:`display_images` (per-image min-max normalisation, grey as RGB, scaled to fit).
+    """
+    array = image.detach().cpu().numpy() if hasattr(image, "detach") else np.asarray(image)
+    if array.ndim == 2:
+        array = array[None]
+    if array.ndim != 3:
+        raise ValueError(f"top-k grids show images (1 or 3, H, W) or (H, W), got shape {tuple(array.shape)}")
+    return display_images(array[None], size)[0]
+
+
+class _Tiles:
+    """Display tiles by sample id: each image is loaded and converted once per render."""
+
+    def __init__(self, context: Context, size: int) -> None:
+        self.context = context
+        self.size = size
+        self.tiles: dict[int, np.ndarray] = {}
+        self.colour = False  # whether any image shown has three channels
+
+    def load(self, ids: np.ndarray) -> None:
+        """Load the tiles of ``ids`` not loaded yet (one ``Context.images`` call per chunk)."""
+        missing = [int(i) for i in np.unique(ids) if int(i) not in self.tiles]
+        for start in range(0, len(missing), _LOAD_CHUNK):
+            chunk = missing[start : start + _LOAD_CHUNK]
+            try:
+                batches = [(chunk, self.context.images(chunk))]
+            except RuntimeError:
+                # Context.images stacks the images into one tensor, which fails when
+                # their sizes differ; then load them one by one.
+                batches = [([i], self.context.images([i])) for i in chunk]
+            for batch_ids, images in batches:
+                self.colour = self.colour or (images.ndim == 4 and images.shape[1] == 3)
+                for i, tile in zip(batch_ids, display_images(images, self.size)):
+                    self.tiles[i] = tile
+
+    def bank(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The tiles of the unique ``ids`` stacked ``(n, size, size, 3)``, and each id's position in it."""
+        unique = np.unique(ids)
+        return np.stack([self.tiles[int(i)] for i in unique]), np.searchsorted(unique, ids)
+
+
+# ---------------------------------------------------------------------------- layout
+
+
+@attrs.frozen
+class GridLayout:
+    """Pixel geometry of one grid: image size and where the tiles start."""
+
+    height: int
+    width: int
+    tiles_top: int
+    tiles_left: int
+    tile: int
+    gap: int
+
+    def row_top(self, row: int) -> int:
+        """Top pixel line of ``row``."""
+        return self.tiles_top + row * (self.tile + self.gap)
+
+
+def grid_layout(rows: int, k: int, tile: int, gap: int, label_width: int, header_height: int) -> GridLayout:
+    """The geometry of a grid of ``rows`` x ``k`` tiles with a label column and a header.
+
+    The image is ``header_height + rows * tile + (rows - 1) * gap`` high and
+    ``label_width + k * tile + (k - 1) * gap`` wide; the tiles sit in its bottom-right corner.
+    """
+    grid_h, grid_w = rows * tile + (rows - 1) * gap, k * tile + (k - 1) * gap
+    return GridLayout(header_height + grid_h, label_width + grid_w, header_height, label_width, tile, gap)
+
+
+class _Text:
+    """Text stamps drawn once with PIL's default font and reused (labels repeat across units)."""
+
+    def __init__(self) -> None:
+        from PIL import ImageFont
+
+        self.font = ImageFont.load_default()
+        ascent, descent = self.font.getmetrics()
+        self.line = ascent + descent + 1
+        self._stamps: dict[str, np.ndarray] = {}
+
+    def width(self, text: str) -> int:
+        return math.ceil(self.font.getlength(text)) + 1
+
+    def stamp(self, text: str) -> np.ndarray:
+        """``text`` in black on white, ``(line, width)`` uint8."""
+        found = self._stamps.get(text)
+        if found is None:
+            from PIL import Image, ImageDraw
+
+            image = Image.new("L", (self.width(text), self.line), _PAPER)
+            ImageDraw.Draw(image).text((0, 0), text, fill=_INK, font=self.font)
+            found = self._stamps[text] = np.asarray(image)
+        return found
+
+    def draw(self, canvas: np.ndarray, text: str, top: int, left: int, right: int) -> None:
+        """Write ``text`` into ``canvas`` at ``(top, left)``, clipped at column ``right`` and the bottom."""
+        stamp = self.stamp(text)
+        h = min(stamp.shape[0], canvas.shape[0] - top)
+        w = min(stamp.shape[1], right - left)
+        if h <= 0 or w <= 0:
+            return
+        region = canvas[top : top + h, left : left + w]
+        np.minimum(region, stamp[:h, :w, None], out=region)
+
+
+def safe_name(name: str) -> str:
+    """``name`` as one path component: letters, digits, ``.``, ``_`` and ``-`` kept, the rest ``_``."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", name).strip(".") or "_"
+    return cleaned
+
+
+def _format(value: float) -> str:
+    return f"{value:.2f}" if np.isfinite(value) else "nan"
+
+
+def _max_abs(values: np.ndarray) -> float:
+    finite = np.abs(values[np.isfinite(values)])
+    return float(finite.max()) if finite.size else 0.0
+
+
+def _label_mode(tile: int, line: int, metrics: int) -> str:
+    """How a row shows its metric values: one line each, all on one line, or not at all (tile too short)."""
+    fit = (tile - _PAD) // line  # lines that fit beside a tile, the name included
+    if metrics == 0 or fit < 2:
+        return "none"
+    return "lines" if 1 + metrics <= fit else "one"
+
+
+# ------------------------------------------------------------------------ row sources
+
+
+@attrs.define
+class _Row:
+    """One row of every grid of a layer: its label and its top-k per unit."""
+
+    label: str
+    ids: np.ndarray  # (available k, units) int64, -1 in empty slots
+    values: np.ndarray  # (available k, units) float64
+    samples: int | None  # samples the top-k was taken over, when known
+    source: str  # for messages
+
+
+def _store_row(context: Context, model: str, layer: str) -> _Row:
+    try:
+        top = context.topk(model, layer)
+    except KeyError as exc:
+        raise ConfigError(
+            f"the recording of {model!r} has no top-k at layer {layer!r} ({exc}); "
+            "the step's models are recorded with [activations] topk > 0"
+        ) from exc
+    ids = np.asarray(top.sample_ids, dtype=np.int64)
+    values = np.asarray(getattr(top, "values", np.full(ids.shape, np.nan)), dtype=np.float64)
+    if ids.ndim != 2 or values.shape != ids.shape:
+        raise ValueError(f"the top-k of {model!r} at {layer!r} must hold (k, unit) arrays, got {ids.shape}")
+    count = getattr(top, "count", None)
+    if count is None and context.data is not None:
+        count = len(context.data)
+    return _Row(model, ids, values, None if count is None else int(count), f"the store of {model!r}")
+
+
+def _result_node(results: xr.DataTree, step: str, layer: str, option: str) -> xr.Dataset | None:
+    """The Dataset at ``/<step>/<layer>``; ``None`` when the step has no such layer."""
+    if step not in results.children:
+        known = ", ".join(results.children) or "none"
+        raise ConfigError(
+            f"{step!r} is not a step whose results this step can read (earlier steps: {known})", where=f"key '{option}'"
+        )
+    node = results[step]
+    if layer not in node.children:
+        return None
+    return node[layer].to_dataset(inherit=False)
+
+
+def _result_rows(results: xr.DataTree, step: str, layer: str) -> list[_Row]:
+    """Rows from an earlier step's ``topk_sample`` (+ ``topk_value``), one per ``model`` when it has that dim."""
+    ds = _result_node(results, step, layer, "rows_from")
+    if ds is None or "topk_sample" not in ds:
+        held = "nothing" if ds is None else ", ".join(map(str, ds.data_vars)) or "no variables"
+        raise ConfigError(
+            f"'rows_from' step {step!r} has no 'topk_sample' at layer {layer!r} (it holds {held}); "
+            "a row needs topk_sample (rank, unit) at /<step>/<layer>",
+            where="key 'rows_from'",
+        )
+    ids = ds["topk_sample"]
+    values = ds["topk_value"] if "topk_value" in ds else xr.full_like(ids, np.nan, dtype=np.float64)
+    if not {"rank", "unit"} <= set(ids.dims) or not set(ids.dims) <= {"rank", "unit", "model"}:
+        raise ConfigError(
+            f"'rows_from' step {step!r}: topk_sample at {layer!r} has dims {ids.dims}; expected (rank, unit) "
+            "or (model, rank, unit)",
+            where="key 'rows_from'",
+        )
+    count = int(ds["count"]) if "count" in ds and ds["count"].ndim == 0 else None
+    if "model" not in ids.dims:
+        return [_Row(step, _ranked(ids), _ranked(values, float), count, f"step {step!r}")]
+    return [
+        _Row(f"{step}:{m}", _ranked(ids.sel(model=m)), _ranked(values.sel(model=m), float), count, f"step {step!r}")
+        for m in ids["model"].values
+    ]
+
+
+def _ranked(array: xr.DataArray, dtype: type = np.int64) -> np.ndarray:
+    return np.asarray(array.transpose("rank", "unit").values, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------- metrics
+
+
+@attrs.define
+class _Metrics:
+    """Metric values of one layer: per row (beside it) and per unit (in the header)."""
+
+    row_names: list[str] = attrs.field(factory=list)  # "<step>:<variable>"
+    row_labels: list[str] = attrs.field(factory=list)  # the variable names shown
+    per_row: np.ndarray | None = None  # (rows, metrics, units), NaN where a row has no value
+    unit_names: list[str] = attrs.field(factory=list)
+    unit_labels: list[str] = attrs.field(factory=list)
+    per_unit: np.ndarray | None = None  # (metrics, units)
+
+
+def _metric_values(
+    results: xr.DataTree, steps: Sequence[str], layer: str, rows: Sequence[str], units: int
+) -> _Metrics:
+    out = _Metrics()
+    per_row, per_unit = [], []
+    for step in steps:
+        ds = _result_node(results, step, layer, "metrics")
+        if ds is None:  # the metric step did not score this layer
+            continue
+        for name, var in ds.data_vars.items():
+            if "unit" not in var.dims or not set(var.dims) <= {"unit", "model"}:
+                continue
+            if "unit" in var.coords:  # align on unit indices; NaN where the metric has none
+                var = var.reindex(unit=np.arange(units))
+            elif var.sizes["unit"] != units:
+                continue
+            if "model" in var.dims:
+                models = [str(m) for m in var["model"].values] if "model" in var.coords else []
+                table = np.full((len(rows), units), np.nan)
+                for r, row in enumerate(rows):
+                    if row in models:
+                        table[r] = np.asarray(var.isel(model=models.index(row)).values, dtype=np.float64)
+                per_row.append(table)
+                out.row_names.append(f"{step}:{name}")
+                out.row_labels.append(str(name))
+            else:
+                per_unit.append(np.asarray(var.values, dtype=np.float64))
+                out.unit_names.append(f"{step}:{name}")
+                out.unit_labels.append(str(name))
+    if per_row:
+        out.per_row = np.stack(per_row, axis=1)
+    if per_unit:
+        out.per_unit = np.stack(per_unit)
+    return out
+
+
+@attrs.define
+class _Layer:
+    """What the grids of one layer show."""
+
+    name: str
+    folder: str  # the layer's folder under out_dir
+    ids: np.ndarray  # (row, rank, unit) sample ids
+    values: np.ndarray  # (row, rank, unit) activations
+    units: np.ndarray  # the units drawn
+    labels: list[str]  # row labels
+    metrics: _Metrics
+
+    def entry(self, unit: int, file: str) -> dict[str, Any]:
+        """The index entry of ``unit``'s grid."""
+        rows = len(self.labels)
+        m = self.metrics
+        return {
+            "layer": self.name,
+            "unit": unit,
+            "file": file,
+            "ids": self.ids[:, :, unit],
+            "values": self.values[:, :, unit],
+            "metric_names": m.row_names,
+            "metrics": m.per_row[:, :, unit] if m.per_row is not None else np.zeros((rows, 0)),
+            "unit_metric_names": m.unit_names,
+            "unit_metrics": m.per_unit[:, unit] if m.per_unit is not None else np.zeros(0),
+        }
+
+
+# ------------------------------------------------------------------------- visualizer
+
+
+def _unit_list(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if not isinstance(value, list) or any(isinstance(u, bool) or not isinstance(u, int) or u < 0 for u in value):
+        raise ValueError(f"'{attribute.name}' must be a list of unit indices (integers >= 0), got {value!r}")
+    if len(set(value)) != len(value):
+        raise ValueError(f"'{attribute.name}' must not repeat a unit, got {value!r}")
+
+
+def _names(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if not isinstance(value, list) or any(not isinstance(s, str) or not s for s in value):
+        raise ValueError(f"'{attribute.name}' must be a list of step names, got {value!r}")
+
+
+_non_negative_int = [attrs.validators.instance_of(int), attrs.validators.ge(0)]
+
+
+@attrs.define
+class TopKGrids:
+    """Grid per unit of the k dataset images that activate it most, one row per model, metrics beside.
+
+    One PNG per layer and unit, ``<layer>/unit-<NNNN>.png`` under the step's figure
+    folder (layer names made safe for file names), plus ``topk-index.nc`` mapping every
+    grid to its file, its rows' top-k sample ids and values and the metric values shown.
+
+    Rows: the step's ``models`` in order (declared, merged or aligned models; their top-k
+    is the recording's, ``[activations] topk``), then one row per step of ``rows_from``.
+
+    Parameters
+    ----------
+    k
+        Images per row; 0 (default): all the recording kept (``[activations] topk``).
+        More than the recording kept, or than the dataset holds, is an error.
+    units
+        Units to draw (indices); empty (default): every unit of every layer.
+    max_units
+        Draw at most this many units per layer (the first ones); 0 (default): no cap.
+    rows_from
+        Earlier steps whose ``/<step>/<layer>`` results hold ``topk_sample`` (and
+        ``topk_value``) on dims ``(rank, unit)`` (or ``(model, rank, unit)``, one row per
+        model): each adds a row labelled with the step name, e.g. regression-aligned
+        activations.
+    metrics
+        Earlier metric steps whose per-unit values are written beside the rows: a
+        variable on dims ``(model, unit)`` beside the row of that model, one on ``(unit,)``
+        (e.g. ``kendall_tau_mean``, ``kendall_tau_std``) in the grid's header. A metric
+        step that did not score a layer adds nothing to that layer's grids.
+    tile
+        Side of every image tile in pixels; every image is scaled to fit it.
+    gap
+        White pixels between tiles and between rows.
+    """
+
+    name: ClassVar[str] = "top-k"
+    paper: ClassVar[str] = (
+        "Zou 2025, Model Merging and Feature Visualization in Deep Neural Networks "
+        "(thesis, Concordia University; top-10 images per channel: Figs. 3.3, 3.4, appendices A and C)"
+    )
+
+    k: int = attrs.field(default=0, validator=_non_negative_int)
+    units: list[int] = attrs.field(factory=list, validator=_unit_list)
+    max_units: int = attrs.field(default=0, validator=_non_negative_int)
+    rows_from: list[str] = attrs.field(factory=list, validator=_names)
+    metrics: list[str] = attrs.field(factory=list, validator=_names)
+    tile: int = attrs.field(default=48, validator=[attrs.validators.instance_of(int), attrs.validators.ge(4)])
+    gap: int = attrs.field(default=2, validator=_non_negative_int)
+
+    def render(self, results: xr.DataTree, out_dir: Path, context: Context | None = None) -> list[Path]:
+        """Draw the grids of every layer and unit of the step into ``out_dir``.
+
+        Returns
+        -------
+        list of Path
+            The PNGs and ``topk-index.nc``; nothing without a context, models or layers
+            (e.g. outside a pipeline).
+
+        Raises
+        ------
+        ConfigError
+            ``k`` larger than the recorded top-k or the dataset, a unit outside a layer,
+            a ``rows_from`` or ``metrics`` step that does not exist, or rows without
+            top-k at a layer.
+        """
+        if context is None or not context.models or not context.layers:
+            return []
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tiles, text = _Tiles(context, self.tile), _Text()
+        folders: list[str] = []
+        entries: list[dict[str, Any]] = []
+        paths: list[Path] = []
+        row_labels: list[str] = []
+        for layer in context.layers:
+            plan = self._plan(results, context, layer, folders)
+            if row_labels and plan.labels != row_labels:
+                raise ConfigError(
+                    f"layer {layer!r} has rows {plan.labels} but an earlier layer had {row_labels}",
+                    where="key 'rows_from'",
+                )
+            row_labels = plan.labels
+            folders.append(plan.folder)
+            if len(plan.units):
+                paths += self._draw(plan, tiles, text, out_dir / plan.folder, context, entries)
+        index_path = out_dir / INDEX_FILE
+        _index(entries, row_labels).to_netcdf(index_path)
+        return [*paths, index_path]
+
+    # -- what to draw
+
+    def _plan(self, results: xr.DataTree, context: Context, layer: str, folders: list[str]) -> _Layer:
+        rows = [_store_row(context, m, layer) for m in context.models]
+        for step in self.rows_from:
+            rows.extend(_result_rows(results, step, layer))
+        labels = [r.label for r in rows]
+        if len(set(labels)) != len(labels):
+            raise ConfigError(f"two rows share a label in {labels}; rename a step or a model", where="key 'rows_from'")
+        k, units = self._k(rows, layer), self._units(rows, layer)
+        ids = np.stack([r.ids[:k] for r in rows])  # (row, rank, unit)
+        empty = (ids[:, :, units] < 0).any(axis=(1, 2))
+        if empty.any():
+            source = rows[int(np.flatnonzero(empty)[0])].source
+            raise ConfigError(f"{source} has empty top-k slots at layer {layer!r} for k = {k}", where="key 'k'")
+        return _Layer(
+            name=layer,
+            folder=_unique_folder(layer, folders),
+            ids=ids,
+            values=np.stack([r.values[:k] for r in rows]),
+            units=units,
+            labels=labels,
+            metrics=_metric_values(results, self.metrics, layer, labels, rows[0].ids.shape[1]),
+        )
+
+    def _k(self, rows: Sequence[_Row], layer: str) -> int:
+        """The k to draw: the option, or all that every row holds."""
+        limits = [(r, min(r.ids.shape[0], r.samples if r.samples is not None else r.ids.shape[0])) for r in rows]
+        if self.k == 0:
+            return max(1, min(limit for _, limit in limits))
+        for row, limit in limits:
+            if self.k > limit:
+                samples = f"{row.samples} samples" if row.samples is not None else "an unknown number of samples"
+                raise ConfigError(
+                    f"k = {self.k} but {row.source} at layer {layer!r} kept the top {row.ids.shape[0]} "
+                    f"(the recording's k) of {samples}; set k <= {limit}"
+                    + (" or raise [activations] topk" if row.ids.shape[0] < self.k else ""),
+                    where="key 'k'",
+                )
+        return self.k
+
+    def _units(self, rows: Sequence[_Row], layer: str) -> np.ndarray:
+        count = rows[0].ids.shape[1]
+        for row in rows[1:]:
+            if row.ids.shape[1] != count:
+                raise ConfigError(
+                    f"layer {layer!r} has {count} units in {rows[0].source} but {row.ids.shape[1]} in {row.source}; "
+                    "every row must describe the same units"
+                )
+        units = np.asarray(self.units or range(count), dtype=np.int64)
+        outside = units[units >= count]
+        if outside.size:
+            raise ConfigError(
+                f"unit {int(outside[0])} is outside layer {layer!r}, which has {count} units (0..{count - 1})",
+                where="key 'units'",
+            )
+        if self.max_units and len(units) > self.max_units:
+            log.info("top-k: drawing %d of the %d units of %s (max_units)", self.max_units, len(units), layer)
+            units = units[: self.max_units]
+        return units
+
+    # -- drawing
+
+    def _layout(self, plan: _Layer, text: _Text) -> GridLayout:
+        """Label column as wide as the widest label or value of the layer; header above."""
+        metrics, units = plan.metrics, plan.units
+        rows, k = plan.ids.shape[:2]
+        mode = _label_mode(self.tile, text.line, len(metrics.row_labels))
+        widest = [text.width(name) for name in plan.labels]
+        if metrics.per_row is not None and mode != "none":
+            extremes = [
+                f"{m} = {_format(-_max_abs(metrics.per_row[:, i, units]))}" for i, m in enumerate(metrics.row_labels)
+            ]
+            widest += [text.width(", ".join(extremes))] if mode == "one" else [text.width(e) for e in extremes]
+        header = [text.width(f"{plan.name}, unit {units.max()}")]
+        if metrics.per_unit is not None:
+            header += [
+                text.width(f"{m} = {_format(-_max_abs(metrics.per_unit[i, units]))}")
+                for i, m in enumerate(metrics.unit_labels)
+            ]
+        grid_w = k * self.tile + (k - 1) * self.gap
+        label_width = max(2 * _PAD + max(widest), max(header) + 2 * _PAD - grid_w)
+        header_height = (1 + len(metrics.unit_labels)) * text.line + 2 * _PAD
+        return grid_layout(rows, k, self.tile, self.gap, label_width, header_height)
+
+    def _draw(
+        self, plan: _Layer, tiles: _Tiles, text: _Text, folder: Path, context: Context, entries: list[dict[str, Any]]
+    ) -> list[Path]:
+        from PIL import Image
+
+        rows, k = plan.ids.shape[:2]
+        tile, gap = self.tile, self.gap
+        shown = plan.ids[:, :, plan.units]
+        tiles.load(shown)
+        bank, position = tiles.bank(shown)  # position: (row, rank, index into plan.units)
+        layout = self._layout(plan, text)
+
+        # What every grid of the layer shares: background and row names.
+        base = np.full((layout.height, layout.width, 3), _PAPER, dtype=np.uint8)
+        for r, name in enumerate(plan.labels):
+            text.draw(base, name, layout.row_top(r) + _PAD // 2, _PAD, layout.tiles_left - _PAD)
+        block = np.full((rows, k, tile + gap, tile + gap, 3), _PAPER, dtype=np.uint8)
+        grid_h, grid_w = layout.height - layout.tiles_top, layout.width - layout.tiles_left
+
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        units = plan.units.tolist()
+        for j, unit in enumerate(context.progress(units, desc=f"top-k grids {plan.name}", total=len(units))):
+            block[:, :, :tile, :tile] = bank[position[:, :, j]]
+            # (row, rank, y, x, rgb) -> (row, y, rank, x, rgb): one image, then drop the trailing gap.
+            grid = block.transpose(0, 2, 1, 3, 4).reshape(rows * (tile + gap), k * (tile + gap), 3)
+            canvas = base.copy()
+            canvas[layout.tiles_top :, layout.tiles_left :] = grid[:grid_h, :grid_w]
+            self._write_texts(canvas, text, layout, plan, unit)
+            path = folder / f"unit-{unit:04d}.png"
+            # Grey datasets give grey grids: one channel is a third of the bytes to compress.
+            image = Image.fromarray(canvas if tiles.colour else canvas[..., 0])
+            image.save(path, compress_level=1)  # fast; the grids are small either way
+            paths.append(path)
+            entries.append(plan.entry(unit, f"{folder.name}/{path.name}"))
+        return paths
+
+    def _write_texts(self, canvas: np.ndarray, text: _Text, layout: GridLayout, plan: _Layer, unit: int) -> None:
+        """The unit's header and the metric values beside the rows."""
+        metrics = plan.metrics
+        right = canvas.shape[1] - _PAD
+        text.draw(canvas, f"{plan.name}, unit {unit}", _PAD, _PAD, right)
+        if metrics.per_unit is not None:
+            for i, name in enumerate(metrics.unit_labels):
+                line = f"{name} = {_format(metrics.per_unit[i, unit])}"
+                text.draw(canvas, line, _PAD + (i + 1) * text.line, _PAD, right)
+        mode = _label_mode(layout.tile, text.line, len(metrics.row_labels))
+        if metrics.per_row is None or mode == "none":
+            return
+        for r in range(len(plan.labels)):
+            shown = [
+                f"{name} = {_format(metrics.per_row[r, i, unit])}"
+                for i, name in enumerate(metrics.row_labels)
+                if np.isfinite(metrics.per_row[r, i, unit])
+            ]
+            if mode == "one" and shown:
+                shown = [", ".join(shown)]
+            top = layout.row_top(r) + _PAD // 2
+            for i, line in enumerate(shown):
+                text.draw(canvas, line, top + (i + 1) * text.line, _PAD, layout.tiles_left - _PAD)
+
+    def describe(self, result: xr.Dataset) -> str:
+        """How many grids over how many layers, and their rows."""
+        if "grid_file" not in result:
+            return "no top-k grids (no models or layers)"
+        layers = list(dict.fromkeys(str(v) for v in result["layer"].values))
+        rows = ", ".join(str(r) for r in result["row"].values)
+        return f"{result.sizes['entry']} top-k grids over {len(layers)} layers (rows: {rows})"
+
+
+def _unique_folder(layer: str, taken: Iterable[str]) -> str:
+    """A folder name for ``layer`` that no other layer of the render uses."""
+    taken = set(taken)
+    base = name = safe_name(layer)
+    n = 2
+    while name in taken:
+        name, n = f"{base}-{n}", n + 1
+    return name
+
+
+def _index(entries: list[dict[str, Any]], rows: list[str]) -> xr.Dataset:
+    """Index of the grids: one ``entry`` per (layer, unit).
+
+    Variables: ``grid_file`` (entry; path relative to the index file),
+    ``topk_sample`` (entry, row, rank; -1 past a layer's k), ``topk_value`` (entry, row,
+    rank), ``metric_value`` (entry, row, metric) and ``unit_metric_value`` (entry,
+    unit_metric); coords ``layer`` and ``unit`` on ``entry``, ``row`` (row labels),
+    ``rank``, ``metric`` and ``unit_metric`` (``"<step>:<variable>"``).
+    """
+    if not entries:
+        return xr.Dataset(coords={"row": np.asarray(rows, dtype=str)})
+    k = max(e["ids"].shape[1] for e in entries)
+    metric_names = list(dict.fromkeys(n for e in entries for n in e["metric_names"]))
+    unit_metric_names = list(dict.fromkeys(n for e in entries for n in e["unit_metric_names"]))
+    n, r = len(entries), len(rows)
+    ids = np.full((n, r, k), -1, dtype=np.int64)
+    values = np.full((n, r, k), np.nan)
+    metric = np.full((n, r, len(metric_names)), np.nan)
+    unit_metric = np.full((n, len(unit_metric_names)), np.nan)
+    for i, e in enumerate(entries):
+        kk = e["ids"].shape[1]
+        ids[i, :, :kk], values[i, :, :kk] = e["ids"], e["values"]
+        for j, name in enumerate(e["metric_names"]):
+            metric[i, :, metric_names.index(name)] = e["metrics"][:, j]
+        for j, name in enumerate(e["unit_metric_names"]):
+            unit_metric[i, unit_metric_names.index(name)] = e["unit_metrics"][j]
+    ds = xr.Dataset(
+        {
+            "grid_file": ("entry", np.asarray([e["file"] for e in entries], dtype=str)),
+            "topk_sample": (("entry", "row", "rank"), ids),
+            "topk_value": (("entry", "row", "rank"), values),
+        },
+        coords={
+            "layer": ("entry", np.asarray([e["layer"] for e in entries], dtype=str)),
+            "unit": ("entry", np.asarray([e["unit"] for e in entries], dtype=np.int64)),
+            "row": np.asarray(rows, dtype=str),
+            "rank": np.arange(k),
+        },
+    )
+    if metric_names:
+        ds["metric_value"] = (("entry", "row", "metric"), metric)
+        ds = ds.assign_coords(metric=np.asarray(metric_names, dtype=str))
+    if unit_metric_names:
+        ds["unit_metric_value"] = (("entry", "unit_metric"), unit_metric)
+        ds = ds.assign_coords(unit_metric=np.asarray(unit_metric_names, dtype=str))
+    return ds
+
+
+@hookimpl
+def register_visualizers(register):
+    """Register :class:`TopKGrids`."""
+    register(TopKGrids)

@@ -1,0 +1,397 @@
+from __future__ import annotations
+
+import attrs
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+from PIL import Image
+
+import mergescope_plugins.topk as topk_module
+from mergescope import ConfigError, Context, ModelSpec, Pipeline, Step, TensorImageDataset, run
+from mergescope.pipeline import ActivationSpec
+from mergescope.statistics import TopK
+from mergescope.testing import check_component
+from mergescope_plugins.topk import INDEX_FILE, TopKGrids, _Text, display_image, safe_name
+
+TILE, GAP = 16, 2
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+class FakeStore:
+    """A recording stand-in: one TopK per (model, layer)."""
+
+    def __init__(self, tops: dict[tuple[str, str], TopK]) -> None:
+        self.tops = tops
+
+    def topk(self, model: str, layer: str) -> TopK:
+        return self.tops[(model, layer)]
+
+
+def make_topk(values: np.ndarray, ids: np.ndarray, k: int) -> TopK:
+    top = TopK(values.shape[1], k)
+    top.update(values, ids)
+    return top
+
+
+def fake_context(data, models=("a", "b"), layers=("relu1",), units=3, k=4, seed=0, context_cls=Context) -> Context:
+    rng = np.random.default_rng(seed)
+    ids = np.asarray(data.sample_ids)
+    tops = {(m, layer): make_topk(rng.normal(size=(len(ids), units)), ids, k) for m in models for layer in layers}
+    store = FakeStore(tops)
+    return context_cls(data=data, quiet=True, models=list(models), layers=list(layers), stores=lambda m: store)
+
+
+def tensor_dataset(n: int = 12, shape=(1, 10, 10), seed: int = 0) -> TensorImageDataset:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn((n, *shape), generator=g)
+    return TensorImageDataset("toy", images, np.arange(n) % 2, np.arange(50, 50 + n), ["0", "1"])
+
+
+def grid_geometry(png, rows: int, k: int, tile: int = TILE, gap: int = GAP) -> tuple[np.ndarray, int, int]:
+    """The PNG as an array and the top-left corner of its tiles (they fill the bottom-right corner)."""
+    pixels = np.asarray(Image.open(png).convert("RGB"))
+    grid_h, grid_w = rows * tile + (rows - 1) * gap, k * tile + (k - 1) * gap
+    return pixels, pixels.shape[0] - grid_h, pixels.shape[1] - grid_w
+
+
+def tile_at(pixels: np.ndarray, top: int, left: int, row: int, rank: int, tile: int = TILE, gap: int = GAP):
+    y, x = top + row * (tile + gap), left + rank * (tile + gap)
+    return pixels[y : y + tile, x : x + tile]
+
+
+# --------------------------------------------------------------------------- the kit
+
+
+def test_conformance():
+    check_component(TopKGrids)
+    check_component(
+        TopKGrids(k=5, units=[0, 3], max_units=2, rows_from=["regression"], metrics=["tau"], tile=32, gap=0)
+    )
+
+
+def test_nothing_to_draw_without_context_or_models(tmp_path):
+    tree = xr.DataTree()
+    assert TopKGrids().render(tree, tmp_path / "a") == []
+    assert TopKGrids().render(tree, tmp_path / "b", context=Context(data=tensor_dataset(), quiet=True)) == []
+
+
+def test_bad_options_are_rejected():
+    with pytest.raises(ValueError, match="'units'"):
+        TopKGrids(units=[-1])
+    with pytest.raises(ValueError, match="'rows_from'"):
+        TopKGrids(rows_from=[""])
+    with pytest.raises(ValueError, match="tile"):
+        TopKGrids(tile=2)
+
+
+# ------------------------------------------------------------------- images and layout
+
+
+def test_display_image_normalises_and_letterboxes():
+    grey = torch.tensor([[[-2.0, 0.0], [2.0, 6.0]]])  # (1, 2, 2): min-max -> 0, 64, 128, 255
+    tile = display_image(grey, 4)
+    assert tile.shape == (4, 4, 3) and tile.dtype == np.uint8
+    assert (tile[..., 0] == tile[..., 2]).all()  # grey RGB
+    assert tile[0, 0, 0] == 0 and tile[3, 3, 0] == 255 and tile[0, 2, 0] == 64  # nearest-neighbour enlargement
+    wide = display_image(np.random.default_rng(0).normal(size=(3, 10, 20)), 16)  # 2:1 -> 16 x 8, centred
+    assert (wide[:4] == 255).all() and (wide[12:] == 255).all() and not (wide[4:12] == 255).all()
+    assert (display_image(np.full((1, 5, 5), 3.0), 8) == 0).all()  # constant image: black
+    with pytest.raises(ValueError, match=r"\(1 or 3, H, W\)"):
+        display_image(np.zeros((2, 4, 4)), 8)
+
+
+def test_safe_names():
+    assert safe_name("layer1.0") == "layer1.0"
+    assert safe_name("relu1@in") == "relu1_in"
+    assert safe_name("a/b c") == "a_b_c" and safe_name("..") == "_"
+
+
+class VariedSizes(torch.utils.data.Dataset):
+    """Images of different sizes and channels: a folder of photos as a dataset."""
+
+    name = "varied"
+    classes = ("0",)
+
+    def __init__(self, n: int = 9) -> None:
+        g = torch.Generator().manual_seed(0)
+        shapes = [(1, 28, 28), (3, 64, 64), (1, 20, 40), (3, 50, 30)]
+        self.images = [torch.rand(shapes[i % len(shapes)], generator=g) for i in range(n)]
+        self.sample_ids = np.arange(10, 10 + n)
+        self.labels = np.zeros(n, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        return self.images[index], 0
+
+    @property
+    def input_shape(self):
+        return tuple(self.images[0].shape)
+
+
+def test_images_of_mixed_sizes_tile_consistently(tmp_path):
+    data = VariedSizes()
+    context = fake_context(data, units=2, k=3)
+    files = TopKGrids(tile=TILE, gap=GAP).render(xr.DataTree(), tmp_path, context=context)
+    pngs = [f for f in files if f.suffix == ".png"]
+    assert [f.relative_to(tmp_path).as_posix() for f in pngs] == ["relu1/unit-0000.png", "relu1/unit-0001.png"]
+    shapes = {np.asarray(Image.open(f)).shape for f in pngs}
+    assert len(shapes) == 1 and Image.open(pngs[0]).mode == "RGB"  # some images have three channels
+    top = context.topk("b", "relu1")
+    for unit, png in enumerate(pngs):
+        pixels, y0, x0 = grid_geometry(png, rows=2, k=3)
+        for rank in range(3):
+            sample = int(top.sample_ids[rank, unit])
+            expected = display_image(data[int(np.flatnonzero(data.sample_ids == sample)[0])][0], TILE)
+            np.testing.assert_array_equal(tile_at(pixels, y0, x0, row=1, rank=rank), expected)
+
+
+@attrs.define
+class CountingContext(Context):
+    """Counts the ids each ``images`` call asks for."""
+
+    calls: list = attrs.field(factory=list)
+
+    def images(self, sample_ids):
+        self.calls.append(sorted(int(i) for i in np.asarray(sample_ids).ravel()))
+        return super().images(sample_ids)
+
+
+def test_each_image_is_loaded_once(tmp_path):
+    data = tensor_dataset(n=30)
+    context = fake_context(data, models=("a", "b", "c"), layers=("l1", "l2"), units=5, k=4, context_cls=CountingContext)
+    TopKGrids().render(xr.DataTree(), tmp_path, context=context)
+    loaded = [i for call in context.calls for i in call]
+    assert len(loaded) == len(set(loaded))  # never twice, across units, rows and layers
+    assert len(context.calls) <= 2  # one call per layer at most
+    first = {int(i) for m in "abc" for i in context.topk(m, "l1").sample_ids.ravel()}
+    assert set(context.calls[0]) == first
+
+
+# -------------------------------------------------------------------------- bad input
+
+
+def test_k_larger_than_the_dataset_names_k_the_store_k_and_the_samples(tmp_path):
+    data = tensor_dataset(n=6)
+    context = fake_context(data, k=10)  # the store kept 10 slots but saw only 6 samples
+    with pytest.raises(ValueError, match=r"k = 8 .*top 10 .*of 6 samples.*k <= 6"):
+        TopKGrids(k=8).render(xr.DataTree(), tmp_path, context=context)
+    small = fake_context(tensor_dataset(n=30), k=4)
+    with pytest.raises(ValueError, match=r"k = 5 .*top 4 .*of 30 samples.*\[activations\] topk"):
+        TopKGrids(k=5).render(xr.DataTree(), tmp_path, context=small)
+    # k = 0 draws what there is: min(store's k, samples)
+    files = TopKGrids(tile=TILE, gap=GAP).render(xr.DataTree(), tmp_path / "all", context=context)
+    index = xr.open_dataset(files[-1]).load()
+    assert index.sizes["rank"] == 6 and (index["topk_sample"] >= 0).all()
+
+
+def test_unknown_steps_and_units_are_errors_naming_the_key(tmp_path):
+    context = fake_context(tensor_dataset(), units=3)
+    tree = xr.DataTree.from_dict({"tau/relu1": xr.Dataset({"x": ("unit", np.zeros(3))})})
+    with pytest.raises(ConfigError, match=r"key 'rows_from'.*'regression'.*earlier steps: tau"):
+        TopKGrids(rows_from=["regression"]).render(tree, tmp_path, context=context)
+    with pytest.raises(ConfigError, match=r"key 'rows_from'.*no 'topk_sample' at layer 'relu1'.*holds x"):
+        TopKGrids(rows_from=["tau"]).render(tree, tmp_path, context=context)
+    with pytest.raises(ConfigError, match=r"key 'metrics'.*'kendall'"):
+        TopKGrids(metrics=["kendall"]).render(tree, tmp_path, context=context)
+    with pytest.raises(ConfigError, match=r"key 'units'.*unit 3 is outside layer 'relu1', which has 3 units"):
+        TopKGrids(units=[0, 3]).render(tree, tmp_path, context=context)
+
+
+# ------------------------------------------------------------ extra rows and metric labels
+
+
+def test_rows_from_results_and_metric_values_beside_rows(tmp_path):
+    data = tensor_dataset(n=20)
+    context = fake_context(data, units=3, k=4)
+    regression_ids = np.asarray(data.sample_ids)[np.arange(12).reshape(4, 3)]  # (rank, unit)
+    tau = np.array([[0.71, -0.2, np.nan]])
+    results = xr.DataTree.from_dict(
+        {
+            "regression/relu1": xr.Dataset(
+                {"topk_sample": (("rank", "unit"), regression_ids), "topk_value": (("rank", "unit"), np.ones((4, 3)))}
+            ),
+            "tau/relu1": xr.Dataset(
+                {
+                    "kendall_tau": (("model", "unit"), tau),
+                    "kendall_tau_mean": ("unit", tau[0]),
+                    "unused": (("unit", "pair"), np.zeros((3, 2))),  # not (model, unit): not shown
+                },
+                coords={"model": ["b"], "unit": [0, 1, 2], "reference": "a"},
+            ),
+        }
+    )
+    tile = 40  # room for a metric line beside the name
+    files = TopKGrids(rows_from=["regression"], metrics=["tau"], tile=tile, gap=GAP).render(
+        results, tmp_path, context=context
+    )
+    index = xr.open_dataset(tmp_path / INDEX_FILE).load()
+    assert files[-1] == tmp_path / INDEX_FILE
+    assert list(index["row"].values) == ["a", "b", "regression"]
+    np.testing.assert_array_equal(index["topk_sample"].sel(row="regression").values, regression_ids.T)
+    values = index["metric_value"].sel(metric="tau:kendall_tau")
+    np.testing.assert_array_equal(values.sel(row="b").values, tau[0])
+    assert np.isnan(values.sel(row="a")).all() and np.isnan(values.sel(row="regression")).all()
+    np.testing.assert_array_equal(index["unit_metric_value"].sel(unit_metric="tau:kendall_tau_mean").values, tau[0])
+    assert "metric" in index.dims and list(index["metric"].values) == ["tau:kendall_tau"]
+
+    # Row "b" (the one with a value) has a second text line beside its tiles; "a" has none.
+    pixels, y0, x0 = grid_geometry(files[0], rows=3, k=4, tile=tile)
+    line = _Text().line
+    def second_line(r: int) -> np.ndarray:
+        top = y0 + r * (tile + GAP) + 2 + line
+        return pixels[top : top + line, :x0]
+
+    assert second_line(1).min() < 128 and second_line(0).min() == 255
+    # header: the layer/unit line and one unit-wide metric line above the tiles
+    assert y0 >= 2 * line
+
+
+def test_rows_from_with_a_model_dim_give_one_row_per_model(tmp_path, caplog):
+    data = tensor_dataset(n=20)
+    context = fake_context(data, models=("a",), units=4, k=3)
+    ids = np.broadcast_to(np.asarray(data.sample_ids)[:3, None, None], (3, 2, 4)).copy()  # (rank, model, unit)
+    ids[:, 1] += 3
+    regression = xr.Dataset({"topk_sample": (("rank", "model", "unit"), ids)}, coords={"model": ["b", "c"]})
+    results = xr.DataTree.from_dict({"regression/relu1": regression})
+    with caplog.at_level("INFO", logger="mergescope"):
+        files = TopKGrids(rows_from=["regression"], max_units=2, tile=TILE, gap=GAP).render(
+            results, tmp_path, context=context
+        )
+    assert "drawing 2 of the 4 units of relu1" in caplog.text
+    index = xr.open_dataset(files[-1]).load()
+    assert list(index["row"].values) == ["a", "regression:b", "regression:c"] and list(index["unit"].values) == [0, 1]
+    np.testing.assert_array_equal(index["topk_sample"].sel(row="regression:c").values, ids[:, 1, :2].T)
+    assert np.isnan(index["topk_value"].sel(row="regression:b")).all()  # no topk_value given
+
+
+# ------------------------------------------------------------------- a real pipeline
+
+
+@pytest.fixture
+def with_topk(fresh_registry):
+    """The plugin registered in-process when no entry point provides it yet."""
+    from mergescope import get_registry
+
+    if "top-k" not in get_registry().names("visualizer"):
+        fresh_registry.register_plugin(topk_module)
+    return get_registry()
+
+
+def small_cnn(seed: int) -> torch.nn.Module:
+    from mergescope_plugins.zoo import SmallCNN
+
+    torch.manual_seed(seed)
+    return SmallCNN(widths=[8, 12]).build((1, 28, 28), 10).eval()
+
+
+def test_pipeline_draws_model_merge_and_permuted_rows(tmp_path, with_topk):
+    from mergescope.store import MARKER, Store
+    from mergescope_plugins.interpolation import Interpolation
+    from mergescope_plugins.kendall_tau import KendallTau
+    from mergescope_plugins.weight_matching import WeightMatching
+
+    data = with_topk.get("dataset", "mnist5000")(split="test", per_class=10)
+    rows = ["model1", "model2", "permuted", "permuted-merge", "direct-merge"]
+    k = 5
+    pipeline = Pipeline(
+        data=data,
+        activations=ActivationSpec(layers=["relu1", "relu2"], topk=10, batch_size=100),
+        models=[ModelSpec("model1", module=small_cnn(0)), ModelSpec("model2", module=small_cnn(1))],
+        steps=[
+            Step(WeightMatching(), name="wm", models=["model1", "model2"]),
+            Step(Interpolation(alpha=1.0, alphas=[]), name="permuted", models=["model1", "model2"], alignment="wm"),
+            Step(
+                Interpolation(alpha=0.5, alphas=[]), name="permuted-merge", models=["model1", "model2"], alignment="wm"
+            ),
+            Step(Interpolation(alpha=0.5, alphas=[]), name="direct-merge", models=["model1", "model2"]),
+            Step(KendallTau(), name="tau", models=["model1", "permuted", "permuted-merge"]),
+            Step(TopKGrids(k=k, metrics=["tau"], tile=TILE, gap=GAP), name="grids", models=rows),
+        ],
+    )
+    out = tmp_path / "run"
+    result = run(pipeline, out, quiet=True)
+    figures = out / "figures" / "grids"
+    pngs = sorted(figures.rglob("*.png"))
+    assert len(pngs) == 8 + 12
+    assert Image.open(pngs[0]).mode == "L"  # grey images, grey grids
+    assert {p.parent.name for p in pngs} == {"relu1", "relu2"}
+
+    index = xr.open_dataset(figures / INDEX_FILE).load()
+    assert list(index["row"].values) == rows and index.sizes["rank"] == k
+    assert [str(f) for f in index["grid_file"].values] == [p.relative_to(figures).as_posix() for p in pngs]
+    # the index joined the step's group of results.nc
+    grids = xr.open_datatree(out / "results.nc")["grids"].to_dataset()
+    np.testing.assert_array_equal(grids["topk_sample"].values, index["topk_sample"].values)
+    assert "files" in grids and "grid_file" in grids
+    assert "grids (top-k): 20 top-k grids over 2 layers (rows: model1, model2, permuted" in result.summary
+
+    # ids are the recording's top-k (the store the runner wrote)
+    stores = [Store.open(d) for d in (out / "activations").iterdir() if (d / MARKER).is_file()]
+    store = next(s for s in stores if "direct-merge" in s.models)
+    loaded = data.load()
+    lookup = Context(data=loaded, quiet=True)
+    for i in range(index.sizes["entry"]):
+        layer, unit = str(index["layer"][i].values), int(index["unit"][i])
+        for row in rows:
+            expected = store.topk(row, layer).sample_ids[:k, unit]
+            np.testing.assert_array_equal(index["topk_sample"].isel(entry=i).sel(row=row).values, expected)
+        pixels, y0, x0 = grid_geometry(figures / str(index["grid_file"][i].values), rows=len(rows), k=k)
+        assert pixels.shape[0] - y0 == len(rows) * TILE + (len(rows) - 1) * GAP
+        assert pixels.shape[1] - x0 == k * TILE + (k - 1) * GAP and x0 > 0 and y0 > 0
+        top1 = int(store.topk("model1", layer).sample_ids[0, unit])
+        np.testing.assert_array_equal(tile_at(pixels, y0, x0, 0, 0), display_image(lookup.images([top1])[0], TILE))
+
+    # permuting model 2 permutes its units: the same top-k lists, in another unit order
+    for layer in ("relu1", "relu2"):
+        per_unit = lambda row: sorted(map(tuple, store.topk(row, layer).sample_ids.T[:, :k].tolist()))  # noqa: E731
+        assert per_unit("permuted") == per_unit("model2")
+
+    # the metric value beside each row is the tau step's value for that model and unit
+    tree = result.results
+    for i in range(index.sizes["entry"]):
+        layer, unit = str(index["layer"][i].values), int(index["unit"][i])
+        tau = tree[f"tau/{layer}"].to_dataset()["kendall_tau"]
+        shown = index["metric_value"].isel(entry=i).sel(metric="tau:kendall_tau")
+        np.testing.assert_allclose(shown.sel(row="permuted"), tau.sel(model="permuted", unit=unit))
+        assert np.isnan(shown.sel(row="model1")) and np.isnan(shown.sel(row="direct-merge"))
+
+
+# ----------------------------------------------------------------- ResNet blocks (appendix C)
+
+
+def test_resnet18_block_outputs_render(tmp_path):
+    import torchvision
+
+    from mergescope.activations import resolve_layers
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand((40, 3, 32, 32), generator=g)
+    data = TensorImageDataset("rgb", images, np.arange(40) % 4, np.arange(40), list("abcd"))
+    models = {}
+    for i, name in enumerate(("model1", "model2")):
+        torch.manual_seed(i)
+        models[name] = torchvision.models.resnet18(num_classes=4).eval()
+    blocks = list(resolve_layers(models["model1"], ["type:BasicBlock"]))  # the thesis's 8 residual blocks
+    assert blocks == [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]
+    drawn = ["layer1.0", "layer1.1", "layer4.1"]  # a few of them keep the recording quick
+    context = Context(data=data, quiet=True, batch_size=40, workdir=tmp_path / "rec")
+    store = context.record(models, {m: drawn for m in models}, topk=5, keep_activations=False)
+    step = attrs.evolve(context, models=list(models), layers=drawn, stores=lambda m: store)
+    files = TopKGrids(max_units=2, tile=TILE, gap=GAP).render(xr.DataTree(), tmp_path / "grids", context=step)
+    pngs = [f for f in files if f.suffix == ".png"]
+    assert [f.relative_to(tmp_path / "grids").as_posix() for f in pngs] == [
+        f"{layer}/unit-{u:04d}.png" for layer in drawn for u in (0, 1)
+    ]
+    index = xr.open_dataset(tmp_path / "grids" / INDEX_FILE).load()
+    assert list(index["unit"].values) == [0, 1] * 3 and index.sizes["rank"] == 5
+    np.testing.assert_array_equal(
+        index["topk_sample"].isel(entry=5).sel(row="model2").values, store.topk("model2", "layer4.1").sample_ids[:, 1]
+    )
+    pixels, y0, x0 = grid_geometry(pngs[0], rows=2, k=5)
+    top1 = int(store.topk("model1", "layer1.0").sample_ids[0, 0])
+    np.testing.assert_array_equal(tile_at(pixels, y0, x0, 0, 0), display_image(data.images[top1], TILE))

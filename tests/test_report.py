@@ -1,0 +1,384 @@
+"""The HTML report every run writes: contents, escaping, self-containment, and (in Chromium) the unit browser."""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import ClassVar
+from urllib.parse import unquote
+
+import attrs
+import numpy as np
+import pytest
+import xarray as xr
+
+from mergescope import Pipeline, hookimpl, run
+from mergescope.report import REPORT_FILE, has_unit_index, line_chart, render_report, unit_browser, write_report
+from pipelines import SMALL
+
+ROOT = Path(__file__).resolve().parents[1]
+UNITS = 6  # grids drawn per layer: enough to sort, cheap to draw
+# A file name that must come out as text (step names are restricted to safe characters).
+HOSTILE = 'x<script>alert(1)<b>&"'
+
+REPORT_PIPELINE = (
+    SMALL
+    + """
+[[steps]]
+use = "test-unit-grids"
+name = "grids"
+
+[[steps]]
+use = "test-own-panel"
+
+[[steps]]
+use = "test-broken-panel"
+
+[[steps]]
+use = "test-gallery"
+name = "gallery"
+"""
+)
+
+
+# --------------------------------------------------------------------------- test visualizers
+
+
+def _png(path: Path, shade: int) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = np.full((24, 48), shade, dtype=np.uint8)
+    image[4:20, 4 : 4 + shade % 40] = 255 - shade
+    Image.fromarray(image).save(path)
+
+
+@attrs.define
+class UnitGrids:
+    """One PNG per unit of every layer a metric scored, and an index of them (as ``top-k`` writes)."""
+
+    name: ClassVar[str] = "test-unit-grids"
+
+    def render(self, results: xr.DataTree, out_dir: Path) -> list[Path]:
+        out_dir = Path(out_dir)
+        paths, layers, units, files = [], [], [], []
+        for layer, node in results["kendall-tau"].children.items():
+            for unit in range(UNITS):
+                path = out_dir / layer / f"unit-{unit:04d}.png"
+                _png(path, 30 * unit + 7)
+                paths.append(path)
+                layers.append(layer)
+                units.append(unit)
+                files.append(f"{layer}/{path.name}")  # relative to the index file
+        index = xr.Dataset(
+            {"grid_file": ("entry", files)}, coords={"layer": ("entry", layers), "unit": ("entry", units)}
+        )
+        index_path = out_dir / "topk-index.nc"
+        index.to_netcdf(index_path)
+        return [*paths, index_path]
+
+
+@attrs.define
+class OwnPanel:
+    """A visualizer that draws its own report panel."""
+
+    name: ClassVar[str] = "test-own-panel"
+
+    def render(self, results: xr.DataTree, out_dir: Path) -> list[Path]:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / "note.txt"
+        path.write_text("hello")
+        return [path]
+
+    def report_panel(self, node: xr.Dataset, files: list[Path], run_dir: Path) -> str:
+        assert all((run_dir / f).is_file() for f in files)  # relative to the run directory
+        names = ", ".join(f.name for f in files)
+        return f'<div class="own-panel">own panel: {names}</div>'
+
+
+@attrs.define
+class BrokenPanel:
+    """A visualizer whose panel fails: the report shows the error and its files instead."""
+
+    name: ClassVar[str] = "test-broken-panel"
+
+    def render(self, results: xr.DataTree, out_dir: Path) -> list[Path]:
+        out_dir = Path(out_dir)
+        _png(out_dir / "picture.png", 90)
+        return [out_dir / "picture.png"]
+
+    def report_panel(self, node: xr.Dataset, files: list[Path], run_dir: Path) -> str:
+        raise RuntimeError("panel <broken>")
+
+
+@attrs.define
+class Gallery:
+    """A PNG, an SVG and a text file: the default panel's gallery and file list."""
+
+    name: ClassVar[str] = "test-gallery"
+
+    def render(self, results: xr.DataTree, out_dir: Path) -> list[Path]:
+        out_dir = Path(out_dir)
+        _png(out_dir / "a picture.png", 150)
+        loss = results["interpolation"].ds["loss"]
+        (out_dir / "loss.svg").write_text(line_chart(loss["alpha"].values, {"loss": loss.values}, title="loss"))
+        (out_dir / "notes.txt").write_text("notes")
+        (out_dir / f"{HOSTILE}.txt").write_text("a file name full of markup")
+        return [out_dir / "a picture.png", out_dir / "loss.svg", out_dir / "notes.txt", out_dir / f"{HOSTILE}.txt"]
+
+
+class _Plugin:
+    @hookimpl
+    def register_visualizers(register):
+        register(UnitGrids)
+        register(Gallery)
+        register(OwnPanel)
+        register(BrokenPanel)
+
+
+@pytest.fixture(scope="module")
+def report_run(tmp_path_factory):
+    """One run of the small pipeline with the test visualizers; its directory."""
+    from mergescope import plugins
+
+    out = tmp_path_factory.mktemp("report") / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv(plugins.SELECT_ENV, raising=False)
+        mp.delenv(plugins.BLOCK_ENV, raising=False)
+        plugins.reset()
+        try:
+            plugins.register_plugin(_Plugin, name="report-test")
+            run(Pipeline.from_toml(REPORT_PIPELINE), out, quiet=True)
+        finally:
+            plugins.reset()
+    return out
+
+
+# --------------------------------------------------------------------------- the page
+
+
+def _links(page: str) -> list[str]:
+    """Every src / href attribute value of the page's HTML (unescaped, still URL-quoted)."""
+    return [html.unescape(u) for u in re.findall(r"""\s(?:src|href)=["']([^"']*)["']""", page)]
+
+
+def test_every_run_writes_a_report(report_run):
+    page = (report_run / REPORT_FILE).read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
+    assert "[[steps]]" in page and "kendall-tau" in page  # the pipeline as run
+    info = json.loads((report_run / "run.json").read_text())
+    assert info["steps"]["kendall-tau"]["kind"] == "metric" and info["steps"]["grids"]["kind"] == "visualizer"
+    assert info["steps"]["kendall-tau"]["cached"] is False
+    for section in ("pipeline", "metrics", "results", "figures"):
+        assert f'<section id="{section}">' in page
+    # The metric table: one row per layer and compared model.
+    assert re.search(r'<td>relu1</td><td>kendall_tau</td><td>b</td><td class="n">32</td>', page)
+    # The interpolation sweep as SVG charts.
+    assert page.count('<svg class="chart"') >= 2 and "alpha" in page
+    # A plugin's own panel, and the fallback for a failing one.
+    assert '<div class="own-panel">own panel: note.txt' in page
+    assert "The panel of this step failed: RuntimeError: panel &lt;broken&gt;" in page
+    assert 'src="figures/test-broken-panel/picture.png"' in page
+    # A gallery of a step's images, its other files listed; names quoted in links and escaped in text.
+    folder = "figures/gallery"
+    assert f'<img src="{folder}/a%20picture.png"' in page and f'<img src="{folder}/loss.svg"' in page
+    assert f'<a href="{folder}/notes.txt">' in page
+    # The unit browser of the index node, not a gallery of its grids.
+    assert page.count('class="ms-unit-browser"') == 1
+    assert "figures/grids/topk-index.nc" in page and 'src="figures/grids/relu1' not in page
+
+
+def test_report_is_self_contained(report_run):
+    page = (report_run / REPORT_FILE).read_text(encoding="utf-8")
+    links = _links(page)
+    assert links
+    external = [u for u in links if re.match(r"^[a-z][a-z0-9+.-]*:", u, re.I) and not u.startswith("data:")]
+    assert not external, f"the report links outside itself: {external}"
+    assert "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "") and "https://" not in page
+    assert "<link rel=\"stylesheet\"" not in page and "<script src" not in page
+    for url in links:
+        if url.startswith(("#", "data:")):
+            continue
+        assert (report_run / unquote(url)).exists(), f"the report links to a missing file {url}"
+
+
+def test_file_names_are_escaped_and_quoted(report_run):
+    page = (report_run / REPORT_FILE).read_text(encoding="utf-8")
+    assert HOSTILE not in page
+    assert "x&lt;script&gt;alert(1)&lt;b&gt;&amp;&quot;" in page
+    assert 'href="figures/gallery/x%3Cscript%3Ealert%281%29%3Cb%3E%26%22.txt"' in page
+    # The only script elements are the report's own (its code and the browser's data).
+    assert page.count("<script") == 2
+
+
+def test_cached_steps_are_marked(tmp_path):
+    out = tmp_path / "run"
+    run(Pipeline.from_toml(SMALL), out, quiet=True)
+    assert '<span class="badge">cached</span>' not in (out / REPORT_FILE).read_text(encoding="utf-8")
+    run(Pipeline.from_toml(SMALL), out, quiet=True)
+    info = json.loads((out / "run.json").read_text())
+    assert all(step["cached"] for step in info["steps"].values())
+    assert '<span class="badge">cached</span>' in (out / REPORT_FILE).read_text(encoding="utf-8")
+
+
+def test_empty_pipeline_gets_a_valid_report(tmp_path):
+    result = run(Pipeline.from_toml("seed = 0\n"), tmp_path / "run", quiet=True)
+    page = (result.out_dir / REPORT_FILE).read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
+    assert "This pipeline has no steps." in page
+
+
+def test_report_of_a_bare_tree_guesses_kinds(tmp_path):
+    """Without run.json the steps are the tree's groups, their kinds read from their contents."""
+    tau = xr.DataArray([[0.5, np.nan, 0.25]], dims=("model", "unit"), coords={"model": ["b"], "unit": [0, 1, 2]})
+    tree = xr.DataTree.from_dict(
+        {
+            "metric/l1": xr.Dataset({"tau": tau}),
+            "sweep": xr.Dataset({"loss": ("alpha", [1.0, 2.0, 1.5]), "barrier": 0.5}, coords={"alpha": [0, 0.5, 1]}),
+            "tasks": xr.Dataset(
+                {
+                    "accuracy": (("model", "task"), [[0.9, 0.5]]),
+                    "average_accuracy": ("model", [0.7]),
+                    "normalized_accuracy": (("model", "task"), [[1.0, np.nan]]),
+                    "average_normalized_accuracy": ("model", [1.0]),
+                },
+                coords={"model": ["m"], "task": ["t1", "t2"]},
+            ),
+        }
+    )
+    path = write_report(tmp_path, tree)
+    page = path.read_text(encoding="utf-8")
+    def cells(row):
+        return "".join(f'<td class="n">{c}</td>' if c[0].isdigit() else f"<td>{c}</td>" for c in row)
+
+    assert cells(["l1", "tau", "b", "3", "0.375", "0.375", "0.125", "1"]) in page
+    assert '<td>barrier</td><td class="n">0.5</td>' in page and '<svg class="chart"' in page
+    assert cells(["m", "90.0", "50.0", "70.0", "100.0"]) in page and "<td>m</td><td class=\"n\">100.0</td><td></td>" in page
+    assert not list(tmp_path.glob(".*partial"))
+
+
+def test_unit_browser_needs_an_index(tmp_path):
+    node = xr.Dataset({"grid_file": ("entry", ["a.png"])}, coords={"layer": ("entry", ["l"]), "unit": ("entry", [0])})
+    assert has_unit_index(node) and not has_unit_index(node.drop_vars("unit"))
+    with pytest.raises(ValueError, match="grid_file"):
+        unit_browser(node.drop_vars("layer"), tmp_path)
+    html = unit_browser(node, tmp_path, xr.DataTree())
+    assert 'class="ms-unit-browser"' in html and '"files":["a.png"]' in html
+
+
+def test_line_chart_handles_gaps_and_constants():
+    svg = line_chart([0, 1, 2, 3], {"a": [1, np.nan, 1, 1], "<b>": [2, 2, 2, 2]}, title="t & u")
+    assert svg.startswith("<svg") and svg.count("<polyline") == 2 and "&lt;b&gt;" in svg and "t &amp; u" in svg
+    assert "no finite values" in line_chart([0, 1], {"a": [np.nan, np.nan]})
+
+
+def test_render_report_without_results_is_valid(tmp_path):
+    page = render_report(tmp_path, xr.DataTree(), info={"seed": 3, "steps": {}})
+    assert "This pipeline has no steps." in page and '<td>seed</td><td class="n">3</td>' in page
+
+
+# --------------------------------------------------------------------------- in a browser
+
+
+def _chromium() -> str:
+    """Chromium's path, or skip (fail when MERGESCOPE_REQUIRE_BROWSER=1) without it or playwright."""
+    required = os.environ.get("MERGESCOPE_REQUIRE_BROWSER") == "1"
+    executable = os.environ.get("MERGESCOPE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+    problem = None
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        problem = "playwright is not installed (pip install playwright)"
+    if problem is None and not Path(executable).is_file():
+        problem = f"no Chromium at {executable} (apt-get install chromium, or set MERGESCOPE_CHROMIUM)"
+    if problem:
+        if required:
+            pytest.fail(f"MERGESCOPE_REQUIRE_BROWSER=1 but {problem}")
+        pytest.skip(problem)
+    return executable
+
+
+def _artifacts() -> Path:
+    path = Path(os.environ.get("MERGESCOPE_ARTIFACTS") or ROOT / "tests" / "artifacts")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+@pytest.fixture
+def chromium() -> str:
+    """Chromium's path; asked for before the run fixture, so a skip costs no run."""
+    return _chromium()
+
+
+def test_report_in_a_browser(chromium, report_run):
+    executable = chromium
+    from playwright.sync_api import sync_playwright
+
+    tree = xr.open_datatree(report_run / "results.nc")
+    tau = tree["kendall-tau/relu2"].ds["kendall_tau"].sel(model="b").values[:UNITS]
+    errors: list[str] = []
+    requests: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.on("console", lambda m: errors.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
+            page.on("request", lambda r: requests.append(r.url))
+            page.goto((report_run / REPORT_FILE).as_uri(), wait_until="load")
+
+            broken = page.evaluate(
+                "Array.from(document.images).filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.src)"
+            )
+            assert page.evaluate("document.images.length") >= 3
+            assert broken == [], f"images that do not load: {broken}"
+
+            browser_el = page.locator(".ms-unit-browser")
+            # Opens on the first layer's first unit.
+            assert browser_el.locator(".ms-detail h4").inner_text() == "relu1, unit 0"
+            browser_el.locator("select.ms-layer").select_option(label=f"relu2 ({UNITS} units)")
+            rows = browser_el.locator("table.ms-units tbody tr")
+            assert rows.count() == UNITS
+
+            # Sort by the score (highest first): NaN units go last.
+            browser_el.locator("table.ms-units thead button", has_text="kendall_tau [b]").click()
+            shown = [int(rows.nth(i).locator("td").first.inner_text()) for i in range(UNITS)]
+            finite = [u for u in range(UNITS) if np.isfinite(tau[u])]
+            assert shown[: len(finite)] == sorted(finite, key=lambda u: (-tau[u], u))
+
+            # Click a unit: its grid and its values show.
+            unit = shown[-1]
+            rows.nth(UNITS - 1).click()
+            detail = browser_el.locator(".ms-detail")
+            assert detail.locator("h4").inner_text() == f"relu2, unit {unit}"
+            image = detail.locator("img")
+            assert image.get_attribute("src") == f"figures/grids/relu2/unit-{unit:04d}.png"
+            image.evaluate("img => img.decode()")
+            assert image.evaluate("img => img.naturalWidth") == 48
+            cells = detail.locator("table tr").nth(1).locator("td").all_inner_texts()
+            assert cells[:2] == ["kendall-tau", "kendall_tau [b]"]
+            value = cells[2]
+            assert value == "NaN" if not np.isfinite(tau[unit]) else abs(float(value) - tau[unit]) < 1e-3
+            assert rows.nth(UNITS - 1).get_attribute("class") == "sel"
+
+            page.screenshot(path=str(_artifacts() / "report.png"), full_page=True)
+        finally:
+            browser.close()
+    assert errors == [], errors
+    outside = [u for u in requests if not u.startswith(("file://", "data:"))]
+    assert outside == [], f"the report fetched {outside}"
