@@ -404,7 +404,6 @@ def _profile_rows() -> list[tuple[str, Callable | str, str | None]]:
         ("checkpoints (save_tree in _flush)", "storage.save_tree", "_flush"),
         ("finish: join chunks into <model>.nc", "store._join_chunks", None),
         ("finish: statistics.nc (save_tree)", "storage.save_tree", "_finish"),
-        ("finish: Store.open (re-reads statistics.nc)", "store.Store.open", "_finish"),
     ]
     found: list[tuple[str, Callable | str, str | None]] = [(r, find(f) or "<missing>", c) for r, f, c in rows]
     found.append(("  of the writes: fsync before rename", "<built-in method posix.fsync>", None))

@@ -193,7 +193,8 @@ class _Run:
     def _step_layers(self, step: Step) -> list[str]:
         """The step's layer selectors expanded to names on its first model."""
         first = self._step_models(step)[0]
-        return list(resolve_layers(self.model(first).module, self._step_selectors(step), first))
+        example = example_input(self.data) if self.data is not None else None  # traces group: selectors
+        return list(resolve_layers(self.model(first).module, self._step_selectors(step), first, example_input=example))
 
     def _needed_layers(self) -> dict[str, list[str]]:
         """Every layer any step reads, per model, so each model is recorded in one pass."""
