@@ -236,6 +236,11 @@ def evaluate(
     with torch.no_grad():
         for images, labels in loader:
             logits = model(images)
+            if int(labels.max()) >= logits.shape[1]:
+                raise ValueError(
+                    f"{data.name!r} has labels up to {int(labels.max())} but the model outputs {logits.shape[1]} "
+                    "classes: evaluate it on a dataset of its own classes"
+                )
             if keep is not None:
                 if not bool(torch.isin(labels, keep).all()):
                     raise ValueError(f"{data.name!r} holds labels outside the classes {keep.tolist()} it is restricted to")
