@@ -378,7 +378,7 @@ class Pipeline:
             if kind == "metric" and not step.allow_unaligned:
                 refs = step.models or model_names
                 declared = [r for r in refs if r in model_names]
-                if refs[0] in model_names and len(declared) > 1:
+                if refs and refs[0] in model_names and len(declared) > 1:
                     raise ConfigError(
                         f"{step.use!r} compares unit j of one model with unit j of another, but the declared "
                         f"models {', '.join(map(repr, declared))} are not aligned to each other; compare aligned "

@@ -299,6 +299,13 @@ class _Run:
             nodes = self._execute(name, step, kind, results, step_dir)
         except MergescopeError as exc:
             raise type(exc)(f"{where}: {exc}") from exc
+        except Exception as exc:  # a bug in a component: say which one, keep the traceback as __cause__
+            cls = type(step.component)
+            plugins = [e.plugin for e in self.registry.entries(kind) if e.cls is cls] or ["?"]
+            raise MergescopeError(
+                f"{where}: step {name!r} failed in {kind} {step.use!r} "
+                f"(plugin {plugins[0]!r}, module {cls.__module__}): {type(exc).__name__}: {exc}"
+            ) from exc
         if kind == "merger" and name in self.models:
             save_state_dict(self.models[name].module, model_path)
         save_tree(xr.DataTree.from_dict(nodes), result_path)
