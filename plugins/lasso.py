@@ -42,6 +42,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 import attrs
@@ -63,7 +64,9 @@ __all__ = [
     "jaccard",
     "sparsity_levels",
     "RegressionAlignment",
+    "RegressionSparsity",
     "register_aligners",
+    "register_visualizers",
 ]
 
 METHODS = ("lasso", "ols")
@@ -613,7 +616,62 @@ def _warn_constant(mask: np.ndarray, units: np.ndarray, who: str, layer: str, co
     )
 
 
+_SPARSITY_PANELS = (("mean_r2", "R² (all samples)"), ("mean_overlap", "top-k overlap"), ("mean_nonzero", "nonzero"))
+
+
+@attrs.define
+class RegressionSparsity:
+    """Draw how regression alignment degrades as its maps are made sparse (R², top-k overlap, nonzeros).
+
+    For every earlier ``lasso`` step (a results node with ``mean_r2``, ``mean_overlap``
+    and ``mean_nonzero`` on ``(model, layer, sparsity)``), one PNG with three panels,
+    each a line per (model, layer) across the sparsity levels: the thesis's Figures H and
+    I as numbers. Nothing is drawn when no such step ran.
+    """
+
+    name: ClassVar[str] = "regression-sparsity"
+    paper: ClassVar[str] = RegressionAlignment.paper
+
+    def render(self, results: xr.DataTree, out_dir: Path) -> list[Path]:
+        """One figure per regression step; returns the PNG paths."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        files = []
+        for node in results.subtree:
+            ds = node.to_dataset(inherit=False)
+            if not all(v in ds for v, _ in _SPARSITY_PANELS):
+                continue
+            out_dir.mkdir(parents=True, exist_ok=True)
+            labels = [str(x) for x in ds["sparsity"].values]
+            fig, axes = plt.subplots(1, len(_SPARSITY_PANELS), figsize=(4.2 * len(_SPARSITY_PANELS), 3.4))
+            for ax, (var, title) in zip(axes, _SPARSITY_PANELS):
+                da = ds[var].transpose("model", "layer", "sparsity")
+                for model in da["model"].values:
+                    for layer in da["layer"].values:
+                        ax.plot(labels, da.sel(model=model, layer=layer).values, marker="o", label=f"{model} {layer}")
+                ax.set_title(title)
+                ax.set_xlabel("coefficients kept")
+            axes[0].legend(fontsize=7)
+            step = node.path.strip("/").replace("/", "-") or "regression"
+            fig.suptitle(f"{step}: sparse regression alignment")
+            fig.tight_layout()
+            path = out_dir / f"{step}-sparsity.png"
+            fig.savefig(path, dpi=100)
+            plt.close(fig)
+            files.append(path)
+        return files
+
+
 @hookimpl
 def register_aligners(register):
     """Register :class:`RegressionAlignment`."""
     register(RegressionAlignment)
+
+
+@hookimpl
+def register_visualizers(register):
+    """Register :class:`RegressionSparsity`."""
+    register(RegressionSparsity)

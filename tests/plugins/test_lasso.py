@@ -5,6 +5,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import xarray as xr
 
 import mergescope_plugins.lasso as lasso_module
 from mergescope import ConfigError, Context
@@ -270,3 +271,26 @@ def test_in_a_pipeline_the_grid_row_sits_at_step_layer(fresh_registry, tmp_path)
     assert int(saved["regress"]["fit_samples"]) == 50
     again = run(pipeline, tmp_path / "run", quiet=True)  # cached step: read back from its result file
     assert again.results["regress/fc1"].identical(first.results["regress/fc1"])
+
+
+def test_sparsity_panels_are_drawn_for_regression_results(tmp_path):
+    from mergescope.testing import check_component
+    from mergescope_plugins.lasso import RegressionSparsity
+
+    levels = ["100%", "50%", "top-5"]
+    root = xr.Dataset(
+        {
+            "mean_r2": (("model", "layer", "sparsity"), np.array([[[0.9, 0.8, 0.5], [0.95, 0.9, 0.7]]])),
+            "mean_overlap": (("model", "layer", "sparsity"), np.array([[[0.6, 0.5, 0.3], [0.7, 0.6, 0.4]]])),
+            "mean_nonzero": (("model", "layer", "sparsity"), np.array([[[20.0, 10.0, 5.0], [30.0, 15.0, 5.0]]])),
+        },
+        coords={"model": ["b"], "layer": ["relu1", "relu2"], "sparsity": levels},
+    )
+    tree = xr.DataTree.from_dict({"regression": root, "other": xr.Dataset({"x": 1.0})})
+    files = RegressionSparsity().render(tree, tmp_path / "out")
+    assert [f.name for f in files] == ["regression-sparsity.png"]
+    from PIL import Image
+
+    assert Image.open(files[0]).size[0] > 600
+    assert RegressionSparsity().render(xr.DataTree.from_dict({"other": xr.Dataset({"x": 1.0})}), tmp_path / "none") == []
+    check_component(RegressionSparsity)
