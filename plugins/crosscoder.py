@@ -463,7 +463,7 @@ class Crosscoder:
         A latent is dead when it fires on at most this fraction of the rows
         (default: it never fires).
     topk
-        Top samples kept per latent (``topk_ids``, ``topk_values``).
+        Top samples kept per latent (``topk_sample``, ``topk_value``).
     chunk_size
         Rows held in memory at once (whole samples); memory grows with this, not with
         the number of samples. Every epoch a chunk gathers 8 contiguous blocks of
@@ -541,7 +541,7 @@ class Crosscoder:
             - ``fvu (model)``: fraction of variance unexplained,
               ``sum ||x - x'||^2 / sum ||x - mean(x)||^2`` over the rows,
             - ``l0``: mean number of active latents per row,
-            - ``topk_ids (latent, k)`` / ``topk_values (latent, k)``: the samples
+            - ``topk_sample (rank, latent)`` / ``topk_value (rank, latent)``: the samples
               (``sample`` coord values; in positions mode the image of the position)
               with the largest activation of each latent (maximum over an image's
               positions), largest first; a value of 0 means the latent did not fire,
@@ -804,8 +804,9 @@ class Crosscoder:
                 "dead": ("latent", dead),
                 "fvu": ("model", fvu),
                 "l0": ((), float(fired.sum() / rows_total)),
-                "topk_ids": (("latent", "k"), best_ids),
-                "topk_values": (("latent", "k"), best_values.astype(np.float64)),
+                # (rank, latent), as top-k rows read them: top-k grids show each latent's images.
+                "topk_sample": (("rank", "latent"), np.ascontiguousarray(best_ids.T)),
+                "topk_value": (("rank", "latent"), np.ascontiguousarray(best_values.T.astype(np.float64))),
                 "loss_history": ("epoch", history),
                 "diverged": ((), bool(state["diverged"])),
                 "epochs_trained": ((), int(state["epoch"])),
@@ -821,7 +822,7 @@ class Crosscoder:
                 "latent": np.arange(latents),
                 "model": models,
                 "pair": [f"{models[a]}~{models[b]}" for a, b in pairs],
-                "k": np.arange(k),
+                "rank": np.arange(k),
                 "epoch": np.arange(1, len(history) + 1),
                 "input_model": ("input", np.repeat(models, units)),
                 "input_unit": ("input", unit_coords),

@@ -295,6 +295,8 @@ def _result_rows(results: xr.DataTree, step: str, layer: str) -> list[_Row]:
         )
     ids = ds["topk_sample"]
     values = ds["topk_value"] if "topk_value" in ds else xr.full_like(ids, np.nan, dtype=np.float64)
+    if "latent" in ids.dims and "unit" not in ids.dims:  # a dictionary's latents are its units (crosscoder)
+        ids, values = ids.rename(latent="unit"), values.rename(latent="unit")
     if not {"rank", "unit"} <= set(ids.dims) or not set(ids.dims) <= {"rank", "unit", "model"}:
         raise ConfigError(
             f"'rows_from' step {step!r}: topk_sample at {layer!r} has dims {ids.dims}; expected (rank, unit) "
@@ -436,7 +438,10 @@ class TopKGrids:
         Earlier steps whose ``/<step>/<layer>`` results hold ``topk_sample`` (and
         ``topk_value``) on dims ``(rank, unit)`` (or ``(model, rank, unit)``, one row per
         model): each adds a row labelled with the step name, e.g. regression-aligned
-        activations.
+        activations; ``(rank, latent)`` counts latents as units (a crosscoder's).
+    model_rows
+        Draw the step's models as rows (default); ``false``: only the rows of
+        ``rows_from``, e.g. one grid per crosscoder latent.
     metrics
         Earlier metric steps whose per-unit values are written beside the rows: a
         variable on dims ``(model, unit)`` beside the row of that model, one on ``(unit,)``
@@ -459,6 +464,7 @@ class TopKGrids:
     max_units: int = attrs.field(default=0, validator=_non_negative_int)
     rows_from: list[str] = attrs.field(factory=list, validator=_names)
     metrics: list[str] = attrs.field(factory=list, validator=_names)
+    model_rows: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
     tile: int = attrs.field(default=48, validator=[attrs.validators.instance_of(int), attrs.validators.ge(4)])
     gap: int = attrs.field(default=2, validator=_non_negative_int)
 
@@ -478,7 +484,7 @@ class TopKGrids:
             a ``rows_from`` or ``metrics`` step that does not exist, or rows without
             top-k at a layer.
         """
-        if context is None or not context.models or not context.layers:
+        if context is None or not context.layers or not (context.models if self.model_rows else self.rows_from):
             return []
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -505,7 +511,7 @@ class TopKGrids:
     # -- what to draw
 
     def _plan(self, results: xr.DataTree, context: Context, layer: str, folders: list[str]) -> _Layer:
-        rows = [_store_row(context, m, layer) for m in context.models]
+        rows = [_store_row(context, m, layer) for m in context.models] if self.model_rows else []
         for step in self.rows_from:
             rows.extend(_result_rows(results, step, layer))
         labels = [r.label for r in rows]

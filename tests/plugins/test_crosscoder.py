@@ -204,7 +204,7 @@ def test_resume_from_checkpoint_equals_uninterrupted(tmp_path, sparsity):
     reanalysed = attrs.evolve(crosscoder, exclusive_threshold=0.2, topk=3).fit(acts, again)
     assert again.epochs_run == 0
     np.testing.assert_array_equal(reanalysed["decoder"].values, whole["decoder"].values)
-    assert reanalysed.sizes["k"] == 3
+    assert reanalysed.sizes["rank"] == 3
 
 
 def test_checkpoint_key_follows_the_data(tmp_path):
@@ -362,8 +362,8 @@ def test_positions_mode_takes_every_position_as_a_row(tmp_path):
     rng = np.random.default_rng(3)
     maps = {m: activation(np.maximum(rng.normal(size=(30, u, 3, 2)), 0), m) for m, u in (("a", 5), ("b", 7))}
     result = Crosscoder(**FAST, samples="positions", topk=4).fit(maps, Context(quiet=True, workdir=tmp_path))
-    assert result["topk_ids"].dims == ("latent", "k") and result.sizes["k"] == 4
-    assert set(np.unique(result["topk_ids"].values)) <= set(maps["a"]["sample"].values)
+    assert result["topk_sample"].dims == ("rank", "latent") and result.sizes["rank"] == 4
+    assert set(np.unique(result["topk_sample"].values)) <= set(maps["a"]["sample"].values)
     # Density is over positions: a multiple of 1 / (30 samples * 6 positions).
     counts = result["density"].values * 180
     np.testing.assert_allclose(counts, np.round(counts), atol=1e-9)
@@ -384,7 +384,7 @@ def test_result_is_labelled_and_consistent_with_the_fitted_crosscoder(tmp_path):
     assert list(result["model"].values) == ["a", "b", "c"]
     assert list(result["pair"].values) == ["a~b", "a~c", "b~c"]
     assert result["decoder_norm"].dims == result["relative_norm"].dims == ("latent", "model")
-    assert result["cosine"].dims == ("latent", "pair") and result["topk_ids"].dims == ("latent", "k")
+    assert result["cosine"].dims == ("latent", "pair") and result["topk_sample"].dims == ("rank", "latent")
     assert result["layer"].item() == "block4" and result.sizes["input"] == 21
     np.testing.assert_allclose(result["relative_norm"].sum("model"), 1.0, rtol=1e-6)
     # Cosines only between models of one width.
@@ -409,8 +409,8 @@ def test_result_is_labelled_and_consistent_with_the_fitted_crosscoder(tmp_path):
     ids = acts["a"]["sample"].values
     for latent in range(16):
         order = np.argsort(-f[:, latent], kind="stable")[:5]
-        np.testing.assert_allclose(result["topk_values"][latent], f[order, latent], rtol=1e-5, atol=1e-6)
-        top = result["topk_ids"].values[latent]
+        np.testing.assert_allclose(result["topk_value"][:, latent], f[order, latent], rtol=1e-5, atol=1e-6)
+        top = result["topk_sample"].values[:, latent]
         hit = f[order, latent] > 0
         assert set(top[hit]) == set(ids[order][hit]) or np.allclose(np.diff(f[order, latent]), 0)
     known = {"dead", "shared", "exclusive:a", "exclusive:b", "exclusive:c", "shared:a+b", "shared:a+c", "shared:b+c"}

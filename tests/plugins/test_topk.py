@@ -395,3 +395,30 @@ def test_resnet18_block_outputs_render(tmp_path):
     pixels, y0, x0 = grid_geometry(pngs[0], rows=2, k=5)
     top1 = int(store.topk("model1", "layer1.0").sample_ids[0, 0])
     np.testing.assert_array_equal(tile_at(pixels, y0, x0, 0, 0), display_image(data.images[top1], TILE))
+
+
+def test_latent_grids_from_a_dictionary_without_model_rows(tmp_path):
+    """A crosscoder's (rank, latent) top-k draws one grid per latent, its only row."""
+    import attrs as _attrs
+
+    from mergescope.testing import example_activations, example_context
+    from mergescope_plugins.topk import TopKGrids
+
+    a, _ = example_activations()
+    context = _attrs.evolve(example_context(a), models=["a"], layers=["layer"])
+    ids = np.asarray(a["sample"].values)[:12].reshape(3, 4)  # (rank, latent)
+    node = xr.Dataset({"topk_sample": (("rank", "latent"), ids), "topk_value": (("rank", "latent"), np.ones((3, 4)))})
+    tree = xr.DataTree.from_dict({"cc/layer": node})
+    files = TopKGrids(rows_from=["cc"], model_rows=False, tile=8).render(tree, tmp_path, context=context)
+    grids = sorted(f.name for f in files if f.suffix == ".png")
+    assert grids == [f"unit-{i:04d}.png" for i in range(4)]
+    index = xr.open_dataset(tmp_path / "topk-index.nc")
+    assert list(index["row"].values) == ["cc"]
+    np.testing.assert_array_equal(index["topk_sample"].values[:, 0, :], ids.T)
+    assert TopKGrids(rows_from=["cc"], model_rows=True).render(tree, tmp_path / "x", context=_without_models(context)) == []
+
+
+def _without_models(context):
+    import attrs as _attrs
+
+    return _attrs.evolve(context, models=[])
