@@ -65,6 +65,15 @@ elif mode == "result":  # right after the arg-th step result.nc is renamed into 
                 die()
         return written
     runner.save_tree = save
+elif mode == "crosscoder":  # after the arg-th crosscoder checkpoint is written
+    import mergescope_plugins.crosscoder as crosscoder
+    real_checkpoint, checkpoints = crosscoder._save_checkpoint, []
+    def checkpoint(*a, **k):
+        real_checkpoint(*a, **k)
+        checkpoints.append(1)
+        if len(checkpoints) == int(arg):
+            die()
+    crosscoder._save_checkpoint = checkpoint
 elif mode == "partial":  # a file fully written under its temporary name, not yet renamed
     real_to_netcdf = xr.DataTree.to_netcdf
     def to_netcdf(self, path, *a, **k):
@@ -76,9 +85,11 @@ sys.exit(main(["-q", "run", pipeline, "--out", out]))
 """
 
 
-def _killed_run(tmp_path: Path, mode: str, arg: object, out: Path) -> subprocess.CompletedProcess:
+def _killed_run(
+    tmp_path: Path, mode: str, arg: object, out: Path, text: str = KILLABLE
+) -> subprocess.CompletedProcess:
     toml = tmp_path / "pipeline.toml"
-    toml.write_text(KILLABLE, encoding="utf-8")
+    toml.write_text(text, encoding="utf-8")
     proc = subprocess.run(
         [sys.executable, "-c", CHILD, mode, str(arg), str(toml), str(out)],
         capture_output=True,
@@ -131,6 +142,32 @@ def test_a_run_killed_during_collection_resumes_to_identical_results(tmp_path, c
     assert not (out / "results.nc").exists()
     _every_nc_opens(out)
     _resume_and_compare(tmp_path, out, clean_results)
+
+
+# A crosscoder over the two models, checkpointed after each of its 8 epochs.
+CROSSCODER = SMALL.replace("epochs = 6", "epochs = 2") + """
+[[steps]]
+use = "crosscoder"
+models = ["a", "b"]
+layers = ["relu2"]
+dictionary_size = 16
+epochs = 8
+batch_size = 50
+"""
+
+
+def test_a_run_killed_during_crosscoder_training_resumes_to_identical_results(tmp_path):
+    clean = tmp_path / "clean"
+    (tmp_path / "clean.toml").write_text(CROSSCODER, encoding="utf-8")
+    run(load_pipeline(tmp_path / "clean.toml"), clean, quiet=True)
+    epoch = random.Random(20240602).randint(1, 7)  # one of the eight epochs, never the last
+    out = tmp_path / "run"
+    _killed_run(tmp_path, "crosscoder", epoch, out, CROSSCODER)
+    assert list(out.rglob("checkpoint.pt")) and not (out / "results.nc").exists()
+    _every_nc_opens(out)
+    run(load_pipeline(tmp_path / "pipeline.toml"), out, quiet=True)
+    with xr.open_datatree(out / "results.nc") as resumed, xr.open_datatree(clean / "results.nc") as whole:
+        assert resumed.load().identical(whole.load())
 
 
 def test_a_run_killed_while_writing_results_twice_resumes_from_the_cache(tmp_path, clean_results, caplog):
