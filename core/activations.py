@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import fnmatch
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +43,8 @@ __all__ = [
     "make_activation",
     "validate_activation",
     "validate_collection",
+    "check_metric_inputs",
+    "paired_chunks",
     "to_tree",
     "save_collection",
     "load_collection",
@@ -335,6 +337,101 @@ def validate_activation(da: xr.DataArray, where: str = "activation") -> xr.DataA
     if not da.indexes["sample"].is_unique:
         raise ContractError(f"{where}: 'sample' ids are not unique")
     return da
+
+
+def check_metric_inputs(
+    a: object, b: object, metric: str, *, spatial: bool = False, min_samples: int = 2, need_ids: bool = False
+) -> None:
+    """Check two activations a metric compares unit by unit, with errors naming the metric.
+
+    Both must be DataArrays with dims ``sample`` and ``unit`` (plus matching spatial dims
+    when ``spatial``), cover the same samples in the same order (``sample`` coords), hold
+    as many units, and have at least ``min_samples`` samples.
+
+    Raises
+    ------
+    mergescope.errors.ContractError
+        (a ``ValueError``) naming ``metric``, the input (``a`` or ``b``) and what differs.
+    """
+    for which, da in (("a", a), ("b", b)):
+        if not isinstance(da, xr.DataArray):
+            raise ContractError(f"{metric}: {which} must be an xarray.DataArray, got {type(da).__name__}")
+        missing = [d for d in _SUMMARY_DIMS if d not in da.dims]
+        if missing:
+            raise ContractError(
+                f"{metric}: {which} is missing the dim(s) {missing}; activations need dims ('sample', 'unit'), "
+                f"got {da.dims}"
+            )
+        extra = [d for d in da.dims if d not in _SUMMARY_DIMS]
+        if extra and not spatial:
+            raise ContractError(
+                f"{metric}: {which} has extra dims {extra} (dims {da.dims}); it needs one value per sample and "
+                "unit, so record channel summaries (reduce = 'mean' or 'max')"
+            )
+        if need_ids and "sample" not in da.coords:
+            raise ContractError(f"{metric}: {which} has no 'sample' coord; the sample ids say which images to use")
+    assert isinstance(a, xr.DataArray) and isinstance(b, xr.DataArray)
+    na, nb = a.sizes["sample"], b.sizes["sample"]
+    if na != nb:
+        raise ContractError(f"{metric}: a has {na} samples but b has {nb}; both must cover the same samples")
+    if "sample" in a.coords and "sample" in b.coords:
+        ids_a, ids_b = np.asarray(a["sample"].values), np.asarray(b["sample"].values)
+        differ = int(np.count_nonzero(ids_a != ids_b))
+        if differ:
+            same_set = np.array_equal(np.sort(ids_a), np.sort(ids_b))
+            detail = "the same ids in a different order" if same_set else "different sample ids"
+            raise ContractError(
+                f"{metric}: a and b have different 'sample' coords: {differ} of {na} positions differ ({detail}); "
+                "score activations recorded on the same samples in the same order"
+            )
+    if a.sizes["unit"] != b.sizes["unit"]:
+        raise ContractError(
+            f"{metric}: a has {a.sizes['unit']} units but b has {b.sizes['unit']}; it compares unit j with unit j, "
+            "so both layers need the same number of units"
+        )
+    space_a = {d: a.sizes[d] for d in a.dims if d not in _SUMMARY_DIMS}
+    space_b = {d: b.sizes[d] for d in b.dims if d not in _SUMMARY_DIMS}
+    if space_a != space_b:
+        raise ContractError(
+            f"{metric}: a has spatial dims {space_a or '(none)'} but b has {space_b or '(none)'}; "
+            "record both with the same reduce"
+        )
+    if na < min_samples:
+        raise ContractError(f"{metric}: needs at least {min_samples} samples, got {na}")
+
+
+def paired_chunks(
+    a: xr.DataArray, b: xr.DataArray, elements: int = 1 << 22
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """``(sample_ids, a_part, b_part)`` over consecutive sample ranges of two activations.
+
+    Parts are NumPy arrays ordered ``(sample, *spatial, unit)``. Dask-backed inputs are
+    read along their own sample chunks (a's, else b's), one range at a time, so a
+    recording larger than memory is never loaded whole; in-memory inputs are cut into
+    ranges of about ``elements`` values.
+    """
+    space = [d for d in a.dims if d not in _SUMMARY_DIMS]
+    order = ("sample", *space, "unit")
+    a, b = a.transpose(*order), b.transpose(*order)
+    n = a.sizes["sample"]
+    lazy = a.chunks is not None or b.chunks is not None
+    if lazy:
+        stops = np.cumsum((a if a.chunks is not None else b).chunksizes["sample"])
+    else:
+        per_sample = int(np.prod([a.sizes[d] for d in (*space, "unit")], dtype=np.int64))
+        step = max(1, elements // max(1, per_sample))
+        stops = np.arange(step, n + step, step).clip(max=n)
+    ids = np.asarray(a["sample"].values) if "sample" in a.coords else np.arange(n)
+    start = 0
+    for stop in (int(s) for s in stops):
+        part = slice(start, stop)
+        xa, xb = a.data[part], b.data[part]
+        if lazy:
+            import dask
+
+            xa, xb = dask.compute(xa, xb)
+        yield ids[part], np.asarray(xa), np.asarray(xb)
+        start = stop
 
 
 def validate_collection(tree: xr.DataTree) -> xr.DataTree:

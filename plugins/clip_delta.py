@@ -19,7 +19,6 @@ needed image once and labels the result.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import attrs
@@ -28,6 +27,7 @@ import xarray as xr
 
 import mergescope
 from mergescope.components import Context
+from mergescope.activations import check_metric_inputs, paired_chunks
 from mergescope.errors import ContractError
 from mergescope.hookspecs import hookimpl
 from mergescope.options import structure_options, unstructure_options
@@ -143,42 +143,10 @@ def _delta(within: np.ndarray, between: np.ndarray, others: np.ndarray) -> np.nd
 # ------------------------------------------------------------------------ validation
 
 
-def _check_activation(da: Any, which: str) -> None:
-    if not isinstance(da, xr.DataArray):
-        raise ContractError(f"clip-delta: {which} must be an xarray.DataArray, got {type(da).__name__}")
-    if set(da.dims) != {"sample", "unit"}:
-        extra = [d for d in da.dims if d not in ("sample", "unit")]
-        detail = (
-            f"it has extra dims {extra}: top-k images need one value per sample and unit, so record channel "
-            "summaries (reduce = 'mean' or 'max')"
-            if extra
-            else "activations need dims ('sample', 'unit')"
-        )
-        raise ContractError(f"clip-delta: {which} has dims {da.dims}; {detail}")
-    if "sample" not in da.coords:
-        raise ContractError(f"clip-delta: {which} has no 'sample' coord; the sample ids say which images to embed")
-
-
 def _check_pair(a: xr.DataArray, b: xr.DataArray, k: int) -> None:
-    na, nb = a.sizes["sample"], b.sizes["sample"]
-    if na != nb:
-        raise ContractError(f"clip-delta: a has {na} samples but b has {nb}; both must cover the same samples")
-    ids_a = np.asarray(a["sample"].values)
-    ids_b = np.asarray(b["sample"].values)
-    differ = int(np.count_nonzero(ids_a != ids_b))
-    if differ:
-        same_set = np.array_equal(np.sort(ids_a), np.sort(ids_b))
-        detail = "the same ids in a different order" if same_set else "different sample ids"
-        raise ContractError(
-            f"clip-delta: a and b have different 'sample' coords: {differ} of {na} positions differ ({detail}); "
-            "score activations recorded on the same samples in the same order"
-        )
-    ua, ub = a.sizes["unit"], b.sizes["unit"]
-    if ua != ub:
-        raise ContractError(
-            f"clip-delta: a has {ua} units but b has {ub}; it compares unit j with unit j, so both layers need "
-            "the same number of units"
-        )
+    check_metric_inputs(a, b, "clip-delta", min_samples=1, need_ids=True)
+    na = a.sizes["sample"]
+    ua = a.sizes["unit"]
     if ua < 2:
         raise ContractError(
             f"clip-delta: needs at least 2 units (its scale is the similarity to the other units), got {ua}"
@@ -187,42 +155,13 @@ def _check_pair(a: xr.DataArray, b: xr.DataArray, k: int) -> None:
         raise ContractError(f"clip-delta: k = {k} top images per unit but only {na} samples")
 
 
-def _chunks(a: xr.DataArray, b: xr.DataArray) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """``(ids, a_chunk, b_chunk)`` over consecutive sample ranges, ``(n, unit)`` each.
-
-    Dask-backed inputs are read along their own sample chunks (a's, else b's), one
-    range at a time, so a recording larger than memory is never loaded whole.
-    """
-    a = a.transpose("sample", "unit")
-    b = b.transpose("sample", "unit")
-    n = a.sizes["sample"]
-    lazy = a.chunks is not None or b.chunks is not None
-    if lazy:
-        sizes = (a if a.chunks is not None else b).chunksizes["sample"]
-        stops = np.cumsum(sizes)
-    else:
-        step = max(1, _CHUNK_ELEMENTS // max(1, a.sizes["unit"]))
-        stops = np.arange(step, n + step, step).clip(max=n)
-    ids = np.asarray(a["sample"].values)
-    start = 0
-    for stop in (int(s) for s in stops):
-        part = slice(start, stop)
-        xa, xb = a.data[part], b.data[part]
-        if lazy:
-            import dask
-
-            xa, xb = dask.compute(xa, xb)
-        yield ids[part], np.asarray(xa), np.asarray(xb)
-        start = stop
-
-
 def _top_sets(a: xr.DataArray, b: xr.DataArray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Top-k sample ids ``(unit, k)`` of a and of b, and a mask of units constant in either."""
     units = a.sizes["unit"]
     top_a, top_b = TopK(units, k), TopK(units, k)
     low = np.full((2, units), np.inf)
     high = np.full((2, units), -np.inf)
-    for ids, xa, xb in _chunks(a, b):
+    for ids, xa, xb in paired_chunks(a, b):
         for which, (top, values) in enumerate(((top_a, xa), (top_b, xb))):
             try:
                 top.update(values, ids)
@@ -370,8 +309,6 @@ class ClipDelta:
                 "clip-delta needs the images the activations were recorded on: run it as a pipeline step with a "
                 "[data] table, or call score(a, b, context=mergescope.Context(data=dataset))"
             )
-        _check_activation(a, "a")
-        _check_activation(b, "b")
         _check_pair(a, b, self.k)
         sets_a, sets_b, constant = _top_sets(a, b, self.k)
         if constant.any():

@@ -11,21 +11,18 @@ and never loaded whole, and the result agrees with :func:`numpy.corrcoef` to ~1e
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import attrs
 import numpy as np
 import xarray as xr
 
+from mergescope.activations import check_metric_inputs, paired_chunks
 from mergescope.errors import ContractError
 from mergescope.hookspecs import hookimpl
 from mergescope.statistics import Moments
 
 __all__ = ["PairedMoments", "Correlation", "register_metrics"]
-
-# Elements of one chunk read at a time from in-memory activations.
-_CHUNK_ELEMENTS = 1 << 22
 
 
 def _batch_mean(values: np.ndarray) -> np.ndarray:
@@ -104,77 +101,6 @@ class PairedMoments:
 # ------------------------------------------------------------------------ validation
 
 
-def _check_activation(da: Any, which: str) -> None:
-    if not isinstance(da, xr.DataArray):
-        raise ContractError(f"correlation: {which} must be an xarray.DataArray, got {type(da).__name__}")
-    missing = [d for d in ("sample", "unit") if d not in da.dims]
-    if missing:
-        raise ContractError(
-            f"correlation: {which} is missing the dim(s) {missing}; activations need dims ('sample', 'unit', ...), "
-            f"got {da.dims}"
-        )
-
-
-def _check_pair(a: xr.DataArray, b: xr.DataArray) -> None:
-    na, nb = a.sizes["sample"], b.sizes["sample"]
-    if na != nb:
-        raise ContractError(f"correlation: a has {na} samples but b has {nb}; both must cover the same samples")
-    if "sample" in a.coords and "sample" in b.coords:
-        ids_a, ids_b = np.asarray(a["sample"].values), np.asarray(b["sample"].values)
-        differ = int(np.count_nonzero(ids_a != ids_b))
-        if differ:
-            same_set = np.array_equal(np.sort(ids_a), np.sort(ids_b))
-            detail = "the same ids in a different order" if same_set else "different sample ids"
-            raise ContractError(
-                f"correlation: a and b have different 'sample' coords: {differ} of {na} positions differ ({detail}); "
-                "score activations recorded on the same samples in the same order"
-            )
-    if a.sizes["unit"] != b.sizes["unit"]:
-        raise ContractError(
-            f"correlation: a has {a.sizes['unit']} units but b has {b.sizes['unit']}; it compares unit j with "
-            "unit j, so both layers need the same number of units"
-        )
-    space_a = {d: a.sizes[d] for d in a.dims if d not in ("sample", "unit")}
-    space_b = {d: b.sizes[d] for d in b.dims if d not in ("sample", "unit")}
-    if space_a != space_b:
-        raise ContractError(
-            f"correlation: a has spatial dims {space_a or '(none)'} but b has {space_b or '(none)'}; "
-            "record both with the same reduce"
-        )
-    if na < 2:
-        raise ContractError(f"correlation: needs at least 2 samples, got {na}")
-
-
-def _rows(a: xr.DataArray, b: xr.DataArray) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """``(sample_ids, x, y)`` per range of samples; x, y are ``(observations, unit)``.
-
-    With spatial dims every position of every sample is one observation. Dask-backed
-    inputs are read along their own sample chunks (a's, else b's).
-    """
-    space = [d for d in a.dims if d not in ("sample", "unit")]
-    order = ("sample", *space, "unit")
-    a, b = a.transpose(*order), b.transpose(*order)
-    n, units = a.sizes["sample"], a.sizes["unit"]
-    lazy = a.chunks is not None or b.chunks is not None
-    if lazy:
-        stops = np.cumsum((a if a.chunks is not None else b).chunksizes["sample"])
-    else:
-        per_sample = units * int(np.prod([a.sizes[d] for d in space], dtype=np.int64))
-        step = max(1, _CHUNK_ELEMENTS // max(1, per_sample))
-        stops = np.arange(step, n + step, step).clip(max=n)
-    ids = np.asarray(a["sample"].values) if "sample" in a.coords else np.arange(n)
-    start = 0
-    for stop in (int(s) for s in stops):
-        part = slice(start, stop)
-        xa, xb = a.data[part], b.data[part]
-        if lazy:
-            import dask
-
-            xa, xb = dask.compute(xa, xb)
-        yield ids[part], np.asarray(xa).reshape(-1, units), np.asarray(xb).reshape(-1, units)
-        start = stop
-
-
 def _first_bad(values: np.ndarray, ids: np.ndarray, observations: int) -> str:
     row, unit = (int(i) for i in np.argwhere(~np.isfinite(values))[0])
     return f"sample id {int(ids[row // observations])}, unit position {unit}"
@@ -228,12 +154,13 @@ class Correlation:
             (a ``ValueError``) when a dim is missing, the samples, unit counts or spatial
             dims differ, there are fewer than two samples, or a value is NaN or infinite.
         """
-        _check_activation(a, "a")
-        _check_activation(b, "b")
-        _check_pair(a, b)
-        moments = PairedMoments(a.sizes["unit"])
+        check_metric_inputs(a, b, "correlation", spatial=True)
+        units = a.sizes["unit"]
+        moments = PairedMoments(units)
+        # With spatial dims every position of every sample is one observation.
         observations = int(np.prod([a.sizes[d] for d in a.dims if d not in ("sample", "unit")], dtype=np.int64))
-        for ids, x, y in _rows(a, b):
+        for ids, x, y in paired_chunks(a, b):
+            x, y = x.reshape(-1, units), y.reshape(-1, units)
             for which, values in (("a", x), ("b", y)):
                 if not np.isfinite(values).all():
                     where = _first_bad(values, ids, observations)

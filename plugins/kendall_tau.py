@@ -14,6 +14,7 @@ import attrs
 import numpy as np
 import xarray as xr
 
+from mergescope.activations import check_metric_inputs
 from mergescope.errors import ContractError
 from mergescope.hookspecs import hookimpl
 
@@ -218,42 +219,6 @@ def _tau_last_axis(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return out.reshape(lead)
 
 
-def _check_activation(da: xr.DataArray, which: str) -> None:
-    if not isinstance(da, xr.DataArray):
-        raise ContractError(f"kendall-tau: {which} must be an xarray.DataArray, got {type(da).__name__}")
-    missing = [d for d in ("sample", "unit") if d not in da.dims]
-    if missing:
-        raise ContractError(
-            f"kendall-tau: {which} is missing the dim(s) {missing}; activations need dims ('sample', 'unit'), "
-            f"got {da.dims}"
-        )
-    if da.ndim > 2:
-        extra = [d for d in da.dims if d not in ("sample", "unit")]
-        raise ContractError(
-            f"kendall-tau: {which} has extra dims {extra} (dims {da.dims}); it scores one value per unit and "
-            "sample, so use channel summaries (collect activations with reduce = 'mean' or 'max')"
-        )
-
-
-def _check_samples(a: xr.DataArray, b: xr.DataArray) -> None:
-    na, nb = a.sizes["sample"], b.sizes["sample"]
-    if na != nb:
-        raise ContractError(f"kendall-tau: a has {na} samples but b has {nb}; both must cover the same samples")
-    if "sample" in a.coords and "sample" in b.coords:
-        ids_a = np.asarray(a.coords["sample"].values)
-        ids_b = np.asarray(b.coords["sample"].values)
-        differ = int(np.count_nonzero(ids_a != ids_b))
-        if differ:
-            same_set = np.array_equal(np.sort(ids_a), np.sort(ids_b))
-            detail = "the same ids in a different order" if same_set else "different sample ids"
-            raise ContractError(
-                f"kendall-tau: a and b have different 'sample' coords: {differ} of {na} positions differ "
-                f"({detail}); score activations recorded on the same samples in the same order"
-            )
-    if na < 2:
-        raise ContractError(f"kendall-tau: needs at least 2 samples to rank, got {na}")
-
-
 @attrs.define
 class KendallTau:
     """Kendall's tau-b rank correlation of each unit of one model with the same unit of another.
@@ -333,14 +298,7 @@ class KendallTau:
             (a ``ValueError``) when a dim is missing or extra, the samples differ,
             the unit counts differ, or there are fewer than two samples.
         """
-        _check_activation(a, "a")
-        _check_activation(b, "b")
-        _check_samples(a, b)
-        if a.sizes["unit"] != b.sizes["unit"]:
-            raise ContractError(
-                f"kendall-tau: a has {a.sizes['unit']} units but b has {b.sizes['unit']}; it compares unit j "
-                "with unit j, so both layers need the same number of units"
-            )
+        check_metric_inputs(a, b, "kendall-tau")
         positions = self.subset(a)
         if len(positions) < a.sizes["sample"]:
             a, b = a.isel(sample=positions), b.isel(sample=positions)

@@ -65,9 +65,13 @@ def test_dask_backed_inputs_stream_and_agree():
 
 
 def test_small_in_memory_chunks_agree(monkeypatch):
+    import functools
+
+    from mergescope.activations import paired_chunks
     from mergescope_plugins import correlation
 
-    monkeypatch.setattr(correlation, "_CHUNK_ELEMENTS", 20)  # 20 // 4 units = 5 samples per chunk
+    # 20 // 4 units = 5 samples per chunk
+    monkeypatch.setattr(correlation, "paired_chunks", functools.partial(paired_chunks, elements=20))
     rng = np.random.default_rng(2)
     x, y = rng.normal(size=(53, 4)), rng.normal(size=(53, 4))
     np.testing.assert_allclose(Correlation().score(*pair(x, y)).values, numpy_corr(x, y), rtol=0, atol=1e-12)
