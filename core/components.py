@@ -28,6 +28,7 @@ component's result used in run summaries.
 from __future__ import annotations
 
 import hashlib
+import inspect
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
@@ -56,6 +57,7 @@ __all__ = [
     "Evaluation",
     "Context",
     "evaluate",
+    "context_keyword",
 ]
 
 T = TypeVar("T")
@@ -387,6 +389,19 @@ class Context:
         from tqdm.auto import tqdm
 
         return iter(tqdm(iterable, desc=desc, total=total, disable=self.quiet, leave=False, dynamic_ncols=True))
+
+
+def context_keyword(method: Any, context: "Context | None") -> dict[str, Any]:
+    """``{"context": context}`` when ``method`` accepts the optional ``context`` keyword, else ``{}``.
+
+    Metrics and visualizers may take the step's context (images, top-k, recordings);
+    the runner and the conformance kit pass it only to those that ask for it.
+    """
+    try:
+        takes = "context" in inspect.signature(method).parameters
+    except (TypeError, ValueError):  # callables without a signature
+        takes = False
+    return {"context": context} if takes else {}
 
 
 # ---------------------------------------------------------------------- protocols

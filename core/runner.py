@@ -17,7 +17,6 @@ steps that are done and redoes the ones whose inputs changed.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import logging
 import os
@@ -37,7 +36,7 @@ from torch import nn
 from . import __version__
 from .activations import resolve_layers
 from .checkpoints import load_into, load_state_dict, save_state_dict, state_digest
-from .components import Alignment, Context, ImageDataset, MergeResult, evaluate
+from .components import Alignment, Context, ImageDataset, MergeResult, context_keyword, evaluate
 from .errors import CheckpointError, ConfigError, ContractError, MergescopeError, article
 from .options import unstructure_options
 from .groups import align_to_reference, channel_groups, example_input
@@ -344,8 +343,7 @@ class _Run:
         if kind == "visualizer":
             figures = self.out / "figures" / name
             tree = xr.DataTree.from_dict(dict(results))
-            extra = {"context": context} if _takes_context(component.render) else {}
-            paths = [Path(p) for p in component.render(tree, figures, **extra)]
+            paths = [Path(p) for p in component.render(tree, figures, **context_keyword(component.render, context))]
             node = xr.Dataset({"files": ("file", [os.path.relpath(p.resolve(), self.out.resolve()) for p in paths])})
             # Labelled data a visualizer draws from (its .nc outputs) joins the run's results.
             for path in paths:
@@ -358,7 +356,7 @@ class _Run:
     def _score(self, metric: Any, model_names: list[str], layer: str, context: Context) -> xr.Dataset:
         reference = model_names[0]
         scores = []
-        extra = {"context": context} if _takes_context(metric.score) else {}
+        extra = context_keyword(metric.score, context)
         for other in model_names[1:]:
             score = metric.score(self.activation(reference, layer), self.activation(other, layer), **extra)
             if not isinstance(score, xr.DataArray) or score.dims != ("unit",):
@@ -503,14 +501,6 @@ def _as_toml(pipeline: Pipeline) -> str:
         return pipeline.to_toml()
     except ConfigError as exc:
         return f"# This pipeline was composed in Python and has no TOML form: {exc}\n"
-
-
-def _takes_context(method: Any) -> bool:
-    """Whether a component method accepts the optional ``context`` keyword."""
-    try:
-        return "context" in inspect.signature(method).parameters
-    except (TypeError, ValueError):  # builtins without a signature
-        return False
 
 
 def _flatten(tree: xr.DataTree) -> dict[str, xr.Dataset]:

@@ -28,7 +28,6 @@ classmethod ``conformance_models() -> dict[str, nn.Module]``; the checks then us
 from __future__ import annotations
 
 import copy
-import inspect
 import functools
 import sys
 import tempfile
@@ -43,7 +42,7 @@ import xarray as xr
 from torch import nn
 
 from .activations import make_activation, validate_activation
-from .components import KINDS, Alignment, Context, ImageDataset, MergeResult, TensorImageDataset
+from .components import KINDS, Alignment, Context, ImageDataset, MergeResult, TensorImageDataset, context_keyword
 from .errors import ConfigError
 from .options import option_names, structure_options, unstructure_options
 
@@ -109,15 +108,6 @@ def example_context(a: xr.DataArray, shape: tuple[int, ...] = (3, 16, 16)) -> Co
     images = torch.rand((len(ids), *shape), generator=g)
     classes = [str(c) for c in range(int(labels.max()) + 1)]
     return Context(data=TensorImageDataset("example", images, labels, ids, classes), quiet=True)
-
-
-def _extra(method: Callable[..., Any], context: Context) -> dict[str, Any]:
-    """``{"context": context}`` for methods that take the optional context keyword."""
-    try:
-        takes = "context" in inspect.signature(method).parameters
-    except (TypeError, ValueError):
-        takes = False
-    return {"context": context} if takes else {}
 
 
 # ----------------------------------------------------------------- generic checks
@@ -212,7 +202,7 @@ def _same(x: Any, y: Any) -> bool:
 def _metric_output(component: Any) -> None:
     metric = _instance(component)
     a, b = example_activations()
-    extra = _extra(metric.score, example_context(a))
+    extra = context_keyword(metric.score, example_context(a))
     first = _seeded(lambda: metric.score(a, b, **extra))
     assert isinstance(first, xr.DataArray), f"{metric.name!r}.score() must return a DataArray, got {type(first).__name__}"
     assert first.dims == ("unit",), f"{metric.name!r}.score() must return dims ('unit',), got {first.dims}"
@@ -223,7 +213,7 @@ def _metric_output(component: Any) -> None:
 def _metric_bad_input(component: Any) -> None:
     metric = _instance(component)
     a, b = example_activations()
-    extra = _extra(metric.score, example_context(a))
+    extra = context_keyword(metric.score, example_context(a))
     shifted = b.assign_coords(sample=b["sample"].values + 1)
     for bad, what in ((shifted, "different sample ids"), (b.isel(unit=slice(0, 3)), "a different number of units")):
         try:
@@ -304,7 +294,7 @@ def _visualizer_output(component: Any) -> None:
     a, b = example_activations()
     tree = xr.DataTree.from_dict({"metric/layer": xr.Dataset({"score": a.mean("sample")})})
     with tempfile.TemporaryDirectory() as tmp:
-        files = visualizer.render(tree, Path(tmp) / "out", **_extra(visualizer.render, example_context(a)))
+        files = visualizer.render(tree, Path(tmp) / "out", **context_keyword(visualizer.render, example_context(a)))
         assert isinstance(files, list), f"{visualizer.name!r}.render() must return a list of paths"
         for f in files:
             assert Path(f).is_file(), f"{visualizer.name!r}.render() returned {f}, which does not exist"
