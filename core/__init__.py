@@ -47,7 +47,7 @@ from .errors import (  # noqa: E402
     UnknownComponentError,
 )
 from .hookspecs import hookimpl  # noqa: E402
-from .pipeline import ActivationSpec, ModelSpec, Pipeline, Step, load_pipeline  # noqa: E402
+from .pipeline import ActivationSpec, ModelSpec, Pipeline, Step, component_from_table, load_pipeline  # noqa: E402
 from .plugins import get_registry, register_plugin  # noqa: E402
 from .runner import RunResult, run  # noqa: E402
 from .training import Training  # noqa: E402
@@ -76,6 +76,7 @@ __all__ = [
     "ActivationSpec",
     "Training",
     "load_pipeline",
+    "component_from_table",
     "run",
     "RunResult",
     "get_registry",

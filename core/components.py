@@ -344,7 +344,14 @@ class Context:
             positions=positions,
         )
         ids = hashlib.sha256(np.asarray(self.data.sample_ids, dtype=np.int64).tobytes()).hexdigest()
-        key = cache_key([state_digest(m) for m in models.values()], self.data.name, ids, attrs.asdict(spec))
+        # Two loads of one dataset may differ in preprocessing (size, normalisation) but
+        # not in name or ids: a few of the images themselves tell them apart.
+        first = hashlib.sha256()
+        for i in range(min(4, len(self.data))):
+            first.update(np.ascontiguousarray(np.asarray(self.data[i][0], dtype=np.float32)).tobytes())
+        key = cache_key(
+            [state_digest(m) for m in models.values()], self.data.name, ids, first.hexdigest(), attrs.asdict(spec)
+        )
         root = self.workdir if self.workdir is not None else Path(tempfile.gettempdir()) / "mergescope-records"
         return collect_store(models, self.data, spec, root / key[:16], key=key, context=self)
 

@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import attrs
 
+from .components import KINDS
 from .errors import ConfigError, DuplicateComponentError, article, closest
 from .options import structure_options, unstructure_options
 from .plugins import Registry, get_registry
@@ -46,14 +47,23 @@ else:  # pragma: no cover
     import tomli as tomllib
 import tomli_w
 
-__all__ = ["ActivationSpec", "ModelSpec", "Step", "TaskSpec", "Pipeline", "load_pipeline", "STEP_KINDS"]
+__all__ = [
+    "ActivationSpec",
+    "ModelSpec",
+    "Step",
+    "TaskSpec",
+    "Pipeline",
+    "load_pipeline",
+    "component_from_table",
+    "STEP_KINDS",
+]
 
 #: Component kinds that can be pipeline steps.
 STEP_KINDS = ("aligner", "merger", "metric", "differ", "visualizer")
 
 _TOP_KEYS = ("seed", "data", "activations", "models", "steps", "tasks")
 _MODEL_KEYS = ("name", "use", "checkpoint", "train", "train_data")
-_STEP_KEYS = ("use", "name", "models", "layers", "alignment", "allow_unaligned")
+_STEP_KEYS = ("use", "name", "models", "layers", "alignment", "allow_unaligned", "data")
 # Model and step names become netCDF group names and are joined with "@" and "/".
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 #: Separates a model from the aligner step that maps it onto its reference: ``"b@wm"``.
@@ -145,6 +155,11 @@ class Step:
     allow_unaligned
         Let a metric compare two declared models unit by unit without an alignment
         (their units already correspond, e.g. fine-tunes of one base).
+    data
+        A dataset component an aligner or merger step works on instead of the
+        pipeline's ``[data]``: the images it records statistics on, recomputes
+        BatchNorm with and evaluates on (e.g. the models' own task, while the feature
+        views look at other images).
     """
 
     component: Any
@@ -153,6 +168,7 @@ class Step:
     layers: list[str] | None = None
     alignment: str | None = None
     allow_unaligned: bool = False
+    data: Any | None = None
 
     @property
     def use(self) -> str:
@@ -294,6 +310,8 @@ class Pipeline:
             if s.allow_unaligned:
                 table["allow_unaligned"] = True
             table.update(unstructure_options(s.component))
+            if s.data is not None:
+                table["data"] = {"use": _name_of(s.data), **unstructure_options(s.data)}
             out["steps"].append(table)
         if self.tasks:
             out["tasks"] = []
@@ -348,6 +366,12 @@ class Pipeline:
                 raise ConfigError(
                     f"{step.use!r} is {article(kind)}, which cannot be a step; steps use one of: {', '.join(STEP_KINDS)}",
                     where=f"{where}, key 'use'",
+                )
+            if step.data is not None and kind not in ("aligner", "merger"):
+                raise ConfigError(
+                    f"only aligner and merger steps take their own 'data'; {step.use!r} is {article(kind)} and "
+                    "reads the recordings made on the pipeline's [data]",
+                    where=f"{where}, key 'data'",
                 )
             if not _NAME.fullmatch(name):
                 raise ConfigError(
@@ -434,6 +458,56 @@ def load_pipeline(path: str | Path, registry: Registry | None = None) -> Pipelin
     except OSError as exc:
         raise ConfigError(f"cannot read the pipeline file: {exc.strerror}", where=str(path)) from exc
     return Pipeline.from_toml(text, source=str(path), registry=registry, base_dir=path.parent)
+
+
+def component_from_table(
+    kind: str,
+    table: Mapping[str, Any],
+    where: str | None = None,
+    reserved: Sequence[str] = ("use",),
+    registry: Registry | None = None,
+) -> Any:
+    """Build the component a TOML table names, exactly as a pipeline builds ``[data]`` or a step.
+
+    ``table["use"]`` names a registered component of ``kind``; every other key except
+    ``reserved`` is one of its options. Components that hold other components as
+    tables (a dataset made of other datasets, say) build them with this.
+
+    Parameters
+    ----------
+    kind
+        A component kind: ``"dataset"``, ``"metric"``, ... (see :data:`mergescope.KINDS`).
+    table
+        The table, e.g. ``{"use": "foolbox-samples", "source": "cifar10"}``.
+    where
+        Where the table was found, prefixed to error locations (default: ``"<kind> table"``).
+    reserved
+        Keys of the table that are not options of the component; ``"use"`` is always one.
+    registry
+        Where to look the name up; default: :func:`mergescope.get_registry`.
+
+    Returns
+    -------
+    Any
+        An instance of the component class, its options validated.
+
+    Raises
+    ------
+    ConfigError
+        ``use`` is missing or not a string, names no loaded component of ``kind``
+        (:class:`~mergescope.UnknownComponentError`: the known names and the closest), or
+        an option is unknown or has a bad value; the message names the key.
+    DuplicateComponentError
+        Two loaded plugins register the name for ``kind``.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown component kind {kind!r}; kinds: {', '.join(KINDS)}")
+    if not isinstance(table, Mapping):
+        raise ConfigError(
+            f"expected a table naming {article(kind)} with 'use', got {type(table).__name__} {table!r}", where=where
+        )
+    keys = ("use", *(k for k in reserved if k != "use"))
+    return _component(registry or get_registry(), kind, dict(table), where or f"{kind} table", reserved=keys)
 
 
 # ----------------------------------------------------------------------- helpers
@@ -556,6 +630,14 @@ def _step(registry: Registry, table: dict[str, Any], where: str) -> Step:
                 where=f"{where}, key 'allow_unaligned'",
             )
         fields["allow_unaligned"] = table["allow_unaligned"]
+    if "data" in table:
+        if kind not in ("aligner", "merger"):
+            raise ConfigError(
+                f"only aligner and merger steps take their own 'data'; {use!r} is {article(kind)} and reads "
+                "the recordings made on the pipeline's [data]",
+                where=f"{where}, key 'data'",
+            )
+        fields["data"] = _component(registry, "dataset", _table(table["data"], "data", where), f"{where}, [data]")
     for key, expected in (("name", str), ("alignment", str), ("models", list), ("layers", list)):
         value = table.get(key)
         if value is None:

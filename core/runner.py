@@ -106,6 +106,7 @@ class _Run:
         self.alignments: dict[str, Alignment] = {}
         self.step_keys: dict[str, str] = {}
         self.stores: dict[str, Store] = {}
+        self.step_datasets: dict[str, ImageDataset] = {}
         self.needed_layers = self._needed_layers()
 
     # -- models ----------------------------------------------------------------
@@ -227,7 +228,16 @@ class _Run:
         models = self._step_models(step)
         reads_layers = kind in ("metric", "differ", "visualizer") or bool(step.layers)
         layers = self._step_layers(step) if reads_layers and self._step_selectors(step) else []
-        return attrs.evolve(self.context, models=models, layers=layers, stores=self.store_of)
+        context = attrs.evolve(self.context, models=models, layers=layers, stores=self.store_of)
+        if step.data is not None:  # its own images: statistics, BatchNorm and evaluation on them
+            context = attrs.evolve(context, data=self._step_data(step))
+        return context
+
+    def _step_data(self, step: Step) -> ImageDataset:
+        key = cache_key(step.data)
+        if key not in self.step_datasets:
+            self.step_datasets[key] = step.data.load()
+        return self.step_datasets[key]
 
     def _record(self) -> None:
         """Record, in one lockstep pass, every available model that needs activations and has none yet."""
@@ -271,9 +281,11 @@ class _Run:
             inputs.append(self.step_keys[step.alignment])
         if step.layers is not None and kind not in ("metric", "differ", "visualizer"):
             inputs.append({"layers": list(step.layers)})  # aligners and mergers may read them too
+        if kind == "merger":  # BatchNorm statistics recomputed in batches depend on their size
+            inputs.append({"batch_size": self.pipeline.activations.batch_size})
         return cache_key(
             {"use": step.use, "kind": kind, "options": unstructure_options(step.component)},
-            self.pipeline.data,
+            step.data if step.data is not None else self.pipeline.data,
             self.pipeline.seed,
             inputs,
         )

@@ -1,10 +1,11 @@
-"""Bundled datasets of real photographs: a user's image folder and foolbox's samples.
+"""Bundled datasets of real photographs: a user's image folder, foolbox's and scikit-image's samples.
 
 ``imagefolder`` reads a directory in the ImageNet layout (``root/<class>/<image>``)
 lazily, one file per item, with the usual resize / centre-crop / normalise
 preprocessing. ``foolbox-samples`` loads the 20 real images per dataset that the
 ``foolbox`` package ships (ImageNet validation, CIFAR-10/100, MNIST, Fashion-MNIST),
-enough to check a pretrained model offline.
+enough to check a pretrained model offline. ``skimage-photos`` loads the photographs
+that ship inside the scikit-image wheel (astronaut, camera, coffee, ...).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ __all__ = [
     "ImageFolderDataset",
     "FoolboxSamples",
     "FOOLBOX_SOURCES",
+    "SkimagePhotos",
+    "SKIMAGE_PHOTOS",
     "register_datasets",
 ]
 
@@ -401,8 +404,145 @@ def _foolbox_tensors(
     return torch.stack(images), [label for _, label, _ in files], [index for index, _, _ in files]
 
 
+# ---------------------------------------------------------------- scikit-image photos
+
+#: The photographs of ``skimage.data`` whose files are inside the scikit-image wheel
+#: (no pooch, no network). A photo's sample id and label are its position here, so new
+#: photos may only be appended. Left out: drawings and synthetic images (logo, horse,
+#: checkerboard, binary_blobs, phantom), scans of text (page, text), the 102-pixel
+#: microaneurysms crop, and everything scikit-image downloads on first use (eagle,
+#: lily, skin, cells3d, ...).
+SKIMAGE_PHOTOS: tuple[str, ...] = (
+    "astronaut",
+    "brick",
+    "camera",
+    "chelsea",
+    "clock",
+    "coffee",
+    "coins",
+    "grass",
+    "gravel",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "moon",
+    "motorcycle",
+    "retina",
+    "rocket",
+)
+
+# The skimage.data function behind a photo, where it is not the photo's name.
+# stereo_motorcycle returns (left, right, disparity): the left view is the photo.
+_SKIMAGE_FUNCTIONS = {"motorcycle": "stereo_motorcycle"}
+
+
+def _check_photos(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is None:
+        return
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"'{attribute.name}' must be a non-empty list of photo names or unset, got {value!r}")
+    unknown = [v for v in value if v not in SKIMAGE_PHOTOS]
+    if unknown:
+        raise ValueError(
+            f"'{attribute.name}' names photos scikit-image does not ship here: {', '.join(map(repr, unknown))}; "
+            f"photos: {', '.join(SKIMAGE_PHOTOS)}"
+        )
+    if len(set(value)) != len(value):
+        raise ValueError(f"'{attribute.name}' must not repeat a photo, got {value!r}")
+
+
+def _skimage_data() -> Any:
+    try:
+        import skimage.data
+    except ImportError:
+        raise ConfigError("dataset 'skimage-photos' needs scikit-image: pip install scikit-image") from None
+    return skimage.data
+
+
+@attrs.define
+class SkimagePhotos:
+    """The photographs that ship inside the scikit-image wheel (astronaut, camera, coffee, ...), offline.
+
+    Fifteen real photographs from ``skimage.data`` whose files are part of the installed
+    package, so nothing is downloaded: ``astronaut``, ``brick``, ``camera``, ``chelsea``
+    (a cat), ``clock`` (motion-blurred), ``coffee``, ``coins``, ``grass``, ``gravel``,
+    ``hubble_deep_field``, ``immunohistochemistry``, ``moon``, ``motorcycle`` (the left
+    view of ``stereo_motorcycle``), ``retina`` and ``rocket`` (:data:`SKIMAGE_PHOTOS`).
+    The seven grey ones (brick, camera, clock, coins, grass, gravel, moon) are repeated
+    into three channels.
+
+    Every photo is its own class: ``classes`` is the list of photo names and a photo's
+    label and sample id are both its position in that list, whatever ``photos`` selects.
+    Photos are resized (shorter side to ``image_size * 256 / 224``), centre-cropped to
+    ``image_size`` and normalised with ``mean`` / ``std`` (ImageNet statistics by
+    default), the usual ImageNet evaluation preprocessing.
+
+    Parameters
+    ----------
+    image_size
+        Side of the square images.
+    mean, std
+        Per-channel normalisation of the [0, 1] RGB values (1 value or 3).
+    photos
+        Keep only these photos (names from :data:`SKIMAGE_PHOTOS`); unset: all of them.
+    """
+
+    name: ClassVar[str] = "skimage-photos"
+    paper: ClassVar[str] = "van der Walt et al. 2014, scikit-image: image processing in Python (skimage.data)"
+
+    image_size: int = attrs.field(default=224, validator=_positive_int)
+    mean: list[float] = attrs.field(factory=lambda: list(IMAGENET_MEAN), validator=_channel_values(False))
+    std: list[float] = attrs.field(factory=lambda: list(IMAGENET_STD), validator=_channel_values(True))
+    photos: list[str] | None = attrs.field(default=None, validator=_check_photos)
+
+    def load(self) -> TensorImageDataset:
+        """Read and preprocess the chosen photos into a tensor dataset.
+
+        Raises
+        ------
+        ConfigError
+            When scikit-image is not installed, a photo cannot be read from it, or
+            ``mean`` / ``std`` do not have 1 or 3 values.
+        """
+        for key in ("mean", "std"):
+            if len(getattr(self, key)) not in (1, 3):
+                raise ConfigError(f"'{key}' needs 1 or 3 values for RGB images, got {getattr(self, key)!r}")
+        names = tuple(SKIMAGE_PHOTOS) if self.photos is None else tuple(sorted(self.photos, key=SKIMAGE_PHOTOS.index))
+        images = _skimage_tensors(names, self.image_size, tuple(self.mean), tuple(self.std))
+        ids = [SKIMAGE_PHOTOS.index(n) for n in names]
+        # A copy, so that changing one loaded dataset leaves the cache and other loads alone.
+        return TensorImageDataset(self.name, images.clone(), ids, ids, SKIMAGE_PHOTOS)
+
+
+@functools.lru_cache(maxsize=4)
+def _skimage_tensors(
+    names: tuple[str, ...], image_size: int, mean: tuple[float, ...], std: tuple[float, ...]
+) -> torch.Tensor:
+    from PIL import Image
+
+    data = _skimage_data()
+    transform = _transform(image_size, round(image_size * 256 / 224), mean, std)
+    images = []
+    for name in names:
+        function = _SKIMAGE_FUNCTIONS.get(name, name)
+        try:
+            array = getattr(data, function)()
+        except (ImportError, OSError, AttributeError, ValueError) as exc:
+            # e.g. a scikit-image release that no longer ships the file and wants pooch
+            import skimage
+
+            raise ConfigError(
+                f"dataset 'skimage-photos' cannot read the photo {name!r} (skimage.data.{function}) from "
+                f"scikit-image {skimage.__version__}: {exc}"
+            ) from exc
+        if isinstance(array, tuple):
+            array = array[0]
+        images.append(transform(Image.fromarray(np.asarray(array)).convert("RGB")))
+    return torch.stack(images)
+
+
 @hookimpl
 def register_datasets(register):
     """Register the image datasets."""
     register(ImageFolderDataset)
     register(FoolboxSamples)
+    register(SkimagePhotos)

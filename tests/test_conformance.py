@@ -28,6 +28,11 @@ def _example(cls):
     """Default options, except where a component has a required option."""
     if cls.name == "imagefolder":
         return cls(root=_image_folder(), image_size=8, resize=8)
+    if cls.name == "concat":  # two small offline parts of one shape
+        return cls(parts=[
+            {"use": "foolbox-samples", "source": "cifar10"},
+            {"use": "skimage-photos", "image_size": 32, "photos": ["camera", "coffee"]},
+        ])
     if cls.name == "clip-delta":  # the default embedder at 32 px: the same code, a tenth of the time
         return cls(k=3, embedder_options={"image_size": 32})
     return cls

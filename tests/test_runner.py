@@ -284,3 +284,36 @@ def test_alignment_results_round_trip_through_the_tree():
     assert again.transforms["b"]["fc1"].rename(None).identical(t)
     assert again.results["fc1"].identical(extra) and again.results["b/fc1"].identical(beside)
     assert again.diagnostics.identical(alignment.diagnostics)
+
+
+STEP_DATA = SMALL.replace(
+    'alphas = [0.0, 0.5, 1.0]\n',
+    'alphas = [0.0, 0.5, 1.0]\n\n[steps.data]\nuse = "mnist5000"\nsplit = "test"\nper_class = 5\n',
+)
+
+
+def test_a_merger_step_evaluates_on_its_own_data(tmp_path):
+    pipeline = Pipeline.from_toml(STEP_DATA)
+    assert pipeline.steps[0].data is not None and pipeline.steps[0].data.per_class == 5
+    assert Pipeline.from_toml(pipeline.to_toml()) == pipeline  # the table round-trips
+    own = run(pipeline, tmp_path / "own", quiet=True)
+    shared = run(Pipeline.from_toml(SMALL), tmp_path / "shared", quiet=True)
+    a_own = own.results["interpolation"].ds["accuracy"].sel(alpha=0.0)
+    a_shared = shared.results["interpolation"].ds["accuracy"].sel(alpha=0.0)
+    # Model a on 50 images, not on [data]'s 200: a multiple of 1/50 that the 200-image figure is not.
+    assert float(a_own) * 50 == pytest.approx(round(float(a_own) * 50))
+    assert float(a_own) != float(a_shared)
+    # The metric still reads the recordings made on [data].
+    assert own.results["kendall-tau/relu1"].ds.sizes["unit"] == 32
+    np.testing.assert_array_equal(
+        own.results["kendall-tau/relu1"].ds["kendall_tau"], shared.results["kendall-tau/relu1"].ds["kendall_tau"]
+    )
+
+
+def test_only_aligners_and_mergers_take_their_own_data():
+    text = SMALL + '\n[steps.data]\nuse = "mnist5000"\nsplit = "test"\n'  # under the kendall-tau step
+    with pytest.raises(ConfigError, match=r"key 'data'.*only aligner and merger steps take their own 'data'"):
+        Pipeline.from_toml(text)
+    bad = STEP_DATA.replace('use = "mnist5000"\nsplit = "test"\nper_class = 5', 'use = "mnist"\nsplit = "test"')
+    with pytest.raises(ConfigError, match=r"\[data\].*'mnist'.*mnist5000"):
+        Pipeline.from_toml(bad)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +19,15 @@ from mergescope_plugins import images
 from mergescope_plugins.images import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    SKIMAGE_PHOTOS,
     FoolboxSamples,
     ImageFileDataset,
     ImageFolderDataset,
+    SkimagePhotos,
 )
 
 needs_foolbox = pytest.mark.skipif(importlib.util.find_spec("foolbox") is None, reason="needs foolbox")
+needs_skimage = pytest.mark.skipif(importlib.util.find_spec("skimage") is None, reason="needs scikit-image")
 
 # Class -> number of images; each image is one flat colour, so its pixels are known.
 CLASSES = {"cat": 4, "dog": 6, "emu": 5}
@@ -268,10 +272,136 @@ def test_foolbox_conformance(component):
     check_component(component)
 
 
+# ------------------------------------------------------------- scikit-image photos
+
+
+@pytest.fixture
+def fresh_skimage_cache():
+    """Forget loaded photos, so a test sees what loading does now (and leaves no odd entry behind)."""
+    images._skimage_tensors.cache_clear()
+    yield
+    images._skimage_tensors.cache_clear()
+
+
+def _reference_crop(array: np.ndarray, size: int) -> torch.Tensor:
+    """The ImageNet evaluation crop of one photo, spelled out with PIL: [0, 1] RGB, (3, size, size)."""
+    image = Image.fromarray(array).convert("RGB")
+    short = round(size * 256 / 224)
+    w, h = image.size
+    scale = short / min(w, h)
+    image = image.resize((max(short, int(w * scale)), max(short, int(h * scale))), Image.BILINEAR)
+    left, top = round((image.width - size) / 2), round((image.height - size) / 2)
+    crop = np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.float32) / 255
+    return torch.from_numpy(crop).permute(2, 0, 1)
+
+
+@needs_skimage
+def test_skimage_photos_are_all_the_listed_photos_one_class_each():
+    data = SkimagePhotos(image_size=32).load()
+    assert isinstance(data, TensorImageDataset) and data.name == "skimage-photos"
+    assert len(data) == len(SKIMAGE_PHOTOS) == 15
+    assert data.classes == SKIMAGE_PHOTOS
+    assert data.classes[:4] == ("astronaut", "brick", "camera", "chelsea") and data.classes[-1] == "rocket"
+    assert data.sample_ids.tolist() == data.labels.tolist() == list(range(15))
+    assert data.input_shape == (3, 32, 32)
+    assert SkimagePhotos().load().input_shape == (3, 224, 224)
+
+
+@needs_skimage
+def test_skimage_photos_get_the_imagenet_crop_and_normalisation():
+    import skimage.data
+
+    plain = SkimagePhotos(image_size=48, mean=[0.0], std=[1.0], photos=["coffee"]).load()
+    expected = _reference_crop(skimage.data.coffee(), 48)
+    # torchvision resizes with antialiasing, PIL's resize as well: they agree to a few grey levels.
+    assert (plain.images[0] - expected).abs().mean() < 0.01
+    default = SkimagePhotos(image_size=48, photos=["coffee"]).load()
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    assert torch.allclose(default.images[0], (plain.images[0] - mean) / std, atol=1e-5)
+
+
+@needs_skimage
+def test_grey_photos_become_three_equal_channels():
+    data = SkimagePhotos(image_size=16, mean=[0.0], std=[1.0], photos=["camera", "astronaut"]).load()
+    astronaut, camera = data.images  # loaded in list order, whatever the order asked for
+    assert torch.equal(camera[0], camera[1]) and torch.equal(camera[0], camera[2])
+    assert not torch.equal(astronaut[0], astronaut[2])
+
+
+@needs_skimage
+def test_chosen_photos_keep_their_ids_labels_and_pixels():
+    full = SkimagePhotos(image_size=16).load()
+    # Given out of order: loaded in list order, with the ids of the full list.
+    some = SkimagePhotos(image_size=16, photos=["rocket", "camera", "moon"]).load()
+    assert some.sample_ids.tolist() == some.labels.tolist() == [2, 11, 14]
+    assert [some.classes[i] for i in some.labels] == ["camera", "moon", "rocket"]
+    assert len(some.classes) == 15
+    for row, photo_id in enumerate(some.sample_ids):
+        assert torch.equal(some.images[row], full.images[photo_id])
+
+
+@needs_skimage
+def test_skimage_photos_load_without_a_network(monkeypatch, fresh_skimage_cache):
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("skimage-photos tried to open a network connection")
+
+    monkeypatch.setattr(socket, "socket", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    assert len(SkimagePhotos(image_size=8).load()) == 15
+
+
+def test_missing_scikit_image_says_how_to_install_it(monkeypatch, fresh_skimage_cache):
+    monkeypatch.setitem(sys.modules, "skimage", None)
+    monkeypatch.setitem(sys.modules, "skimage.data", None)
+    with pytest.raises(ConfigError, match=r"dataset 'skimage-photos' needs scikit-image: pip install scikit-image"):
+        SkimagePhotos(image_size=8).load()
+
+
+@needs_skimage
+def test_a_photo_that_cannot_be_read_is_named(monkeypatch, fresh_skimage_cache):
+    import skimage.data
+
+    def wants_download():
+        raise ModuleNotFoundError("The requested file is not bundled; install pooch")
+
+    monkeypatch.setattr(skimage.data, "stereo_motorcycle", wants_download)
+    with pytest.raises(ConfigError, match=r"cannot read the photo 'motorcycle' \(skimage.data.stereo_motorcycle\) .*pooch"):
+        SkimagePhotos(image_size=8).load()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"image_size": 0}, "'image_size' must be a positive integer"),
+        ({"photos": ["astronaut", "eagle"]}, "'photos' names photos scikit-image does not ship here: 'eagle'"),
+        ({"photos": ["camera", "camera"]}, "'photos' must not repeat a photo"),
+        ({"photos": []}, "'photos' must be a non-empty list of photo names or unset"),
+        ({"std": [0.0]}, "'std' must be a non-empty list of positive numbers"),
+    ],
+)
+def test_bad_skimage_options_are_rejected(options, message):
+    with pytest.raises(ConfigError, match=message):
+        structure_options(SkimagePhotos, options)
+
+
+@needs_skimage
+def test_skimage_statistics_need_one_or_three_values():
+    with pytest.raises(ConfigError, match=r"'mean' needs 1 or 3 values for RGB images, got \[0.5, 0.5\]"):
+        SkimagePhotos(image_size=8, mean=[0.5, 0.5]).load()
+
+
+@needs_skimage
+@pytest.mark.parametrize("component", [SkimagePhotos(image_size=16), SkimagePhotos(image_size=8, photos=["rocket"])])
+def test_skimage_conformance(component):
+    check_component(component)
+
+
 # ------------------------------------------------------------------------- plugin
 
 
-@pytest.mark.parametrize("cls", [ImageFolderDataset, FoolboxSamples])
+@pytest.mark.parametrize("cls", [ImageFolderDataset, FoolboxSamples, SkimagePhotos])
 def test_components_follow_the_protocol(cls):
     assert isinstance(cls(root="x") if cls is ImageFolderDataset else cls(), DatasetSource)
     lines = cls.__doc__.strip().splitlines()
@@ -279,10 +409,14 @@ def test_components_follow_the_protocol(cls):
     assert cls.paper
 
 
-def test_plugin_registers_both_datasets():
+def test_plugin_registers_the_three_datasets():
     manager = pluggy.PluginManager(hookspecs.PROJECT)
     manager.add_hookspecs(hookspecs)
     manager.register(images)
     registered: list[type] = []
     manager.hook.register_datasets(register=registered.append)
-    assert {cls.name: cls for cls in registered} == {"imagefolder": ImageFolderDataset, "foolbox-samples": FoolboxSamples}
+    assert {cls.name: cls for cls in registered} == {
+        "imagefolder": ImageFolderDataset,
+        "foolbox-samples": FoolboxSamples,
+        "skimage-photos": SkimagePhotos,
+    }
