@@ -42,6 +42,7 @@ from .errors import ConfigError
 __all__ = [
     "MAX_RELATIVE_DISTANCE",
     "check_compatible",
+    "check_finite",
     "merge_keys",
     "task_vectors",
     "relative_distances",
@@ -123,6 +124,22 @@ def check_compatible(states: Mapping[str, Mapping[str, Tensor]]) -> None:
                 raise ValueError(
                     f"parameter {key!r} is {tensor.dtype} in model {first!r} but {theirs.dtype} in model {other!r}"
                 )
+    check_finite(states)
+
+
+def check_finite(states: Mapping[str, Mapping[str, Tensor]]) -> None:
+    """Check that no floating entry of any state dict holds NaN or inf.
+
+    Parameters
+    ----------
+    states
+        Model name -> state dict.
+
+    Raises
+    ------
+    ValueError
+        Naming the first parameter (and its model) with a NaN or inf value.
+    """
     for name, state in states.items():
         for key, tensor in state.items():
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):

@@ -23,6 +23,7 @@ from torch import nn
 from mergescope.components import Alignment, Context
 from mergescope.groups import channel_groups, example_input, permutation_matrix
 from mergescope.hookspecs import hookimpl
+from mergescope.task_vectors import check_finite
 
 __all__ = ["match_correlations", "ActivationMatching", "register_aligners"]
 
@@ -75,10 +76,12 @@ class ActivationMatching:
         Raises
         ------
         ValueError
-            Models of another width than the reference in some group.
+            Models of another width than the reference in some group, or a NaN or inf
+            weight (naming the parameter).
         mergescope.groups.UnsupportedLayerError
             A layer the tracer cannot follow (named in the message).
         """
+        check_finite({m: model.state_dict() for m, model in models.items()})
         groups = channel_groups(models[reference], example_input(context.data))
         layers = sorted({p for g in groups for p in g.producers})
         others = [m for m in models if m != reference]

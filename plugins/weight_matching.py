@@ -6,6 +6,13 @@ Ainsworth et al. (2023), Algorithm 1: for the permutation ``P_g`` of every chann
 assignment problem (:func:`scipy.optimize.linear_sum_assignment`); repeat until no
 group improves. Every parameter axis of a group counts: producers' output axes,
 BatchNorm parameters, consumers' input axes (found by tracing, :mod:`mergescope.groups`).
+
+With ``strategy = "merge-many"`` (Ainsworth et al. 2023, MergeMany) N models are
+aligned to each other rather than to one of them: each model in turn (random order) is
+matched to the average of all the others as currently permuted, until a round changes
+no permutation. The common unit order is then relabelled so the reference keeps its own
+(relabelling every model alike changes no merge), so the result is an ordinary
+:class:`~mergescope.Alignment` onto the reference.
 """
 
 from __future__ import annotations
@@ -22,8 +29,11 @@ from torch import nn
 from mergescope.components import Alignment, Context
 from mergescope.groups import Axis, ChannelGroup, channel_groups, example_input, permutation_matrix
 from mergescope.hookspecs import hookimpl
+from mergescope.task_vectors import check_compatible
 
-__all__ = ["match_weights", "WeightMatching", "register_aligners"]
+__all__ = ["match_weights", "merge_many", "permute_arrays", "WeightMatching", "register_aligners"]
+
+STRATEGIES = ("reference", "merge-many")
 
 
 def _block(perm: np.ndarray, ax: Axis, size: int, length: int) -> np.ndarray:
@@ -49,6 +59,7 @@ def match_weights(
     *,
     seed: int = 0,
     max_iter: int = 100,
+    initial: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[dict[str, np.ndarray], int]:
     """Git Re-Basin weight matching of ``other`` onto ``reference``.
 
@@ -62,6 +73,8 @@ def match_weights(
         Seeds the random order in which groups are visited.
     max_iter
         Sweeps over all groups at most.
+    initial
+        Permutations to start from (``{group: perm}``); identity by default.
 
     Returns
     -------
@@ -71,6 +84,8 @@ def match_weights(
         The number of sweeps until no group improved.
     """
     perms = {g.name: np.arange(g.size) for g in groups}
+    if initial is not None:
+        perms.update({name: np.asarray(p, dtype=np.int64) for name, p in initial.items()})
     touching: dict[str, list[tuple[ChannelGroup, Axis]]] = {}
     for g in groups:
         for ax in g.axes:
@@ -99,8 +114,98 @@ def match_weights(
     return perms, max_iter
 
 
+def permute_arrays(
+    state: Mapping[str, np.ndarray], groups: Sequence[ChannelGroup], perms: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """Apply ``{group: perm}`` to every axis of every group in a state dict of arrays.
+
+    ``perm[j]`` is the unit placed at position ``j``, as in :func:`match_weights`.
+    """
+    out = dict(state)
+    for g in groups:
+        for ax in g.axes:
+            w = out[ax.param]
+            out[ax.param] = np.take(w, _block(perms[g.name], ax, g.size, w.shape[ax.axis]), axis=ax.axis)
+    return out
+
+
+def merge_many(
+    states: Mapping[str, Mapping[str, np.ndarray]],
+    reference: str,
+    groups: Sequence[ChannelGroup],
+    *,
+    seed: int = 0,
+    max_iter: int = 100,
+    max_rounds: int = 50,
+) -> tuple[dict[str, dict[str, np.ndarray]], int]:
+    """MergeMany: align N models to the running average of the others.
+
+    Every round visits the models in a random order; each is weight-matched (starting
+    from its current permutations) to the mean of all the other models as they are
+    permuted at that moment. Rounds stop when one changes no permutation.
+
+    Parameters
+    ----------
+    states
+        ``{model: state dict of float64 arrays}``, one architecture.
+    reference
+        The model whose unit order the result is expressed in.
+    groups
+        The architecture's channel groups.
+    seed
+        Seeds the visiting order and every weight matching.
+    max_iter
+        Sweeps of each weight matching at most.
+    max_rounds
+        Rounds over all models at most.
+
+    Returns
+    -------
+    perms
+        ``{model: {group: perm}}`` mapping every model onto the reference's units (the
+        reference's own permutations are the identity).
+    rounds
+        The number of rounds run.
+    """
+    names = list(states)
+    perms = {m: {g.name: np.arange(g.size) for g in groups} for m in names}
+    permuted = {m: dict(states[m]) for m in names}
+    rng = np.random.default_rng(seed)
+    rounds = 0
+    for rounds in range(1, max_rounds + 1):
+        changed = False
+        for index in rng.permutation(len(names)):
+            m = names[index]
+            rest = [permuted[o] for o in names if o != m]
+            target = {k: np.mean([s[k] for s in rest], axis=0) for k in states[m]}
+            new, _ = match_weights(
+                target, states[m], groups, seed=int(rng.integers(2**31)), max_iter=max_iter, initial=perms[m]
+            )
+            if any(not np.array_equal(new[g], perms[m][g]) for g in new):
+                changed = True
+                perms[m] = new
+                permuted[m] = permute_arrays(states[m], groups, new)
+        if not changed:
+            break
+    # Relabel the common order so the reference's units stay where they are:
+    # position j of the result holds what sat where the reference's unit j went.
+    relabelled = {}
+    for m in names:
+        relabelled[m] = {}
+        for g in groups:
+            back = np.argsort(perms[reference][g.name])
+            relabelled[m][g.name] = perms[m][g.name][back]
+    return relabelled, rounds
+
+
 def _as_arrays(model: nn.Module) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().double().numpy() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+
+def _check_strategy(instance: object, attribute: attrs.Attribute, value: object) -> None:
+    if value not in STRATEGIES:
+        accepted = ", ".join(repr(v) for v in STRATEGIES)
+        raise ValueError(f"'{attribute.name}' must be one of {accepted}, got {value!r}")
 
 
 @attrs.define
@@ -110,9 +215,16 @@ class WeightMatching:
     Parameters
     ----------
     seed
-        Seeds the random order of the groups in every sweep.
+        Seeds the random order of the groups in every sweep (and of the models with
+        ``strategy = "merge-many"``).
     max_iter
-        At most this many sweeps over all groups.
+        At most this many sweeps over all groups per matching.
+    strategy
+        ``"reference"``: match every other model to the reference. ``"merge-many"``:
+        match every model in turn to the average of the others until nothing changes
+        (MergeMany), then express the result in the reference's unit order.
+    max_rounds
+        With ``"merge-many"``: at most this many rounds over all models.
     """
 
     name: ClassVar[str] = "weight-matching"
@@ -120,30 +232,38 @@ class WeightMatching:
 
     seed: int = attrs.field(default=0, validator=attrs.validators.instance_of(int))
     max_iter: int = attrs.field(default=100, validator=[attrs.validators.instance_of(int), attrs.validators.gt(0)])
+    strategy: str = attrs.field(default="reference", validator=_check_strategy)
+    max_rounds: int = attrs.field(
+        default=50, validator=[attrs.validators.instance_of(int), attrs.validators.gt(0)]
+    )
 
     def align(self, models: Mapping[str, nn.Module], reference: str, context: Context) -> Alignment:
-        """Match every other model's weights to the reference's."""
-        groups = channel_groups(models[reference], example_input(context.data))
-        ref = _as_arrays(models[reference])
-        transforms: dict[str, dict[str, xr.DataArray]] = {}
+        """Match every other model's weights to the reference's (or all to each other's average)."""
         others = [m for m in models if m != reference]
+        # One architecture, finite weights; the messages name the parameter at fault.
+        check_compatible({m: models[m].state_dict() for m in (reference, *others)})
+        groups = channel_groups(models[reference], example_input(context.data))
+        states = {m: _as_arrays(models[m]) for m in (reference, *others)}
+        ref = states[reference]
         sweeps = np.zeros(len(others), dtype=np.int64)
+        if self.strategy == "merge-many":
+            perms_of, rounds = merge_many(
+                states, reference, groups, seed=self.seed, max_iter=self.max_iter, max_rounds=self.max_rounds
+            )
+            transforms = {m: {n: permutation_matrix(p) for n, p in perms_of[m].items()} for m in others}
+            diagnostics = xr.Dataset({"rounds": rounds})
+            return Alignment(reference, transforms, diagnostics)
+        transforms: dict[str, dict[str, xr.DataArray]] = {}
         for i, m in enumerate(others):
-            other = _as_arrays(models[m])
-            for key, value in ref.items():
-                if key not in other or other[key].shape != value.shape:
-                    found = other[key].shape if key in other else "nothing"
-                    raise ValueError(
-                        f"weight matching needs one architecture: {key!r} is {value.shape} in {reference!r} "
-                        f"but {found} in {m!r}"
-                    )
-            perms, sweeps[i] = match_weights(ref, other, groups, seed=self.seed, max_iter=self.max_iter)
+            perms, sweeps[i] = match_weights(ref, states[m], groups, seed=self.seed, max_iter=self.max_iter)
             transforms[m] = {name: permutation_matrix(p) for name, p in perms.items()}
         diagnostics = xr.Dataset({"sweeps": ("model", sweeps)}, coords={"model": others})
         return Alignment(reference, transforms, diagnostics)
 
     def describe(self, result: xr.Dataset) -> str:
-        """Sweeps until convergence per model."""
+        """Sweeps until convergence per model, or MergeMany's rounds."""
+        if "rounds" in result:
+            return f"MergeMany converged in {int(result['rounds'])} rounds"
         if "sweeps" not in result:
             return "aligned"
         return "; ".join(f"{m}: converged in {int(s)} sweeps" for m, s in zip(result["model"].values, result["sweeps"].values))

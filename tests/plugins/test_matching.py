@@ -77,7 +77,61 @@ def test_models_of_another_width_are_refused(data):
     a = MLP(hidden=[32]).build((1, 8, 8), 3)
     b = MLP(hidden=[16]).build((1, 8, 8), 3)
     context = Context(data=data, quiet=True)
-    with pytest.raises(ValueError, match="one architecture: 'fc1.weight'"):
+    with pytest.raises(ValueError, match=r"parameter 'fc1.weight' has shape \(32, 64\) in model 'a' but \(16, 64\)"):
         WeightMatching().align({"a": a, "b": b}, "a", context)
     with pytest.raises(ValueError, match="16 units but the reference 'a' has 32"):
         ActivationMatching().align({"a": a, "b": b}, "a", context)
+
+
+def test_merge_many_recovers_hidden_permutations_of_three_copies(data):
+    torch.manual_seed(0)
+    model = SmallCNN(widths=[8, 16], batchnorm=True).build((1, 8, 8), 3).eval()
+    b, perms_b, groups = scrambled(model, data, seed=3, noise=1e-4)
+    c, perms_c, _ = scrambled(model, data, seed=4, noise=1e-4)
+    aligner = WeightMatching(strategy="merge-many", seed=1)
+    alignment = aligner.align({"a": model, "b": b, "c": c}, "a", Context(data=data, quiet=True))
+    assert set(alignment.transforms) == {"b", "c"}
+    assert int(alignment.diagnostics["rounds"]) >= 1
+    assert "MergeMany converged" in aligner.describe(alignment.diagnostics)
+    for other, perms in (("b", perms_b), ("c", perms_c)):
+        for g in groups:
+            found = perm_from_matrix(alignment.transforms[other][g.name])
+            np.testing.assert_array_equal(perms[g.name][found], np.arange(g.size))
+
+
+def test_merge_many_is_expressed_in_the_reference_order():
+    from mergescope_plugins.weight_matching import match_weights, merge_many, permute_arrays
+
+    torch.manual_seed(0)
+    data = example_dataset(n=16, shape=(1, 8, 8))
+    models = {f"m{i}": MLP(hidden=[24, 12]).build((1, 8, 8), 3) for i in range(4)}
+    groups = channel_groups(models["m0"], example_input(data))
+    states = {m: {k: v.double().numpy() for k, v in net.state_dict().items()} for m, net in models.items()}
+    perms, rounds = merge_many(states, "m2", groups, seed=0)
+    assert 1 <= rounds <= 50
+    for g in groups:  # the reference keeps its own order
+        np.testing.assert_array_equal(perms["m2"][g.name], np.arange(g.size))
+    # At convergence no model moves when matched to the mean of the others (in the reference order).
+    aligned = {m: permute_arrays(states[m], groups, perms[m]) for m in states}
+    for m in states:
+        rest = [aligned[o] for o in states if o != m]
+        target = {k: np.mean([s[k] for s in rest], axis=0) for k in states[m]}
+        again, _ = match_weights(target, states[m], groups, initial=perms[m])
+        for g in groups:
+            np.testing.assert_array_equal(again[g.name], perms[m][g.name])
+
+
+def test_unknown_strategy_is_refused():
+    with pytest.raises(ValueError, match="'strategy' must be one of 'reference', 'merge-many'"):
+        WeightMatching(strategy="average")
+
+
+@pytest.mark.parametrize("aligner", [WeightMatching(), WeightMatching(strategy="merge-many"), ActivationMatching()])
+def test_a_nan_weight_is_named(aligner, data):
+    torch.manual_seed(0)
+    a = MLP(hidden=[16]).build((1, 8, 8), 3)
+    b = MLP(hidden=[16]).build((1, 8, 8), 3)
+    with torch.no_grad():
+        b.fc1.bias[3] = float("nan")
+    with pytest.raises(ValueError, match="parameter 'fc1.bias' of model 'b' holds NaN or inf"):
+        aligner.align({"a": a, "b": b}, "a", Context(data=data, quiet=True))
