@@ -30,9 +30,10 @@ layer name (``transforms[model][layer]``), and the models need not have the same
 not a map meant to be pushed into a model's weights.
 
 Results of a step ``<step>`` (see :meth:`RegressionAlignment.align` for every variable):
-``/<step>/<layer>`` holds ``topk_sample`` / ``topk_value`` ``(rank, unit)`` of the full map
-(``unit`` being the reference's units; ``(model, rank, unit)`` when several models are
-aligned), the layout a top-k grid reads to draw "regression-aligned" rows (``rows_from``);
+``/<step>/<layer>`` holds ``topk_sample`` / ``topk_value`` ``(sparsity, rank, unit)`` of
+every sparsity level (``unit`` being the reference's units; ``(model, sparsity, rank,
+unit)`` when several models are aligned), the layout a top-k grid reads to draw
+"regression-aligned" rows (``rows_from``, with ``rows_select`` picking levels);
 ``/<step>/<model>/<layer>`` holds the ``transform`` and the whole sparsity sweep; the
 step's root holds means per model, layer and sparsity level.
 """
@@ -386,9 +387,10 @@ class RegressionAlignment:
               unit_ref), ``reference_topk_sample`` (rank, unit_ref), ``constant_input``
               (unit), ``constant_target`` (unit_ref), ``samples`` (how many were ranked);
               coord ``kept`` (sparsity, the coefficients kept per reference unit);
-            - ``/<layer>``: ``topk_sample`` / ``topk_value`` (rank, unit) of the full map,
-              ``unit`` = the reference's unit ids, and ``count``; with one other model (named by
-              the scalar coord ``aligned_model``), or (model, rank, unit) with several;
+            - ``/<layer>``: ``topk_sample`` / ``topk_value`` (sparsity, rank, unit) of every
+              sparsity level, ``unit`` = the reference's unit ids, and ``count``; with one
+              other model (named by the scalar coord ``aligned_model``), or (model, sparsity,
+              rank, unit) with several;
             - root diagnostics (model, layer, sparsity): ``mean_r2``, ``mean_r2_fit``,
               ``mean_overlap``, ``mean_nonzero``; (model, layer): ``constant_inputs``,
               ``constant_targets``; scalar ``fit_samples``.
@@ -571,21 +573,26 @@ def _activation(store: Any, model: str, layer: str) -> xr.DataArray:
 
 
 def _layer_node(fits: Sequence[xr.Dataset], models: Sequence[str]) -> xr.Dataset:
-    """The full maps' top-k in the layout top-k grids read at ``/<step>/<layer>``.
+    """Every sparsity level's top-k in the layout top-k grids read at ``/<step>/<layer>``.
 
-    ``topk_sample`` / ``topk_value`` ``(rank, unit)`` (``unit`` = the reference's units) for
-    one other model, named by the scalar coord ``aligned_model``; ``(model, rank, unit)``,
-    one grid row per model, for several. ``count`` is the number of samples ranked.
+    ``topk_sample`` / ``topk_value`` ``(sparsity, rank, unit)`` (``unit`` = the reference's
+    units) for one other model, named by the scalar coord ``aligned_model``;
+    ``(model, sparsity, rank, unit)`` for several. A grid draws one row per model and
+    level (``rows_select`` picks levels). ``count`` is the number of samples ranked.
     """
-    ids = np.stack([f["topk_sample"].isel(sparsity=0).values for f in fits])
-    values = np.stack([f["topk_value"].isel(sparsity=0).values for f in fits])
-    coords: dict[str, Any] = {"rank": fits[0]["rank"].values, "unit": fits[0]["unit_ref"].values}
+    ids = np.stack([f["topk_sample"].values for f in fits])
+    values = np.stack([f["topk_value"].values for f in fits])
+    coords: dict[str, Any] = {
+        "sparsity": fits[0]["sparsity"].values,
+        "rank": fits[0]["rank"].values,
+        "unit": fits[0]["unit_ref"].values,
+    }
     if len(fits) == 1:
-        dims: tuple[str, ...] = ("rank", "unit")
+        dims: tuple[str, ...] = ("sparsity", "rank", "unit")
         ids, values = ids[0], values[0]
         coords["aligned_model"] = models[0]
     else:
-        dims = ("model", "rank", "unit")
+        dims = ("model", "sparsity", "rank", "unit")
         coords["model"] = list(models)
     return xr.Dataset(
         {

@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -283,8 +283,15 @@ def _result_node(results: xr.DataTree, step: str, layer: str, option: str) -> xr
     return node[layer].to_dataset(inherit=False)
 
 
-def _result_rows(results: xr.DataTree, step: str, layer: str) -> list[_Row]:
-    """Rows from an earlier step's ``topk_sample`` (+ ``topk_value``), one per ``model`` when it has that dim."""
+def _result_rows(
+    results: xr.DataTree, step: str, layer: str, select: Mapping[str, list[Any]]
+) -> tuple[list[_Row], set[str]]:
+    """Rows from an earlier step's ``topk_sample`` (+ ``topk_value``).
+
+    Dims besides ``(rank, unit)`` (e.g. ``model``, a regression's ``sparsity``) give one
+    row per value (of the values ``select`` keeps), labelled ``<step>:<value>...``.
+    Returns the rows and those dims.
+    """
     ds = _result_node(results, step, layer, "rows_from")
     if ds is None or "topk_sample" not in ds:
         held = "nothing" if ds is None else ", ".join(map(str, ds.data_vars)) or "no variables"
@@ -297,19 +304,34 @@ def _result_rows(results: xr.DataTree, step: str, layer: str) -> list[_Row]:
     values = ds["topk_value"] if "topk_value" in ds else xr.full_like(ids, np.nan, dtype=np.float64)
     if "latent" in ids.dims and "unit" not in ids.dims:  # a dictionary's latents are its units (crosscoder)
         ids, values = ids.rename(latent="unit"), values.rename(latent="unit")
-    if not {"rank", "unit"} <= set(ids.dims) or not set(ids.dims) <= {"rank", "unit", "model"}:
+    if not {"rank", "unit"} <= set(ids.dims):
         raise ConfigError(
             f"'rows_from' step {step!r}: topk_sample at {layer!r} has dims {ids.dims}; expected (rank, unit) "
-            "or (model, rank, unit)",
+            "plus any dims that make one row per value, e.g. (model, rank, unit)",
             where="key 'rows_from'",
         )
+    for dim, wanted in select.items():
+        if dim not in ids.dims:
+            continue
+        have = [v.item() for v in ids[dim].values] if dim in ids.coords else list(range(ids.sizes[dim]))
+        missing = [v for v in wanted if v not in have]
+        if missing:
+            raise ConfigError(
+                f"'rows_select' asks for {dim} = {missing[0]!r}, but step {step!r} at layer {layer!r} has "
+                f"{dim} values {have}",
+                where="key 'rows_select'",
+            )
+        index = [have.index(v) for v in wanted]
+        ids, values = ids.isel({dim: index}), values.isel({dim: index})
     count = int(ds["count"]) if "count" in ds and ds["count"].ndim == 0 else None
-    if "model" not in ids.dims:
-        return [_Row(step, _ranked(ids), _ranked(values, float), count, f"step {step!r}")]
-    return [
-        _Row(f"{step}:{m}", _ranked(ids.sel(model=m)), _ranked(values.sel(model=m), float), count, f"step {step!r}")
-        for m in ids["model"].values
-    ]
+    extra = [d for d in ids.dims if d not in ("rank", "unit")]
+    rows = []
+    for position in np.ndindex(*(ids.sizes[d] for d in extra)):
+        at = dict(zip(extra, position))
+        names = [str(ids[d].values[i]) if d in ids.coords else str(i) for d, i in at.items()]
+        label = ":".join([step, *names])
+        rows.append(_Row(label, _ranked(ids.isel(at)), _ranked(values.isel(at), float), count, f"step {step!r}"))
+    return rows, set(extra)
 
 
 def _ranked(array: xr.DataArray, dtype: type = np.int64) -> np.ndarray:
@@ -411,6 +433,18 @@ def _names(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
         raise ValueError(f"'{attribute.name}' must be a list of step names, got {value!r}")
 
 
+def _row_selection(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    ok = isinstance(value, dict) and all(
+        isinstance(dim, str) and isinstance(v, list) and v and all(isinstance(x, (str, int)) for x in v)
+        for dim, v in value.items()
+    )
+    if not ok:
+        raise ValueError(
+            f"'{attribute.name}' must map a dim name to a non-empty list of its values, "
+            f'e.g. {{ sparsity = ["100%", "10%"] }}, got {value!r}'
+        )
+
+
 _non_negative_int = [attrs.validators.instance_of(int), attrs.validators.ge(0)]
 
 
@@ -436,12 +470,18 @@ class TopKGrids:
         Draw at most this many units per layer (the first ones); 0 (default): no cap.
     rows_from
         Earlier steps whose ``/<step>/<layer>`` results hold ``topk_sample`` (and
-        ``topk_value``) on dims ``(rank, unit)`` (or ``(model, rank, unit)``, one row per
-        model): each adds a row labelled with the step name, e.g. regression-aligned
-        activations; ``(rank, latent)`` counts latents as units (a crosscoder's).
+        ``topk_value``) on dims ``(rank, unit)``: each adds a row labelled with the step
+        name, e.g. regression-aligned activations. Any further dim gives one row per
+        value, labelled ``<step>:<value>`` (``(model, rank, unit)``: one row per model;
+        a regression's ``(sparsity, rank, unit)``: one row per sparsity level);
+        ``(rank, latent)`` counts latents as units (a crosscoder's).
     model_rows
         Draw the step's models as rows (default); ``false``: only the rows of
         ``rows_from``, e.g. one grid per crosscoder latent.
+    rows_select
+        Which values of the extra dims of ``rows_from`` results become rows, e.g.
+        ``{sparsity = ["100%", "10%", "top-5"]}`` for a regression's sparsity sweep, or
+        ``{model = ["b"]}``; a dim not named keeps all its values.
     metrics
         Earlier metric steps whose per-unit values are written beside the rows: a
         variable on dims ``(model, unit)`` beside the row of that model, one on ``(unit,)``
@@ -465,6 +505,7 @@ class TopKGrids:
     rows_from: list[str] = attrs.field(factory=list, validator=_names)
     metrics: list[str] = attrs.field(factory=list, validator=_names)
     model_rows: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
+    rows_select: dict[str, list[Any]] = attrs.field(factory=dict, validator=_row_selection)
     tile: int = attrs.field(default=48, validator=[attrs.validators.instance_of(int), attrs.validators.ge(4)])
     gap: int = attrs.field(default=2, validator=_non_negative_int)
 
@@ -512,8 +553,18 @@ class TopKGrids:
 
     def _plan(self, results: xr.DataTree, context: Context, layer: str, folders: list[str]) -> _Layer:
         rows = [_store_row(context, m, layer) for m in context.models] if self.model_rows else []
+        found: set[str] = set()
         for step in self.rows_from:
-            rows.extend(_result_rows(results, step, layer))
+            step_rows, dims = _result_rows(results, step, layer, self.rows_select)
+            rows.extend(step_rows)
+            found |= dims
+        unknown = sorted(set(self.rows_select) - found)
+        if unknown:
+            raise ConfigError(
+                f"'rows_select' names dim {unknown[0]!r}, which no 'rows_from' result has at layer {layer!r} "
+                f"(their extra dims: {sorted(found) or 'none'})",
+                where="key 'rows_select'",
+            )
         labels = [r.label for r in rows]
         if len(set(labels)) != len(labels):
             raise ConfigError(f"two rows share a label in {labels}; rename a step or a model", where="key 'rows_from'")

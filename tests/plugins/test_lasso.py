@@ -136,7 +136,8 @@ def test_a_permuted_copy_is_recovered_exactly(data, tmp_path):
     np.testing.assert_allclose(node["overlap"].values, 1.0)  # same top images as a's own
     np.testing.assert_array_equal(node["topk_sample"].sel(sparsity="100%"), node["reference_topk_sample"])
     grid = tree["fc1"].to_dataset()
-    assert grid["topk_sample"].dims == ("rank", "unit") and grid["topk_value"].dims == ("rank", "unit")
+    assert grid["topk_sample"].dims == ("sparsity", "rank", "unit") and grid["topk_value"].dims == grid["topk_sample"].dims
+    np.testing.assert_array_equal(grid["topk_sample"], node["topk_sample"])  # every level, for rows_select
     assert grid["unit"].values.tolist() == list(range(16)) and str(grid["aligned_model"].values) == "b"
     assert "transform" in tree["b/fc1"].ds  # transforms keep their place
     assert result.diagnostics["fit_samples"] == 30
@@ -160,10 +161,10 @@ def test_models_of_different_widths_and_the_sparsity_sweep(data, tmp_path):
     assert (node["nonzero"].sel(sparsity="top-2") <= 2).all()
     assert node["kept"].values.tolist() == [9, 5, 3, 1, 2]
     assert node["topk_sample"].dims == ("sparsity", "rank", "unit_ref") and node.sizes["rank"] == 4
-    # Several aligned models: one top-k grid row per model.
+    # Several aligned models: one top-k grid row per model and sparsity level.
     grid = result.to_tree()["conv2"].to_dataset()  # the model labels are the root's, inherited
-    assert grid["topk_sample"].dims == ("model", "rank", "unit") and grid["model"].values.tolist() == ["o", "t"]
-    np.testing.assert_array_equal(grid["topk_sample"].sel(model="o"), node["topk_sample"].sel(sparsity="100%"))
+    assert grid["topk_sample"].dims == ("model", "sparsity", "rank", "unit") and grid["model"].values.tolist() == ["o", "t"]
+    np.testing.assert_array_equal(grid["topk_sample"].sel(model="o").values, node["topk_sample"].values)
     d = result.diagnostics
     assert d["mean_r2"].dims == ("model", "layer", "sparsity") and d["layer"].values.tolist() == ["conv2", "relu1"]
     assert np.isfinite(d["mean_r2"]).all() and (d["mean_r2_fit"].sel(sparsity="100%") > 0).all()
@@ -265,7 +266,8 @@ def test_in_a_pipeline_the_grid_row_sits_at_step_layer(fresh_registry, tmp_path)
     first = run(pipeline, tmp_path / "run", quiet=True)
     saved = load_tree(tmp_path / "run" / "results.nc")
     grid = saved["regress/fc1"].to_dataset(inherit=False)
-    assert grid["topk_sample"].dims == ("rank", "unit") and grid.sizes == {"rank": 10, "unit": 12}
+    assert grid["topk_sample"].dims == ("sparsity", "rank", "unit")
+    assert grid.sizes == {"sparsity": 5, "rank": 10, "unit": 12}  # 100%, 50%, 25%, 10%, top-5
     assert int(grid["count"]) == 100 and str(grid["aligned_model"].values) == "b"
     assert saved["regress/b/fc1"]["transform"].dims == ("unit", "unit_ref")
     assert int(saved["regress"]["fit_samples"]) == 50

@@ -269,6 +269,31 @@ def test_rows_from_with_a_model_dim_give_one_row_per_model(tmp_path, caplog):
     assert np.isnan(index["topk_value"].sel(row="regression:b")).all()  # no topk_value given
 
 
+def test_sparsity_levels_become_rows_and_rows_select_picks_them(tmp_path):
+    data = tensor_dataset(n=20)
+    context = fake_context(data, models=("a",), units=2, k=3)
+    levels = ["100%", "10%", "top-5"]
+    ids = np.asarray(data.sample_ids)[np.arange(18).reshape(3, 3, 2)]  # (sparsity, rank, unit)
+    node = xr.Dataset({"topk_sample": (("sparsity", "rank", "unit"), ids)}, coords={"sparsity": levels})
+    results = xr.DataTree.from_dict({"lasso/relu1": node})
+    files = TopKGrids(rows_from=["lasso"], tile=TILE, gap=GAP).render(results, tmp_path / "all", context=context)
+    index = xr.open_dataset(files[-1]).load()
+    assert list(index["row"].values) == ["a", "lasso:100%", "lasso:10%", "lasso:top-5"]
+    np.testing.assert_array_equal(index["topk_sample"].sel(row="lasso:10%").values, ids[1].T)
+
+    picked = TopKGrids(rows_from=["lasso"], rows_select={"sparsity": ["top-5", "100%"]}, tile=TILE, gap=GAP)
+    index = xr.open_dataset(picked.render(results, tmp_path / "picked", context=context)[-1]).load()
+    assert list(index["row"].values) == ["a", "lasso:top-5", "lasso:100%"]
+    np.testing.assert_array_equal(index["topk_sample"].sel(row="lasso:top-5").values, ids[2].T)
+
+    with pytest.raises(ConfigError, match=r"key 'rows_select'.*sparsity = '5%'.*values \['100%', '10%', 'top-5'\]"):
+        TopKGrids(rows_from=["lasso"], rows_select={"sparsity": ["5%"]}).render(results, tmp_path / "x", context=context)
+    with pytest.raises(ConfigError, match=r"key 'rows_select'.*dim 'model', which no 'rows_from' result has"):
+        TopKGrids(rows_from=["lasso"], rows_select={"model": ["b"]}).render(results, tmp_path / "y", context=context)
+    with pytest.raises(ValueError, match="'rows_select' must map a dim name to a non-empty list"):
+        TopKGrids(rows_select={"sparsity": "100%"})
+
+
 # ------------------------------------------------------------------- a real pipeline
 
 
