@@ -280,7 +280,8 @@ def _result_node(results: xr.DataTree, step: str, layer: str, option: str) -> xr
     node = results[step]
     if layer not in node.children:
         return None
-    return node[layer].to_dataset(inherit=False)
+    # Coords such as a sweep's levels may sit on the step's node and be inherited.
+    return node[layer].to_dataset(inherit=True)
 
 
 def _result_rows(

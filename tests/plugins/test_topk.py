@@ -286,6 +286,13 @@ def test_sparsity_levels_become_rows_and_rows_select_picks_them(tmp_path):
     assert list(index["row"].values) == ["a", "lasso:top-5", "lasso:100%"]
     np.testing.assert_array_equal(index["topk_sample"].sel(row="lasso:top-5").values, ids[2].T)
 
+    # Written to netCDF, the levels sit on the step's node and the layer's node inherits them.
+    inherited = xr.DataTree.from_dict(
+        {"lasso": xr.Dataset(coords={"sparsity": levels}), "lasso/relu1": node.drop_vars("sparsity")}
+    )
+    picked_again = picked.render(inherited, tmp_path / "inherited", context=context)
+    assert list(xr.open_dataset(picked_again[-1])["row"].values) == ["a", "lasso:top-5", "lasso:100%"]
+
     with pytest.raises(ConfigError, match=r"key 'rows_select'.*sparsity = '5%'.*values \['100%', '10%', 'top-5'\]"):
         TopKGrids(rows_from=["lasso"], rows_select={"sparsity": ["5%"]}).render(results, tmp_path / "x", context=context)
     with pytest.raises(ConfigError, match=r"key 'rows_select'.*dim 'model', which no 'rows_from' result has"):
