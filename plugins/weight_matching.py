@@ -90,11 +90,25 @@ def match_weights(
     for g in groups:
         for ax in g.axes:
             touching.setdefault(ax.param, []).append((g, ax))
+    # A group's score matrix depends only on the permutations of the groups sharing its
+    # parameters. When none of them changed since the group was last visited, the same
+    # matrix would give the same (non-)move again: skip it. This is exact, and it saves
+    # most of the products in the last sweeps, where few groups still move.
+    depends = {
+        g.name: sorted({g2.name for ax in g.axes for g2, ax2 in touching[ax.param] if g2.name != g.name or ax2.axis != ax.axis})
+        for g in groups
+    }
+    version = {g.name: 0 for g in groups}
+    seen: dict[str, tuple[int, ...]] = {}
     rng = np.random.default_rng(seed)
     for sweep in range(1, max_iter + 1):
         improved = False
         for index in rng.permutation(len(groups)):
             g = groups[index]
+            state = tuple(version[d] for d in depends[g.name])
+            if seen.get(g.name) == state:
+                continue
+            seen[g.name] = state
             score = np.zeros((g.size, g.size))
             for ax in g.axes:
                 w = other[ax.param]
@@ -108,6 +122,7 @@ def match_weights(
             old_value = score[np.arange(g.size), perms[g.name]].sum()
             if score[np.arange(g.size), new].sum() > old_value + 1e-12 * max(1.0, abs(old_value)):
                 perms[g.name] = new
+                version[g.name] += 1
                 improved = True
         if not improved:
             return perms, sweep

@@ -135,3 +135,47 @@ def test_a_nan_weight_is_named(aligner, data):
         b.fc1.bias[3] = float("nan")
     with pytest.raises(ValueError, match="parameter 'fc1.bias' of model 'b' holds NaN or inf"):
         aligner.align({"a": a, "b": b}, "a", Context(data=data, quiet=True))
+
+
+def test_skipping_unchanged_groups_gives_the_plain_coordinate_descent():
+    """Groups whose neighbours did not move are skipped; the result must not change."""
+    from scipy.optimize import linear_sum_assignment
+
+    from mergescope_plugins.weight_matching import match_weights, permute_arrays
+
+    data = example_dataset(n=8, shape=(3, 16, 16))
+    torch.manual_seed(0)
+    a = SmallCNN(widths=[8, 12, 16], batchnorm=True).build((3, 16, 16), 5)
+    b = SmallCNN(widths=[8, 12, 16], batchnorm=True).build((3, 16, 16), 5)
+    groups = channel_groups(a, example_input(data))
+    ref, other = ({k: v.double().numpy() for k, v in m.state_dict().items() if v.is_floating_point()} for m in (a, b))
+
+    def plain(seed):  # every group recomputed at every visit
+        perms = {g.name: np.arange(g.size) for g in groups}
+        rng = np.random.default_rng(seed)
+        for sweep in range(1, 101):
+            improved = False
+            for index in rng.permutation(len(groups)):
+                g = groups[index]
+                score = np.zeros((g.size, g.size))
+                for ax in g.axes:  # the other model with every other group's permutation applied
+                    rest = {n: p for n, p in perms.items() if n != g.name}
+                    w = permute_arrays(other, [h for h in groups if h.name != g.name], rest)[ax.param]
+                    r = np.moveaxis(np.take(ref[ax.param], range(*ax.span(g.size)), axis=ax.axis), ax.axis, 0)
+                    o = np.moveaxis(np.take(w, range(*ax.span(g.size)), axis=ax.axis), ax.axis, 0)
+                    score += r.reshape(g.size, -1) @ o.reshape(g.size, -1).T
+                rows, cols = linear_sum_assignment(score, maximize=True)
+                new = cols[np.argsort(rows)]
+                old_value = score[np.arange(g.size), perms[g.name]].sum()
+                if score[np.arange(g.size), new].sum() > old_value + 1e-12 * max(1.0, abs(old_value)):
+                    perms[g.name], improved = new, True
+            if not improved:
+                return perms, sweep
+        return perms, 100
+
+    for seed in (0, 1):
+        expected, sweeps = plain(seed)
+        found, found_sweeps = match_weights(ref, other, groups, seed=seed)
+        assert found_sweeps == sweeps and sweeps > 1
+        for g in groups:
+            np.testing.assert_array_equal(found[g.name], expected[g.name])
