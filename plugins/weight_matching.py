@@ -22,6 +22,7 @@ from typing import ClassVar
 
 import attrs
 import numpy as np
+import threadpoolctl
 import xarray as xr
 from scipy.optimize import linear_sum_assignment
 from torch import nn
@@ -83,6 +84,19 @@ def match_weights(
     sweeps
         The number of sweeps until no group improved.
     """
+    # One BLAS thread: on a shared machine a second one mostly waits (2-4x slower).
+    with threadpoolctl.threadpool_limits(1, user_api="blas"):
+        return _match_weights(reference, other, groups, seed, max_iter, initial)
+
+
+def _match_weights(
+    reference: Mapping[str, np.ndarray],
+    other: Mapping[str, np.ndarray],
+    groups: Sequence[ChannelGroup],
+    seed: int,
+    max_iter: int,
+    initial: Mapping[str, np.ndarray] | None,
+) -> tuple[dict[str, np.ndarray], int]:
     perms = {g.name: np.arange(g.size) for g in groups}
     if initial is not None:
         perms.update({name: np.asarray(p, dtype=np.int64) for name, p in initial.items()})
@@ -100,6 +114,26 @@ def match_weights(
     }
     version = {g.name: 0 for g in groups}
     seen: dict[str, tuple[int, ...]] = {}
+    # Likewise per (group, axis): its product changes only when a permutation on the
+    # parameter's other axes does. The reference's rows never change.
+    cached: dict[tuple[str, int], tuple[tuple[int, ...], np.ndarray]] = {}
+    reference_rows: dict[tuple[str, int], np.ndarray] = {}
+
+    def _contribution(g: ChannelGroup, i: int, ax: Axis) -> np.ndarray:
+        others = [(g2, ax2) for g2, ax2 in touching[ax.param] if g2.name != g.name or ax2.axis != ax.axis]
+        key = tuple(version[g2.name] for g2, _ in others)
+        hit = cached.get((g.name, i))
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        w = other[ax.param]
+        for g2, ax2 in others:  # hold every other permutation fixed on the parameter's other axes
+            w = np.take(w, _block(perms[g2.name], ax2, g2.size, w.shape[ax2.axis]), axis=ax2.axis)
+        if (g.name, i) not in reference_rows:
+            reference_rows[g.name, i] = _rows(reference[ax.param], ax, g.size)
+        product = reference_rows[g.name, i] @ _rows(w, ax, g.size).T
+        cached[g.name, i] = (key, product)
+        return product
+
     rng = np.random.default_rng(seed)
     for sweep in range(1, max_iter + 1):
         improved = False
@@ -110,13 +144,8 @@ def match_weights(
                 continue
             seen[g.name] = state
             score = np.zeros((g.size, g.size))
-            for ax in g.axes:
-                w = other[ax.param]
-                # Hold every other permutation fixed on this parameter's other axes.
-                for g2, ax2 in touching[ax.param]:
-                    if g2.name != g.name or ax2.axis != ax.axis:
-                        w = np.take(w, _block(perms[g2.name], ax2, g2.size, w.shape[ax2.axis]), axis=ax2.axis)
-                score += _rows(reference[ax.param], ax, g.size) @ _rows(w, ax, g.size).T
+            for i, ax in enumerate(g.axes):
+                score += _contribution(g, i, ax)
             rows, cols = linear_sum_assignment(score, maximize=True)
             new = cols[np.argsort(rows)]
             old_value = score[np.arange(g.size), perms[g.name]].sum()
