@@ -23,6 +23,10 @@ Each check raises ``AssertionError`` saying what the component got wrong. The ch
 Mergers and aligners are given two small MLPs of one architecture (``example_models``).
 A component that needs other inputs (e.g. a base model and fine-tunes of it) provides a
 classmethod ``conformance_models() -> dict[str, nn.Module]``; the checks then use those.
+A component whose outputs need files that never ship with it (weights to download, say)
+provides a classmethod ``conformance_instance(directory: Path)`` returning an instance
+that works from files it writes into ``directory`` (a small random model, say); the
+kind's output checks then run on that instance, in a temporary directory.
 """
 
 from __future__ import annotations
@@ -356,7 +360,17 @@ _KIND_CHECKS: dict[str, list[Check]] = {
 def _named(fn: Check, name: str) -> Check:
     @functools.wraps(fn)
     def wrapper(component: Any) -> None:
-        fn(component)
+        cls = component if isinstance(component, type) else type(component)
+        make = getattr(cls, "conformance_instance", None)
+        if not callable(make):
+            fn(component)
+            return
+        with tempfile.TemporaryDirectory(prefix="mergescope-conformance-") as directory:
+            instance = make(Path(directory))
+            assert isinstance(instance, cls), (
+                f"{cls.__qualname__}.conformance_instance() must return an instance of the class, got {instance!r}"
+            )
+            fn(instance)
 
     wrapper.__name__ = name
     return wrapper

@@ -30,6 +30,7 @@ network expects. Every embedding is L2-normalised.
 
 from __future__ import annotations
 
+import json
 import os
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -50,6 +51,14 @@ PIXELS = ("minmax", "unit")
 """Accepted values of the ``pixels`` option (see the module docstring)."""
 
 _OPEN_CLIP_INSTALL = "pip install open_clip_torch"
+# A one-layer CLIP for the conformance kit (OpenClip.conformance_instance).
+_TINY_CLIP_NAME = "mergescope-tiny-clip"
+_TINY_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
+    "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1},
+}
+
 # Suffixes open_clip loads as checkpoint files; a value ending in one is a path, not a tag.
 _CHECKPOINT_SUFFIXES = (".bin", ".pt", ".pth", ".safetensors", ".npz", ".ckpt")
 
@@ -264,6 +273,26 @@ class OpenClip:
     pixels: str = attrs.field(default="minmax", validator=_check_pixels)
     cache_dir: str | None = attrs.field(default=None, validator=_optional_str)
     _network: Any = attrs.field(default=None, init=False, eq=False, repr=False)
+
+    @classmethod
+    def conformance_instance(cls, directory: Path) -> "OpenClip":
+        """A tiny random CLIP saved as a local checkpoint in ``directory``, for the conformance kit.
+
+        No CLIP weights ship offline; this checks the embedding path on a model of the
+        same kind (a one-layer vision transformer) loaded the way a user's checkpoint is.
+        """
+        import open_clip
+
+        configs = Path(directory) / "configs"
+        configs.mkdir(parents=True, exist_ok=True)
+        (configs / f"{_TINY_CLIP_NAME}.json").write_text(json.dumps(_TINY_CLIP))
+        open_clip.add_model_config(configs)
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            network = open_clip.create_model(_TINY_CLIP_NAME, pretrained=None)
+        path = Path(directory) / "open_clip_pytorch_model.bin"
+        torch.save(network.state_dict(), path)
+        return cls(model=_TINY_CLIP_NAME, pretrained=str(path), batch_size=2)
 
     def identity(self) -> str:
         """What produced the embeddings, e.g. ``"open-clip ViT-B-32 openai (pixels minmax)"``."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import attrs
 import numpy as np
 import pytest
+import torch
 import xarray as xr
 
 from mergescope.testing import check_component, checks_for, example_activations
@@ -79,3 +80,27 @@ def test_example_activations_follow_the_contract():
 
     for da in example_activations():
         validate_activation(da)
+
+
+@attrs.define
+class FileEmbedder:
+    """Embeds with weights read from a file that does not ship."""
+
+    name = "file-embedder"
+    weights: str = "/nowhere/weights.npy"
+
+    @classmethod
+    def conformance_instance(cls, directory):
+        path = directory / "weights.npy"
+        np.save(path, np.arange(12.0).reshape(3, 4) / 10)
+        return cls(weights=str(path))
+
+    def embed(self, images):
+        matrix = np.load(self.weights)  # fails for the default path: only the kit's instance works
+        return images.mean(dim=(2, 3)).numpy() @ matrix
+
+
+def test_output_checks_run_on_the_conformance_instance():
+    check_component(FileEmbedder)  # the default instance would fail to open its weights
+    with pytest.raises(FileNotFoundError):
+        FileEmbedder().embed(torch.zeros(1, 3, 4, 4))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+from pathlib import Path
 import sys
 
 import numpy as np
@@ -174,27 +174,14 @@ def test_open_clip_unknown_tag_and_architecture_list_what_exists():
         OpenClip(model="ViT-B-33").embed(_images(1))
 
 
-TINY_CLIP = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
-    "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1},
-}
-
-
 @pytest.fixture
 def tiny_checkpoint(tmp_path):
-    """A randomly initialised tiny CLIP saved as a local checkpoint, under a config registered for the test."""
+    """The conformance kit's tiny random CLIP, saved as a local checkpoint, and the same network."""
     open_clip = pytest.importorskip("open_clip")
-    configs = tmp_path / "configs"
-    configs.mkdir()
-    (configs / "mergescope-tiny-clip.json").write_text(json.dumps(TINY_CLIP))
-    open_clip.add_model_config(configs)
-    torch.manual_seed(0)
-    model = open_clip.create_model("mergescope-tiny-clip", pretrained=None)
-    path = tmp_path / "open_clip_pytorch_model.bin"
-    torch.save(model.state_dict(), path)
-    expected = model.eval()
-    return path, expected
+    path = Path(OpenClip.conformance_instance(tmp_path).pretrained)
+    expected = open_clip.create_model("mergescope-tiny-clip", pretrained=None)
+    expected.load_state_dict(torch.load(path, weights_only=True))
+    return path, expected.eval()
 
 
 def test_open_clip_loads_a_local_checkpoint(tiny_checkpoint):
