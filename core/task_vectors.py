@@ -36,7 +36,7 @@ import xarray as xr
 from torch import Tensor, nn
 
 from .batchnorm import reset_batchnorm, running_stat_keys
-from .components import Context
+from .components import Context, MergeResult
 from .errors import ConfigError
 
 __all__ = [
@@ -64,6 +64,7 @@ __all__ = [
     "check_scalings",
     "check_fraction",
     "example_finetunes",
+    "TaskVectorMerger",
 ]
 
 MAX_RELATIVE_DISTANCE = 1.0
@@ -805,3 +806,104 @@ def example_finetunes(n: int = 2, *, scale: float = 0.05, seed: int = 0) -> dict
                 p.add_(scale * rms * torch.randn(p.shape, generator=gen, dtype=p.dtype))
         models[f"model{i}"] = tuned.eval()
     return models
+
+
+# ------------------------------------------------------------- a base for mergers
+
+
+@attrs.define
+class TaskVectorMerger:
+    """The shared shape of mergers that combine task vectors of fine-tunes of one base.
+
+    A subclass sets ``name`` (and ``paper``) and implements :meth:`combine`, which turns
+    the task vectors into one merged task vector ``tau`` plus diagnostics. ``merge``
+    does the rest, as for task arithmetic, TIES and PCB: it refuses an alignment, finds
+    the base and the task vectors (:func:`prepare`), then adds ``lambda * tau`` to the
+    base, searches ``lambda`` on the data when ``scalings`` is given, recomputes
+    BatchNorm statistics and evaluates (:func:`finish_merge`).
+
+    Parameters
+    ----------
+    base
+        Name of the pre-trained base among the step's models (default: the first).
+    scaling
+        ``lambda``.
+    scalings
+        Choose ``lambda`` from this grid by accuracy on the step's data (a validation
+        split). Excludes ``scaling``.
+    reset_batchnorm
+        Recompute BatchNorm statistics on the step's data after merging.
+    """
+
+    base: str | None = attrs.field(default=None, validator=attrs.validators.optional(attrs.validators.instance_of(str)))
+    scaling: float = attrs.field(default=1.0, converter=float, validator=check_scaling)
+    scalings: list[float] | None = attrs.field(default=None, converter=float_list, validator=check_scalings)
+    reset_batchnorm: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
+
+    @classmethod
+    def conformance_models(cls) -> dict[str, nn.Module]:
+        """A base (``model0``) and two small fine-tunes of it, for conformance checks."""
+        return example_finetunes(2)
+
+    def combine(self, inputs: TaskVectors) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """The merged task vector over ``inputs.vector_keys`` and extra result variables.
+
+        Extra variables are ``{name: value}`` for :class:`xarray.Dataset` (e.g.
+        ``("model", array)`` for one value per fine-tune, or a scalar).
+        """
+        raise NotImplementedError(f"{type(self).__qualname__} must implement combine()")
+
+    def merge(self, models: Mapping[str, nn.Module], context: Context, alignment: Any = None) -> Any:
+        """Merge the fine-tunes into the base; search ``lambda`` and evaluate when there is data.
+
+        Returns
+        -------
+        MergeResult
+            ``model``: a copy of the base holding the merge. ``results``: those of
+            :func:`finish_merge` (``coefficient`` and ``relative_distance`` on dim
+            ``model``, ``base``, ``merged_scaling``, ``loss`` / ``accuracy`` with data, the
+            search curve on dim ``scaling``) plus the variables of :meth:`combine`.
+
+        Raises
+        ------
+        ConfigError
+            An alignment is passed, ``base`` is not a model of the step, no fine-tune,
+            models of different architectures, models that are not fine-tunes of the
+            base, or ``scalings`` without data.
+        """
+
+        name = getattr(self, "name", type(self).__name__)
+        if alignment is not None:
+            raise ConfigError(
+                f"{name} merges fine-tunes of one base, which share its coordinates and need no alignment; "
+                "drop 'alignment' from this step",
+                where="key 'alignment'",
+            )
+        inputs = prepare(models, self.base, method=name)
+        delta, extra = self.combine(inputs)
+        merged, results = finish_merge(
+            inputs,
+            delta,
+            scaling=self.scaling,
+            scalings=self.scalings,
+            context=context,
+            reset=self.reset_batchnorm,
+            method=name,
+        )
+        for key, value in extra.items():
+            results[key] = value
+        return MergeResult(merged, results)
+
+    @staticmethod
+    def scored(line: str, result: xr.Dataset) -> str:
+        """``line`` followed by the merged model's accuracy and loss, or why there are none."""
+        if "accuracy" in result:
+            return f"{line}: accuracy {float(result['accuracy']):.3f}, loss {float(result['loss']):.3f}"
+        return f"{line} (not evaluated: the pipeline has no data)"
+
+    @staticmethod
+    def chosen_scaling(result: xr.Dataset) -> str:
+        """The ``lambda`` used, with ``(best of N)`` when it was searched."""
+        scaling = float(result["merged_scaling"]) if "merged_scaling" in result else float("nan")
+        chosen = f" (best of {result.sizes['scaling']})" if "scaling" in result.dims else ""
+        return f"{scaling:g}{chosen}"

@@ -39,27 +39,20 @@ search (CMA-ES) on validation data; here ``scalings`` is a plain grid search of 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import attrs
 import numpy as np
 import torch
 import xarray as xr
-from torch import Tensor, nn
+from torch import Tensor
 
-from mergescope.components import Alignment, Context, MergeResult
-from mergescope.errors import ConfigError
 from mergescope.hookspecs import hookimpl
 from mergescope.task_vectors import (
+    TaskVectorMerger,
+    TaskVectors,
     check_fraction,
-    check_scaling,
-    check_scalings,
-    example_finetunes,
-    finish_merge,
     flatten,
-    float_list,
-    prepare,
     sign_conflicts,
     top_fraction_mask,
     unflatten,
@@ -210,7 +203,7 @@ def pcb_merge(flat: Tensor, ratio: float) -> PcbMerge:
 
 
 @attrs.define
-class Pcb:
+class Pcb(TaskVectorMerger):
     """Merge fine-tunes with PCB: balance each task-vector entry within and across tasks, drop, rescale.
 
     ``theta = theta_base + lambda * tau_PCB``, where ``tau_PCB`` is the mean of the task
@@ -241,81 +234,35 @@ class Pcb:
     name: ClassVar[str] = "pcb"
     paper: ClassVar[str] = "Du et al. 2024, Parameter Competition Balancing for Model Merging"
 
-    base: str | None = attrs.field(default=None, validator=attrs.validators.optional(attrs.validators.instance_of(str)))
     ratio: float = attrs.field(default=0.1, converter=float, validator=check_fraction)
-    scaling: float = attrs.field(default=1.0, converter=float, validator=check_scaling)
-    scalings: list[float] | None = attrs.field(default=None, converter=float_list, validator=check_scalings)
-    reset_batchnorm: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
 
-    @classmethod
-    def conformance_models(cls) -> dict[str, nn.Module]:
-        """A base (``model0``) and two small fine-tunes of it, for conformance checks."""
-        return example_finetunes(2)
+    def combine(self, inputs: TaskVectors) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """Balance, drop and rescale; diagnostics of the drop and the balancing.
 
-    def merge(
-        self, models: Mapping[str, nn.Module], context: Context, alignment: Alignment | None = None
-    ) -> MergeResult:
-        """Merge the fine-tunes into the base with PCB; evaluate when there is data.
-
-        Returns
-        -------
-        MergeResult
-            ``model``: a copy of the base holding the merge. ``results``: those of
-            :func:`mergescope.task_vectors.finish_merge`, plus ``kept`` (dim ``model``,
-            fraction of each task vector kept by the drop), ``share`` (dim ``model``,
-            mean rescaling weight of each model), scalars ``sign_conflicts`` (fraction
-            of entries where kept values have both signs) and ``merged_density``
-            (fraction of entries the merged task vector changes).
-
-        Raises
-        ------
-        ConfigError
-            An alignment is passed, ``base`` is not a model of the step, no fine-tune,
-            models of different architectures, models that are not fine-tunes of the
-            base (e.g. raw weights), or ``scalings`` without data.
+        Extra results: ``kept`` (dim ``model``, fraction of each task vector kept by the
+        drop), ``share`` (dim ``model``, mean rescaling weight of each model),
+        ``sign_conflicts`` (fraction of entries where kept values have both signs) and
+        ``merged_density`` (fraction of entries the merged task vector changes).
         """
-        if alignment is not None:
-            raise ConfigError(
-                "pcb merges fine-tunes of one base, which share its coordinates and need no alignment; "
-                "drop 'alignment' from this step",
-                where="key 'alignment'",
-            )
-        inputs = prepare(models, self.base, method=self.name)
         flat = flatten(inputs.vectors, inputs.vector_keys)
         pcb = pcb_merge(flat, self.ratio)
         delta = unflatten(pcb.merged, inputs.vectors[0], inputs.vector_keys)
-        diagnostics = {
+        # The (N, D) matrices, the largest objects of the merge, go when this returns.
+        return delta, {
             "kept": ("model", pcb.kept().numpy()),
             "share": ("model", pcb.share().numpy()),
             "sign_conflicts": sign_conflicts(flat * pcb.mask),
             "merged_density": float((pcb.merged != 0).double().mean()) if pcb.merged.numel() else 0.0,
         }
-        del pcb, flat  # the (N, D) matrices are the largest objects of the merge
-        merged, results = finish_merge(
-            inputs,
-            delta,
-            scaling=self.scaling,
-            scalings=self.scalings,
-            context=context,
-            reset=self.reset_batchnorm,
-            method=self.name,
-        )
-        for key, value in diagnostics.items():
-            results[key] = value
-        return MergeResult(merged, results)
 
     def describe(self, result: xr.Dataset) -> str:
         """One line: kept ratio, sign conflicts, scaling and the merged model's score."""
         kept = float(np.mean(result["kept"].values)) if "kept" in result else float("nan")
-        scaling = float(result["merged_scaling"]) if "merged_scaling" in result else float("nan")
-        chosen = f" (best of {result.sizes['scaling']})" if "scaling" in result.dims else ""
         line = (
             f"base {str(result['base'].values)!r}, kept {kept:.0%} of each task vector, "
-            f"{float(result['sign_conflicts']):.1%} sign conflicts, lambda {scaling:g}{chosen}"
+            f"{float(result['sign_conflicts']):.1%} sign conflicts, lambda {self.chosen_scaling(result)}"
         )
-        if "accuracy" in result:
-            return f"{line}: accuracy {float(result['accuracy']):.3f}, loss {float(result['loss']):.3f}"
-        return f"{line} (not evaluated: the pipeline has no data)"
+        return self.scored(line, result)
 
 
 @hookimpl

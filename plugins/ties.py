@@ -24,27 +24,20 @@ code does (``resolve_zero_signs(..., "majority")``); the paper's equations leave
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import attrs
 import numpy as np
 import torch
 import xarray as xr
-from torch import Tensor, nn
+from torch import Tensor
 
-from mergescope.components import Alignment, Context, MergeResult
-from mergescope.errors import ConfigError
 from mergescope.hookspecs import hookimpl
 from mergescope.task_vectors import (
+    TaskVectorMerger,
+    TaskVectors,
     check_fraction,
-    check_scaling,
-    check_scalings,
-    example_finetunes,
-    finish_merge,
     flatten,
-    float_list,
-    prepare,
     sign_conflicts,
     top_fraction_mask,
     unflatten,
@@ -144,7 +137,7 @@ def ties_merge(flat: Tensor, density: float) -> TiesMerge:
 
 
 @attrs.define
-class Ties:
+class Ties(TaskVectorMerger):
     """Merge fine-tunes with TIES: trim each task vector, elect signs, average the agreeing values.
 
     ``theta = theta_base + lambda * tau_TIES`` where ``tau_TIES`` is the disjoint mean of
@@ -172,76 +165,35 @@ class Ties:
     name: ClassVar[str] = "ties"
     paper: ClassVar[str] = "Yadav et al. 2023, TIES-Merging: Resolving Interference When Merging Models"
 
-    base: str | None = attrs.field(default=None, validator=attrs.validators.optional(attrs.validators.instance_of(str)))
     density: float = attrs.field(default=0.2, converter=float, validator=check_fraction)
-    scaling: float = attrs.field(default=1.0, converter=float, validator=check_scaling)
-    scalings: list[float] | None = attrs.field(default=None, converter=float_list, validator=check_scalings)
-    reset_batchnorm: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
 
-    @classmethod
-    def conformance_models(cls) -> dict[str, nn.Module]:
-        """A base (``model0``) and two small fine-tunes of it, for conformance checks."""
-        return example_finetunes(2)
+    def combine(self, inputs: TaskVectors) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """Trim, elect signs and take the disjoint mean; diagnostics of the trimming and signs.
 
-    def merge(
-        self, models: Mapping[str, nn.Module], context: Context, alignment: Alignment | None = None
-    ) -> MergeResult:
-        """Merge the fine-tunes into the base with TIES; evaluate when there is data.
-
-        Returns
-        -------
-        MergeResult
-            ``model``: a copy of the base holding the merge. ``results``: those of
-            :func:`mergescope.task_vectors.finish_merge`, plus ``kept`` (dim ``model``,
-            fraction of each task vector kept by trimming), ``agreeing`` (dim ``model``,
-            fraction of its kept entries that agree with the elected sign), scalars
-            ``sign_conflicts`` (fraction of entries where kept values have both signs)
-            and ``merged_density`` (fraction of entries the merged task vector changes).
-
-        Raises
-        ------
-        ConfigError
-            An alignment is passed, ``base`` is not a model of the step, no fine-tune,
-            models of different architectures, models that are not fine-tunes of the
-            base, or ``scalings`` without data.
+        Extra results: ``kept`` (dim ``model``, fraction of each task vector kept by
+        trimming), ``agreeing`` (dim ``model``, fraction of its kept entries that agree
+        with the elected sign), ``sign_conflicts`` (fraction of entries where kept values
+        have both signs) and ``merged_density`` (fraction of entries the merged task
+        vector changes).
         """
-        if alignment is not None:
-            raise ConfigError(
-                "ties merges fine-tunes of one base, which share its coordinates and need no alignment; "
-                "drop 'alignment' from this step",
-                where="key 'alignment'",
-            )
-        inputs = prepare(models, self.base, method=self.name)
         flat = flatten(inputs.vectors, inputs.vector_keys)
         ties = ties_merge(flat, self.density)
         delta = unflatten(ties.merged, inputs.vectors[0], inputs.vector_keys)
-        merged, results = finish_merge(
-            inputs,
-            delta,
-            scaling=self.scaling,
-            scalings=self.scalings,
-            context=context,
-            reset=self.reset_batchnorm,
-            method=self.name,
-        )
-        results["kept"] = ("model", ties.kept().numpy())
-        results["agreeing"] = ("model", ties.agreeing().numpy())
-        results["sign_conflicts"] = sign_conflicts(ties.trimmed)
-        results["merged_density"] = float((ties.merged != 0).double().mean()) if ties.merged.numel() else 0.0
-        return MergeResult(merged, results)
+        return delta, {
+            "kept": ("model", ties.kept().numpy()),
+            "agreeing": ("model", ties.agreeing().numpy()),
+            "sign_conflicts": sign_conflicts(ties.trimmed),
+            "merged_density": float((ties.merged != 0).double().mean()) if ties.merged.numel() else 0.0,
+        }
 
     def describe(self, result: xr.Dataset) -> str:
         """One line: trimming, sign conflicts, scaling and the merged model's score."""
         kept = float(np.mean(result["kept"].values)) if "kept" in result else float("nan")
-        scaling = float(result["merged_scaling"]) if "merged_scaling" in result else float("nan")
-        chosen = f" (best of {result.sizes['scaling']})" if "scaling" in result.dims else ""
         line = (
             f"base {str(result['base'].values)!r}, kept {kept:.0%} of each task vector, "
-            f"{float(result['sign_conflicts']):.1%} sign conflicts, lambda {scaling:g}{chosen}"
+            f"{float(result['sign_conflicts']):.1%} sign conflicts, lambda {self.chosen_scaling(result)}"
         )
-        if "accuracy" in result:
-            return f"{line}: accuracy {float(result['accuracy']):.3f}, loss {float(result['loss']):.3f}"
-        return f"{line} (not evaluated: the pipeline has no data)"
+        return self.scored(line, result)
 
 
 @hookimpl
