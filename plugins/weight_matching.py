@@ -115,27 +115,58 @@ def _match_weights(
     version = {g.name: 0 for g in groups}
     seen: dict[str, tuple[int, ...]] = {}
     # Likewise per (group, axis): its product changes only when a permutation on the
-    # parameter's other axes does. The reference's rows never change.
-    cached: dict[tuple[str, int], tuple[tuple[int, ...], np.ndarray]] = {}
-    reference_rows: dict[tuple[str, int], np.ndarray] = {}
+    # parameter's other axes does. The reference's blocks never change.
+    cached: dict[tuple[str, int], tuple[tuple[int, ...], np.ndarray, np.ndarray | None]] = {}
+    moved: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
+    updated = False  # whether a product was updated in place of being rebuilt since the last check
+
+    def _moved(g: ChannelGroup, i: int, ax: Axis) -> tuple[np.ndarray, np.ndarray]:
+        # The group's block of both models with its axis first: (units, ...).
+        if (g.name, i) not in moved:
+            start, stop = ax.span(g.size)
+            moved[g.name, i] = (
+                np.ascontiguousarray(np.moveaxis(reference[ax.param], ax.axis, 0)[start:stop]),
+                np.moveaxis(other[ax.param], ax.axis, 0)[start:stop],
+            )
+        return moved[g.name, i]
 
     def _contribution(g: ChannelGroup, i: int, ax: Axis) -> np.ndarray:
+        nonlocal updated
         others = [(g2, ax2) for g2, ax2 in touching[ax.param] if g2.name != g.name or ax2.axis != ax.axis]
         key = tuple(version[g2.name] for g2, _ in others)
         hit = cached.get((g.name, i))
         if hit is not None and hit[0] == key:
             return hit[1]
+        ref_block, other_block = _moved(g, i, ax)
+        if hit is not None and hit[2] is not None:
+            # One neighbour moved a few units: add the product of just the columns it moved
+            # (exact up to rounding; a full sweep confirms convergence, see below).
+            (g2, ax2), = others
+            old, new = hit[2], perms[g2.name]
+            changed = np.flatnonzero(old != new)
+            if 2 * len(changed) < g2.size:
+                a = ax2.axis + 1 if ax2.axis < ax.axis else ax2.axis  # that axis in the moved block
+                cols = ax2.offset + changed
+                diff = np.take(other_block, ax2.offset + new[changed], axis=a) - np.take(
+                    other_block, ax2.offset + old[changed], axis=a
+                )
+                product = hit[1] + np.take(ref_block, cols, axis=a).reshape(g.size, -1) @ diff.reshape(g.size, -1).T
+                cached[g.name, i] = (key, product, new.copy())
+                updated = True
+                return product
         w = other[ax.param]
         for g2, ax2 in others:  # hold every other permutation fixed on the parameter's other axes
             w = np.take(w, _block(perms[g2.name], ax2, g2.size, w.shape[ax2.axis]), axis=ax2.axis)
-        if (g.name, i) not in reference_rows:
-            reference_rows[g.name, i] = _rows(reference[ax.param], ax, g.size)
-        product = reference_rows[g.name, i] @ _rows(w, ax, g.size).T
-        cached[g.name, i] = (key, product)
+        product = ref_block.reshape(g.size, -1) @ _rows(w, ax, g.size).T
+        # Column updates need a single neighbour that moves whole units (no repeats).
+        single = len(others) == 1 and others[0][1].repeat == 1
+        cached[g.name, i] = (key, product, perms[others[0][0].name].copy() if single else None)
         return product
 
     rng = np.random.default_rng(seed)
-    for sweep in range(1, max_iter + 1):
+    sweep = 0
+    while sweep < max_iter:
+        sweep += 1
         improved = False
         for index in rng.permutation(len(groups)):
             g = groups[index]
@@ -154,7 +185,13 @@ def _match_weights(
                 version[g.name] += 1
                 improved = True
         if not improved:
-            return perms, sweep
+            if not updated:
+                return perms, sweep
+            # Converged on updated products: repeat the sweep with every product rebuilt.
+            cached.clear()
+            seen.clear()
+            updated = False
+            sweep -= 1
     return perms, max_iter
 
 
