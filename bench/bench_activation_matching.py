@@ -45,6 +45,8 @@ from mergescope.components import Context, TensorImageDataset
 from mergescope.groups import channel_groups, example_input
 from mergescope_plugins.activation_matching import ActivationMatching, match_correlations
 
+from _common import resnet18, synthetic_images
+
 COMMAND = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0]), *sys.argv[1:]])
 TARGET = 1.0  # the matching must not dominate: (align - recording) / recording below this
 
@@ -68,20 +70,6 @@ def small_cnn(seed: int, input_shape: tuple[int, ...]) -> torch.nn.Module:
 
     torch.manual_seed(seed)
     return SmallCNN().build(input_shape, 10).eval()
-
-
-def resnet18(seed: int) -> torch.nn.Module:
-    import torchvision
-
-    torch.manual_seed(seed)
-    return torchvision.models.resnet18(num_classes=10).eval()
-
-
-def synthetic_images(n: int, size: int = 64, seed: int = 0) -> TensorImageDataset:
-    generator = torch.Generator().manual_seed(seed)
-    images = torch.randn(n, 3, size, size, generator=generator)
-    labels = torch.randint(0, 10, (n,), generator=generator).numpy()
-    return TensorImageDataset(f"synthetic{size}", images, labels, np.arange(n), [str(c) for c in range(10)])
 
 
 class TimedContext(Context):

@@ -27,7 +27,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import shlex
 import statistics
 import subprocess
@@ -46,6 +45,8 @@ import xarray as xr
 
 from mergescope.components import Context
 from mergescope_plugins.crosscoder import Crosscoder
+
+from _common import current_rss_kib, peak_rss_kib, reset_peak_rss
 
 C1_TARGET = 1.15
 C2_TARGET = 1.2
@@ -213,40 +214,20 @@ def run_c1(samples: int, epochs: int, reps: int, root: Path) -> dict:
 # --------------------------------------------------------------------------- C2
 
 
-def _peak_rss_kib() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-
-
-def _current_rss_kib() -> int:
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-    except OSError:
-        return 0
-    return pages * os.sysconf("SC_PAGE_SIZE") // 1024
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
-
-
 def c2_child(directory: Path) -> None:
     """Run in a fresh interpreter: fit one epoch on the files in ``directory``, print the peak RSS as JSON."""
     paths = {m: directory / f"{m}.nc" for m in UNITS}
     acts = open_activations(paths)
     warm = {m: a.isel(sample=slice(0, 512)) for m, a in acts.items()}
     Crosscoder(epochs=1).fit(warm, Context(quiet=True, workdir=directory / "warm"))
-    setup_kib, before_kib = _peak_rss_kib(), _current_rss_kib()
-    reset = _reset_peak_rss()
+    setup_kib, before_kib = peak_rss_kib(), current_rss_kib()
+    reset = reset_peak_rss()
     start = time.perf_counter()
     result = Crosscoder(epochs=1).fit(acts, Context(quiet=True, workdir=directory / "fit"))
     seconds = time.perf_counter() - start
     assert np.isfinite(result["fvu"].values).all()
     samples = acts["a"].sizes["sample"]
-    print(json.dumps({"samples": samples, "maxrss_kib": _peak_rss_kib(), "before_kib": before_kib,
+    print(json.dumps({"samples": samples, "maxrss_kib": peak_rss_kib(), "before_kib": before_kib,
                       "setup_kib": setup_kib, "reset": reset, "seconds": seconds}))  # fmt: skip
 
 

