@@ -16,7 +16,28 @@ from cattrs.cols import list_structure_factory
 
 from .errors import ConfigError, closest
 
-__all__ = ["converter", "option_names", "structure_options", "unstructure_options", "describe"]
+__all__ = [
+    "converter",
+    "option_names",
+    "structure_options",
+    "unstructure_options",
+    "describe",
+    "PATH",
+    "component_tables",
+    "resolve_paths",
+]
+
+#: ``attrs`` field metadata of an option that is a file or folder path: a relative path
+#: in a pipeline file is taken relative to that file's folder, as ``checkpoint`` is.
+PATH = {"mergescope.path": True}
+
+
+def component_tables(kind: str) -> dict[str, str]:
+    """``attrs`` field metadata of an option holding tables of components of ``kind``.
+
+    Their path options are resolved like the component's own (see :func:`resolve_paths`).
+    """
+    return {"mergescope.tables": kind}
 
 T = TypeVar("T")
 
@@ -145,3 +166,46 @@ def _tomlable(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _tomlable(v) for k, v in value.items() if v is not None}
     return value
+
+
+def resolve_paths(component: Any, base_dir: Path, lookup: Any) -> Any:
+    """``component`` with its relative path options taken relative to ``base_dir``.
+
+    Options flagged with :data:`PATH` are resolved; options flagged with
+    :func:`component_tables` hold tables whose components' path options are resolved in
+    turn (``lookup(kind, name)`` gives a component class). Absolute paths are kept.
+    """
+    cls = type(component)
+    if not attrs.has(cls):
+        return component
+    changes: dict[str, Any] = {}
+    for field in attrs.fields(cls):
+        if not field.init:
+            continue
+        value = getattr(component, field.name)
+        if field.metadata.get("mergescope.path") and isinstance(value, (str, Path)):
+            if not Path(value).expanduser().is_absolute():
+                changes[field.alias] = type(value)(base_dir / value)
+        kind = field.metadata.get("mergescope.tables")
+        if kind and isinstance(value, list):
+            changes[field.alias] = [_resolve_table(t, base_dir, kind, lookup) for t in value]
+    return attrs.evolve(component, **changes) if changes else component
+
+
+def _resolve_table(table: Any, base_dir: Path, kind: str, lookup: Any) -> Any:
+    if not isinstance(table, dict) or not isinstance(table.get("use"), str):
+        return table
+    try:
+        cls = lookup(kind, table["use"])
+    except Exception:  # an unknown name is reported where the table is built
+        return table
+    out = dict(table)
+    for field in attrs.fields(cls) if attrs.has(cls) else ():
+        value = out.get(field.alias)
+        if field.metadata.get("mergescope.path") and isinstance(value, str):
+            if not Path(value).expanduser().is_absolute():
+                out[field.alias] = str(base_dir / value)
+        nested = field.metadata.get("mergescope.tables")
+        if nested and isinstance(value, list):
+            out[field.alias] = [_resolve_table(t, base_dir, nested, lookup) for t in value]
+    return out

@@ -37,7 +37,7 @@ import attrs
 
 from .components import KINDS
 from .errors import ConfigError, DuplicateComponentError, article, closest
-from .options import structure_options, unstructure_options
+from .options import resolve_paths, structure_options, unstructure_options
 from .plugins import Registry, get_registry
 from .training import Training
 
@@ -235,7 +235,9 @@ class Pipeline:
     ) -> "Pipeline":
         """Parse and validate a pipeline; errors name ``source``, the table and the key.
 
-        Relative checkpoint paths are taken relative to ``base_dir`` (default: the working directory).
+        Relative checkpoint paths, and component options that are paths (an image
+        folder's ``root``, say), are taken relative to ``base_dir`` (default: the
+        working directory).
         """
         try:
             raw = tomllib.loads(text)
@@ -256,18 +258,20 @@ class Pipeline:
         _reject_unknown(raw, _TOP_KEYS, "the top level", source)
         data = None
         if "data" in raw:
-            data = _component(registry, "dataset", _table(raw["data"], "[data]", source), f"{source}, [data]")
+            data = _component(
+                registry, "dataset", _table(raw["data"], "[data]", source), f"{source}, [data]", base_dir=base_dir
+            )
         activations = _structure(ActivationSpec, raw.get("activations", {}), f"{source}, [activations]")
         models = [
             _model(registry, _table(m, f"[[models]] #{i + 1}", source), f"{source}, [[models]] #{i + 1}", base_dir)
             for i, m in enumerate(_list(raw.get("models", []), "models", source))
         ]
         steps = [
-            _step(registry, _table(s, f"[[steps]] #{i + 1}", source), f"{source}, [[steps]] #{i + 1}")
+            _step(registry, _table(s, f"[[steps]] #{i + 1}", source), f"{source}, [[steps]] #{i + 1}", base_dir)
             for i, s in enumerate(_list(raw.get("steps", []), "steps", source))
         ]
         tasks = [
-            _task(registry, _table(t, f"[[tasks]] #{i + 1}", source), f"{source}, [[tasks]] #{i + 1}")
+            _task(registry, _table(t, f"[[tasks]] #{i + 1}", source), f"{source}, [[tasks]] #{i + 1}", base_dir)
             for i, t in enumerate(_list(raw.get("tasks", []), "tasks", source))
         ]
         seed = raw.get("seed", 0)
@@ -544,7 +548,14 @@ def _structure(cls: type, table: Any, where: str) -> Any:
         raise exc.located(where) from exc
 
 
-def _component(registry: Registry, kind: str, table: dict[str, Any], where: str, reserved: tuple[str, ...] = ("use",)):
+def _component(
+    registry: Registry,
+    kind: str,
+    table: dict[str, Any],
+    where: str,
+    reserved: tuple[str, ...] = ("use",),
+    base_dir: Path | None = None,
+):
     """Instantiate the component a table names with ``use``, from the table's other keys."""
     use = table.get("use")
     if not isinstance(use, str):
@@ -558,9 +569,11 @@ def _component(registry: Registry, kind: str, table: dict[str, Any], where: str,
         raise DuplicateComponentError(f"{where}, key 'use': {exc}") from exc
     options = {k: v for k, v in table.items() if k not in reserved}
     try:
-        return structure_options(cls, options, label=f"{kind} {use!r}", reserved=reserved)
+        component = structure_options(cls, options, label=f"{kind} {use!r}", reserved=reserved)
     except ConfigError as exc:
         raise exc.located(f"{where} (use = {use!r})") from exc
+    # Relative paths in a pipeline file mean relative to that file, wherever it is run from.
+    return component if base_dir is None else resolve_paths(component, base_dir, registry.get)
 
 
 def _model(registry: Registry, table: dict[str, Any], where: str, base_dir: Path | None) -> ModelSpec:
@@ -568,13 +581,15 @@ def _model(registry: Registry, table: dict[str, Any], where: str, base_dir: Path
     if not isinstance(name, str) or not name:
         raise ConfigError("every model needs a 'name' (a string)", where=f"{where}, key 'name'")
     where = f"{where} (name = {name!r})"
-    architecture = _component(registry, "architecture", table, where, reserved=_MODEL_KEYS)
+    architecture = _component(registry, "architecture", table, where, reserved=_MODEL_KEYS, base_dir=base_dir)
     train = None
     if "train" in table:
         train = _structure(Training, table["train"], f"{where}, [train]")
     train_data = None
     if "train_data" in table:
-        train_data = _component(registry, "dataset", _table(table["train_data"], "train_data", where), f"{where}, [train_data]")
+        train_data = _component(
+            registry, "dataset", _table(table["train_data"], "train_data", where), f"{where}, [train_data]", base_dir=base_dir
+        )
     checkpoint = table.get("checkpoint")
     if checkpoint is not None and not isinstance(checkpoint, str):
         raise ConfigError("'checkpoint' must be a file path (a string)", where=f"{where}, key 'checkpoint'")
@@ -585,12 +600,12 @@ def _model(registry: Registry, table: dict[str, Any], where: str, base_dir: Path
     return ModelSpec(name, architecture, checkpoint, train, train_data)
 
 
-def _task(registry: Registry, table: dict[str, Any], where: str) -> TaskSpec:
+def _task(registry: Registry, table: dict[str, Any], where: str, base_dir: Path | None = None) -> TaskSpec:
     name = table.get("name")
     if not isinstance(name, str) or not name:
         raise ConfigError("every task needs a 'name' (a string)", where=f"{where}, key 'name'")
     where = f"{where} (name = {name!r})"
-    data = _component(registry, "dataset", table, where, reserved=_TASK_KEYS)
+    data = _component(registry, "dataset", table, where, reserved=_TASK_KEYS, base_dir=base_dir)
     expert, restrict, models = table.get("expert"), table.get("restrict", True), table.get("models")
     if expert is not None and not isinstance(expert, str):
         raise ConfigError(f"'expert' must be a model name, got {expert!r}", where=f"{where}, key 'expert'")
@@ -601,7 +616,7 @@ def _task(registry: Registry, table: dict[str, Any], where: str) -> TaskSpec:
     return TaskSpec(name, data, expert, restrict, models)
 
 
-def _step(registry: Registry, table: dict[str, Any], where: str) -> Step:
+def _step(registry: Registry, table: dict[str, Any], where: str, base_dir: Path | None = None) -> Step:
     use = table.get("use")
     kinds = [k for k in STEP_KINDS if isinstance(use, str) and use in registry.names(k)]
     if len(kinds) > 1:
@@ -620,7 +635,7 @@ def _step(registry: Registry, table: dict[str, Any], where: str) -> Step:
             f"unknown component {use!r}.{hint} Known step components: {', '.join(known)}.",
             where=f"{where}, key 'use'",
         )
-    component = _component(registry, kind, table, where, reserved=_STEP_KEYS)
+    component = _component(registry, kind, table, where, reserved=_STEP_KEYS, base_dir=base_dir)
     where = f"{where} (use = {use!r})"
     fields: dict[str, Any] = {}
     if "allow_unaligned" in table:
@@ -637,7 +652,9 @@ def _step(registry: Registry, table: dict[str, Any], where: str) -> Step:
                 "the recordings made on the pipeline's [data]",
                 where=f"{where}, key 'data'",
             )
-        fields["data"] = _component(registry, "dataset", _table(table["data"], "data", where), f"{where}, [data]")
+        fields["data"] = _component(
+            registry, "dataset", _table(table["data"], "data", where), f"{where}, [data]", base_dir=base_dir
+        )
     for key, expected in (("name", str), ("alignment", str), ("models", list), ("layers", list)):
         value = table.get(key)
         if value is None:

@@ -18,6 +18,7 @@ import torch
 from mergescope.components import ImageDataset
 from mergescope.errors import ConfigError
 from mergescope.hookspecs import hookimpl
+from mergescope.options import component_tables
 from mergescope.pipeline import component_from_table
 
 __all__ = ["ID_STRIDE", "Concat", "ConcatImageDataset", "part_of", "register_datasets"]
@@ -188,7 +189,7 @@ class Concat:
     name: ClassVar[str] = "concat"
 
     # list[Any], not list[dict]: a part that is not a table then gets the validator's message.
-    parts: list[Any] = attrs.field(validator=_check_parts)
+    parts: list[Any] = attrs.field(validator=_check_parts, metadata=component_tables("dataset"))
     split: str | None = attrs.field(default=None, validator=_check_split)
 
     def sources(self) -> list[Any]:

@@ -25,6 +25,7 @@ from mergescope.components import TensorImageDataset
 from mergescope.datasets import PARTS, class_imbalanced_split, per_class_subset
 from mergescope.errors import ConfigError
 from mergescope.hookspecs import hookimpl
+from mergescope.options import PATH
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -216,7 +217,8 @@ class ImageFolderDataset:
     Parameters
     ----------
     root
-        The folder holding one sub-folder of images per class.
+        The folder holding one sub-folder of images per class. In a pipeline file a
+        relative path is taken relative to the file's folder.
     image_size
         Side of the square images the models see.
     resize
@@ -236,7 +238,7 @@ class ImageFolderDataset:
     name: ClassVar[str] = "imagefolder"
     paper: ClassVar[str] = "Deng et al. 2009, ImageNet: A large-scale hierarchical image database (folder layout)"
 
-    root: str = attrs.field(validator=attrs.validators.instance_of(str))
+    root: str = attrs.field(validator=attrs.validators.instance_of(str), metadata=PATH)
     image_size: int = attrs.field(default=224, validator=_positive_int)
     resize: int = attrs.field(default=256, validator=_check_resize)
     mean: list[float] = attrs.field(factory=lambda: list(IMAGENET_MEAN), validator=_channel_values(False))

@@ -126,3 +126,47 @@ def test_names_that_cannot_be_groups_or_references_are_refused(bad):
         Pipeline.from_toml(SMALL.replace('name = "a"', f"name = {bad!r}".replace("'", '"'), 1))
     with pytest.raises(ConfigError, match="must start with a letter or digit"):
         Pipeline.from_toml(SMALL.replace('use = "interpolation"', f'use = "interpolation"\nname = "{bad}"', 1))
+
+
+def test_relative_paths_in_a_pipeline_file_are_relative_to_the_file(tmp_path, monkeypatch):
+    from mergescope import load_pipeline
+
+    folder = tmp_path / "project"
+    (folder / "images").mkdir(parents=True)
+    (folder / "ckpt").mkdir()
+    torch_save_target = folder / "ckpt" / "a.pt"
+    import torch
+
+    from mergescope_plugins.zoo import MLP
+
+    torch.save(MLP(hidden=[4]).build((3, 8, 8), 2).state_dict(), torch_save_target)
+    (folder / "study.toml").write_text(
+        """
+[data]
+use = "concat"
+parts = [{ use = "imagefolder", root = "images", image_size = 8, resize = 8 }]
+
+[[models]]
+name = "a"
+use = "mlp"
+hidden = [4]
+checkpoint = "ckpt/a.pt"
+
+[[tasks]]
+name = "t"
+use = "imagefolder"
+root = "images"
+image_size = 8
+resize = 8
+"""
+    )
+    monkeypatch.chdir(tmp_path)  # run from elsewhere: the paths still point next to the file
+    pipeline = load_pipeline(folder / "study.toml")
+    assert pipeline.data.parts[0]["root"] == str(folder / "images")
+    assert pipeline.tasks[0].data.root == str(folder / "images")
+    assert pipeline.models[0].checkpoint == folder / "ckpt" / "a.pt"
+    # Absolute paths stay as they are, and a pipeline built from text keeps what it was given.
+    text = (folder / "study.toml").read_text().replace('root = "images", image_size', f'root = "{folder / "images"}", image_size')
+    text = text.replace('checkpoint = "ckpt/a.pt"', f'checkpoint = "{torch_save_target}"')
+    assert Pipeline.from_toml(text).data.parts[0]["root"] == str(folder / "images")
+    assert Pipeline.from_toml(text).tasks[0].data.root == "images"
