@@ -30,6 +30,7 @@ from .errors import ConfigError, ContractError, closest
 from .storage import load_tree, save_tree
 
 __all__ = [
+    "units_label",
     "VARIABLE",
     "REDUCTIONS",
     "collect",
@@ -398,6 +399,27 @@ def check_metric_inputs(
         )
     if na < min_samples:
         raise ContractError(f"{metric}: needs at least {min_samples} samples, got {na}")
+
+
+def units_label(a: xr.DataArray, b: xr.DataArray, mask: np.ndarray, limit: int = 10) -> str:
+    """Where some units of a compared pair are, for messages: ``"unit(s) 3, 7 of 'b' (against 'a') at 'relu2'"``.
+
+    ``mask`` selects units of ``b`` by position; at most ``limit`` are listed. The
+    model and layer come from the scalar coords ``model`` and ``layer`` when present.
+    """
+    units = np.asarray(b["unit"].values if "unit" in b.coords else np.arange(b.sizes["unit"]))[np.asarray(mask)]
+    more = f" and {len(units) - limit} more" if len(units) > limit else ""
+    text = "unit(s) " + ", ".join(str(u) for u in units[:limit]) + more
+
+    def scalar(x: xr.DataArray, name: str) -> str | None:
+        return str(x.coords[name].values) if name in x.coords and x.coords[name].ndim == 0 else None
+
+    model, reference, layer = scalar(b, "model"), scalar(a, "model"), scalar(a, "layer") or scalar(b, "layer")
+    if model is not None:
+        text += f" of {model!r}" + (f" (against {reference!r})" if reference is not None else "")
+    if layer is not None:
+        text += f" at {layer!r}"
+    return text
 
 
 def paired_chunks(

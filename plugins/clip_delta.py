@@ -27,7 +27,7 @@ import xarray as xr
 
 import mergescope
 from mergescope.components import Context
-from mergescope.activations import check_metric_inputs, paired_chunks
+from mergescope.activations import check_metric_inputs, paired_chunks, units_label
 from mergescope.errors import ContractError
 from mergescope.hookspecs import hookimpl
 from mergescope.options import structure_options, unstructure_options
@@ -173,12 +173,6 @@ def _top_sets(a: xr.DataArray, b: xr.DataArray, k: int) -> tuple[np.ndarray, np.
     return top_a.sample_ids.T, top_b.sample_ids.T, (low == high).any(axis=0)
 
 
-def _unit_label(b: xr.DataArray, mask: np.ndarray, limit: int = 10) -> str:
-    units = [str(u) for u in np.asarray(b["unit"].values if "unit" in b.coords else np.arange(b.sizes["unit"]))[mask]]
-    more = f" and {len(units) - limit} more" if len(units) > limit else ""
-    return ", ".join(units[:limit]) + more
-
-
 # ------------------------------------------------------------------------- component
 
 
@@ -253,6 +247,9 @@ class ClipDelta:
     k: int = attrs.field(default=10, validator=_check_k)
     embedder: str = attrs.field(default="efficientnet-lite0-features", validator=_check_name)
     embedder_options: dict[str, Any] = attrs.field(factory=dict, validator=_check_table)
+    # Embeddings by sample id of the dataset last scored on: a step scores many layers and
+    # model pairs over one dataset, and their top-k sets share most images.
+    _embedded: dict[str, Any] = attrs.field(factory=dict, init=False, eq=False, repr=False)
     # ((embedder, options), instance): built once, rebuilt only if those options change.
     _embedder_instance: Any = attrs.field(default=None, init=False, eq=False, repr=False)
 
@@ -313,7 +310,7 @@ class ClipDelta:
         sets_a, sets_b, constant = _top_sets(a, b, self.k)
         if constant.any():
             warnings.warn(
-                f"clip-delta: unit(s) {_unit_label(b, constant)} are constant over the samples in a or b; "
+                f"clip-delta: {units_label(a, b, constant)} are constant over the samples in a or b; "
                 "their top-k images are the lowest sample ids, not images they respond to",
                 RuntimeWarning,
                 stacklevel=2,
@@ -328,7 +325,7 @@ class ClipDelta:
         bad = ~(others > 0)
         if bad.any():
             warnings.warn(
-                f"clip-delta: unit(s) {_unit_label(b, bad)} have a baseline similarity to the other units that is "
+                f"clip-delta: {units_label(a, b, bad)} have a baseline similarity to the other units that is "
                 "not positive; their CLIP-δ is NaN",
                 RuntimeWarning,
                 stacklevel=2,
@@ -337,18 +334,23 @@ class ClipDelta:
 
     def _embed(self, ids: np.ndarray, context: Context) -> np.ndarray:
         """Embeddings ``(len(ids), d)`` of the images with these sample ids, each embedded once."""
-        embedder = self.make_embedder()
-        parts = []
-        for start in range(0, len(ids), _IMAGES_PER_CALL):
-            chunk = ids[start : start + _IMAGES_PER_CALL]
+        source = (id(context.data), getattr(context.data, "name", None), self.embedder, repr(self.embedder_options))
+        if self._embedded.get("source") != source:
+            self._embedded.clear()
+            self._embedded.update(source=source, vectors={})
+        known: dict[int, np.ndarray] = self._embedded["vectors"]
+        missing = np.asarray([i for i in ids.tolist() if i not in known], dtype=np.int64)
+        embedder = self.make_embedder() if len(missing) else None
+        for start in range(0, len(missing), _IMAGES_PER_CALL):
+            chunk = missing[start : start + _IMAGES_PER_CALL]
             out = np.asarray(embedder.embed(context.images(chunk)))
             if out.ndim != 2 or out.shape[0] != len(chunk):
                 raise ValueError(
                     f"clip-delta: embedder {self.embedder!r} returned shape {out.shape} for {len(chunk)} images; "
                     "an embedder returns (N, d)"
                 )
-            parts.append(out.astype(np.float64, copy=False))
-        return np.concatenate(parts)
+            known.update(zip(chunk.tolist(), out.astype(np.float64, copy=False)))
+        return np.stack([known[i] for i in ids.tolist()])
 
     def _identity(self) -> str:
         embedder = self.make_embedder()

@@ -17,7 +17,7 @@ import attrs
 import numpy as np
 import xarray as xr
 
-from mergescope.activations import check_metric_inputs, paired_chunks
+from mergescope.activations import check_metric_inputs, paired_chunks, units_label
 from mergescope.errors import ContractError
 from mergescope.hookspecs import hookimpl
 from mergescope.statistics import Moments
@@ -106,12 +106,6 @@ def _first_bad(values: np.ndarray, ids: np.ndarray, observations: int) -> str:
     return f"sample id {int(ids[row // observations])}, unit position {unit}"
 
 
-def _unit_label(b: xr.DataArray, mask: np.ndarray, limit: int = 10) -> str:
-    units = np.asarray(b["unit"].values if "unit" in b.coords else np.arange(b.sizes["unit"]))[mask]
-    more = f" and {len(units) - limit} more" if len(units) > limit else ""
-    return ", ".join(str(u) for u in units[:limit]) + more
-
-
 @attrs.define
 class Correlation:
     """Pearson correlation of each unit of one model with the same unit of another over the samples.
@@ -170,7 +164,7 @@ class Correlation:
         constant = (moments.x.m2 == 0) | (moments.y.m2 == 0)
         if constant.any():
             warnings.warn(
-                f"correlation: unit(s) {_unit_label(b, constant)} are constant over the samples in a or b; "
+                f"correlation: {units_label(a, b, constant)} are constant over the samples in a or b; "
                 "their correlation is NaN",
                 RuntimeWarning,
                 stacklevel=2,

@@ -204,9 +204,16 @@ def test_each_needed_image_is_embedded_once(registry):
     members_a = [{0, 1, 2}, {2, 3, 4}, {4, 5, 0}]
     members_b = [{0, 1, 7}, {2, 3, 4}, {9, 10, 11}]
     a, b, context = table_case(members_a, members_b, n_images=20)
-    ClipDelta(k=3, embedder="test-table", embedder_options={"vectors": vectors}).score(a, b, context=context)
+    metric = ClipDelta(k=3, embedder="test-table", embedder_options={"vectors": vectors})
+    first = metric.score(a, b, context=context)
     needed = set().union(*members_a, *members_b)
     assert sorted(TableEmbedder.seen) == sorted(needed)
+    # A second pair over the same data (another layer or model, in a step) embeds only new images.
+    a2, b2, _ = table_case(members_a, [{0, 1, 12}, {2, 3, 4}, {13, 14, 15}], n_images=20)
+    metric.score(a2, b2, context=context)
+    assert sorted(TableEmbedder.seen) == sorted(needed | {12, 13, 14, 15})
+    np.testing.assert_array_equal(metric.score(a, b, context=context), first)  # from kept embeddings
+    assert sorted(TableEmbedder.seen) == sorted(needed | {12, 13, 14, 15})
 
 
 def test_ties_are_broken_by_sample_id_and_constant_units_are_named(registry):
@@ -214,7 +221,7 @@ def test_ties_are_broken_by_sample_id_and_constant_units_are_named(registry):
     a, b, context = table_case([{5, 6}, {1, 2}], [{5, 6}, set()], n_images=8)
     b = b.assign_coords(unit=[10, 11])
     metric = ClipDelta(k=2, embedder="test-table", embedder_options={"vectors": vectors})
-    with pytest.warns(RuntimeWarning, match=r"unit\(s\) 11 are constant"):
+    with pytest.warns(RuntimeWarning, match=r"unit\(s\) 11 (of '\S+' \(against '\S+'\) )?(at '\S+' )?are constant"):
         result = metric.score(a, b, context=context)
     # b's unit 11 is all zeros: its top-2 are the two lowest sample ids (images 0 and 1).
     sets_1 = np.array([[5, 6], [1, 2]])

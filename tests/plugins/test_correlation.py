@@ -98,7 +98,8 @@ def test_constant_units_are_nan_and_named_in_a_warning():
     y[:, 3] = 0.0
     a, b = pair(x, y)
     b = b.assign_coords(unit=[10, 11, 12, 13])
-    with pytest.warns(RuntimeWarning, match=r"unit\(s\) 11, 13 are constant"):
+    a, b = a.assign_coords(model="m1", layer="relu2"), b.assign_coords(model="m2@wm", layer="relu2")
+    with pytest.warns(RuntimeWarning, match=r"unit\(s\) 11, 13 of 'm2@wm' \(against 'm1'\) at 'relu2' are constant"):
         result = Correlation().score(a, b)
     assert np.isnan(result.values[[1, 3]]).all()
     np.testing.assert_allclose(result.values[[0, 2]], numpy_corr(x, y)[[0, 2]], atol=1e-12)
