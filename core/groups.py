@@ -459,6 +459,8 @@ class _Analyzer:
         self.order = 0
         self.claimed: set[str] = set()
         self.desc = ""
+        # Nodes that pool, pad or interpolate the spatial dims, whatever the sizes traced.
+        self.resampling: set[fx.Node] = set()
         # Union-find root of every group's channel spaces -> the group's name (set by finish).
         self.group_of_root: dict[int, str] = {}
 
@@ -970,6 +972,8 @@ class _Analyzer:
         d, n = x.layout.dim, len(x.shape)
         if len(out.shape) != n or d >= n - k or out.shape[d] != x.shape[d]:
             return self.problem([x], f"acts on the last {k} dims, which include the channels (dim {d})")
+        if self.node is not None:
+            self.resampling.add(self.node)
         return _Tensor(out.shape, x.layout)
 
     def along(self, x: Any, dims: Any) -> Any:
@@ -1621,9 +1625,13 @@ def group_layers(model: nn.Module, example_input: torch.Tensor | Sequence[torch.
         return value.shape if isinstance(value, _Tensor) else None
 
     def resamples(node: fx.Node, group: str) -> bool:
-        """Same channels as an input, other shape: pooling, padding, interpolation, a flatten of 1x1 maps."""
+        """Same channels as an input, resampled: pooling, padding, interpolation, a flatten of 1x1 maps.
+
+        Pooling counts even where the traced maps are already 1x1 (the same shape out).
+        """
         return analyzer.carried(node) == group and any(
-            analyzer.carried(i) == group and shape(i) != shape(node) for i in node.all_input_nodes
+            analyzer.carried(i) == group and (shape(i) != shape(node) or node in analyzer.resampling)
+            for i in node.all_input_nodes
         )
 
     def read_elsewhere(node: fx.Node, group: str) -> bool:

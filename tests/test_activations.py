@@ -193,6 +193,10 @@ def test_group_selectors_on_resnet18():
         "layer2.0", "layer2.1", "layer4.0", "layer4.1"
     ]
     assert by_group["conv1"] == ["relu", "layer1.0", "layer1.1"]
+    # At 32 px the last maps are 1x1 and global pooling keeps their shape: still the blocks.
+    small = torch.randn(2, 3, 32, 32)
+    assert group_layers(model, small) == by_group
+    assert list(resolve_layers(model, ["group:layer4"])) == ["layer4.0", "layer4.1"]
     blocks = list(resolve_layers(model, ["type:BasicBlock"]))
     every = resolve_layers(model, ["group:*"], example_input=x)
     assert list(every) == RESNET18_GROUP_LAYERS and set(blocks) <= set(every)
