@@ -289,3 +289,19 @@ def test_layers_selected_by_channel_group(tmp_path, data, models):
     assert store.cross("a", "b", "relu").count == 90
     one = collect_store(models, data, spec(layers={"a": ["group:conv"], "b": ["conv"]}, pairs=[]), tmp_path / "t")
     assert one.layers("a") == ["relu"]
+
+
+def test_large_result_variables_are_compressed_and_read_back_exactly(tmp_path):
+    import xarray as xr
+
+    from mergescope.storage import load_tree, save_tree
+
+    perm = np.eye(1024)[np.random.default_rng(0).permutation(1024)]
+    tree = xr.DataTree.from_dict(
+        {"/": xr.Dataset({"small": ("x", np.arange(3.0))}), "/wm/b/conv": xr.Dataset({"transform": (("unit", "unit_ref"), perm)})}
+    )
+    path = save_tree(tree, tmp_path / "results.nc")
+    assert path.stat().st_size < perm.nbytes / 20  # 8 MiB of 0/1 values
+    back = load_tree(path)
+    np.testing.assert_array_equal(back["wm/b/conv"]["transform"].values, perm)
+    np.testing.assert_array_equal(back["/"]["small"].values, np.arange(3.0))
