@@ -25,7 +25,7 @@ from mergescope.errors import ConfigError
 from mergescope.groups import align_to_reference, channel_groups, example_input
 from mergescope.hookspecs import hookimpl
 from mergescope.sweeps import default_alphas, loss_barrier
-from mergescope.task_vectors import check_compatible
+from mergescope.task_vectors import average_states, check_compatible
 
 __all__ = [
     "check_compatible",
@@ -61,21 +61,12 @@ def interpolate_states(states: Sequence[Mapping[str, Tensor]], weights: Sequence
         returns its values exactly. Non-floating tensors (e.g. BatchNorm's
         ``num_batches_tracked``) cannot be averaged and are copied from the first model.
     """
-    if len(states) != len(weights):
-        raise ValueError(f"got {len(states)} state dicts but {len(weights)} weights")
     if not states:
         raise ValueError("no state dicts to interpolate")
-    first = states[0]
-    out: dict[str, Tensor] = {}
-    for key, tensor in first.items():
-        if not tensor.is_floating_point():
-            out[key] = tensor.detach().clone()
-            continue
-        total = torch.zeros(tensor.shape, dtype=torch.float64, device=tensor.device)
-        for state, weight in zip(states, weights):
-            total += float(weight) * state[key].detach().to(device=tensor.device, dtype=torch.float64)
-        out[key] = total.to(tensor.dtype)
-    return out
+    floating = average_states(states, list(weights))  # checks the weight count
+    return {
+        key: floating[key] if key in floating else tensor.detach().clone() for key, tensor in states[0].items()
+    }
 
 
 # ------------------------------------------------------------------ option checks
