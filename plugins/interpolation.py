@@ -16,7 +16,6 @@ from typing import Any, ClassVar
 
 import attrs
 import numpy as np
-import torch
 import xarray as xr
 from torch import Tensor, nn
 
