@@ -18,6 +18,7 @@ import fnmatch
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,6 +32,8 @@ from .storage import load_tree, save_tree
 
 __all__ = [
     "units_label",
+    "score_coords",
+    "describe_scores",
     "VARIABLE",
     "REDUCTIONS",
     "collect",
@@ -420,6 +423,32 @@ def units_label(a: xr.DataArray, b: xr.DataArray, mask: np.ndarray, limit: int =
     if layer is not None:
         text += f" at {layer!r}"
     return text
+
+
+def score_coords(a: xr.DataArray, b: xr.DataArray) -> dict[str, Any]:
+    """Coords of a per-unit score of ``b`` against ``a``: ``b``'s unit coords, ``model``,
+    ``reference`` (``a``'s model) and ``layer``, those the inputs carry."""
+    coords: dict[str, Any] = {k: v.variable for k, v in b.coords.items() if v.dims == ("unit",)}
+    if "model" in b.coords:
+        coords["model"] = b.coords["model"].variable
+    if "model" in a.coords:
+        coords["reference"] = ((), a.coords["model"].values)
+    if "layer" in b.coords:
+        coords["layer"] = b.coords["layer"].variable
+    return coords
+
+
+def describe_scores(result: xr.DataArray, symbol: str, undefined: str = "") -> str:
+    """One summary line of per-unit scores: ``"mean tau 0.412 (median 0.450, 2 NaN units)"``.
+
+    ``symbol`` names the score; ``undefined`` says why a unit can be NaN, shown when all are.
+    """
+    values = np.asarray(result.values, dtype=float).ravel()
+    nan = int(np.isnan(values).sum())
+    if nan == values.size:
+        return f"no defined {symbol} ({nan} NaN units{': ' + undefined if undefined else ''})"
+    mean, median = float(np.nanmean(values)), float(np.nanmedian(values))
+    return f"mean {symbol} {mean:.3f} (median {median:.3f}, {nan} NaN unit{'s' if nan != 1 else ''})"
 
 
 def paired_chunks(

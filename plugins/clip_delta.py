@@ -27,7 +27,7 @@ import xarray as xr
 
 import mergescope
 from mergescope.components import Context
-from mergescope.activations import check_metric_inputs, paired_chunks, units_label
+from mergescope.activations import check_metric_inputs, describe_scores, paired_chunks, score_coords, units_label
 from mergescope.errors import ContractError
 from mergescope.hookspecs import hookimpl
 from mergescope.options import structure_options, unstructure_options
@@ -369,32 +369,19 @@ class ClipDelta:
         a: xr.DataArray,
         b: xr.DataArray,
     ) -> xr.DataArray:
-        coords: dict[str, Any] = {k: v.variable for k, v in b.coords.items() if v.dims == ("unit",)}
+        coords = score_coords(a, b)
         if "unit" not in coords:
             coords["unit"] = ("unit", np.arange(b.sizes["unit"]))
         coords["similarity_within"] = ("unit", within)
         coords["similarity_between"] = ("unit", between)
         coords["similarity_others"] = ("unit", others)
         coords["embedder"] = ((), self._identity())
-        if "model" in b.coords:
-            coords["model"] = b.coords["model"].variable
-        if "model" in a.coords:
-            coords["reference"] = ((), a.coords["model"].values)
-        if "layer" in b.coords:
-            coords["layer"] = b.coords["layer"].variable
         return xr.DataArray(np.asarray(delta, dtype=np.float64), dims=("unit",), coords=coords, name="clip_delta")
 
     def describe(self, result: xr.DataArray) -> str:
         """One line: mean and median CLIP-δ over units, NaN units, and the embedder."""
-        values = np.asarray(result.values, dtype=float).ravel()
-        nan = int(np.isnan(values).sum())
         embedder = f" [{result['embedder'].item()}]" if "embedder" in result.coords else ""
-        if nan == values.size:
-            return f"no defined CLIP-δ ({nan} NaN units){embedder}"
-        return (
-            f"mean CLIP-δ {float(np.nanmean(values)):.3f} (median {float(np.nanmedian(values)):.3f}, "
-            f"{nan} NaN unit{'s' if nan != 1 else ''}){embedder}"
-        )
+        return describe_scores(result, "CLIP-δ") + embedder
 
 
 @hookimpl

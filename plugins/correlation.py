@@ -17,7 +17,7 @@ import attrs
 import numpy as np
 import xarray as xr
 
-from mergescope.activations import check_metric_inputs, paired_chunks, units_label
+from mergescope.activations import check_metric_inputs, describe_scores, paired_chunks, score_coords, units_label
 from mergescope.errors import ContractError
 from mergescope.hookspecs import hookimpl
 from mergescope.statistics import Moments
@@ -169,23 +169,11 @@ class Correlation:
                 RuntimeWarning,
                 stacklevel=2,
             )
-        coords: dict[str, Any] = {k: v.variable for k, v in b.coords.items() if v.dims == ("unit",)}
-        if "model" in b.coords:
-            coords["model"] = b.coords["model"].variable
-        if "model" in a.coords:
-            coords["reference"] = ((), a.coords["model"].values)
-        if "layer" in b.coords:
-            coords["layer"] = b.coords["layer"].variable
-        return xr.DataArray(r, dims=("unit",), coords=coords, name="correlation")
+        return xr.DataArray(r, dims=("unit",), coords=score_coords(a, b), name="correlation")
 
     def describe(self, result: xr.DataArray) -> str:
         """One line: mean and median correlation over units and how many units are NaN."""
-        values = np.asarray(result.values, dtype=float).ravel()
-        nan = int(np.isnan(values).sum())
-        if nan == values.size:
-            return f"no defined correlation ({nan} NaN units: constant activations)"
-        mean, median = float(np.nanmean(values)), float(np.nanmedian(values))
-        return f"mean r {mean:.3f} (median {median:.3f}, {nan} NaN unit{'s' if nan != 1 else ''})"
+        return describe_scores(result, "r", "constant activations")
 
 
 @hookimpl

@@ -14,7 +14,7 @@ import attrs
 import numpy as np
 import xarray as xr
 
-from mergescope.activations import check_metric_inputs
+from mergescope.activations import check_metric_inputs, describe_scores, score_coords
 from mergescope.errors import ContractError
 from mergescope.hookspecs import hookimpl
 
@@ -314,31 +314,16 @@ class KendallTau:
             output_dtypes=[float],
             dask_gufunc_kwargs={"allow_rechunk": True},
         )
-        coords: dict[str, object] = {
-            k: v.variable for k, v in b.coords.items() if v.dims == ("unit",)
-        }
-        if "model" in b.coords:
-            coords["model"] = b.coords["model"].variable
-        if "model" in a.coords:
-            coords["reference"] = ((), a.coords["model"].values)
-        if "layer" in b.coords:
-            coords["layer"] = b.coords["layer"].variable
         return xr.DataArray(
             tau,
-            coords=coords,
+            coords=score_coords(a, b),
             name="kendall_tau",
             attrs={"long_name": "Kendall's tau-b"},
         )
 
     def describe(self, result: xr.DataArray) -> str:
         """One line: mean and median tau over units and how many units are NaN."""
-        values = np.asarray(result.values, dtype=float).ravel()
-        nan = int(np.isnan(values).sum())
-        if nan == values.size:
-            return f"no defined tau ({nan} NaN units: constant activations)"
-        mean = float(np.nanmean(values))
-        median = float(np.nanmedian(values))
-        return f"mean tau {mean:.3f} (median {median:.3f}, {nan} NaN unit{'s' if nan != 1 else ''})"
+        return describe_scores(result, "tau", "constant activations")
 
 
 @hookimpl
