@@ -163,6 +163,15 @@ class Axis:
         """Start and stop along :attr:`axis` of the entries of a group of ``size`` channels."""
         return self.offset, self.offset + size * self.repeat
 
+    def entries(self, channels: np.ndarray) -> np.ndarray:
+        """Indices along :attr:`axis` of the entries of ``channels``, in their order.
+
+        With ``channels`` a permutation this is the gather index of the permuted block:
+        its entry ``offset + i * repeat + k`` reads ``offset + channels[i] * repeat + k``.
+        """
+        channels = np.asarray(channels, dtype=np.int64)
+        return self.offset + (channels[:, None] * self.repeat + np.arange(self.repeat)[None, :]).reshape(-1)
+
 
 @attrs.frozen
 class ChannelGroup:
@@ -1699,11 +1708,6 @@ def _as_perm(perm: np.ndarray | torch.Tensor, size: int, name: str) -> np.ndarra
     return p.astype(np.int64)
 
 
-def _block_index(perm: np.ndarray, repeat: int, offset: int) -> np.ndarray:
-    """Entries of an axis block: new entry ``offset + i * repeat + k`` reads ``offset + perm[i] * repeat + k``."""
-    return offset + (perm[:, None] * repeat + np.arange(repeat)[None, :]).reshape(-1)
-
-
 def permute(
     model: nn.Module, perms: Mapping[str, np.ndarray | torch.Tensor], groups: Sequence[ChannelGroup]
 ) -> nn.Module:
@@ -1742,7 +1746,7 @@ def permute(
             if key not in index:
                 index[key] = np.arange(_fetch_state(new, ax.param).shape[ax.axis])
             start, stop = ax.span(group.size)
-            index[key][start:stop] = _block_index(p, ax.repeat, ax.offset)
+            index[key][start:stop] = ax.entries(p)
     with torch.no_grad():
         for (param, axis), idx in index.items():
             tensor = _fetch_state(new, param)

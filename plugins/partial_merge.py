@@ -133,9 +133,7 @@ def channel_masks(
         for ax in group.axes:
             if ax.role not in _PRODUCING_ROLES:
                 continue
-            entries = ax.offset + (channels[:, None] * ax.repeat + np.arange(ax.repeat)[None, :]).reshape(-1)
-            mask = masks[ax.param]
-            mask.index_fill_(ax.axis, torch.from_numpy(entries), True)
+            masks[ax.param].index_fill_(ax.axis, torch.from_numpy(ax.entries(channels)), True)
     return masks
 
 

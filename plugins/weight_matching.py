@@ -41,7 +41,7 @@ def _block(perm: np.ndarray, ax: Axis, size: int, length: int) -> np.ndarray:
     """Index along an axis of ``length`` entries applying ``perm`` to the group's block."""
     index = np.arange(length)
     start, stop = ax.span(size)
-    index[start:stop] = ax.offset + (perm[:, None] * ax.repeat + np.arange(ax.repeat)[None, :]).reshape(-1)
+    index[start:stop] = ax.entries(perm)
     return index
 
 
@@ -146,11 +146,11 @@ def _match_weights(
             changed = np.flatnonzero(old != new)
             if 2 * len(changed) < g2.size:
                 a = ax2.axis + 1 if ax2.axis < ax.axis else ax2.axis  # that axis in the moved block
-                cols = ax2.offset + changed
-                diff = np.take(other_block, ax2.offset + new[changed], axis=a) - np.take(
-                    other_block, ax2.offset + old[changed], axis=a
+                diff = np.take(other_block, ax2.entries(new[changed]), axis=a) - np.take(
+                    other_block, ax2.entries(old[changed]), axis=a
                 )
-                product = hit[1] + np.take(ref_block, cols, axis=a).reshape(g.size, -1) @ diff.reshape(g.size, -1).T
+                moved_ref = np.take(ref_block, ax2.entries(changed), axis=a)
+                product = hit[1] + moved_ref.reshape(g.size, -1) @ diff.reshape(g.size, -1).T
                 cached[g.name, i] = (key, product, new.copy())
                 updated = True
                 return product
@@ -158,9 +158,8 @@ def _match_weights(
         for g2, ax2 in others:  # hold every other permutation fixed on the parameter's other axes
             w = np.take(w, _block(perms[g2.name], ax2, g2.size, w.shape[ax2.axis]), axis=ax2.axis)
         product = ref_block.reshape(g.size, -1) @ _rows(w, ax, g.size).T
-        # Column updates need a single neighbour that moves whole units (no repeats).
-        single = len(others) == 1 and others[0][1].repeat == 1
-        cached[g.name, i] = (key, product, perms[others[0][0].name].copy() if single else None)
+        # Column updates need a single neighbour on the parameter's other axes.
+        cached[g.name, i] = (key, product, perms[others[0][0].name].copy() if len(others) == 1 else None)
         return product
 
     rng = np.random.default_rng(seed)

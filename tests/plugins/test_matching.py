@@ -137,16 +137,26 @@ def test_a_nan_weight_is_named(aligner, data):
         aligner.align({"a": a, "b": b}, "a", Context(data=data, quiet=True))
 
 
-def test_skipping_unchanged_groups_gives_the_plain_coordinate_descent():
-    """Groups whose neighbours did not move are skipped; the result must not change."""
+def _flattening_cnn() -> torch.nn.Module:
+    """Conv maps flattened into a linear layer: that layer's input axis repeats each channel 16 times."""
+    nn = torch.nn
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(4), nn.Flatten(), nn.Linear(8 * 16, 12), nn.ReLU(),
+        nn.Linear(12, 5),
+    )
+
+
+@pytest.mark.parametrize("build", ["cnn", "flatten"])
+def test_skipping_unchanged_groups_gives_the_plain_coordinate_descent(build):
+    """Skipped groups, kept and column-updated products: the result must not change."""
     from scipy.optimize import linear_sum_assignment
 
     from mergescope_plugins.weight_matching import match_weights, permute_arrays
 
     data = example_dataset(n=8, shape=(3, 16, 16))
     torch.manual_seed(0)
-    a = SmallCNN(widths=[8, 12, 16], batchnorm=True).build((3, 16, 16), 5)
-    b = SmallCNN(widths=[8, 12, 16], batchnorm=True).build((3, 16, 16), 5)
+    make = (lambda: SmallCNN(widths=[8, 12, 16], batchnorm=True).build((3, 16, 16), 5)) if build == "cnn" else _flattening_cnn
+    a, b = make(), make()
     groups = channel_groups(a, example_input(data))
     ref, other = ({k: v.double().numpy() for k, v in m.state_dict().items() if v.is_floating_point()} for m in (a, b))
 
