@@ -175,21 +175,25 @@ def resolve_paths(component: Any, base_dir: Path, lookup: Any) -> Any:
     :func:`component_tables` hold tables whose components' path options are resolved in
     turn (``lookup(kind, name)`` gives a component class). Absolute paths are kept.
     """
-    cls = type(component)
-    if not attrs.has(cls):
+    if not attrs.has(type(component)):
         return component
+    values = {f.alias: getattr(component, f.name) for f in attrs.fields(type(component)) if f.init}
+    changes = _resolved_options(type(component), values, base_dir, lookup)
+    return attrs.evolve(component, **changes) if changes else component
+
+
+def _resolved_options(cls: type, values: Mapping[str, Any], base_dir: Path, lookup: Any) -> dict[str, Any]:
+    """The options of ``cls`` among ``values`` that change once their paths are resolved."""
     changes: dict[str, Any] = {}
     for field in attrs.fields(cls):
-        if not field.init:
-            continue
-        value = getattr(component, field.name)
+        value = values.get(field.alias)
         if field.metadata.get("mergescope.path") and isinstance(value, (str, Path)):
             if not Path(value).expanduser().is_absolute():
                 changes[field.alias] = type(value)(base_dir / value)
         kind = field.metadata.get("mergescope.tables")
         if kind and isinstance(value, list):
             changes[field.alias] = [_resolve_table(t, base_dir, kind, lookup) for t in value]
-    return attrs.evolve(component, **changes) if changes else component
+    return changes
 
 
 def _resolve_table(table: Any, base_dir: Path, kind: str, lookup: Any) -> Any:
@@ -199,13 +203,4 @@ def _resolve_table(table: Any, base_dir: Path, kind: str, lookup: Any) -> Any:
         cls = lookup(kind, table["use"])
     except Exception:  # an unknown name is reported where the table is built
         return table
-    out = dict(table)
-    for field in attrs.fields(cls) if attrs.has(cls) else ():
-        value = out.get(field.alias)
-        if field.metadata.get("mergescope.path") and isinstance(value, str):
-            if not Path(value).expanduser().is_absolute():
-                out[field.alias] = str(base_dir / value)
-        nested = field.metadata.get("mergescope.tables")
-        if nested and isinstance(value, list):
-            out[field.alias] = [_resolve_table(t, base_dir, nested, lookup) for t in value]
-    return out
+    return {**table, **_resolved_options(cls, table, base_dir, lookup)} if attrs.has(cls) else table
