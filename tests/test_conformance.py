@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -17,6 +19,8 @@ from mergescope.testing import parametrize_with_checks
 def _image_folder() -> str:
     """A tiny ImageFolder (two classes, two images each) for components that need a root."""
     root = Path(tempfile.mkdtemp(prefix="mergescope-imagefolder-"))
+    # Built while collecting, before any fixture exists: removed when the session ends.
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
     for c in ("a", "b"):
         (root / c).mkdir()
         for i in range(2):
