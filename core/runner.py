@@ -16,7 +16,9 @@ steps that are done and redoes the ones whose inputs changed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -66,6 +68,19 @@ class RunResult:
 class _Model:
     module: nn.Module
     fingerprint: str
+
+
+@functools.lru_cache(maxsize=None)
+def _source_digest(cls: type) -> str | None:
+    """SHA-256 of the file that defines ``cls``, so editing a plugin invalidates its steps.
+
+    ``None`` for a class without a readable source file (defined interactively).
+    """
+    try:
+        source = inspect.getsourcefile(cls)
+    except TypeError:
+        return None
+    return _file_digest(Path(source)) if source and Path(source).is_file() else None
 
 
 def _file_digest(path: Path) -> str:
@@ -281,10 +296,16 @@ class _Run:
             inputs.append(self.step_keys[step.alignment])
         if step.layers is not None and kind not in ("metric", "differ", "visualizer"):
             inputs.append({"layers": list(step.layers)})  # aligners and mergers may read them too
-        if kind == "merger":  # BatchNorm statistics recomputed in batches depend on their size
+        if kind in ("aligner", "merger"):  # statistics gathered in batches depend on their size
             inputs.append({"batch_size": self.pipeline.activations.batch_size})
+        component = step.component if isinstance(step.component, type) else type(step.component)
         return cache_key(
-            {"use": step.use, "kind": kind, "options": unstructure_options(step.component)},
+            {
+                "use": step.use,
+                "kind": kind,
+                "options": unstructure_options(step.component),
+                "source": _source_digest(component),
+            },
             step.data if step.data is not None else self.pipeline.data,
             self.pipeline.seed,
             inputs,

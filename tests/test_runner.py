@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -85,6 +86,33 @@ def test_changing_a_step_option_reruns_only_that_step(tmp_path, caplog):
     assert any("step interpolation (interpolation): running" in m for m in messages)
     assert any("step kendall-tau (kendall-tau): done before" in m for m in messages)
     assert 0.25 in result.results["interpolation"].ds["alpha"].values
+
+
+def test_editing_a_plugin_module_reruns_its_steps(tmp_path, caplog, monkeypatch):
+    from mergescope_plugins import interpolation
+
+    out = tmp_path / "run"
+    run(Pipeline.from_toml(SMALL), out, quiet=True)
+    real = runner_module._source_digest
+    assert real(interpolation.Interpolation) == runner_module._file_digest(Path(interpolation.__file__))
+    edited = lambda cls: "edited" if cls is interpolation.Interpolation else real(cls)  # noqa: E731
+    monkeypatch.setattr(runner_module, "_source_digest", edited)
+    with caplog.at_level(logging.INFO, logger="mergescope"):
+        run(Pipeline.from_toml(SMALL), out, quiet=True)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("step interpolation (interpolation): running" in m for m in messages)
+    assert any("step kendall-tau (kendall-tau): done before" in m for m in messages)
+
+
+def test_batch_size_is_part_of_merger_keys(tmp_path, caplog):
+    out = tmp_path / "run"
+    run(Pipeline.from_toml(SMALL), out, quiet=True)
+    with caplog.at_level(logging.INFO, logger="mergescope"):
+        run(Pipeline.from_toml(SMALL.replace("batch_size = 100", "batch_size = 50")), out, quiet=True)
+    messages = [r.getMessage() for r in caplog.records]
+    # BatchNorm recomputation and statistics run in batches; a Kendall-tau does not depend on them
+    assert any("step interpolation (interpolation): running" in m for m in messages)
+    assert any("step kendall-tau (kendall-tau): done before" in m for m in messages)
 
 
 def test_any_module_from_python(tmp_path):
