@@ -6,7 +6,7 @@ Unknown keys are an error naming the key, the component and the accepted keys.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar, get_origin
 
@@ -23,13 +23,34 @@ __all__ = [
     "unstructure_options",
     "describe",
     "PATH",
+    "path_if",
     "component_tables",
+    "component_options",
     "resolve_paths",
 ]
 
 #: ``attrs`` field metadata of an option that is a file or folder path: a relative path
 #: in a pipeline file is taken relative to that file's folder, as ``checkpoint`` is.
 PATH = {"mergescope.path": True}
+
+
+def path_if(is_path: Callable[[str], bool]) -> dict[str, Any]:
+    """``attrs`` field metadata of an option that is a path only when ``is_path(value)``.
+
+    For options that take either a name or a file (a pretrained tag or a checkpoint): a
+    value ``is_path`` accepts is resolved like a :data:`PATH` option, others are kept.
+    """
+    return {"mergescope.path": is_path}
+
+
+def component_options(kind: str, use: str) -> dict[str, Any]:
+    """``attrs`` field metadata of a table of options for a component of ``kind``.
+
+    The component is named by the sibling option ``use`` (an ``embedder`` name beside
+    its ``embedder_options``, say); its path options in the table are resolved like the
+    component's own (see :func:`resolve_paths`).
+    """
+    return {"mergescope.options_of": (kind, use)}
 
 
 def component_tables(kind: str) -> dict[str, str]:
@@ -187,20 +208,36 @@ def _resolved_options(cls: type, values: Mapping[str, Any], base_dir: Path, look
     changes: dict[str, Any] = {}
     for field in attrs.fields(cls):
         value = values.get(field.alias)
-        if field.metadata.get("mergescope.path") and isinstance(value, (str, Path)):
+        is_path = field.metadata.get("mergescope.path")
+        if is_path and isinstance(value, (str, Path)) and (is_path is True or is_path(str(value))):
             if not Path(value).expanduser().is_absolute():
                 changes[field.alias] = type(value)(base_dir / value)
         kind = field.metadata.get("mergescope.tables")
         if kind and isinstance(value, list):
-            changes[field.alias] = [_resolve_table(t, base_dir, kind, lookup) for t in value]
+            changes[field.alias] = [
+                _resolve_table(t, t.get("use") if isinstance(t, dict) else None, base_dir, kind, lookup) for t in value
+            ]
+        options_of = field.metadata.get("mergescope.options_of")
+        if options_of and isinstance(value, dict):
+            kind, use_field = options_of
+            use = values[use_field] if use_field in values else _default(cls, use_field)
+            resolved = _resolve_table(value, use, base_dir, kind, lookup)
+            if resolved != value:
+                changes[field.alias] = resolved
     return changes
 
 
-def _resolve_table(table: Any, base_dir: Path, kind: str, lookup: Any) -> Any:
-    if not isinstance(table, dict) or not isinstance(table.get("use"), str):
+def _default(cls: type, name: str) -> Any:
+    default = attrs.fields_dict(cls)[name].default
+    return None if isinstance(default, attrs.Factory) else default  # type: ignore[arg-type]
+
+
+def _resolve_table(table: Any, use: Any, base_dir: Path, kind: str, lookup: Any) -> Any:
+    """``table`` (options of the ``kind`` component named ``use``) with its paths resolved."""
+    if not isinstance(table, dict) or not isinstance(use, str):
         return table
     try:
-        cls = lookup(kind, table["use"])
+        cls = lookup(kind, use)
     except Exception:  # an unknown name is reported where the table is built
         return table
     return {**table, **_resolved_options(cls, table, base_dir, lookup)} if attrs.has(cls) else table

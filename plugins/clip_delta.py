@@ -30,7 +30,7 @@ from mergescope.components import Context
 from mergescope.activations import check_metric_inputs, describe_scores, paired_chunks, score_coords, units_label
 from mergescope.errors import ContractError
 from mergescope.hookspecs import hookimpl
-from mergescope.options import structure_options, unstructure_options
+from mergescope.options import component_options, structure_options, unstructure_options
 from mergescope.statistics import TopK
 
 __all__ = ["clip_delta", "set_similarities", "ClipDelta", "register_metrics"]
@@ -246,7 +246,9 @@ class ClipDelta:
 
     k: int = attrs.field(default=10, validator=_check_k)
     embedder: str = attrs.field(default="efficientnet-lite0-features", validator=_check_name)
-    embedder_options: dict[str, Any] = attrs.field(factory=dict, validator=_check_table)
+    embedder_options: dict[str, Any] = attrs.field(
+        factory=dict, validator=_check_table, metadata=component_options("embedder", use="embedder")
+    )
     # Embeddings by sample id of the dataset last scored on: a step scores many layers and
     # model pairs over one dataset, and their top-k sets share most images.
     _embedded: dict[str, Any] = attrs.field(factory=dict, init=False, eq=False, repr=False)

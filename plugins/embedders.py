@@ -44,6 +44,7 @@ from torch import nn
 import mergescope
 from mergescope.errors import CheckpointError, ConfigError, closest
 from mergescope.hookspecs import hookimpl
+from mergescope.options import PATH, path_if
 
 __all__ = ["OpenClip", "EfficientNetFeatures", "PIXELS", "to_unit_rgb", "resize_centre_crop", "register_embedders"]
 
@@ -250,7 +251,8 @@ class OpenClip:
         open_clip architecture name (``open_clip.list_models()``), e.g. ``"ViT-B-32"``.
     pretrained
         A pretrained tag of that architecture (``open_clip.list_pretrained_tags_by_model``),
-        e.g. ``"openai"`` or ``"laion2b_s34b_b79k"``, or the path of a local checkpoint.
+        e.g. ``"openai"`` or ``"laion2b_s34b_b79k"``, or the path of a local checkpoint
+        (a value with a ``/`` or a checkpoint suffix; relative to the pipeline file).
     device
         Torch device to run on.
     batch_size
@@ -267,11 +269,11 @@ class OpenClip:
     )
 
     model: str = attrs.field(default="ViT-B-32", validator=_non_empty_str)
-    pretrained: str = attrs.field(default="openai", validator=_non_empty_str)
+    pretrained: str = attrs.field(default="openai", validator=_non_empty_str, metadata=path_if(_looks_like_path))
     device: str = attrs.field(default="cpu", validator=_check_device)
     batch_size: int = attrs.field(default=64, validator=_positive_int)
     pixels: str = attrs.field(default="minmax", validator=_check_pixels)
-    cache_dir: str | None = attrs.field(default=None, validator=_optional_str)
+    cache_dir: str | None = attrs.field(default=None, validator=_optional_str, metadata=PATH)
     _network: Any = attrs.field(default=None, init=False, eq=False, repr=False)
 
     @classmethod

@@ -170,3 +170,38 @@ resize = 8
     text = text.replace('checkpoint = "ckpt/a.pt"', f'checkpoint = "{torch_save_target}"')
     assert Pipeline.from_toml(text).data.parts[0]["root"] == str(folder / "images")
     assert Pipeline.from_toml(text).tasks[0].data.root == "images"
+
+
+def test_checkpoint_paths_among_embedder_options_are_relative_to_the_file(tmp_path):
+    from mergescope import load_pipeline
+
+    steps = """
+[[steps]]
+use = "clip-delta"
+name = "local"
+models = ["a", "b"]
+allow_unaligned = true
+embedder = "open-clip"
+embedder_options = { pretrained = "weights/clip.bin", cache_dir = "hf" }
+
+[[steps]]
+use = "clip-delta"
+name = "tagged"
+models = ["a", "b"]
+allow_unaligned = true
+embedder = "open-clip"
+embedder_options = { pretrained = "openai" }
+
+[[steps]]
+use = "clip-delta"
+name = "absolute"
+models = ["a", "b"]
+allow_unaligned = true
+embedder = "open-clip"
+embedder_options = { pretrained = "/models/clip.bin" }
+"""
+    (tmp_path / "study.toml").write_text(SMALL.split("[[steps]]")[0] + steps)
+    options = {s.name: s.component.embedder_options for s in load_pipeline(tmp_path / "study.toml").steps}
+    assert options["local"] == {"pretrained": str(tmp_path / "weights" / "clip.bin"), "cache_dir": str(tmp_path / "hf")}
+    assert options["tagged"] == {"pretrained": "openai"}  # a tag is not a path
+    assert options["absolute"] == {"pretrained": "/models/clip.bin"}
