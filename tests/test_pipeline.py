@@ -175,31 +175,16 @@ resize = 8
 def test_checkpoint_paths_among_embedder_options_are_relative_to_the_file(tmp_path):
     from mergescope import load_pipeline
 
-    steps = """
-[[steps]]
-use = "clip-delta"
-name = "local"
-models = ["a", "b"]
-allow_unaligned = true
-embedder = "open-clip"
-embedder_options = { pretrained = "weights/clip.bin", cache_dir = "hf" }
-
-[[steps]]
-use = "clip-delta"
-name = "tagged"
-models = ["a", "b"]
-allow_unaligned = true
-embedder = "open-clip"
-embedder_options = { pretrained = "openai" }
-
-[[steps]]
-use = "clip-delta"
-name = "absolute"
-models = ["a", "b"]
-allow_unaligned = true
-embedder = "open-clip"
-embedder_options = { pretrained = "/models/clip.bin" }
-"""
+    given = {
+        "local": '{ pretrained = "weights/clip.bin", cache_dir = "hf" }',
+        "tagged": '{ pretrained = "openai" }',
+        "absolute": '{ pretrained = "/models/clip.bin" }',
+    }
+    steps = "".join(
+        f'[[steps]]\nuse = "clip-delta"\nname = "{name}"\nmodels = ["a", "b"]\nallow_unaligned = true\n'
+        f'embedder = "open-clip"\nembedder_options = {options}\n\n'
+        for name, options in given.items()
+    )
     (tmp_path / "study.toml").write_text(SMALL.split("[[steps]]")[0] + steps)
     options = {s.name: s.component.embedder_options for s in load_pipeline(tmp_path / "study.toml").steps}
     assert options["local"] == {"pretrained": str(tmp_path / "weights" / "clip.bin"), "cache_dir": str(tmp_path / "hf")}
