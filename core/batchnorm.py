@@ -18,7 +18,10 @@ from torch import nn
 
 from .components import Context
 
-__all__ = ["batchnorm_layers", "running_stat_keys", "reset_batchnorm"]
+__all__ = ["batchnorm_layers", "running_stat_keys", "reset_batchnorm", "statistics_batches", "STATISTICS_ORDER_SEED"]
+
+#: Seed of the fixed order in which :func:`statistics_batches` draws items.
+STATISTICS_ORDER_SEED = 0
 
 
 def batchnorm_layers(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
@@ -56,6 +59,33 @@ def _images(batch: Any) -> torch.Tensor:
     return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
+def statistics_batches(data: Any, batch_size: int) -> torch.utils.data.DataLoader:
+    """Batches of ``data`` in a fixed pseudo-random order, for passes that normalise per batch.
+
+    A BatchNorm layer in training mode (and REPAIR's measuring pass) normalises every
+    batch with that batch's own statistics, so what the later layers see, and what is
+    measured there, depends on which items share a batch. Datasets are often stored
+    class by class (MNIST-5000, an image folder): in stored order a batch may hold one or
+    two classes, whose statistics are far from the dataset's. Drawing the items in a
+    seeded random order (:data:`STATISTICS_ORDER_SEED`) gives every batch a sample of
+    the whole set, and the same batches on every run.
+
+    Parameters
+    ----------
+    data
+        A map-style dataset (random access by position).
+    batch_size
+        Items per batch; the last batch may be smaller.
+
+    Returns
+    -------
+    torch.utils.data.DataLoader
+        A loader over every item once.
+    """
+    order = torch.Generator().manual_seed(STATISTICS_ORDER_SEED)
+    return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True, generator=order)
+
+
 def reset_batchnorm(
     model: nn.Module,
     data: Any,
@@ -79,12 +109,14 @@ def reset_batchnorm(
         A dataset whose items are ``(image, label)`` pairs (any
         :class:`~mergescope.components.ImageDataset`) or image tensors.
     batch_size
-        Batch size of the pass. PyTorch averages per-batch statistics with equal weight
+        Batch size of the pass. The items are drawn in a fixed random order
+        (:func:`statistics_batches`), so every batch samples the whole set even when it
+        is stored class by class. PyTorch averages per-batch statistics with equal weight
         per batch, so the result is the exact mean and (unbiased) variance over ``data``
         only when it fits in one batch; with several batches the mean is exact for equal
         batch sizes and the variance is the mean of the per-batch variances (it leaves
-        out the spread of the batch means, negligible for shuffled batches of a few
-        hundred images).
+        out the spread of the batch means, small for random batches of a few hundred
+        images).
     max_batches
         Stop after this many batches (``None``: the whole dataset).
     context
@@ -115,7 +147,7 @@ def reset_batchnorm(
 
     device = next((p.device for p in model.parameters()), layers[0].running_mean.device)
     momenta = [layer.momentum for layer in layers]
-    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
+    loader = statistics_batches(data, batch_size)
     total = len(loader) if max_batches is None else min(len(loader), max_batches)
     batches: Iterable[Any] = loader
     if context is not None:

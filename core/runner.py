@@ -47,7 +47,7 @@ from .plugins import Registry, get_registry
 from .report import write_report
 from .storage import atomic_path, load_tree, save_tree
 from .store import Store, StoreSpec, collect_store
-from .training import Training, cache_key, trained_model
+from .training import Training, cache_key, trained_model, trained_model_key
 
 __all__ = ["RunResult", "run", "collect_activations"]
 
@@ -169,7 +169,7 @@ class _Run:
         training = spec.train or Training()
         log.info("model %s: training or loading from cache", spec.name)
         model = trained_model(spec.architecture, source, training, context=self.context)
-        return _Model(model, cache_key(spec.architecture, source, training))
+        return _Model(model, trained_model_key(spec.architecture, source, training))
 
     def _available(self, name: str) -> bool:
         model, _, aligner = name.partition(ALIGNED)

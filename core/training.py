@@ -31,6 +31,7 @@ __all__ = [
     "cache_dir",
     "cache_key",
     "trained_model",
+    "trained_model_key",
     "CACHE_ENV",
     "OMIT_DEFAULT_FROM_KEY",
 ]
@@ -103,7 +104,8 @@ class Training:
     reset_batchnorm
         After the last epoch, recompute every BatchNorm layer's running statistics on
         the training data with the final weights (one pass, no gradients; see
-        :func:`mergescope.batchnorm.reset_batchnorm`). Running statistics are a moving
+        :func:`mergescope.batchnorm.reset_batchnorm`, batches in a fixed random order).
+        Running statistics are a moving
         average over training with a small momentum (0.01 in EfficientNet's layers), so
         after a short fine-tune they still describe the starting weights and the
         pre-training data, and the model in evaluation mode is far worse than it trained.
@@ -256,6 +258,19 @@ def cache_key(*parts: Any) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def trained_model_key(architecture: Architecture, data_source: DatasetSource, training: Training) -> str:
+    """The cache key of a model of ``architecture`` trained on ``data_source`` with ``training``.
+
+    :func:`cache_key` of the three, plus a mark for ``reset_batchnorm``: its pass once
+    took the training items in stored order (a class or two per batch) and now takes
+    them in a fixed random order (:func:`mergescope.batchnorm.statistics_batches`), so
+    weights cached the old way are not reused. Models trained without it keep their keys.
+    """
+    if training.reset_batchnorm:
+        return cache_key(architecture, data_source, training, {"batchnorm_batches": "random-order"})
+    return cache_key(architecture, data_source, training)
+
+
 def trained_model(
     architecture: Architecture,
     data_source: DatasetSource,
@@ -266,8 +281,8 @@ def trained_model(
     """Build a model of ``architecture`` trained on ``data_source``, from the cache if possible.
 
     The weights are stored at ``<cache>/models/<architecture.name>-<key>.pt`` where
-    ``key`` is :func:`cache_key` of the architecture, the dataset and the training
-    options. On a miss the model is initialised from ``training.seed``, trained with
+    ``key`` is :func:`trained_model_key` of the architecture, the dataset and the
+    training options. On a miss the model is initialised from ``training.seed``, trained with
     :func:`train_classifier` and saved atomically. With ``training.epochs == 0`` the
     model initialised from the seed is returned as it is (nothing is trained or cached;
     the dataset only gives the input shape and the number of classes).
@@ -304,7 +319,7 @@ def trained_model(
         # The seed alone determines the model: there is nothing to train or cache.
         return model.eval()
     cache = Path(cache) if cache is not None else cache_dir()
-    key = cache_key(architecture, data_source, training)
+    key = trained_model_key(architecture, data_source, training)
     path = cache / "models" / f"{architecture.name}-{key}.pt"
     if path.is_file():
         state = checkpoints.load_state_dict(path)

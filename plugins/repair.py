@@ -12,7 +12,10 @@ As in the paper's implementation, the merged network's statistics are measured i
 pass in which every corrected layer already normalises its output with batch
 statistics, so each layer sees the corrected layers before it; the corrections are then
 folded into the layers' weights (BatchNorm scale and shift, or conv/linear weight and
-bias). The ``reset-bn`` variant only recomputes BatchNorm running statistics.
+bias). Since each batch is corrected with its own statistics, the pass draws the items
+in a fixed random order (:func:`mergescope.batchnorm.statistics_batches`): a dataset
+stored class by class would otherwise give batches of one or two classes. The
+``reset-bn`` variant only recomputes BatchNorm running statistics.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch
 import xarray as xr
 from torch import nn
 
-from mergescope.batchnorm import reset_batchnorm
+from mergescope.batchnorm import reset_batchnorm, statistics_batches
 from mergescope.components import Alignment, Context, MergeResult
 from mergescope.errors import ConfigError
 from mergescope.groups import ChannelGroup, align_to_reference, channel_groups, example_input
@@ -103,7 +106,8 @@ def renormalise(
     handles = [modules[layer].register_forward_hook(hook_for(layer)) for layer in layers]
     model.eval()
     try:
-        loader = torch.utils.data.DataLoader(context.data, batch_size=context.batch_size, shuffle=False)
+        # Each batch is normalised with its own statistics: it must sample the whole set.
+        loader = statistics_batches(context.data, context.batch_size)
         with torch.no_grad():
             for images, _ in context.progress(loader, desc="REPAIR statistics", total=len(loader)):
                 model(images)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from mergescope.batchnorm import batchnorm_layers, reset_batchnorm, running_stat_keys
+from mergescope.batchnorm import batchnorm_layers, reset_batchnorm, running_stat_keys, statistics_batches
 from mergescope.components import Context, TensorImageDataset
 
 
@@ -73,18 +73,39 @@ def test_several_batches_average_the_batch_statistics(data: TensorImageDataset) 
     with torch.no_grad():
         x1 = model[0](data.images)
     torch.testing.assert_close(model[1].running_mean, x1.mean(dim=(0, 2, 3)), rtol=1e-5, atol=1e-5)
-    # The variance is the mean of the four per-batch variances.
-    per_batch = torch.stack([x1[i : i + 10].var(dim=(0, 2, 3)) for i in range(0, 40, 10)])
+    # The variance is the mean of the four per-batch variances, batches in the fixed random order.
+    order = torch.cat(list(statistics_batches(list(range(40)), 10)))
+    assert sorted(order.tolist()) == list(range(40)) and order.tolist() != list(range(40))
+    per_batch = torch.stack([x1[order[i : i + 10]].var(dim=(0, 2, 3)) for i in range(0, 40, 10)])
     torch.testing.assert_close(model[1].running_var, per_batch.mean(dim=0), rtol=1e-5, atol=1e-5)
     assert int(model[1].num_batches_tracked) == 4
+
+
+def test_data_stored_class_by_class_gives_the_statistics_of_the_whole_set() -> None:
+    # Two classes far apart, stored one after the other, as MNIST-5000 and image folders are:
+    # batches in stored order would each see one class and a tenth of the variance.
+    gen = torch.Generator().manual_seed(2)
+    images = torch.randn(200, 3, 5, 5, generator=gen) + torch.repeat_interleave(torch.tensor([-3.0, 3.0]), 100).view(-1, 1, 1, 1)
+    sorted_data = TensorImageDataset("sorted", images, np.repeat([0, 1], 100), np.arange(200), ["a", "b"])
+    model = convnet()
+    reset_batchnorm(model, sorted_data, batch_size=100)
+    with torch.no_grad():
+        x1 = model[0](images)
+    torch.testing.assert_close(model[1].running_mean, x1.mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(model[1].running_var, x1.var(dim=(0, 2, 3)), rtol=0.05, atol=0.0)
+    # ... and the same statistics on every run
+    again = convnet()
+    reset_batchnorm(again, sorted_data, batch_size=100)
+    assert torch.equal(again[6].running_var, model[6].running_var)
 
 
 def test_max_batches_stops_early(data: TensorImageDataset) -> None:
     model = convnet()
     reset_batchnorm(model, data, batch_size=8, max_batches=1)
     assert int(model[1].num_batches_tracked) == 1
+    first = next(iter(statistics_batches(list(range(len(data))), 8)))
     with torch.no_grad():
-        x1 = model[0](data.images[:8])
+        x1 = model[0](data.images[first])
     torch.testing.assert_close(model[1].running_mean, x1.mean(dim=(0, 2, 3)), rtol=1e-5, atol=1e-5)
 
 

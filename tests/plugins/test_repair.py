@@ -50,6 +50,27 @@ def test_repaired_channels_have_the_interpolated_statistics(arch, data):
         np.testing.assert_allclose(std_m, 0.7 * std_a + 0.3 * std_b, rtol=2e-2, atol=2e-3)
 
 
+def test_an_endpoint_repaired_on_data_stored_class_by_class_is_unchanged():
+    # REPAIR at alpha = 0 asks model a for its own statistics: the result must compute
+    # what a computes, even when the data come class by class in two batches.
+    from mergescope.batchnorm import reset_batchnorm
+    from mergescope.components import TensorImageDataset
+
+    gen = torch.Generator().manual_seed(3)
+    shift = torch.repeat_interleave(torch.tensor([-2.0, 2.0]), 48).view(-1, 1, 1, 1)
+    images = torch.randn(96, 1, 8, 8, generator=gen) + shift
+    sorted_data = TensorImageDataset("sorted", images, np.repeat([0, 1], 48), np.arange(96), ["a", "b"])
+    a, b = pair(SmallCNN(widths=[4, 8], batchnorm=True))
+    for model in (a, b):  # running statistics that describe the data, as after training
+        reset_batchnorm(model, sorted_data, batch_size=96)
+    context = Context(data=sorted_data, batch_size=48, quiet=True)
+    merged = Repair(alpha=0.0, alphas=[]).merge({"a": a, "b": b}, context).model
+    with torch.no_grad():
+        expected, got = a(images), merged(images)
+    scale = float(expected.abs().max())
+    assert float((got - expected).abs().max()) <= 0.05 * scale
+
+
 def test_the_sweep_and_the_reset_variant(data):
     a, b = pair(SmallCNN(widths=[4, 8], batchnorm=True))
     context = Context(data=data, quiet=True)
