@@ -41,6 +41,7 @@ __all__ = [
     "resolve_layers",
     "attach_recorders",
     "summarise",
+    "owned_array",
     "INPUT_SUFFIX",
     "GROUP_PREFIX",
     "uses_groups",
@@ -272,7 +273,12 @@ def resolve_layers(
 def attach_recorders(
     model: nn.Module, layers: Sequence[str], sink: Callable[[str, torch.Tensor], None], model_name: str = "model"
 ) -> list[torch.utils.hooks.RemovableHandle]:
-    """Hook ``layers`` of ``model`` so every forward pass calls ``sink(layer, tensor)``; return the handles."""
+    """Hook ``layers`` of ``model`` so every forward pass calls ``sink(layer, tensor)``; return the handles.
+
+    ``tensor`` is the module's output itself: a sink that keeps it (or a view of it)
+    past the call must copy it, since later layers may change it in place
+    (:func:`owned_array`).
+    """
     handles = []
     for name, (module, records_input) in resolve_layers(model, layers, model_name).items():
         if records_input:
@@ -282,13 +288,31 @@ def attach_recorders(
     return handles
 
 
+def owned_array(values: torch.Tensor, output: torch.Tensor) -> np.ndarray:
+    """``values`` (computed from a hooked ``output``) as a NumPy array that shares no memory with it.
+
+    A forward hook sees a module's output before the rest of the network runs, and a
+    later in-place operation (``ReLU(inplace=True)``, a residual ``out += identity``, as
+    in torchvision's models) rewrites that tensor. Views of it (a float32 tensor's
+    ``.numpy()``, a reshape that needs no copy) must be copied before the pass goes on.
+    """
+    values = values.detach().float().cpu()
+    array = values.numpy()
+    if values.untyped_storage().data_ptr() == output.untyped_storage().data_ptr():
+        array = array.copy()
+    return array
+
+
 def summarise(output: torch.Tensor, reduce: str) -> np.ndarray:
-    """A layer output as float32 NumPy: conv maps reduced over space (``"none"`` keeps them)."""
+    """A layer output as float32 NumPy: conv maps reduced over space (``"none"`` keeps them).
+
+    The array never shares memory with ``output`` (see :func:`owned_array`).
+    """
     out = output.detach()
     if out.ndim > 2 and reduce != "none":
         flat = out.flatten(2)
         out = flat.mean(dim=2) if reduce == "mean" else flat.amax(dim=2)
-    return out.float().cpu().numpy()
+    return owned_array(out, output)
 
 
 def make_activation(

@@ -350,7 +350,7 @@ class Context:
         for i in range(min(4, len(self.data))):
             first.update(np.ascontiguousarray(np.asarray(self.data[i][0], dtype=np.float32)).tobytes())
         key = cache_key(
-            [state_digest(m) for m in models.values()], self.data.name, ids, first.hexdigest(), attrs.asdict(spec)
+            [state_digest(m) for m in models.values()], self.data.name, ids, first.hexdigest(), spec.identity()
         )
         root = self.workdir if self.workdir is not None else Path(tempfile.gettempdir()) / "mergescope-records"
         return collect_store(models, self.data, spec, root / key[:16], key=key, context=self)

@@ -267,7 +267,7 @@ class _Run:
             topk=spec.topk,
             workers=spec.workers,
         )
-        key = cache_key([self.model(m).fingerprint for m in pending], self.pipeline.data, attrs.asdict(store_spec))
+        key = cache_key([self.model(m).fingerprint for m in pending], self.pipeline.data, store_spec.identity())
         directory = self.out / "activations" / key[:16]
         if self.force:
             shutil.rmtree(directory, ignore_errors=True)
@@ -620,7 +620,7 @@ def collect_activations(
         topk=spec.topk,
         workers=spec.workers,
     )
-    key = cache_key([job.models[m].fingerprint for m in layers], pipeline.data, attrs.asdict(store_spec))
+    key = cache_key([job.models[m].fingerprint for m in layers], pipeline.data, store_spec.identity())
     assert job.data is not None
     return collect_store(
         {m: job.models[m].module for m in layers}, job.data, store_spec, out_dir, key=key, shard=shard, context=job.context

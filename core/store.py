@@ -49,6 +49,7 @@ from .activations import (
     REDUCTIONS,
     VARIABLE,
     attach_recorders,
+    owned_array,
     resolve_layers,
     summarise,
     uses_groups,
@@ -63,6 +64,11 @@ from .storage import atomic_path, load_tree, save_tree
 __all__ = ["StoreSpec", "Store", "collect_store", "join_stores", "shard_positions", "MARKER"]
 
 MARKER = "COMPLETE"
+
+#: Part of every recording's identity. Raise it when recording changes what a store
+#: holds for the same models, data and options (2: outputs changed in place by a later
+#: layer are recorded as the layer returned them).
+RECORDING_FORMAT = 2
 _WORK = ".work"
 _CHECKPOINT = "checkpoint.nc"
 
@@ -110,6 +116,16 @@ class StoreSpec:
     workers: int = 0
     positions: bool = False
 
+    def identity(self) -> dict[str, Any]:
+        """What a store made with this spec holds, for cache keys.
+
+        The options that change the recorded values (not ``workers``, which changes
+        only how fast they are made), and the recording format: a store made by an
+        older recorder is made again rather than reused.
+        """
+        options = attrs.asdict(self, filter=lambda a, _v: a.name != "workers")
+        return {**options, "format": RECORDING_FORMAT}
+
     def __attrs_post_init__(self) -> None:
         if self.reduce not in (*REDUCTIONS, "none"):
             raise ConfigError(f"unknown reduction {self.reduce!r}; accepted: mean, max, none", where="key 'reduce'")
@@ -119,9 +135,6 @@ class StoreSpec:
                 raise ConfigError(f"pair ({a!r}, {b!r}): both models must be recorded with a layer in common")
 
 
-def _spec_identity(spec: StoreSpec) -> dict[str, Any]:
-    """The options that change what a store holds (not how fast it is made)."""
-    return attrs.asdict(spec, filter=lambda a, _v: a.name != "workers")
 
 
 def shard_positions(n: int, shard: tuple[int, int]) -> np.ndarray:
@@ -445,7 +458,7 @@ def collect_store(
     """
     directory = Path(directory)
     context = context or Context(quiet=True)
-    full_key = json.dumps({"key": key, "shard": list(shard), "spec": _spec_identity(spec)}, sort_keys=True)
+    full_key = json.dumps({"key": key, "shard": list(shard), "spec": spec.identity()}, sort_keys=True)
     marker = directory / MARKER
     if marker.is_file() and json.loads(marker.read_text(encoding="utf-8")).get("key") == full_key:
         return Store.open(directory)
@@ -481,7 +494,8 @@ def collect_store(
         def sink(layer: str, output: torch.Tensor, _m: str = m) -> None:
             if spec.positions and output.ndim > 2:
                 # channels last, then one row per (sample, position)
-                captured_rows[_m][layer] = output.detach().float().movedim(1, -1).reshape(-1, output.shape[1]).numpy()
+                rows = output.detach().movedim(1, -1).reshape(-1, output.shape[1])
+                captured_rows[_m][layer] = owned_array(rows, output)
             captured[_m][layer] = summarise(output, spec.reduce)
 
         handles += attach_recorders(models[m], spec.layers[m], sink, m)

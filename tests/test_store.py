@@ -305,3 +305,38 @@ def test_large_result_variables_are_compressed_and_read_back_exactly(tmp_path):
     back = load_tree(path)
     np.testing.assert_array_equal(back["wm/b/conv"]["transform"].values, perm)
     np.testing.assert_array_equal(back["/"]["small"].values, np.arange(3.0))
+
+
+class InPlaceNet(torch.nn.Module):
+    """Outputs that later layers change in place, as in torchvision's models."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(1, 4, 8)  # 8x8 inputs: a 1x1 map
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.fc = torch.nn.Linear(4, 5)
+        self.relu = torch.nn.ReLU(inplace=True)
+        self.head = torch.nn.Linear(5, 3)
+
+    def forward(self, x):
+        out = self.bn(self.conv(x))
+        out += 10.0  # a residual addition in place
+        return self.head(self.relu(self.fc(out.flatten(1))))  # ReLU in place on fc's output
+
+
+@pytest.mark.parametrize("positions", [False, True])
+def test_outputs_changed_in_place_later_are_recorded_as_the_layer_returned_them(tmp_path, positions):
+    data = example_dataset(n=40, shape=(1, 8, 8))
+    model = InPlaceNet().eval()
+    direct = {}
+    with torch.no_grad():
+        pre = model.bn(model.conv(data.images))
+        direct["bn"] = pre.flatten(1).double().numpy()
+        direct["fc"] = model.fc(pre.flatten(1) + 10.0).double().numpy()
+    assert (direct["fc"] < 0).any()  # the ReLU would change the recorded values
+    spec_ = StoreSpec(layers={"m": ["bn", "fc"]}, batch_size=16, topk=2, positions=positions)
+    store = collect_store({"m": model}, data, spec_, tmp_path / "s")
+    for layer, x in direct.items():
+        np.testing.assert_allclose(store.moments("m", layer).mean, x.mean(0), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(store.activation("m", layer).values.reshape(len(x), -1), x, rtol=1e-5, atol=1e-5)
