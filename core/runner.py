@@ -83,6 +83,17 @@ def _source_digest(cls: type) -> str | None:
     return _file_digest(Path(source)) if source and Path(source).is_file() else None
 
 
+@functools.lru_cache(maxsize=None)
+def _core_digest() -> str:
+    """SHA-256 of mergescope's own modules: every step's result depends on them too."""
+    digest = hashlib.sha256()
+    package = Path(__file__).resolve().parent
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode())
+        digest.update(_file_digest(path).encode())
+    return digest.hexdigest()
+
+
 def _file_digest(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -305,6 +316,7 @@ class _Run:
                 "kind": kind,
                 "options": unstructure_options(step.component),
                 "source": _source_digest(component),
+                "core": _core_digest(),
             },
             step.data if step.data is not None else self.pipeline.data,
             self.pipeline.seed,

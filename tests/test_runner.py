@@ -88,7 +88,7 @@ def test_changing_a_step_option_reruns_only_that_step(tmp_path, caplog):
     assert 0.25 in result.results["interpolation"].ds["alpha"].values
 
 
-def test_editing_a_plugin_module_reruns_its_steps(tmp_path, caplog, monkeypatch):
+def test_editing_a_plugin_module_or_the_core_reruns_steps(tmp_path, caplog, monkeypatch):
     from mergescope_plugins import interpolation
 
     out = tmp_path / "run"
@@ -102,6 +102,13 @@ def test_editing_a_plugin_module_reruns_its_steps(tmp_path, caplog, monkeypatch)
     messages = [r.getMessage() for r in caplog.records]
     assert any("step interpolation (interpolation): running" in m for m in messages)
     assert any("step kendall-tau (kendall-tau): done before" in m for m in messages)
+
+    # a change to mergescope itself reruns every step
+    caplog.clear()
+    monkeypatch.setattr(runner_module, "_core_digest", lambda: "updated")
+    with caplog.at_level(logging.INFO, logger="mergescope"):
+        run(Pipeline.from_toml(SMALL), out, quiet=True)
+    assert not any("done before" in r.getMessage() for r in caplog.records)
 
 
 def test_batch_size_is_part_of_merger_keys(tmp_path, caplog):
