@@ -5,6 +5,8 @@ W1  torchvision ``resnet18`` (ImageNet head, ``weights=None``), two random inits
     group improves, the number of sweeps, and the time of the ``channel_groups`` tracing
     that finds the groups (measured on its own).
 W2  The same for the zoo ``cnn`` and ``mlp`` on 28x28 grey inputs, for contrast.
+W3  On request (``--only alexnet``): torchvision ``alexnet``, whose two 4096-unit
+    classifier groups make ``linear_sum_assignment`` the cost rather than the products.
 
 The baseline is a straightforward re-implementation in the style of the original Git
 Re-Basin code: for every group (same random order per sweep), for every (parameter,
@@ -69,6 +71,13 @@ def resnet18(seed: int) -> torch.nn.Module:
     return torchvision.models.resnet18(weights=None).eval()
 
 
+def alexnet(seed: int) -> torch.nn.Module:
+    import torchvision
+
+    torch.manual_seed(seed)
+    return torchvision.models.alexnet(weights=None).eval()
+
+
 def zoo(name: str, seed: int) -> torch.nn.Module:
     from mergescope_plugins.zoo import MLP, SmallCNN
 
@@ -78,6 +87,7 @@ def zoo(name: str, seed: int) -> torch.nn.Module:
 
 WORKLOADS: dict[str, tuple[Callable[[int], torch.nn.Module], tuple[int, ...]]] = {
     "resnet18": (resnet18, (2, 3, 224, 224)),
+    "alexnet": (alexnet, (2, 3, 224, 224)),  # only on request: two 4096-unit groups, minutes per side
     "cnn": (lambda seed: zoo("cnn", seed), (2, 1, 28, 28)),
     "mlp": (lambda seed: zoo("mlp", seed), (2, 1, 28, 28)),
 }
@@ -299,7 +309,9 @@ def profile(name: str, params_a: dict, params_b: dict, groups: list) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one repetition on resnet18 (about two minutes)")
-    parser.add_argument("--only", default="resnet18,cnn,mlp", help="comma-separated subset of resnet18,cnn,mlp")
+    parser.add_argument(
+        "--only", default="resnet18,cnn,mlp", help="comma-separated subset of resnet18,cnn,mlp; alexnet on request"
+    )
     parser.add_argument("--reps", type=int, help="interleaved repetitions on resnet18 (default 1 quick, 3 full)")
     parser.add_argument("--profile", action="store_true", help="also cProfile one match_weights run per model")
     parser.add_argument(
@@ -329,7 +341,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"NumPy's BLAS limited to {args.blas_threads} thread(s) for everything below", flush=True)
     with threadpoolctl.threadpool_limits(args.blas_threads, user_api="blas"):
         for name in wanted:
-            small = name != "resnet18"
+            small = name in ("cnn", "mlp")
             trace_reps = 1 if args.quick and not small else 3
             run(name, reps=max(reps, 5) if small else reps, trace_reps=trace_reps, do_profile=args.profile)
     print(f"load average at the end: {load()}", flush=True)
