@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import datetime
-import io
 import os
 import platform
 import pstats

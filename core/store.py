@@ -61,7 +61,7 @@ from .groups import example_input
 from .statistics import CoMoments, Moments, TopK
 from .storage import atomic_path, load_tree, save_tree
 
-__all__ = ["StoreSpec", "Store", "collect_store", "join_stores", "shard_positions", "MARKER"]
+__all__ = ["StoreSpec", "Store", "collect_store", "join_stores", "shard_positions", "MARKER", "RECORDING_FORMAT"]
 
 MARKER = "COMPLETE"
 
@@ -69,6 +69,7 @@ MARKER = "COMPLETE"
 #: holds for the same models, data and options (2: outputs changed in place by a later
 #: layer are recorded as the layer returned them).
 RECORDING_FORMAT = 2
+
 _WORK = ".work"
 _CHECKPOINT = "checkpoint.nc"
 
@@ -133,8 +134,6 @@ class StoreSpec:
             shared = set(self.layers.get(a, [])) & set(self.layers.get(b, []))
             if a not in self.layers or b not in self.layers or not shared:
                 raise ConfigError(f"pair ({a!r}, {b!r}): both models must be recorded with a layer in common")
-
-
 
 
 def shard_positions(n: int, shard: tuple[int, int]) -> np.ndarray:

@@ -45,7 +45,7 @@ import torch
 import xarray as xr
 from torch import nn
 
-from .activations import make_activation, validate_activation
+from .activations import make_activation
 from .components import KINDS, Alignment, Context, ImageDataset, MergeResult, TensorImageDataset, context_keyword
 from .errors import ConfigError
 from .options import option_names, structure_options, unstructure_options

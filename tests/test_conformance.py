@@ -7,8 +7,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import pytest
-
 from PIL import Image
 
 from mergescope.catalogue import bundled_entries

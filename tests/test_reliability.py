@@ -25,7 +25,7 @@ import xarray as xr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mergescope import ConfigError, MergescopeError, ModelSpec, Pipeline, Step, get_registry, hookimpl, run
+from mergescope import MergescopeError, ModelSpec, Pipeline, Step, get_registry, hookimpl, run
 from mergescope.checkpoints import load_state_dict
 from mergescope.errors import CheckpointError
 from mergescope.pipeline import ActivationSpec, load_pipeline

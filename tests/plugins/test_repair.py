@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from mergescope import Context, collect
+from mergescope import Context
 from mergescope.groups import channel_groups, example_input
 from mergescope.testing import check_component, example_dataset
 from mergescope_plugins.repair import Repair, repair_layers
