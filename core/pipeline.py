@@ -60,6 +60,8 @@ __all__ = [
 
 #: Component kinds that can be pipeline steps.
 STEP_KINDS = ("aligner", "merger", "metric", "differ", "visualizer")
+#: Step kinds that may work on their own ``data`` instead of the pipeline's ``[data]``.
+OWN_DATA_KINDS = ("aligner", "merger")
 
 _TOP_KEYS = ("seed", "data", "activations", "models", "steps", "tasks")
 _MODEL_KEYS = ("name", "use", "checkpoint", "train", "train_data")
@@ -371,12 +373,8 @@ class Pipeline:
                     f"{step.use!r} is {article(kind)}, which cannot be a step; steps use one of: {', '.join(STEP_KINDS)}",
                     where=f"{where}, key 'use'",
                 )
-            if step.data is not None and kind not in ("aligner", "merger"):
-                raise ConfigError(
-                    f"only aligner and merger steps take their own 'data'; {step.use!r} is {article(kind)} and "
-                    "reads the recordings made on the pipeline's [data]",
-                    where=f"{where}, key 'data'",
-                )
+            if step.data is not None:
+                _check_own_data(kind, step.use, where)
             if not _NAME.fullmatch(name):
                 raise ConfigError(
                     f"step name {name!r} must start with a letter or digit and hold only letters, digits and "
@@ -616,6 +614,15 @@ def _task(registry: Registry, table: dict[str, Any], where: str, base_dir: Path 
     return TaskSpec(name, data, expert, restrict, models)
 
 
+def _check_own_data(kind: str, use: str, where: str) -> None:
+    if kind not in OWN_DATA_KINDS:
+        raise ConfigError(
+            f"only aligner and merger steps take their own 'data'; {use!r} is {article(kind)} and reads "
+            "the recordings made on the pipeline's [data]",
+            where=f"{where}, key 'data'",
+        )
+
+
 def _step(registry: Registry, table: dict[str, Any], where: str, base_dir: Path | None = None) -> Step:
     use = table.get("use")
     kinds = [k for k in STEP_KINDS if isinstance(use, str) and use in registry.names(k)]
@@ -646,12 +653,7 @@ def _step(registry: Registry, table: dict[str, Any], where: str, base_dir: Path 
             )
         fields["allow_unaligned"] = table["allow_unaligned"]
     if "data" in table:
-        if kind not in ("aligner", "merger"):
-            raise ConfigError(
-                f"only aligner and merger steps take their own 'data'; {use!r} is {article(kind)} and reads "
-                "the recordings made on the pipeline's [data]",
-                where=f"{where}, key 'data'",
-            )
+        _check_own_data(kind, use, where)  # before the table, whose errors would be beside the point
         fields["data"] = _component(
             registry, "dataset", _table(table["data"], "data", where), f"{where}, [data]", base_dir=base_dir
         )

@@ -4,6 +4,7 @@ import json
 import logging
 from pathlib import Path
 
+import attrs
 import numpy as np
 import torch
 import pytest
@@ -349,6 +350,11 @@ def test_only_aligners_and_mergers_take_their_own_data():
     text = SMALL + '\n[steps.data]\nuse = "mnist5000"\nsplit = "test"\n'  # under the kendall-tau step
     with pytest.raises(ConfigError, match=r"key 'data'.*only aligner and merger steps take their own 'data'"):
         Pipeline.from_toml(text)
+    # the same refusal for a pipeline built in Python
+    pipeline = Pipeline.from_toml(SMALL)
+    metric = attrs.evolve(pipeline.steps[1], data=pipeline.data)
+    with pytest.raises(ConfigError, match=r"key 'data'.*only aligner and merger steps take their own 'data'"):
+        attrs.evolve(pipeline, steps=[pipeline.steps[0], metric]).check()
     bad = STEP_DATA.replace('use = "mnist5000"\nsplit = "test"\nper_class = 5', 'use = "mnist"\nsplit = "test"')
     with pytest.raises(ConfigError, match=r"\[data\].*'mnist'.*mnist5000"):
         Pipeline.from_toml(bad)
