@@ -134,12 +134,13 @@ def run(label: str, models: dict[str, torch.nn.Module], data, reps: int, root: P
             total = time.perf_counter() - start
             ((recording, store),) = context.__dict__["recorded"]
             # Beside it, in an alternating order: the matching proper on the same store,
-            # the tracing alone, and align again with the recording cached.
+            # the tracing alone, and align again with the recording cached. (The steps run
+            # within this repetition, so they may read its `store` and `cached`: noqa B023.)
             cached = Context(data=data, quiet=True, workdir=workdir)
             steps: list[tuple[str, Callable[[], float]]] = [
-                ("match", lambda: matching_proper(store, models, reference, groups)),
+                ("match", lambda: matching_proper(store, models, reference, groups)),  # noqa: B023
                 ("trace", lambda: _seconds(lambda: channel_groups(models[reference], example_input(data)))),
-                ("cached", lambda: _seconds(lambda: aligner.align(models, reference, cached))),
+                ("cached", lambda: _seconds(lambda: aligner.align(models, reference, cached))),  # noqa: B023
                 ("forward", lambda: bare_forward(models, data)),
             ]
             for name, fn in steps if rep % 2 == 0 else reversed(steps):

@@ -5,14 +5,8 @@ The public API a user or plugin author needs is importable from here.
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version as _version
-
-try:
-    __version__ = _version("mergescope")
-except PackageNotFoundError:  # running from a source tree that is not installed
-    __version__ = "0.0.0+unknown"
-
-from .activations import (  # noqa: E402
+from ._version import __version__
+from .activations import (
     collect,
     load_collection,
     make_activation,
@@ -20,24 +14,24 @@ from .activations import (  # noqa: E402
     validate_activation,
     validate_collection,
 )
-from .components import (  # noqa: E402
-    KINDS,
+from .components import (
     Aligner,
     Alignment,
     Architecture,
-    Embedder,
+    ComponentExtras,
     Context,
     DatasetSource,
     Differ,
+    Embedder,
     Evaluation,
     ImageDataset,
-    MergeResult,
     Merger,
+    MergeResult,
     Metric,
     TensorImageDataset,
     Visualizer,
 )
-from .errors import (  # noqa: E402
+from .errors import (
     CheckpointError,
     ConfigError,
     ContractError,
@@ -46,11 +40,13 @@ from .errors import (  # noqa: E402
     PluginError,
     UnknownComponentError,
 )
-from .hookspecs import hookimpl  # noqa: E402
-from .pipeline import ActivationSpec, ModelSpec, Pipeline, Step, component_from_table, load_pipeline  # noqa: E402
-from .plugins import get_registry, register_plugin  # noqa: E402
-from .runner import RunResult, run  # noqa: E402
-from .training import Training  # noqa: E402
+from .hookspecs import hookimpl
+from .kinds import KINDS
+from .pipeline import ActivationSpec, ModelSpec, Pipeline, Step, component_from_table, load_pipeline
+from .plugins import get_registry, register_plugin
+from .progress import Progress
+from .runner import RunResult, run
+from .training import Training
 
 __all__ = [
     "__version__",
@@ -64,6 +60,8 @@ __all__ = [
     "DatasetSource",
     "Architecture",
     "Embedder",
+    "ComponentExtras",
+    "Progress",
     "ImageDataset",
     "TensorImageDataset",
     "Alignment",

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import fnmatch
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -26,9 +26,10 @@ import xarray as xr
 from torch import nn
 
 from . import groups as _groups
-from .components import Context, ImageDataset
 from .errors import ConfigError, ContractError, closest
+from .progress import Progress, silent
 from .storage import load_tree, save_tree
+from .values import ImageDataset
 
 __all__ = [
     "units_label",
@@ -118,6 +119,7 @@ def _group_layers(
     if (shape, structure) in cache:
         return cache[(shape, structure)]
     where = f"layer selector {selector!r} of model {model_name!r}"
+    x: torch.Tensor | None
     if example_input is not None:
         x = example_input
     else:
@@ -139,9 +141,7 @@ def _group_layers(
     return found
 
 
-def _match_groups(
-    model: nn.Module, selector: str, example_input: torch.Tensor | None, model_name: str
-) -> list[str]:
+def _match_groups(model: nn.Module, selector: str, example_input: torch.Tensor | None, model_name: str) -> list[str]:
     """The layer names of a ``group:<name or glob>`` selector, in group order."""
     pattern = selector[len(GROUP_PREFIX) :]
     by_group = _group_layers(model, example_input, model_name, selector)
@@ -449,10 +449,10 @@ def units_label(a: xr.DataArray, b: xr.DataArray, mask: np.ndarray, limit: int =
     return text
 
 
-def score_coords(a: xr.DataArray, b: xr.DataArray) -> dict[str, Any]:
+def score_coords(a: xr.DataArray, b: xr.DataArray) -> dict[Hashable, Any]:
     """Coords of a per-unit score of ``b`` against ``a``: ``b``'s unit coords, ``model``,
     ``reference`` (``a``'s model) and ``layer``, those the inputs carry."""
-    coords: dict[str, Any] = {k: v.variable for k, v in b.coords.items() if v.dims == ("unit",)}
+    coords: dict[Hashable, Any] = {k: v.variable for k, v in b.coords.items() if v.dims == ("unit",)}
     if "model" in b.coords:
         coords["model"] = b.coords["model"].variable
     if "model" in a.coords:
@@ -533,7 +533,7 @@ def collect(
     model_name: str,
     reduce: str = "mean",
     batch_size: int = 256,
-    context: Context | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, xr.DataArray]:
     """Record ``layers`` of ``model`` over ``data`` in one forward pass.
 
@@ -552,8 +552,8 @@ def collect(
         for full ``(sample, unit, y, x)`` maps.
     batch_size
         Images per forward pass.
-    context
-        Supplies the progress bar.
+    progress
+        Shows how far the pass has come (see :mod:`mergescope.progress`); silent when ``None``.
 
     Returns
     -------
@@ -577,13 +577,15 @@ def collect(
         buffers[layer][offset : offset + len(out)] = out
 
     handles = attach_recorders(model, names, sink, model_name)
-    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
-    context = context or Context(quiet=True)
+    # An ImageDataset is a map-style dataset of (image, label) pairs, as the loader expects.
+    dataset = cast("torch.utils.data.Dataset[tuple[torch.Tensor, int]]", data)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    progress = progress or silent
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            for images, _labels in context.progress(loader, desc=f"activations {model_name}", total=len(loader)):
+            for images, _labels in progress(loader, desc=f"activations {model_name}", total=len(loader)):
                 model(images)
                 offset += len(images)
     finally:
@@ -592,7 +594,9 @@ def collect(
         model.train(was_training)
     missing = [layer for layer in names if layer not in buffers]
     if missing:
-        raise ConfigError(f"layers {missing} of model {model_name!r} never ran in the forward pass", where="key 'layers'")
+        raise ConfigError(
+            f"layers {missing} of model {model_name!r} never ran in the forward pass", where="key 'layers'"
+        )
     return {
         layer: make_activation(
             buffers[layer], sample_ids=data.sample_ids, labels=data.labels, model=model_name, layer=layer

@@ -10,13 +10,12 @@ some data, which is what :func:`reset_batchnorm` does.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
-from .components import Context
+from .progress import Progress, silent
 
 __all__ = ["batchnorm_layers", "running_stat_keys", "reset_batchnorm", "statistics_batches", "STATISTICS_ORDER_SEED"]
 
@@ -92,7 +91,7 @@ def reset_batchnorm(
     *,
     batch_size: int = 256,
     max_batches: int | None = None,
-    context: Context | None = None,
+    progress: Progress | None = None,
 ) -> nn.Module:
     """Recompute the running mean and variance of every BatchNorm layer on ``data``.
 
@@ -119,8 +118,8 @@ def reset_batchnorm(
         images).
     max_batches
         Stop after this many batches (``None``: the whole dataset).
-    context
-        When given, its progress bar is shown during the pass.
+    progress
+        Shows how far the pass has come (see :mod:`mergescope.progress`); silent when ``None``.
 
     Returns
     -------
@@ -145,13 +144,13 @@ def reset_batchnorm(
     if len(data) == 0:
         raise ValueError(f"cannot recompute BatchNorm statistics on the empty dataset {getattr(data, 'name', data)!r}")
 
-    device = next((p.device for p in model.parameters()), layers[0].running_mean.device)
+    running_mean = layers[0].running_mean
+    assert running_mean is not None  # batchnorm_layers keeps only layers with running statistics
+    device = next((p.device for p in model.parameters()), running_mean.device)
     momenta = [layer.momentum for layer in layers]
     loader = statistics_batches(data, batch_size)
     total = len(loader) if max_batches is None else min(len(loader), max_batches)
-    batches: Iterable[Any] = loader
-    if context is not None:
-        batches = context.progress(loader, desc="BatchNorm statistics", total=total)
+    batches = (progress or silent)(loader, desc="BatchNorm statistics", total=total)
     try:
         model.eval()
         for layer in layers:

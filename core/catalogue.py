@@ -35,13 +35,17 @@ _HEADER = """\
 def bundled_entries(registry: Registry) -> list[ComponentEntry]:
     """Components registered by plugins of the ``mergescope`` distribution itself."""
     bundled = {p.name for p in registry.plugins.values() if p.distribution == BUNDLED_DISTRIBUTION}
-    return sorted(
-        (e for e in registry.entries() if e.plugin in bundled), key=lambda e: (e.kind, e.name)
-    )
+    return sorted((e for e in registry.entries() if e.plugin in bundled), key=lambda e: (e.kind, e.name))
 
 
 def _as_table(entry: ComponentEntry) -> dict[str, str]:
-    return {"name": entry.name, "kind": entry.kind, "module": entry.module, "summary": entry.summary, "paper": entry.paper}
+    return {
+        "name": entry.name,
+        "kind": entry.kind,
+        "module": entry.module,
+        "summary": entry.summary,
+        "paper": entry.paper,
+    }
 
 
 def render(registry: Registry) -> str:

@@ -8,7 +8,6 @@ leaves a truncated file where a cache or a pipeline expects a complete one.
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError
+from .keys import state_digest  # re-exported: fingerprints once lived here
 from .storage import atomic_path
 
 __all__ = ["load_state_dict", "load_into", "save_state_dict", "state_digest"]
@@ -103,9 +103,7 @@ def _as_state_dict(payload: Any, where: str) -> dict[str, torch.Tensor]:
     return payload if isinstance(payload, dict) else dict(payload)
 
 
-def load_into(
-    model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str, architecture: str
-) -> None:
+def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str, architecture: str) -> None:
     """Load ``state`` into ``model`` strictly, explaining any mismatch.
 
     Parameters
@@ -185,13 +183,3 @@ def save_state_dict(model_or_state: nn.Module | Mapping[str, torch.Tensor], path
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
     return Path(path)
-
-
-def state_digest(model: nn.Module) -> str:
-    """A sha256 fingerprint of a module's weights: names, shapes and values of its state dict."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()

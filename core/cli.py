@@ -9,8 +9,9 @@ import sys
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
-from . import __version__
+from ._version import __version__
 from .errors import MergescopeError
 
 __all__ = ["main", "DEMO_PIPELINE"]
@@ -88,7 +89,9 @@ def _logging(args: argparse.Namespace, out_dir: Path | None = None) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         # A structured, append-only record of every run in this directory.
         handler = logging.FileHandler(out_dir / "run.log", encoding="utf-8")
-        handler.setFormatter(logging.Formatter('{"time": "%(asctime)s", "level": "%(levelname)s", "message": %(msg_json)s}'))
+        handler.setFormatter(
+            logging.Formatter('{"time": "%(asctime)s", "level": "%(levelname)s", "message": %(msg_json)s}')
+        )
         handler.addFilter(_JsonMessage())
         handler._mergescope_cli = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
@@ -122,7 +125,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .pipeline import Pipeline
 
-    text = resources.files("mergescope").joinpath("pipelines", DEMO_PIPELINE).read_text(encoding="utf-8")
+    text = resources.files("mergescope").joinpath("pipelines").joinpath(DEMO_PIPELINE).read_text(encoding="utf-8")
     if args.show:
         print(text, end="")
         return 0
@@ -149,7 +152,7 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     from .plugins import get_registry
 
     registry = get_registry()
-    plugins = []
+    plugins: list[dict[str, Any]] = []
     for info in sorted(registry.plugins.values(), key=lambda p: p.name):
         components: dict[str, list[str]] = {}
         for entry in registry.entries():
@@ -196,7 +199,10 @@ def _cmd_registry(args: argparse.Namespace) -> int:
     for problem in problems:
         print(problem, file=sys.stderr)
     if problems:
-        print(f"{args.file} disagrees with the loaded plugins; fix it or run `mergescope registry --write`", file=sys.stderr)
+        print(
+            f"{args.file} disagrees with the loaded plugins; fix it or run `mergescope registry --write`",
+            file=sys.stderr,
+        )
         return 1
     print(f"{args.file} matches the loaded plugins")
     return 0

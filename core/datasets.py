@@ -14,6 +14,7 @@ indexing them with the result. All randomness comes from a seeded
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import SupportsInt
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -33,7 +34,7 @@ def _as_labels(labels: ArrayLike) -> np.ndarray:
     return array
 
 
-def _class_name(label: object, names: Sequence[str] | None) -> str:
+def _class_name(label: SupportsInt, names: Sequence[str] | None) -> str:
     if names is None:
         return f"class {label}"
     return f"class {label} ({names[int(label)]!r})"
@@ -148,9 +149,7 @@ def per_class_subset(
     return np.sort(np.concatenate(picked))
 
 
-def class_imbalanced_split(
-    labels: ArrayLike, part: str, major_fraction: float = 0.8, seed: int = 0
-) -> np.ndarray:
+def class_imbalanced_split(labels: ArrayLike, part: str, major_fraction: float = 0.8, seed: int = 0) -> np.ndarray:
     """One of two complementary parts of a dataset with opposite class imbalance.
 
     The classes present in ``labels`` are sorted and cut into a first half (the first

@@ -18,6 +18,7 @@ __all__ = [
     "PluginError",
     "CheckpointError",
     "ContractError",
+    "MissingDependencyError",
     "closest",
     "article",
 ]
@@ -43,7 +44,7 @@ class ConfigError(MergescopeError, ValueError):
         self.where = where
         super().__init__(f"{where}: {message}" if where else message)
 
-    def located(self, where: str) -> "ConfigError":
+    def located(self, where: str) -> ConfigError:
         """Return the same error with ``where`` prefixed to its location."""
         inner = f"{where}, {self.where}" if self.where else where
         return type(self)(self.message, inner)
@@ -67,6 +68,38 @@ class CheckpointError(MergescopeError):
 
 class ContractError(MergescopeError, ValueError):
     """A labelled array does not follow the activation / result contract."""
+
+
+class MissingDependencyError(ConfigError, ImportError):
+    """A component needs an optional package that is not installed.
+
+    Raised by :func:`mergescope.extras.require` when a component is used, never when its
+    plugin is loaded. The message names the component and the extra that installs the
+    package, e.g. ``pip install 'mergescope[clip]'``. It is a :class:`ConfigError` (the
+    pipeline chose a component this installation cannot run) and an :class:`ImportError`.
+
+    Parameters
+    ----------
+    message
+        Which component needs which package, and the command that installs it.
+    where
+        Where the component was named, as for :class:`ConfigError`.
+    module
+        The module that could not be imported, e.g. ``"open_clip"``.
+    extra
+        The extra of the ``mergescope`` distribution that installs it, e.g. ``"clip"``.
+    """
+
+    def __init__(self, message: str, where: str | None = None, *, module: str = "", extra: str = "") -> None:
+        super().__init__(message, where)
+        self.name = module or None  # ImportError's attribute: the module that failed
+        self.module = module
+        self.extra = extra
+
+    def located(self, where: str) -> MissingDependencyError:
+        """Return the same error with ``where`` prefixed to its location."""
+        inner = f"{where}, {self.where}" if self.where else where
+        return type(self)(self.message, inner, module=self.module, extra=self.extra)
 
 
 def article(word: str) -> str:

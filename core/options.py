@@ -6,6 +6,7 @@ Unknown keys are an error naming the key, the component and the accepted keys.
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar, get_origin
@@ -60,6 +61,7 @@ def component_tables(kind: str) -> dict[str, str]:
     """
     return {"mergescope.tables": kind}
 
+
 T = TypeVar("T")
 
 converter = cattrs.Converter(forbid_extra_keys=True)
@@ -110,10 +112,16 @@ def option_names(cls: type) -> list[str]:
     return [f.alias or f.name for f in attrs.fields(cls) if f.init]
 
 
+if sys.version_info >= (3, 11):
+    from builtins import BaseExceptionGroup as _ExceptionGroup
+else:  # pragma: no cover - cattrs depends on the backport there
+    from exceptiongroup import BaseExceptionGroup as _ExceptionGroup
+
+
 def _first_leaf(exc: BaseException) -> tuple[BaseException, list[str]]:
     """Walk cattrs' nested exception groups down to the first real error and its key path."""
     path: list[str] = []
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+    while isinstance(exc, _ExceptionGroup) and exc.exceptions:
         inner = exc.exceptions[0]
         note = next((n for n in getattr(inner, "__notes__", []) if isinstance(n, str)), "")
         m = re.search(r"attribute (\w+)|index (\d+)|key '?([^'\s]+)'?", note)
@@ -154,8 +162,7 @@ def structure_options(
             hint = f" Did you mean {guess!r}?" if guess else ""
             also = f" Also accepted here: {', '.join(reserved)}." if reserved else ""
             raise ConfigError(
-                f"unknown option {key!r} for {label}.{hint} "
-                f"Accepted options: {', '.join(accepted) or '(none)'}.{also}",
+                f"unknown option {key!r} for {label}.{hint} Accepted options: {', '.join(accepted) or '(none)'}.{also}",
                 where=f"key {key!r}",
             )
     try:
@@ -169,8 +176,8 @@ def structure_options(
     except (ValueError, TypeError) as exc:
         # attrs validators raise these; their message names the attribute.
         m = re.search(r"'(\w+)'", str(exc))
-        key = m.group(1) if m and m.group(1) in accepted else None
-        raise ConfigError(f"bad options for {label}: {exc}", where=f"key {key!r}" if key else None) from exc
+        named = m.group(1) if m and m.group(1) in accepted else None
+        raise ConfigError(f"bad options for {label}: {exc}", where=f"key {named!r}" if named else None) from exc
 
 
 def unstructure_options(component: Any) -> dict[str, Any]:
@@ -209,9 +216,13 @@ def _resolved_options(cls: type, values: Mapping[str, Any], base_dir: Path, look
     for field in attrs.fields(cls):
         value = values.get(field.alias)
         is_path = field.metadata.get("mergescope.path")
-        if is_path and isinstance(value, (str, Path)) and (is_path is True or is_path(str(value))):
-            if not Path(value).expanduser().is_absolute():
-                changes[field.alias] = type(value)(base_dir / value)
+        if (
+            is_path
+            and isinstance(value, (str, Path))
+            and (is_path is True or is_path(str(value)))
+            and not Path(value).expanduser().is_absolute()
+        ):
+            changes[field.alias] = type(value)(base_dir / value)
         kind = field.metadata.get("mergescope.tables")
         if kind and isinstance(value, list):
             changes[field.alias] = [

@@ -35,11 +35,12 @@ from typing import Any
 
 import attrs
 
-from .components import KINDS
 from .errors import ConfigError, DuplicateComponentError, article, closest
+from .kinds import KINDS, STEP_KINDS, StepKind, step_kind
 from .options import resolve_paths, structure_options, unstructure_options
 from .plugins import Registry, get_registry
 from .training import Training
+from .values import CHANNEL_GROUPS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -57,11 +58,6 @@ __all__ = [
     "component_from_table",
     "STEP_KINDS",
 ]
-
-#: Component kinds that can be pipeline steps.
-STEP_KINDS = ("aligner", "merger", "metric", "differ", "visualizer")
-#: Step kinds that may work on their own ``data`` instead of the pipeline's ``[data]``.
-OWN_DATA_KINDS = ("aligner", "merger")
 
 _TOP_KEYS = ("seed", "data", "activations", "models", "steps", "tasks")
 _MODEL_KEYS = ("name", "use", "checkpoint", "train", "train_data")
@@ -225,16 +221,14 @@ class Pipeline:
     def step_names(self) -> list[str]:
         """The resolved name of every step, in order."""
         uses = [s.use for s in self.steps if s.name is None]
-        return [
-            s.name or (s.use if uses.count(s.use) == 1 else f"{s.use}-{i + 1}") for i, s in enumerate(self.steps)
-        ]
+        return [s.name or (s.use if uses.count(s.use) == 1 else f"{s.use}-{i + 1}") for i, s in enumerate(self.steps)]
 
     # -- TOML ------------------------------------------------------------------
 
     @classmethod
     def from_toml(
         cls, text: str, source: str = "<pipeline>", registry: Registry | None = None, base_dir: Path | None = None
-    ) -> "Pipeline":
+    ) -> Pipeline:
         """Parse and validate a pipeline; errors name ``source``, the table and the key.
 
         Relative checkpoint paths, and component options that are paths (an image
@@ -254,7 +248,7 @@ class Pipeline:
         source: str = "<pipeline>",
         registry: Registry | None = None,
         base_dir: Path | None = None,
-    ) -> "Pipeline":
+    ) -> Pipeline:
         """Build a pipeline from parsed TOML."""
         registry = registry or get_registry()
         _reject_unknown(raw, _TOP_KEYS, "the top level", source)
@@ -364,15 +358,17 @@ class Pipeline:
                 )
         available = list(model_names)  # grows with merger steps, which produce models
         step_names = self.step_names()
-        kinds: dict[str, str] = {}
+        kinds: dict[str, StepKind] = {}
+        aligners: dict[str, str] = {}  # aligner step -> the space of its alignment
         for i, (step, name) in enumerate(zip(self.steps, step_names)):
             where = f"{self.source}, [[steps]] #{i + 1} (use = {step.use!r})"
             kind = registry.kind_of(type(step.component))
-            if kind not in STEP_KINDS:
+            if not KINDS[kind].is_step:
                 raise ConfigError(
                     f"{step.use!r} is {article(kind)}, which cannot be a step; steps use one of: {', '.join(STEP_KINDS)}",
                     where=f"{where}, key 'use'",
                 )
+            rules = step_kind(kind)
             if step.data is not None:
                 _check_own_data(kind, step.use, where)
             if not _NAME.fullmatch(name):
@@ -394,14 +390,21 @@ class Pipeline:
                         f"unknown model {model!r}.{hint} Models available to this step: {', '.join(available) or '(none)'}.",
                         where=f"{where}, key 'models'",
                     )
-                if aligner and kinds.get(aligner) != "aligner":
-                    aligners = [n for n, k in kinds.items() if k == "aligner"]
+                if aligner and aligner not in aligners:
                     raise ConfigError(
                         f"{ref!r}: {aligner!r} is not an earlier aligner step (write '<model>@<aligner step>'); "
                         f"aligner steps: {', '.join(aligners) or '(none)'}",
                         where=f"{where}, key 'models'",
                     )
-            if kind == "metric" and not step.allow_unaligned:
+                if aligner and aligners[aligner] != CHANNEL_GROUPS:
+                    raise ConfigError(
+                        f"{ref!r}: the aligner step {aligner!r} maps activations layer by layer "
+                        f"(its alignment is in {aligners[aligner]!r} space), so no aligned model can be built "
+                        "from it; use an aligner whose alignment is keyed by channel groups (weight-matching, "
+                        "activation-matching, cca) to name aligned models, or read its results directly",
+                        where=f"{where}, key 'models'",
+                    )
+            if rules.compares_units and not step.allow_unaligned:
                 refs = step.models or model_names
                 declared = [r for r in refs if r in model_names]
                 if refs and refs[0] in model_names and len(declared) > 1:
@@ -412,22 +415,25 @@ class Pipeline:
                         "their units already correspond (fine-tunes of one base) or to measure the misalignment",
                         where=f"{where}, key 'models'",
                     )
-            if step.alignment is not None and kinds.get(step.alignment) != "aligner":
-                aligners = [n for n, k in kinds.items() if k == "aligner"]
+            if step.alignment is not None and step.alignment not in aligners:
                 raise ConfigError(
                     f"{step.alignment!r} is not an earlier aligner step; aligner steps: {', '.join(aligners) or '(none)'}",
                     where=f"{where}, key 'alignment'",
                 )
-            if kind in ("metric", "differ") and not (step.layers or self.activations.layers):
+            if rules.needs_layers and not (step.layers or self.activations.layers):
                 raise ConfigError(
                     "this step reads activations but names no layers; set 'layers' here or in [activations]",
                     where=f"{where}, key 'layers'",
                 )
-            if kind in ("metric", "aligner") and len(step.models or model_names) < 2:
-                raise ConfigError("this step compares models and needs at least two", where=f"{where}, key 'models'")
-            if kind == "merger":
+            if len(step.models or model_names) < rules.min_models:
+                raise ConfigError(
+                    f"this step compares models and needs at least {rules.min_models}", where=f"{where}, key 'models'"
+                )
+            if rules.makes_model:
                 available.append(name)
-            kinds[name] = kind
+            if rules.makes_alignment:
+                aligners[name] = getattr(type(step.component), "space", CHANNEL_GROUPS)
+            kinds[name] = rules
         task_names = [t.name for t in self.tasks]
         for i, task in enumerate(self.tasks):
             where = f"{self.source}, [[tasks]] #{i + 1} (name = {task.name!r})"
@@ -442,14 +448,14 @@ class Pipeline:
                             f"unknown model {ref!r}.{hint} Models and merged models: {', '.join(available)}.",
                             where=f"{where}, key {key!r}",
                         )
-        if any(m.checkpoint is None and m.module is None for m in self.models) or any(
-            kinds[n] in ("merger", "metric", "differ") for n in step_names
-        ):
-            if self.data is None:
-                raise ConfigError(
-                    "this pipeline trains, evaluates or records models, so it needs a [data] table",
-                    where=f"{self.source}, key 'data'",
-                )
+        if (
+            any(m.checkpoint is None and m.module is None for m in self.models)
+            or any(kinds[n].needs_data for n in step_names)
+        ) and self.data is None:
+            raise ConfigError(
+                "this pipeline trains, evaluates or records models, so it needs a [data] table",
+                where=f"{self.source}, key 'data'",
+            )
 
 
 def load_pipeline(path: str | Path, registry: Registry | None = None) -> Pipeline:
@@ -521,7 +527,8 @@ def _reject_unknown(table: Mapping[str, Any], accepted: tuple[str, ...], what: s
             guess = closest(key, accepted)
             hint = f" Did you mean {guess!r}?" if guess else ""
             raise ConfigError(
-                f"unknown key {key!r} in {what}.{hint} Accepted keys: {', '.join(accepted)}.", where=f"{where}, key {key!r}"
+                f"unknown key {key!r} in {what}.{hint} Accepted keys: {', '.join(accepted)}.",
+                where=f"{where}, key {key!r}",
             )
 
 
@@ -567,7 +574,7 @@ def _component(
         raise DuplicateComponentError(f"{where}, key 'use': {exc}") from exc
     options = {k: v for k, v in table.items() if k not in reserved}
     try:
-        component = structure_options(cls, options, label=f"{kind} {use!r}", reserved=reserved)
+        component: object = structure_options(cls, options, label=f"{kind} {use!r}", reserved=reserved)
     except ConfigError as exc:
         raise exc.located(f"{where} (use = {use!r})") from exc
     # Relative paths in a pipeline file mean relative to that file, wherever it is run from.
@@ -586,7 +593,11 @@ def _model(registry: Registry, table: dict[str, Any], where: str, base_dir: Path
     train_data = None
     if "train_data" in table:
         train_data = _component(
-            registry, "dataset", _table(table["train_data"], "train_data", where), f"{where}, [train_data]", base_dir=base_dir
+            registry,
+            "dataset",
+            _table(table["train_data"], "train_data", where),
+            f"{where}, [train_data]",
+            base_dir=base_dir,
         )
     checkpoint = table.get("checkpoint")
     if checkpoint is not None and not isinstance(checkpoint, str):
@@ -615,9 +626,10 @@ def _task(registry: Registry, table: dict[str, Any], where: str, base_dir: Path 
 
 
 def _check_own_data(kind: str, use: str, where: str) -> None:
-    if kind not in OWN_DATA_KINDS:
+    if not step_kind(kind).takes_own_data:
+        takers = " and ".join(k for k in STEP_KINDS if step_kind(k).takes_own_data)
         raise ConfigError(
-            f"only aligner and merger steps take their own 'data'; {use!r} is {article(kind)} and reads "
+            f"only {takers} steps take their own 'data'; {use!r} is {article(kind)} and reads "
             "the recordings made on the pipeline's [data]",
             where=f"{where}, key 'data'",
         )
@@ -625,7 +637,9 @@ def _check_own_data(kind: str, use: str, where: str) -> None:
 
 def _step(registry: Registry, table: dict[str, Any], where: str, base_dir: Path | None = None) -> Step:
     use = table.get("use")
-    kinds = [k for k in STEP_KINDS if isinstance(use, str) and use in registry.names(k)]
+    if not isinstance(use, str):
+        raise ConfigError("every step needs 'use = \"<component name>\"'", where=f"{where}, key 'use'")
+    kinds = [k for k in STEP_KINDS if use in registry.names(k)]
     if len(kinds) > 1:
         raise ConfigError(
             f"{use!r} names components of several kinds ({', '.join(kinds)}); block one of their plugins",
@@ -633,8 +647,6 @@ def _step(registry: Registry, table: dict[str, Any], where: str, base_dir: Path 
         )
     kind = kinds[0] if kinds else None
     if kind is None:
-        if not isinstance(use, str):
-            raise ConfigError("every step needs 'use = \"<component name>\"'", where=f"{where}, key 'use'")
         known = sorted({n for k in STEP_KINDS for n in registry.names(k)})
         guess = closest(use, known)
         hint = f" Did you mean {guess!r}?" if guess else ""
@@ -666,4 +678,3 @@ def _step(registry: Registry, table: dict[str, Any], where: str, base_dir: Path 
             raise ConfigError(f"'{key}' must be {kind_text}, got {value!r}", where=f"{where}, key {key!r}")
         fields[key] = value
     return Step(component, **fields)
-

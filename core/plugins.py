@@ -11,14 +11,21 @@ Two environment variables choose what loads, both comma-separated entry-point na
 ``MERGESCOPE_BLOCK_PLUGINS``
     Never load these plugins.
 
-A plugin that fails to import is reported by name (:func:`failed_plugins`, a warning,
-``mergescope plugins``); the others still load.
+``MERGESCOPE_TRACE_PLUGINS``
+    Set to ``1`` to log every hook call (which hook, which plugin, what it returned)
+    to standard error.
+
+A plugin that fails to import, or whose hook raises, is reported by name (a warning,
+:meth:`Registry.failed`, ``mergescope plugins``); the others still load. Hooks are
+called through pluggy's hook relay, one plugin at a time (so that one plugin's error
+cannot hide another's components): pluggy's hook-call monitoring sees every call.
 """
 
 from __future__ import annotations
 
 import importlib.metadata as md
 import os
+import sys
 import types
 import warnings
 from collections.abc import Iterable
@@ -28,13 +35,14 @@ import attrs
 import pluggy
 
 from . import hookspecs
-from .components import KINDS, Kind
 from .errors import DuplicateComponentError, PluginError, UnknownComponentError, article, closest
+from .kinds import KINDS, Kind, takes_context
 
 __all__ = [
     "ENTRY_POINT_GROUP",
     "SELECT_ENV",
     "BLOCK_ENV",
+    "TRACE_ENV",
     "ComponentEntry",
     "PluginInfo",
     "Registry",
@@ -46,6 +54,7 @@ __all__ = [
 ENTRY_POINT_GROUP = "mergescope.plugins"
 SELECT_ENV = "MERGESCOPE_PLUGINS"
 BLOCK_ENV = "MERGESCOPE_BLOCK_PLUGINS"
+TRACE_ENV = "MERGESCOPE_TRACE_PLUGINS"
 
 
 @attrs.frozen
@@ -99,8 +108,16 @@ def _check_component(kind: Kind, cls: Any, plugin: str) -> str:
         raise PluginError(f"{where}: {cls.__qualname__} needs a non-empty string class attribute 'name'")
     if not attrs.has(cls):
         raise PluginError(f"{where}: {cls.__qualname__} must be an attrs class (its fields are its options)")
-    if not callable(getattr(cls, kind.method, None)):
-        raise PluginError(f"{where}: {cls.__qualname__} is registered as a {kind.name} but has no {kind.method}() method")
+    method = getattr(cls, kind.method, None)
+    if not callable(method):
+        raise PluginError(
+            f"{where}: {cls.__qualname__} is registered as a {kind.name} but has no {kind.method}() method"
+        )
+    if kind.is_step and not takes_context(method):
+        raise PluginError(
+            f"{where}: {cls.__qualname__}.{kind.method}() must accept the step's context as a parameter named "
+            f"'context' (declare it 'context: Context | None = None' to call it without one)"
+        )
     return name
 
 
@@ -115,7 +132,8 @@ class Registry:
         self.plugins: dict[str, PluginInfo] = {p.name: p for p in plugins}
         self._entries: dict[str, dict[str, list[ComponentEntry]]] = {k: {} for k in KINDS}
         for kind in KINDS.values():
-            for impl in getattr(pm.hook, kind.hook).get_hookimpls():
+            relay = getattr(pm.hook, kind.hook)
+            for impl in relay.get_hookimpls():
                 plugin = impl.plugin_name
 
                 def register(cls: Any, _kind: Kind = kind, _plugin: str = plugin) -> None:
@@ -128,7 +146,13 @@ class Registry:
                         ComponentEntry(_kind.name, name, cls, _plugin)
                     )
 
-                impl.function(register=register)
+                # Through the relay (monitoring and the plugin's own wrappers apply), one
+                # plugin at a time: a hook body that raises loses only its own plugin.
+                others = [p for p in pm.get_plugins() if p is not impl.plugin]
+                try:
+                    pm.subset_hook_caller(kind.hook, remove_plugins=others)(register=register)
+                except Exception as exc:
+                    self._fail(plugin, f"hook {kind.hook} of plugin {plugin!r} raised {type(exc).__name__}: {exc}")
 
     def _fail(self, plugin: str, message: str) -> None:
         warnings.warn(f"mergescope: {message}", stacklevel=3)
@@ -209,7 +233,27 @@ class Registry:
 def _new_plugin_manager() -> pluggy.PluginManager:
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
+    if os.environ.get(TRACE_ENV, "").strip() not in ("", "0"):
+        _trace_hook_calls(pm)
     return pm
+
+
+def _trace_hook_calls(pm: pluggy.PluginManager) -> None:
+    """Log every hook call and its outcome to standard error."""
+
+    def before(hook_name: str, hook_impls: Any, kwargs: Any) -> None:
+        plugins = ", ".join(repr(impl.plugin_name) for impl in hook_impls) or "(none)"
+        print(f"mergescope trace: {hook_name} called on plugin {plugins}", file=sys.stderr)
+
+    def after(outcome: Any, hook_name: str, hook_impls: Any, kwargs: Any) -> None:
+        plugins = ", ".join(repr(impl.plugin_name) for impl in hook_impls) or "(none)"
+        if outcome.exception is not None:
+            result = f"raised {type(outcome.exception).__name__}: {outcome.exception}"
+        else:
+            result = "returned"
+        print(f"mergescope trace: {hook_name} on plugin {plugins} {result}", file=sys.stderr)
+
+    pm.add_hookcall_monitoring(before, after)
 
 
 def _load_entry_points(pm: pluggy.PluginManager) -> list[PluginInfo]:
@@ -269,8 +313,19 @@ def register_plugin(plugin: object, name: str | None = None) -> None:
         name = name or plugin.__name__
     if not name:
         raise ValueError("register_plugin() needs a name for a plugin that is not a module")
+    try:
+        hash(plugin)
+    except TypeError:  # pluggy keeps plugins in sets: hold the hooks of an unhashable one (a SimpleNamespace)
+        plugin = _HookHolder(vars(plugin))
     _extra.append((plugin, name))
     reset(keep_extra=True)
+
+
+class _HookHolder:
+    """A hashable object carrying the hook functions of a plugin object that is not hashable."""
+
+    def __init__(self, attributes: dict[str, Any]) -> None:
+        self.__dict__.update(attributes)
 
 
 def reset(keep_extra: bool = False) -> None:

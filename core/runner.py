@@ -16,18 +16,14 @@ steps that are done and redoes the ones whose inputs changed.
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import inspect
+import copy
 import json
 import logging
-import os
 import platform
 import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import attrs
 import numpy as np
@@ -35,19 +31,22 @@ import torch
 import xarray as xr
 from torch import nn
 
-from . import __version__
+from ._version import __version__
 from .activations import resolve_layers
-from .checkpoints import load_into, load_state_dict, save_state_dict, state_digest
-from .components import Alignment, Context, ImageDataset, MergeResult, context_keyword, evaluate
-from .errors import CheckpointError, ConfigError, ContractError, MergescopeError, article
-from .options import unstructure_options
+from .checkpoints import load_into, load_state_dict, save_state_dict
+from .context import Context
+from .errors import CheckpointError, ConfigError, MergescopeError
 from .groups import align_to_reference, channel_groups, example_input
+from .keys import cache_key, core_digest, file_digest, source_digest, state_digest
+from .kinds import KINDS, StepCall, StepKind, step_kind
+from .options import unstructure_options
 from .pipeline import ALIGNED, ModelSpec, Pipeline, Step
 from .plugins import Registry, get_registry
 from .report import write_report
 from .storage import atomic_path, load_tree, save_tree
-from .store import Store, StoreSpec, collect_store
-from .training import Training, cache_key, trained_model, trained_model_key
+from .store import Store, StoreSpec, collect_store, recording_key
+from .training import Training, trained_model, trained_model_key
+from .values import Alignment, DatasetSource, ImageDataset, evaluate
 
 __all__ = ["RunResult", "run", "collect_activations"]
 
@@ -70,47 +69,6 @@ class _Model:
     fingerprint: str
 
 
-@functools.lru_cache(maxsize=None)
-def _source_digest(cls: type) -> str | None:
-    """SHA-256 of the file that defines ``cls``, so editing a plugin invalidates its steps.
-
-    ``None`` for a class without a readable source file (defined interactively).
-    """
-    try:
-        source = inspect.getsourcefile(cls)
-    except TypeError:
-        return None
-    return _file_digest(Path(source)) if source and Path(source).is_file() else None
-
-
-@functools.lru_cache(maxsize=None)
-def _core_digest() -> str:
-    """SHA-256 of mergescope's own modules: every step's result depends on them too."""
-    digest = hashlib.sha256()
-    package = Path(__file__).resolve().parent
-    for path in sorted(package.rglob("*.py")):
-        digest.update(path.relative_to(package).as_posix().encode())
-        digest.update(_file_digest(path).encode())
-    return digest.hexdigest()
-
-
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _describe(component: Any, result: Any) -> str:
-    describe = getattr(component, "describe", None)
-    if callable(describe):
-        return str(describe(result))
-    if isinstance(result, xr.Dataset):
-        return "variables: " + ", ".join(map(str, result.data_vars)) if result.data_vars else "no results"
-    return type(result).__name__
-
-
 class _Run:
     def __init__(self, pipeline: Pipeline, out_dir: Path, *, force: bool, quiet: bool, registry: Registry):
         self.pipeline = pipeline
@@ -120,6 +78,7 @@ class _Run:
         self.registry = registry
         self.names = pipeline.step_names()
         self.kinds = {name: registry.kind_of(type(s.component)) for name, s in zip(self.names, pipeline.steps)}
+        self.rules: dict[str, StepKind] = {name: step_kind(kind) for name, kind in self.kinds.items()}
         self.data: ImageDataset | None = pipeline.data.load() if pipeline.data is not None else None
         self.context = Context(
             data=self.data,
@@ -164,7 +123,7 @@ class _Run:
         except CheckpointError as exc:
             raise CheckpointError(f"{where}, key 'checkpoint': {exc}") from exc
         model.eval()
-        return _Model(model, _file_digest(path))
+        return _Model(model, file_digest(path))
 
     def _trained(self, spec: ModelSpec, where: str) -> _Model:
         source = spec.train_data
@@ -179,7 +138,7 @@ class _Run:
             source = attrs.evolve(data, split="train")
         training = spec.train or Training()
         log.info("model %s: training or loading from cache", spec.name)
-        model = trained_model(spec.architecture, source, training, context=self.context)
+        model = trained_model(spec.architecture, source, training, progress=self.context.progress)
         return _Model(model, trained_model_key(spec.architecture, source, training))
 
     def _available(self, name: str) -> bool:
@@ -196,6 +155,11 @@ class _Run:
             source = self.models[model]
             if model == alignment.reference:
                 self.models[name] = source
+            elif not alignment.applies_to_weights:
+                raise ConfigError(
+                    f"{name!r}: the aligner step {aligner!r} gave an alignment in {alignment.space!r} space, "
+                    "which maps activations and cannot be applied to a model's weights"
+                )
             elif model not in alignment.transforms:
                 raise ConfigError(
                     f"{name!r}: the aligner step {aligner!r} aligned {', '.join(sorted(alignment.transforms))} "
@@ -226,8 +190,7 @@ class _Run:
         """Every layer any step reads, per model, so each model is recorded in one pass."""
         needed: dict[str, list[str]] = {}
         for name, step in zip(self.names, self.pipeline.steps):
-            # A visualizer reads recordings only of the models it names (top-k grids).
-            if self.kinds[name] in ("metric", "differ") or (self.kinds[name] == "visualizer" and step.models):
+            if self.rules[name].reads_recordings(step):
                 for model in self._step_models(step):
                     layers = needed.setdefault(model, [])
                     layers.extend(layer for layer in self._step_selectors(step) if layer not in layers)
@@ -240,8 +203,11 @@ class _Run:
         """The store holding ``model``'s recording, recording every pending model first if needed."""
         if model not in self.stores:
             if model not in self.needed_layers:
+                readers = ", ".join(
+                    k for k, kind in KINDS.items() if kind.step is not None and kind.step.layers_pick_recordings
+                )
                 raise ConfigError(
-                    f"{model!r} is not recorded: only models named by a metric, differ or visualizer step "
+                    f"{model!r} is not recorded: only models named by a step that reads recordings ({readers}) "
                     f"are ({', '.join(sorted(self.needed_layers)) or 'none'})"
                 )
             if not self._available(model):
@@ -249,36 +215,27 @@ class _Run:
             self._record()
         return self.stores[model]
 
-    def step_context(self, step: Step, kind: str) -> Context:
+    def step_context(self, step: Step, rules: StepKind) -> Context:
         """The run's context narrowed to one step: its models, its layers, the stores."""
         models = self._step_models(step)
-        reads_layers = kind in ("metric", "differ", "visualizer") or bool(step.layers)
-        layers = self._step_layers(step) if reads_layers and self._step_selectors(step) else []
+        layers = self._step_layers(step) if rules.resolves_layers(step) and self._step_selectors(step) else []
         context = attrs.evolve(self.context, models=models, layers=layers, stores=self.store_of)
         if step.data is not None:  # its own images: statistics, BatchNorm and evaluation on them
-            context = attrs.evolve(context, data=self._step_data(step))
+            context = attrs.evolve(context, data=self._step_data(step.data))
         return context
 
-    def _step_data(self, step: Step) -> ImageDataset:
-        key = cache_key(step.data)
+    def _step_data(self, source: DatasetSource) -> ImageDataset:
+        key = cache_key(source)
         if key not in self.step_datasets:
-            self.step_datasets[key] = step.data.load()
+            self.step_datasets[key] = source.load()
         return self.step_datasets[key]
 
     def _record(self) -> None:
         """Record, in one lockstep pass, every available model that needs activations and has none yet."""
         assert self.data is not None
-        spec = self.pipeline.activations
         pending = sorted(m for m in self.needed_layers if self._available(m) and m not in self.stores)
-        store_spec = StoreSpec(
-            layers={m: self.needed_layers[m] for m in pending},
-            reduce=spec.reduce,
-            batch_size=spec.batch_size,
-            chunk_size=spec.chunk_size,
-            topk=spec.topk,
-            workers=spec.workers,
-        )
-        key = cache_key([self.model(m).fingerprint for m in pending], self.pipeline.data, store_spec.identity())
+        store_spec = _store_spec(self.pipeline, {m: self.needed_layers[m] for m in pending})
+        key = recording_key([self.model(m).fingerprint for m in pending], self.data, store_spec)
         directory = self.out / "activations" / key[:16]
         if self.force:
             shutil.rmtree(directory, ignore_errors=True)
@@ -288,7 +245,7 @@ class _Run:
             store_spec,
             directory,
             key=key,
-            context=self.context,
+            progress=self.context.progress,
         )
         for m in pending:
             self.stores[m] = store
@@ -296,27 +253,27 @@ class _Run:
     # -- steps -------------------------------------------------------------------------
 
     def _step_key(self, name: str, step: Step) -> str:
-        kind = self.kinds[name]
-        reads_models = kind != "visualizer" or bool(step.models)
-        inputs: list[Any] = [self.model(m).fingerprint for m in self._step_models(step)] if reads_models else []
-        if kind in ("metric", "differ") or (kind == "visualizer" and step.models):
-            inputs += [self._step_selectors(step), self.pipeline.activations.reduce, self.pipeline.activations.topk]
-        if kind == "visualizer":  # draws everything before it
-            inputs += [self.step_keys[n] for n in self.names[: self.names.index(name)]]
-        if step.alignment:
-            inputs.append(self.step_keys[step.alignment])
-        if step.layers is not None and kind not in ("metric", "differ", "visualizer"):
-            inputs.append({"layers": list(step.layers)})  # aligners and mergers may read them too
-        if kind in ("aligner", "merger"):  # statistics gathered in batches depend on their size
-            inputs.append({"batch_size": self.pipeline.activations.batch_size})
+        rules = self.rules[name]
+        activations = self.pipeline.activations
+        inputs = rules.key_inputs(
+            step,
+            fingerprints=[self.model(m).fingerprint for m in self._step_models(step)]
+            if rules.reads_models(step)
+            else [],
+            selectors=self._step_selectors(step),
+            recording=[activations.reduce, activations.topk],
+            earlier=[self.step_keys[n] for n in self.names[: self.names.index(name)]],
+            alignment=self.step_keys[step.alignment] if step.alignment else None,
+            batch_size=activations.batch_size,
+        )
         component = step.component if isinstance(step.component, type) else type(step.component)
         return cache_key(
             {
                 "use": step.use,
-                "kind": kind,
+                "kind": self.kinds[name],
                 "options": unstructure_options(step.component),
-                "source": _source_digest(component),
-                "core": _core_digest(),
+                "source": source_digest(component),
+                "core": core_digest(),
             },
             step.data if step.data is not None else self.pipeline.data,
             self.pipeline.seed,
@@ -325,22 +282,22 @@ class _Run:
 
     def run_step(self, index: int, results: dict[str, xr.Dataset]) -> dict[str, xr.Dataset]:
         step, name = self.pipeline.steps[index], self.names[index]
-        kind = self.kinds[name]
+        kind, rules = self.kinds[name], self.rules[name]
         key = self.step_keys[name] = self._step_key(name, step)
         step_dir = self.out / "steps" / f"{name}-{key[:16]}"
         result_path, model_path = step_dir / "result.nc", step_dir / "model.pt"
         if result_path.exists() and not self.force:
             log.info("step %s (%s): done before, loaded from %s", name, step.use, step_dir)
-            tree = load_tree(result_path)
-            if kind == "merger" and model_path.exists():
+            output = rules.restore(load_tree(result_path))
+            if rules.makes_model and model_path.exists():
                 self.models[name] = _Model(self._rebuild_merged(step, model_path), key)
-            if kind == "aligner":
-                self.alignments[name] = Alignment.from_tree(tree)
-            return _flatten(tree)
+            if output.alignment is not None:
+                self.alignments[name] = output.alignment
+            return output.nodes
         log.info("step %s (%s): running", name, step.use)
         where = f"{self.pipeline.source}, [[steps]] #{index + 1} (use = {step.use!r})"
         try:
-            nodes = self._execute(name, step, kind, results, step_dir)
+            output = rules.execute(self._call(name, step, rules, results))
         except MergescopeError as exc:
             raise type(exc)(f"{where}: {exc}") from exc
         except Exception as exc:  # a bug in a component: say which one, keep the traceback as __cause__
@@ -350,72 +307,34 @@ class _Run:
                 f"{where}: step {name!r} failed in {kind} {step.use!r} "
                 f"(plugin {plugins[0]!r}, module {cls.__module__}): {type(exc).__name__}: {exc}"
             ) from exc
-        if kind == "merger" and name in self.models:
-            save_state_dict(self.models[name].module, model_path)
-        save_tree(xr.DataTree.from_dict(nodes), result_path)
-        return nodes
+        if output.alignment is not None:
+            self.alignments[name] = output.alignment
+        if output.model is not None:
+            self.models[name] = _Model(output.model, key)
+            save_state_dict(output.model, model_path)
+        save_tree(xr.DataTree.from_dict(output.nodes), result_path)
+        return output.nodes
 
     def _rebuild_merged(self, step: Step, model_path: Path) -> nn.Module:
         template = self.model(self._step_models(step)[0]).module
-        model = _clone(template)
+        model = copy.deepcopy(template)
         load_into(model, load_state_dict(model_path), source=str(model_path), architecture=step.use)
         return model.eval()
 
-    def _execute(
-        self, name: str, step: Step, kind: str, results: Mapping[str, xr.Dataset], step_dir: Path
-    ) -> dict[str, xr.Dataset]:
-        component = step.component
+    def _call(self, name: str, step: Step, rules: StepKind, results: dict[str, xr.Dataset]) -> StepCall:
         model_names = self._step_models(step)
-        models = {m: self.model(m).module for m in model_names}
-        context = self.step_context(step, kind)
-        if kind == "merger":
-            alignment = self.alignments.get(step.alignment) if step.alignment else None
-            merged: MergeResult = component.merge(models, context, alignment=alignment)
-            if merged.model is not None:
-                self.models[name] = _Model(merged.model.eval(), self.step_keys[name])
-            return {"/": merged.results}
-        if kind == "aligner":
-            alignment = component.align(models, model_names[0], context)
-            self.alignments[name] = alignment
-            return _flatten(alignment.to_tree())
-        if kind == "metric":
-            return {layer: self._score(component, model_names, layer, context) for layer in context.layers}
-        if kind == "differ":
-            return {
-                layer: component.fit({m: self.activation(m, layer) for m in model_names}, context)
-                for layer in context.layers
-            }
-        if kind == "visualizer":
-            figures = self.out / "figures" / name
-            tree = xr.DataTree.from_dict(dict(results))
-            paths = [Path(p) for p in component.render(tree, figures, **context_keyword(component.render, context))]
-            node = xr.Dataset({"files": ("file", [os.path.relpath(p.resolve(), self.out.resolve()) for p in paths])})
-            # Labelled data a visualizer draws from (its .nc outputs) joins the run's results.
-            for path in paths:
-                if path.suffix == ".nc":
-                    with xr.open_dataset(path) as drawn:
-                        node = node.merge(drawn.load())
-            return {"/": node}
-        raise ConfigError(f"{step.use!r} is {article(kind)}, which cannot be a step")
-
-    def _score(self, metric: Any, model_names: list[str], layer: str, context: Context) -> xr.Dataset:
-        reference = model_names[0]
-        scores = []
-        extra = context_keyword(metric.score, context)
-        for other in model_names[1:]:
-            score = metric.score(self.activation(reference, layer), self.activation(other, layer), **extra)
-            if not isinstance(score, xr.DataArray) or score.dims != ("unit",):
-                raise ContractError(
-                    f"metric {metric.name!r} must return a DataArray with dims ('unit',), "
-                    f"got {getattr(score, 'dims', type(score).__name__)}"
-                )
-            scores.append(score.assign_coords(model=other, reference=reference, layer=layer))
-        variable = (scores[0].name or metric.name).replace("-", "_")
-        ds = xr.concat(scores, dim="model", coords="different", compat="equals").to_dataset(name=variable)
-        if ds.sizes["model"] > 1:  # N models against one reference: the spread per unit
-            ds[f"{variable}_mean"] = ds[variable].mean("model")
-            ds[f"{variable}_std"] = ds[variable].std("model")
-        return ds
+        return StepCall(
+            name=name,
+            use=step.use,
+            component=step.component,
+            model_names=model_names,
+            models={m: self.model(m).module for m in model_names} if rules.reads_models(step) else {},
+            context=self.step_context(step, rules),
+            alignment=self.alignments.get(step.alignment) if step.alignment else None,
+            results=dict(results),
+            run_dir=self.out,
+            activation=self.activation,
+        )
 
     # -- the whole run -----------------------------------------------------------------
 
@@ -507,21 +426,7 @@ class _Run:
 
     def _summary_line(self, name: str, nodes: Mapping[str, xr.Dataset]) -> str:
         step = self.pipeline.steps[self.names.index(name)]
-        layers = {path: ds for path, ds in nodes.items() if path != "/"}
-        if self.kinds[name] == "metric":
-            parts = []
-            for layer, ds in layers.items():
-                for var in ds.data_vars:
-                    if "model" not in ds[var].dims:  # the mean and spread over models
-                        continue
-                    for model in ds[var].coords["model"].values:
-                        parts.append(f"  {layer} {model}: {_describe(step.component, ds[var].sel(model=model))}")
-            return f"{name} ({step.use}):\n" + "\n".join(parts)
-        if self.kinds[name] == "differ":
-            parts = [f"  {layer}: {_describe(step.component, ds)}" for layer, ds in layers.items()]
-            return f"{name} ({step.use}):\n" + "\n".join(parts)
-        root = nodes.get("/", xr.Dataset())
-        return f"{name} ({step.use}): {_describe(step.component, root)}"
+        return self.rules[name].summary(name, step.use, step.component, nodes)
 
 
 def task_table(ds: xr.Dataset) -> str:
@@ -546,21 +451,6 @@ def _as_toml(pipeline: Pipeline) -> str:
         return pipeline.to_toml()
     except ConfigError as exc:
         return f"# This pipeline was composed in Python and has no TOML form: {exc}\n"
-
-
-def _flatten(tree: xr.DataTree) -> dict[str, xr.Dataset]:
-    """Node path relative to ``tree`` ("/" for the root) -> the node's own Dataset."""
-    out = {"/": tree.to_dataset(inherit=False)}
-    for node in tree.subtree:
-        if node is not tree and node.has_data:
-            out[node.relative_to(tree)] = node.to_dataset(inherit=False)
-    return out
-
-
-def _clone(model: nn.Module) -> nn.Module:
-    import copy
-
-    return copy.deepcopy(model)
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -622,18 +512,29 @@ def collect_activations(
         )
     job = _Run(pipeline, Path(out_dir), force=False, quiet=quiet, registry=registry)
     job.load_models()
+    layers = {m.name: list(pipeline.activations.layers) for m in pipeline.models}
+    store_spec = _store_spec(pipeline, layers)
+    assert job.data is not None
+    key = recording_key([job.models[m].fingerprint for m in layers], job.data, store_spec)
+    return collect_store(
+        {m: job.models[m].module for m in layers},
+        job.data,
+        store_spec,
+        out_dir,
+        key=key,
+        shard=shard,
+        progress=job.context.progress,
+    )
+
+
+def _store_spec(pipeline: Pipeline, layers: Mapping[str, list[str]]) -> StoreSpec:
+    """What the run records for its steps: ``layers`` per model, as ``[activations]`` says."""
     spec = pipeline.activations
-    layers = {m.name: list(spec.layers) for m in pipeline.models}
-    store_spec = StoreSpec(
-        layers=layers,
+    return StoreSpec(
+        layers=dict(layers),
         reduce=spec.reduce,
         batch_size=spec.batch_size,
         chunk_size=spec.chunk_size,
         topk=spec.topk,
         workers=spec.workers,
-    )
-    key = cache_key([job.models[m].fingerprint for m in layers], pipeline.data, store_spec.identity())
-    assert job.data is not None
-    return collect_store(
-        {m: job.models[m].module for m in layers}, job.data, store_spec, out_dir, key=key, shard=shard, context=job.context
     )

@@ -89,8 +89,9 @@ def _batch(values: Any, units: int, name: str = "values", sample_ids: np.ndarray
     if not np.isfinite(array).all():
         bad = ~np.isfinite(array)
         row, unit = (int(i) for i in np.argwhere(bad)[0])
-        known = sample_ids is not None and row < len(sample_ids)
-        where = f"row {row}" + (f" (sample id {int(sample_ids[row])})" if known else "")
+        where = f"row {row}"
+        if sample_ids is not None and row < len(sample_ids):
+            where += f" (sample id {int(sample_ids[row])})"
         raise ValueError(
             f"{name}: {int(bad.sum())} non-finite value(s) (NaN or inf) in the batch; the first at {where}, unit {unit}"
         )

@@ -30,12 +30,13 @@ with :func:`xarray.open_mfdataset`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import netCDF4
@@ -55,13 +56,26 @@ from .activations import (
     uses_groups,
     validate_activation,
 )
-from .components import Context, Evaluation, ImageDataset
 from .errors import ConfigError, ContractError
+from .extras import require
 from .groups import example_input
+from .keys import cache_key
+from .progress import Progress, silent
 from .statistics import CoMoments, Moments, TopK
 from .storage import atomic_path, load_tree, save_tree
+from .values import Evaluation, ImageDataset
 
-__all__ = ["StoreSpec", "Store", "collect_store", "join_stores", "shard_positions", "MARKER", "RECORDING_FORMAT"]
+__all__ = [
+    "StoreSpec",
+    "Store",
+    "collect_store",
+    "join_stores",
+    "shard_positions",
+    "dataset_identity",
+    "recording_key",
+    "MARKER",
+    "RECORDING_FORMAT",
+]
 
 MARKER = "COMPLETE"
 
@@ -208,14 +222,14 @@ class _Accumulators:
     def to_nodes(self, prefix: str = "") -> dict[str, xr.Dataset]:
         """``{path: Dataset}`` of every accumulator, paths under ``prefix``."""
         nodes: dict[str, xr.Dataset] = {}
-        for (m, l), acc in self.moments.items():
-            nodes[f"{prefix}{m}/{l}/moments"] = acc.to_dataset()
-        for (m, l), acc in self.topk.items():
-            nodes[f"{prefix}{m}/{l}/topk"] = acc.to_dataset()
-        for (m, l), acc in self.covariance.items():
-            nodes[f"{prefix}{m}/{l}/covariance"] = acc.to_dataset()
-        for (a, b, l), acc in self.cross.items():
-            nodes[f"{prefix}cross/{a}/{b}/{l}"] = acc.to_dataset()
+        for (m, layer), moments in self.moments.items():
+            nodes[f"{prefix}{m}/{layer}/moments"] = moments.to_dataset()
+        for (m, layer), topk in self.topk.items():
+            nodes[f"{prefix}{m}/{layer}/topk"] = topk.to_dataset()
+        for (m, layer), covariance in self.covariance.items():
+            nodes[f"{prefix}{m}/{layer}/covariance"] = covariance.to_dataset()
+        for (a, b, layer), cross in self.cross.items():
+            nodes[f"{prefix}cross/{a}/{b}/{layer}"] = cross.to_dataset()
         for m, (loss, correct, count) in self.evaluation.items():
             nodes[f"{prefix}evaluation/{m}"] = xr.Dataset({"loss_sum": loss, "correct": correct, "count": count})
         return nodes
@@ -224,8 +238,12 @@ class _Accumulators:
         return xr.DataTree.from_dict(self.to_nodes())
 
     @classmethod
-    def from_tree(cls, tree: xr.DataTree) -> "_Accumulators":
-        readers = {"moments": ("moments", Moments), "topk": ("topk", TopK), "covariance": ("covariance", CoMoments)}
+    def from_tree(cls, tree: xr.DataTree) -> _Accumulators:
+        readers: dict[str, tuple[str, type[Moments | TopK | CoMoments]]] = {
+            "moments": ("moments", Moments),
+            "topk": ("topk", TopK),
+            "covariance": ("covariance", CoMoments),
+        }
         acc = cls()
         for node in tree.subtree:
             if node is tree or not node.has_data:
@@ -241,12 +259,14 @@ class _Accumulators:
                 getattr(acc, attr)[(parts[0], parts[1])] = kind.from_dataset(ds)
         return acc
 
-    def merge(self, other: "_Accumulators") -> "_Accumulators":
+    def merge(self, other: _Accumulators) -> _Accumulators:
         out = _Accumulators()
         for name in ("moments", "topk", "covariance", "cross", "evaluation"):
             mine, theirs = getattr(self, name), getattr(other, name)
             if mine.keys() != theirs.keys():
-                raise ContractError(f"cannot merge stores that recorded different {name}: {sorted(mine)} vs {sorted(theirs)}")
+                raise ContractError(
+                    f"cannot merge stores that recorded different {name}: {sorted(mine)} vs {sorted(theirs)}"
+                )
             combine = (lambda a, b: a + b) if name == "evaluation" else (lambda a, b: a.merge(b))
             setattr(out, name, {k: combine(mine[k], theirs[k]) for k in mine})
         return out
@@ -267,7 +287,7 @@ class Store:
         self.info = dict(info)
 
     @classmethod
-    def open(cls, directory: str | Path) -> "Store":
+    def open(cls, directory: str | Path) -> Store:
         """Open a complete collection; an incomplete one is an error saying so."""
         directory = Path(directory)
         marker = directory / MARKER
@@ -304,6 +324,8 @@ class Store:
         if len(files) == 1:
             with xr.open_dataset(files[0], group=layer, engine="netcdf4") as ds:
                 return validate_activation(ds[VARIABLE].load(), where=f"{files[0]}:/{layer}")
+        # Several shards are opened lazily as one dask-backed array (the 'dask' extra).
+        require("dask.array", "dask", f"reading {model!r} at {layer!r} from a store of {len(files)} shards")
         ds = xr.open_mfdataset(files, group=layer, engine="netcdf4", combine="nested", concat_dim="sample")
         return validate_activation(ds[VARIABLE], where=f"{files[0].name} (+{len(files) - 1} shards):/{layer}")
 
@@ -352,9 +374,10 @@ def _checkpoint_samples(directory: Path) -> int | None:
 def _batches(
     data: ImageDataset, positions: np.ndarray, batch_size: int, workers: int = 0
 ) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(data, positions.tolist()), batch_size=batch_size, shuffle=False, num_workers=workers
-    )
+    # An ImageDataset is a map-style dataset of (image, label) pairs, as the loader expects.
+    dataset = cast("torch.utils.data.Dataset[tuple[torch.Tensor, int]]", data)
+    subset = torch.utils.data.Subset(dataset, positions.tolist())
+    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=workers)
     start = 0
     for images, labels in loader:
         yield positions[start : start + len(images)], images, labels
@@ -373,51 +396,67 @@ def _forward(model: nn.Module, images: torch.Tensor, name: str, data: ImageDatas
 
 def _write_chunk(path: Path, arrays: Mapping[str, np.ndarray], ids: np.ndarray, labels: np.ndarray) -> None:
     """One chunk of one model: plain variables per layer, written atomically."""
-    with atomic_path(path) as tmp:
-        with netCDF4.Dataset(tmp, "w") as nc:
-            nc.createDimension("sample", len(ids))
-            nc.createVariable("sample", "i8", ("sample",))[:] = ids
-            nc.createVariable("label", "i8", ("sample",))[:] = labels
-            for i, (layer, values) in enumerate(arrays.items()):
-                dims = ["sample"] + [nc.createDimension(f"d{i}_{j}", s).name for j, s in enumerate(values.shape[1:])]
-                var = nc.createVariable(f"layer{i}", "f4", dims)
-                var[:] = values
-                var.layer = layer
+    with atomic_path(path) as tmp, netCDF4.Dataset(tmp, "w") as nc:
+        nc.createDimension("sample", len(ids))
+        nc.createVariable("sample", "i8", ("sample",))[:] = ids
+        nc.createVariable("label", "i8", ("sample",))[:] = labels
+        for i, (layer, values) in enumerate(arrays.items()):
+            dims = ["sample"] + [nc.createDimension(f"d{i}_{j}", s).name for j, s in enumerate(values.shape[1:])]
+            var = nc.createVariable(f"layer{i}", "f4", dims)
+            var[:] = values
+            var.layer = layer
 
 
 def _join_chunks(path: Path, chunk_files: Sequence[Path], model: str, layers: Sequence[str], total: int) -> None:
     """Copy every chunk into one file with a group per layer, chunk by chunk (constant memory)."""
-    with atomic_path(path) as tmp:
-        with netCDF4.Dataset(tmp, "w") as out:
-            groups = {}
-            for layer in layers:
-                g = out.createGroup(layer)
-                g.createDimension("sample", total)
-                g.createVariable("sample", "i8", ("sample",))
-                g.createVariable("label", "i8", ("sample",))
-                g.createVariable("model", str, ())[0] = model
-                g.createVariable("layer", str, ())[0] = layer
-                groups[layer] = g
-            offset = 0
-            for chunk in chunk_files:
-                with netCDF4.Dataset(chunk, "r") as nc:
-                    n = len(nc.dimensions["sample"])
-                    ids, labels = nc["sample"][:], nc["label"][:]
-                    for i, layer in enumerate(layers):
-                        g, values = groups[layer], nc[f"layer{i}"][:]
-                        if VARIABLE not in g.variables:
-                            dims = ("sample", "unit", "y", "x")[: values.ndim]
-                            for dim, size in zip(dims[1:], values.shape[1:]):
-                                g.createDimension(dim, size)
-                                g.createVariable(dim, "i8", (dim,))[:] = np.arange(size)
-                            var = g.createVariable(
-                                VARIABLE, "f4", dims, zlib=False, chunksizes=(min(n, 1024), *values.shape[1:])
-                            )
-                            var.coordinates = "label model layer"
-                        g[VARIABLE][offset : offset + n] = values
-                        g["sample"][offset : offset + n] = ids
-                        g["label"][offset : offset + n] = labels
-                offset += n
+    with atomic_path(path) as tmp, netCDF4.Dataset(tmp, "w") as out:
+        groups = {}
+        for layer in layers:
+            g = out.createGroup(layer)
+            g.createDimension("sample", total)
+            g.createVariable("sample", "i8", ("sample",))
+            g.createVariable("label", "i8", ("sample",))
+            g.createVariable("model", str, ())[0] = model
+            g.createVariable("layer", str, ())[0] = layer
+            groups[layer] = g
+        offset = 0
+        for chunk in chunk_files:
+            with netCDF4.Dataset(chunk, "r") as nc:
+                n = len(nc.dimensions["sample"])
+                ids, labels = nc["sample"][:], nc["label"][:]
+                for i, layer in enumerate(layers):
+                    g, values = groups[layer], nc[f"layer{i}"][:]
+                    if VARIABLE not in g.variables:
+                        dims = ("sample", "unit", "y", "x")[: values.ndim]
+                        for dim, size in zip(dims[1:], values.shape[1:]):
+                            g.createDimension(dim, size)
+                            g.createVariable(dim, "i8", (dim,))[:] = np.arange(size)
+                        var = g.createVariable(
+                            VARIABLE, "f4", dims, zlib=False, chunksizes=(min(n, 1024), *values.shape[1:])
+                        )
+                        var.coordinates = "label model layer"
+                    g[VARIABLE][offset : offset + n] = values
+                    g["sample"][offset : offset + n] = ids
+                    g["label"][offset : offset + n] = labels
+            offset += n
+
+
+def dataset_identity(data: ImageDataset) -> dict[str, str]:
+    """What identifies a loaded dataset in recording keys: its name, its sample ids and a few images.
+
+    Two loads of one dataset may differ in preprocessing (size, normalisation) but not
+    in name or ids: the first few images themselves tell them apart.
+    """
+    ids = hashlib.sha256(np.asarray(data.sample_ids, dtype=np.int64).tobytes()).hexdigest()
+    first = hashlib.sha256()
+    for i in range(min(4, len(data))):
+        first.update(np.ascontiguousarray(np.asarray(data[i][0], dtype=np.float32)).tobytes())
+    return {"name": data.name, "sample_ids": ids, "first_images": first.hexdigest()}
+
+
+def recording_key(fingerprints: Sequence[str], data: ImageDataset, spec: StoreSpec) -> str:
+    """The key of a recording: the models' fingerprints, the dataset's identity and what is recorded."""
+    return cache_key(list(fingerprints), dataset_identity(data), spec.identity())
 
 
 def collect_store(
@@ -428,7 +467,7 @@ def collect_store(
     *,
     key: str = "",
     shard: tuple[int, int] = (0, 1),
-    context: Context | None = None,
+    progress: Progress | None = None,
 ) -> Store:
     """Record ``models`` over ``data`` into ``directory`` in one pass, resuming if interrupted.
 
@@ -448,15 +487,15 @@ def collect_store(
         Identifies the inputs (models, data, spec); mismatching work is never reused.
     shard
         ``(i, n)``: record only the i-th of n contiguous slices of the dataset.
-    context
-        Progress bars.
+    progress
+        Shows how far the recording has come (see :mod:`mergescope.progress`); silent when ``None``.
 
     Returns
     -------
     Store
     """
     directory = Path(directory)
-    context = context or Context(quiet=True)
+    progress = progress or silent
     full_key = json.dumps({"key": key, "shard": list(shard), "spec": spec.identity()}, sort_keys=True)
     marker = directory / MARKER
     if marker.is_file() and json.loads(marker.read_text(encoding="utf-8")).get("key") == full_key:
@@ -507,8 +546,10 @@ def collect_store(
             model.eval()
         remaining = positions[done:]
         total_batches = -(-len(remaining) // spec.batch_size)
-        batches = context.progress(
-            _batches(data, remaining, spec.batch_size, spec.workers), desc=f"collecting {', '.join(models)}", total=total_batches
+        batches = progress(
+            _batches(data, remaining, spec.batch_size, spec.workers),
+            desc=f"collecting {', '.join(models)}",
+            total=total_batches,
         )
         # NumPy's BLAS (the covariance products) single-threaded: its idle threads spin
         # after each product and take the cores from torch's threads in the next forward
@@ -520,10 +561,16 @@ def collect_store(
                 ids = sample_ids[batch_positions]
                 summaries = {m: {layer: captured[m][layer] for layer in spec.layers[m]} for m in models}
                 per_sample = {
-                    m: {l: (v if v.ndim == 2 else v.reshape(*v.shape[:2], -1).mean(axis=2)) for l, v in layers.items()}
+                    m: {
+                        layer: (v if v.ndim == 2 else v.reshape(*v.shape[:2], -1).mean(axis=2))
+                        for layer, v in layers.items()
+                    }
                     for m, layers in summaries.items()
                 }
-                rows = {m: {l: captured_rows[m].get(l, v) for l, v in layers.items()} for m, layers in per_sample.items()}
+                rows = {
+                    m: {layer: captured_rows[m].get(layer, v) for layer, v in layers.items()}
+                    for m, layers in per_sample.items()
+                }
                 acc.update(spec, per_sample, rows, ids)
                 chunk.add(batch_positions, summaries)
                 if chunk.full:
@@ -548,7 +595,7 @@ def _resume(work: Path, full_key: str) -> tuple[_Accumulators, int]:
         return _Accumulators(), 0
     if str(tree.ds["key"].values) != full_key:
         return _Accumulators(), 0
-    stats = tree["stats"] if "stats" in tree.children else xr.DataTree()
+    stats = tree.children["stats"] if "stats" in tree.children else xr.DataTree()
     return _Accumulators.from_tree(stats), int(tree.ds["samples_done"])
 
 

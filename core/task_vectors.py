@@ -20,6 +20,10 @@ Which entries of a state dict are merged
 
 Arithmetic is done in float64 and cast back to each entry's dtype, so ``theta_base +
 tau_i`` gives ``theta_i`` back exactly.
+
+The state-dict helpers every merger shares (:func:`~mergescope.states.check_compatible`,
+:func:`~mergescope.states.average_states`, :func:`~mergescope.states.build_model`) live in
+:mod:`mergescope.states`; the option checks in :mod:`mergescope.validators`.
 """
 
 from __future__ import annotations
@@ -35,19 +39,21 @@ import torch
 import xarray as xr
 from torch import Tensor, nn
 
-from .batchnorm import reset_batchnorm, running_stat_keys
+from .batchnorm import running_stat_keys
 from .components import Context, MergeResult
 from .errors import ConfigError
 
+# check_compatible, check_finite, average_states and build_model moved to mergescope.states; they stay
+# importable from here for third parties, for now.
+from .states import average_states, build_model, check_compatible, check_finite, float_keys  # noqa: F401
+from .validators import as_float, boolean, finite, float_list, list_of, non_empty_str, optional, unique
+
 __all__ = [
     "MAX_RELATIVE_DISTANCE",
-    "check_compatible",
-    "check_finite",
     "merge_keys",
     "task_vectors",
     "relative_distances",
     "check_finetuned",
-    "average_states",
     "add_to_base",
     "flatten",
     "unflatten",
@@ -55,14 +61,10 @@ __all__ = [
     "sign_conflicts",
     "TaskVectors",
     "prepare",
-    "build_model",
     "ScalingSearch",
     "search_scaling",
     "finish_merge",
-    "float_list",
-    "check_scaling",
     "check_scalings",
-    "check_fraction",
     "example_finetunes",
     "TaskVectorMerger",
 ]
@@ -80,73 +82,6 @@ Above 1.0 a model is no closer to the base than an unrelated network would be.
 # ---------------------------------------------------------------------- checking
 
 
-def check_compatible(states: Mapping[str, Mapping[str, Tensor]]) -> None:
-    """Check that state dicts can be combined entry by entry.
-
-    Parameters
-    ----------
-    states
-        Model name -> state dict.
-
-    Raises
-    ------
-    ValueError
-        A model lacks an entry another has, an entry's shape differs between two models
-        (the message names the first such entry, both shapes and both models), an entry
-        is floating in one model and not in another, or a floating tensor holds NaN/inf.
-    """
-    if not states:
-        raise ValueError("no models to merge")
-    names = list(states)
-    first = names[0]
-    reference = states[first]
-    for other in names[1:]:
-        state = states[other]
-        missing = [key for key in reference if key not in state]
-        if missing:
-            raise ValueError(
-                f"parameter {missing[0]!r} of model {first!r} is missing from model {other!r}; "
-                "merged models must share one architecture"
-            )
-        extra = [key for key in state if key not in reference]
-        if extra:
-            raise ValueError(
-                f"parameter {extra[0]!r} of model {other!r} is missing from model {first!r}; "
-                "merged models must share one architecture"
-            )
-        for key, tensor in reference.items():
-            theirs = state[key]
-            if tuple(tensor.shape) != tuple(theirs.shape):
-                raise ValueError(
-                    f"parameter {key!r} has shape {tuple(tensor.shape)} in model {first!r} "
-                    f"but {tuple(theirs.shape)} in model {other!r}"
-                )
-            if tensor.is_floating_point() != theirs.is_floating_point():
-                raise ValueError(
-                    f"parameter {key!r} is {tensor.dtype} in model {first!r} but {theirs.dtype} in model {other!r}"
-                )
-    check_finite(states)
-
-
-def check_finite(states: Mapping[str, Mapping[str, Tensor]]) -> None:
-    """Check that no floating entry of any state dict holds NaN or inf.
-
-    Parameters
-    ----------
-    states
-        Model name -> state dict.
-
-    Raises
-    ------
-    ValueError
-        Naming the first parameter (and its model) with a NaN or inf value.
-    """
-    for name, state in states.items():
-        for key, tensor in state.items():
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                raise ValueError(f"parameter {key!r} of model {name!r} holds NaN or inf values")
-
-
 def merge_keys(model: nn.Module) -> tuple[list[str], list[str]]:
     """Split ``model``'s state-dict keys into task-vector entries and BatchNorm statistics.
 
@@ -162,15 +97,6 @@ def merge_keys(model: nn.Module) -> tuple[list[str], list[str]]:
     vector_keys = [k for k, t in state.items() if t.is_floating_point() and k not in stats]
     statistic_keys = [k for k, t in state.items() if t.is_floating_point() and k in stats]
     return vector_keys, statistic_keys
-
-
-def _float_keys(state: Mapping[str, Tensor], keys: Collection[str] | None) -> list[str]:
-    if keys is None:
-        return [k for k, t in state.items() if t.is_floating_point()]
-    missing = [k for k in keys if k not in state]
-    if missing:
-        raise ValueError(f"parameter {missing[0]!r} is not in the base model's state")
-    return [k for k in keys if state[k].is_floating_point()]
 
 
 # ------------------------------------------------------------------ task vectors
@@ -211,7 +137,7 @@ def task_vectors(
     labels = list(names) if names is not None else [f"#{i + 1}" for i in range(len(finetuned_states))]
     if len(labels) != len(finetuned_states):
         raise ValueError(f"got {len(finetuned_states)} fine-tuned state dicts but {len(labels)} names")
-    selected = _float_keys(base_state, keys)
+    selected = float_keys(base_state, keys)
     out = []
     for label, state in zip(labels, finetuned_states):
         tau = {}
@@ -240,7 +166,7 @@ def relative_distances(
     Norms are Euclidean over all selected entries flattened together (default: every
     floating entry). ``inf`` when the base is all zeros and a model is not.
     """
-    selected = _float_keys(base_state, keys)
+    selected = float_keys(base_state, keys)
     base_sq = math.fsum(float(base_state[k].detach().double().pow(2).sum()) for k in selected)
     out = []
     for state in states:
@@ -338,45 +264,6 @@ def check_finetuned(
 
 
 # ------------------------------------------------------------------ state arithmetic
-
-
-def average_states(
-    states: Sequence[Mapping[str, Tensor]],
-    weights: Sequence[float] | None = None,
-    *,
-    keys: Collection[str] | None = None,
-) -> dict[str, Tensor]:
-    """Weighted average ``sum_i w_i theta_i`` of state dicts, entry by entry.
-
-    Parameters
-    ----------
-    states
-        State dicts with the same keys and shapes.
-    weights
-        One weight per state dict, used as given (default: uniform ``1 / n``).
-    keys
-        Entries to average (default every floating entry). Only these are returned.
-
-    Returns
-    -------
-    dict
-        Floating entries summed in float64 and cast back to the first model's dtype.
-    """
-    if not states:
-        raise ValueError("no state dicts to average")
-    if weights is None:
-        weights = [1.0 / len(states)] * len(states)
-    if len(weights) != len(states):
-        raise ValueError(f"got {len(states)} state dicts but {len(weights)} weights")
-    first = states[0]
-    out = {}
-    for key in _float_keys(first, keys):
-        tensor = first[key]
-        total = torch.zeros(tensor.shape, dtype=torch.float64, device=tensor.device)
-        for state, weight in zip(states, weights):
-            total += float(weight) * state[key].detach().to(device=tensor.device, dtype=torch.float64)
-        out[key] = total.to(tensor.dtype)
-    return out
 
 
 def add_to_base(
@@ -587,21 +474,6 @@ def prepare(models: Mapping[str, nn.Module], base: str | None, *, method: str) -
     return TaskVectors(base, others, template, base_state, tuned, vector_keys, statistic_keys, vectors, distances)
 
 
-def build_model(
-    template: nn.Module, state: Mapping[str, Tensor], context: Context | None = None, *, reset: bool = False
-) -> nn.Module:
-    """A copy of ``template`` holding ``state``, in evaluation mode.
-
-    With ``reset`` and data in ``context``, its BatchNorm statistics are recomputed on
-    ``context.data`` (:func:`mergescope.batchnorm.reset_batchnorm`).
-    """
-    model = copy.deepcopy(template)
-    model.load_state_dict(state)
-    if reset and context is not None and context.data is not None:
-        reset_batchnorm(model, context.data, batch_size=context.batch_size, context=context)
-    return model.eval()
-
-
 @attrs.frozen
 class ScalingSearch:
     """The outcome of :func:`search_scaling`: the grid, its scores and the chosen point."""
@@ -743,32 +615,14 @@ def finish_merge(
 # ----------------------------------------------------------------- option checks
 
 
-def float_list(value: Any) -> list[float] | None:
-    """Converter for list-of-number options: ``None`` stays ``None``, numbers become floats."""
-    if value is None:
-        return None
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise TypeError(f"expected a list of numbers, got {value!r}")
-    return [float(v) for v in value]
-
-
-def check_scaling(instance: Any, attribute: attrs.Attribute, value: float) -> None:
-    """Validator: a finite scaling (negative values subtract task vectors, as in task negation)."""
-    if not math.isfinite(value):
-        raise ValueError(f"'{attribute.name}' must be a finite number, got {value}")
-
-
 def check_scalings(instance: Any, attribute: attrs.Attribute, value: list[float] | None) -> None:
     """Validator of a ``scalings`` grid: finite, non-empty, no repeats, and no ``scaling`` beside it."""
     if value is None:
         return
-    if not value:
+    if isinstance(value, (list, tuple)) and not value:
         raise ValueError(f"'{attribute.name}' must hold at least one value; leave it out to use 'scaling'")
-    for s in value:
-        if not math.isfinite(s):
-            raise ValueError(f"'{attribute.name}' must be finite numbers, got {value}")
-    if len(set(value)) != len(value):
-        raise ValueError(f"'{attribute.name}' must not repeat a value, got {value}")
+    list_of(finite)(instance, attribute, value)
+    unique(instance, attribute, value)
     default = attrs.fields_dict(type(instance))["scaling"].default
     if instance.scaling != default:
         raise ValueError(
@@ -777,25 +631,20 @@ def check_scalings(instance: Any, attribute: attrs.Attribute, value: list[float]
         )
 
 
-def check_fraction(instance: Any, attribute: attrs.Attribute, value: float) -> None:
-    """Validator: a fraction of entries to keep, in ``(0, 1]``."""
-    if not math.isfinite(value) or not 0.0 < value <= 1.0:
-        raise ValueError(f"'{attribute.name}' must lie in (0, 1] (the fraction of entries kept), got {value}")
-
-
 def example_finetunes(n: int = 2, *, scale: float = 0.05, seed: int = 0) -> dict[str, nn.Module]:
     """A small base MLP and ``n`` perturbed copies standing in for its fine-tunes.
 
-    The architecture is that of :func:`mergescope.testing.example_models`. ``model0`` is
-    the base; ``model1`` ... ``model{n}`` add Gaussian noise of ``scale`` times each
-    tensor's RMS, so their relative distance to the base is about ``scale``.
-    Deterministic for a given ``seed``. Meant for examples and conformance tests of
-    task-vector mergers, which reject independently initialised models.
+    The base is ``Flatten, Linear(16, 8), ReLU, Linear(8, 3)`` initialised with torch's
+    seed 0: the architecture and weights of ``model0`` of
+    :func:`mergescope.testing.example_models`. ``model0`` is the base; ``model1`` ...
+    ``model{n}`` add Gaussian noise of ``scale`` times each tensor's RMS, so their
+    relative distance to the base is about ``scale``. Deterministic for a given ``seed``;
+    the global random state is left as it was. Meant for examples and conformance tests
+    of task-vector mergers, which reject independently initialised models.
     """
-    from .testing import example_models
-
-    with torch.random.fork_rng(devices=[]):  # example_models seeds the global generator
-        base = example_models(1)["model0"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        base = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
     gen = torch.Generator().manual_seed(seed)
     models: dict[str, nn.Module] = {"model0": base}
     for i in range(1, n + 1):
@@ -816,11 +665,13 @@ class TaskVectorMerger:
     """The shared shape of mergers that combine task vectors of fine-tunes of one base.
 
     A subclass sets ``name`` (and ``paper``) and implements :meth:`combine`, which turns
-    the task vectors into one merged task vector ``tau`` plus diagnostics. ``merge``
-    does the rest, as for task arithmetic, TIES and PCB: it refuses an alignment, finds
-    the base and the task vectors (:func:`prepare`), then adds ``lambda * tau`` to the
-    base, searches ``lambda`` on the data when ``scalings`` is given, recomputes
-    BatchNorm statistics and evaluates (:func:`finish_merge`).
+    the task vectors into one merged task vector ``tau`` plus diagnostics, or, when it
+    ranks entries across the whole network as TIES and PCB do, :meth:`combine_flat`,
+    which does the same on the task vectors flattened into the rows of one matrix.
+    ``merge`` does the rest, as for task arithmetic, TIES and PCB: it refuses an
+    alignment, finds the base and the task vectors (:func:`prepare`), then adds ``lambda
+    * tau`` to the base, searches ``lambda`` on the data when ``scalings`` is given,
+    recomputes BatchNorm statistics and evaluates (:func:`finish_merge`).
 
     Parameters
     ----------
@@ -835,10 +686,13 @@ class TaskVectorMerger:
         Recompute BatchNorm statistics on the step's data after merging.
     """
 
-    base: str | None = attrs.field(default=None, validator=attrs.validators.optional(attrs.validators.instance_of(str)))
-    scaling: float = attrs.field(default=1.0, converter=float, validator=check_scaling)
-    scalings: list[float] | None = attrs.field(default=None, converter=float_list, validator=check_scalings)
-    reset_batchnorm: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
+    base: str | None = attrs.field(default=None, validator=optional(non_empty_str))
+    # Negative scalings subtract task vectors (task negation): any finite number.
+    # The ignores: mypy's attrs plugin rejects attrs.Converter objects, which these converters
+    # are so that their errors can name the option (python/mypy#15736).
+    scaling: float = attrs.field(default=1.0, converter=as_float, validator=finite)  # type: ignore[misc]
+    scalings: list[float] | None = attrs.field(default=None, converter=float_list, validator=check_scalings)  # type: ignore[misc]
+    reset_batchnorm: bool = attrs.field(default=True, validator=boolean)
 
     @classmethod
     def conformance_models(cls) -> dict[str, nn.Module]:
@@ -850,8 +704,25 @@ class TaskVectorMerger:
 
         Extra variables are ``{name: value}`` for :class:`xarray.Dataset` (e.g.
         ``("model", array)`` for one value per fine-tune, or a scalar).
+
+        By default the task vectors are flattened into the rows of one float64 matrix
+        (:func:`flatten`), merged by :meth:`combine_flat` and split back into entries
+        (:func:`unflatten`); the extra variables gain ``merged_density``, the fraction of
+        entries the merged task vector changes.
         """
-        raise NotImplementedError(f"{type(self).__qualname__} must implement combine()")
+        flat = flatten(inputs.vectors, inputs.vector_keys)
+        merged, extra = self.combine_flat(flat)
+        delta = unflatten(merged, inputs.vectors[0], inputs.vector_keys)
+        density = float((merged != 0).double().mean()) if merged.numel() else 0.0
+        return delta, {**extra, "merged_density": density}
+
+    def combine_flat(self, flat: Tensor) -> tuple[Tensor, dict[str, Any]]:
+        """The merged task vector ``(n_entries,)`` of the rows of ``flat`` and extra result variables.
+
+        ``flat`` is ``(n_models, n_entries)``, one task vector per row, in the order of the
+        fine-tunes (see :meth:`combine`).
+        """
+        raise NotImplementedError(f"{type(self).__qualname__} must implement combine() or combine_flat()")
 
     def merge(self, models: Mapping[str, nn.Module], context: Context, alignment: Any = None) -> Any:
         """Merge the fine-tunes into the base; search ``lambda`` and evaluate when there is data.
@@ -907,3 +778,15 @@ class TaskVectorMerger:
         scaling = float(result["merged_scaling"]) if "merged_scaling" in result else float("nan")
         chosen = f" (best of {result.sizes['scaling']})" if "scaling" in result.dims else ""
         return f"{scaling:g}{chosen}"
+
+    def describe(self, result: xr.Dataset) -> str:
+        """One line: the base, how much of each task vector was kept and how many signs conflict
+        (when :meth:`combine` reports ``kept`` and ``sign_conflicts``), ``lambda`` and the score.
+        """
+        parts = [f"base {str(result['base'].values)!r}"]
+        if "kept" in result:
+            parts.append(f"kept {float(np.mean(result['kept'].values)):.0%} of each task vector")
+        if "sign_conflicts" in result:
+            parts.append(f"{float(result['sign_conflicts']):.1%} sign conflicts")
+        parts.append(f"lambda {self.chosen_scaling(result)}")
+        return self.scored(", ".join(parts), result)

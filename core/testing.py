@@ -46,9 +46,12 @@ import xarray as xr
 from torch import nn
 
 from .activations import make_activation
-from .components import KINDS, Alignment, Context, ImageDataset, MergeResult, TensorImageDataset, context_keyword
+from .context import Context
 from .errors import ConfigError
+from .groups import align_to_reference, channel_groups, check_equivalence, example_input
+from .kinds import KINDS, Kind, takes_context
 from .options import option_names, structure_options, unstructure_options
+from .values import CHANNEL_GROUPS, Alignment, ImageDataset, MergeResult, TensorImageDataset
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -73,7 +76,9 @@ Check = Callable[[Any], None]
 # --------------------------------------------------------------------- examples
 
 
-def example_dataset(n: int = 48, shape: tuple[int, ...] = (1, 4, 4), classes: int = 3, seed: int = 0) -> TensorImageDataset:
+def example_dataset(
+    n: int = 48, shape: tuple[int, ...] = (1, 4, 4), classes: int = 3, seed: int = 0
+) -> TensorImageDataset:
     """A small random labelled dataset (every class present)."""
     g = torch.Generator().manual_seed(seed)
     labels = np.arange(n) % classes
@@ -83,7 +88,7 @@ def example_dataset(n: int = 48, shape: tuple[int, ...] = (1, 4, 4), classes: in
 
 def example_models(n: int = 2, in_features: int = 16, hidden: int = 8, classes: int = 3) -> dict[str, nn.Module]:
     """``n`` small MLPs of one architecture from different seeds, named ``model0``, ``model1``, ..."""
-    models = {}
+    models: dict[str, nn.Module] = {}
     for i in range(n):
         torch.manual_seed(i)
         models[f"model{i}"] = nn.Sequential(
@@ -135,10 +140,16 @@ def _instance(component: Any) -> Any:
 def check_registrable(component: Any) -> None:
     """A ``name`` string, an attrs class, the kind's method and a one-line docstring summary."""
     cls = component if isinstance(component, type) else type(component)
-    assert isinstance(getattr(cls, "name", None), str) and cls.name, f"{cls.__qualname__} needs a string 'name'"
+    name = getattr(cls, "name", None)
+    assert isinstance(name, str) and name, f"{cls.__qualname__} needs a string 'name'"
     assert attrs.has(cls), f"{cls.__qualname__} must be an attrs class"
-    kind_of(cls)
-    assert (cls.__doc__ or "").strip(), f"{cls.__qualname__} needs a docstring (its first line is the catalogue summary)"
+    kind = KINDS[kind_of(cls)]
+    assert (cls.__doc__ or "").strip(), (
+        f"{cls.__qualname__} needs a docstring (its first line is the catalogue summary)"
+    )
+    assert not kind.is_step or takes_context(getattr(cls, kind.method)), (
+        f"{cls.__qualname__}.{kind.method}() must accept the step's context as a parameter named 'context'"
+    )
 
 
 def check_options_roundtrip(component: Any) -> None:
@@ -206,9 +217,11 @@ def _same(x: Any, y: Any) -> bool:
 def _metric_output(component: Any) -> None:
     metric = _instance(component)
     a, b = example_activations()
-    extra = context_keyword(metric.score, example_context(a))
+    extra = {"context": example_context(a)}
     first = _seeded(lambda: metric.score(a, b, **extra))
-    assert isinstance(first, xr.DataArray), f"{metric.name!r}.score() must return a DataArray, got {type(first).__name__}"
+    assert isinstance(first, xr.DataArray), (
+        f"{metric.name!r}.score() must return a DataArray, got {type(first).__name__}"
+    )
     assert first.dims == ("unit",), f"{metric.name!r}.score() must return dims ('unit',), got {first.dims}"
     assert np.array_equal(first["unit"].values, b["unit"].values), f"{metric.name!r}: 'unit' coord differs from b's"
     assert _same(first, _seeded(lambda: metric.score(a, b, **extra))), f"{metric.name!r}.score() is not deterministic"
@@ -217,7 +230,7 @@ def _metric_output(component: Any) -> None:
 def _metric_bad_input(component: Any) -> None:
     metric = _instance(component)
     a, b = example_activations()
-    extra = context_keyword(metric.score, example_context(a))
+    extra = {"context": example_context(a)}
     shifted = b.assign_coords(sample=b["sample"].values + 1)
     for bad, what in ((shifted, "different sample ids"), (b.isel(unit=slice(0, 3)), "a different number of units")):
         try:
@@ -273,15 +286,74 @@ def _merger_bad_input(component: Any) -> None:
 def _aligner_output(component: Any) -> None:
     aligner = _instance(component)
     context = Context(data=example_dataset(), quiet=True)
-    models = example_models()
-    first = _seeded(lambda: aligner.align(models, "model0", context))
+    models = _conformance_models(component)
+    reference, other = list(models)[:2]
+    first = _seeded(lambda: aligner.align(models, reference, context))
     assert isinstance(first, Alignment), f"{aligner.name!r}.align() must return an Alignment"
-    assert first.reference == "model0", f"{aligner.name!r}: Alignment.reference must be the reference model"
-    assert "model1" in first.transforms, f"{aligner.name!r}: no transforms for the non-reference model"
-    for group, t in first.transforms["model1"].items():
+    assert first.reference == reference, f"{aligner.name!r}: Alignment.reference must be the reference model"
+    assert other in first.transforms, f"{aligner.name!r}: no transforms for the non-reference model"
+    for group, t in first.transforms[other].items():
         assert t.dims == ("unit", "unit_ref"), f"{aligner.name!r}: transform {group!r} has dims {t.dims}"
-    second = _seeded(lambda: aligner.align(models, "model0", context))
+    declared = getattr(type(aligner), "space", CHANNEL_GROUPS)
+    assert first.space == declared, (
+        f"{aligner.name!r}: its class declares space = {declared!r} but its alignment is in {first.space!r} space"
+    )
+    second = _seeded(lambda: aligner.align(models, reference, context))
     assert first.to_tree().identical(second.to_tree()), f"{aligner.name!r}: alignment differs between seeded runs"
+
+
+def _aligner_applies(component: Any) -> None:
+    """The alignment is what it says: keyed by channel groups that apply to the models, or by their layers.
+
+    A channel-group alignment is applied to every other model; where all its transforms
+    are permutations, the permuted model must compute the same function as before.
+    """
+    aligner = _instance(component)
+    data = example_dataset()
+    models = _conformance_models(component)
+    reference = list(models)[0]
+    alignment = _seeded(lambda: aligner.align(models, reference, Context(data=data, quiet=True)))
+    x = example_input(data, count=4)
+    if alignment.space != CHANNEL_GROUPS:
+        for model, transforms in alignment.transforms.items():
+            layers = dict(models[model].named_modules())
+            unknown = sorted(set(transforms) - set(layers))
+            assert not unknown, (
+                f"{aligner.name!r}: an alignment in {alignment.space!r} space must be keyed by layer names of "
+                f"{model!r}; {unknown} are not among them"
+            )
+        return
+    groups = channel_groups(models[reference], x)
+    names = {g.name for g in groups}
+    for model, transforms in alignment.transforms.items():
+        unknown = sorted(set(transforms) - names)
+        assert not unknown, (
+            f"{aligner.name!r}: its alignment of {model!r} has groups {unknown} that the architecture does not "
+            f"have (its channel groups: {', '.join(sorted(names))}); declare space = 'layers' for layer-keyed maps"
+        )
+        aligned = align_to_reference({model: models[model]}, alignment, groups)[model]
+        matrices = [np.asarray(t.transpose("unit", "unit_ref").values) for t in transforms.values()]
+        if all(_is_permutation(m) for m in matrices):
+            with torch.no_grad():
+                before, after = models[model].eval()(x), aligned.eval()(x)
+            scale = float(before.abs().max()) or 1.0
+            difference = float((before - after).abs().max()) / scale
+            assert difference <= 1e-5, (
+                f"{aligner.name!r}: permuting {model!r} with its alignment changed the model's output "
+                f"(relative difference {difference:.2e}); a permutation must leave the function unchanged"
+            )
+    # The reference itself, permuted at random in every group, must also stay the same function.
+    check_equivalence(models[reference], x, groups=groups)
+
+
+def _is_permutation(matrix: np.ndarray) -> bool:
+    return bool(
+        matrix.ndim == 2
+        and matrix.shape[0] == matrix.shape[1]
+        and np.isin(matrix, (0.0, 1.0)).all()
+        and (matrix.sum(axis=0) == 1).all()
+        and (matrix.sum(axis=1) == 1).all()
+    )
 
 
 def _differ_output(component: Any) -> None:
@@ -290,7 +362,9 @@ def _differ_output(component: Any) -> None:
     context = Context(quiet=True)
     first = _seeded(lambda: differ.fit({"a": a, "b": b}, context))
     assert isinstance(first, xr.Dataset), f"{differ.name!r}.fit() must return an xarray Dataset"
-    assert first.identical(_seeded(lambda: differ.fit({"a": a, "b": b}, context))), f"{differ.name!r}: not deterministic"
+    assert first.identical(_seeded(lambda: differ.fit({"a": a, "b": b}, context))), (
+        f"{differ.name!r}: not deterministic"
+    )
 
 
 def _visualizer_output(component: Any) -> None:
@@ -298,7 +372,7 @@ def _visualizer_output(component: Any) -> None:
     a, b = example_activations()
     tree = xr.DataTree.from_dict({"metric/layer": xr.Dataset({"score": a.mean("sample")})})
     with tempfile.TemporaryDirectory() as tmp:
-        files = visualizer.render(tree, Path(tmp) / "out", **context_keyword(visualizer.render, example_context(a)))
+        files = visualizer.render(tree, Path(tmp) / "out", context=example_context(a))
         assert isinstance(files, list), f"{visualizer.name!r}.render() must return a list of paths"
         for f in files:
             assert Path(f).is_file(), f"{visualizer.name!r}.render() returned {f}, which does not exist"
@@ -318,7 +392,9 @@ def _dataset_output(component: Any) -> None:
     assert label == labels[0], f"{source.name!r}: item label disagrees with .labels"
     again = source.load()
     assert np.array_equal(ids, again.sample_ids), f"{source.name!r}: sample ids differ between two loads"
-    assert torch.equal(data[len(data) - 1][0], again[len(again) - 1][0]), f"{source.name!r}: images differ between loads"
+    assert torch.equal(data[len(data) - 1][0], again[len(again) - 1][0]), (
+        f"{source.name!r}: images differ between loads"
+    )
 
 
 def _architecture_output(component: Any, input_shape: tuple[int, ...] = (1, 28, 28)) -> None:
@@ -342,19 +418,26 @@ def _embedder_output(component: Any) -> None:
     assert isinstance(first, np.ndarray), f"{embedder.name!r}.embed() must return a numpy array"
     assert first.ndim == 2 and first.shape[0] == 4, f"{embedder.name!r}.embed(): shape {first.shape} for 4 images"
     assert np.isfinite(first).all(), f"{embedder.name!r}.embed() returned non-finite values"
-    assert np.allclose(first, _seeded(lambda: embedder.embed(images))), f"{embedder.name!r}.embed() is not deterministic"
+    assert np.allclose(first, _seeded(lambda: embedder.embed(images))), (
+        f"{embedder.name!r}.embed() is not deterministic"
+    )
 
 
-_KIND_CHECKS: dict[str, list[Check]] = {
-    "metric": [_metric_output, _metric_bad_input],
-    "merger": [_merger_output, _merger_bad_input],
-    "aligner": [_aligner_output],
-    "differ": [_differ_output],
-    "visualizer": [_visualizer_output],
-    "dataset": [_dataset_output],
-    "architecture": [_architecture_output],
-    "embedder": [_embedder_output],
+# The checks of each kind, keyed by the kind's protocol method (one per kind, see mergescope.kinds).
+_CHECKS_BY_METHOD: dict[str, list[Check]] = {
+    "score": [_metric_output, _metric_bad_input],
+    "merge": [_merger_output, _merger_bad_input],
+    "align": [_aligner_output, _aligner_applies],
+    "fit": [_differ_output],
+    "render": [_visualizer_output],
+    "load": [_dataset_output],
+    "build": [_architecture_output],
+    "embed": [_embedder_output],
 }
+
+
+def _kind_checks(kind: Kind) -> list[Check]:
+    return _CHECKS_BY_METHOD[kind.method]
 
 
 def _named(fn: Check, name: str) -> Check:
@@ -382,7 +465,7 @@ def checks_for(component: Any) -> Iterator[Check]:
     yield check_options_roundtrip
     yield check_unknown_option_rejected
     yield check_bad_option_type
-    for fn in _KIND_CHECKS[kind_of(component)]:
+    for fn in _kind_checks(KINDS[kind_of(component)]):
         yield _named(fn, f"check_{fn.__name__.lstrip('_')}")
 
 
@@ -393,10 +476,10 @@ def check_component(component: Any) -> None:
 
 
 def _label(component: Any) -> str:
-    cls = component if isinstance(component, type) else type(component)
     if isinstance(component, type):
-        return str(getattr(cls, "name", cls.__qualname__))
-    return f"{cls.name}({', '.join(f'{k}={v!r}' for k, v in unstructure_options(component).items())})"
+        return str(getattr(component, "name", component.__qualname__))
+    options = ", ".join(f"{k}={v!r}" for k, v in unstructure_options(component).items())
+    return f"{type(component).name}({options})"
 
 
 def parametrize_with_checks(components: Sequence[Any]):

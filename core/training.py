@@ -8,22 +8,20 @@ pipeline that needs the same models) reuses them.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import cast
 
 import attrs
-import numpy as np
 import torch
 from torch import nn
 
 from . import checkpoints
 from .batchnorm import reset_batchnorm
-from .components import Architecture, Context, DatasetSource, ImageDataset
-from .options import converter
+from .keys import OMIT_DEFAULT_FROM_KEY, cache_key
+from .progress import Progress, silent
+from .validators import boolean, non_negative, non_negative_int, one_of, positive, positive_int
+from .values import Architecture, DatasetSource, ImageDataset
 
 __all__ = [
     "Training",
@@ -38,47 +36,7 @@ __all__ = [
 
 CACHE_ENV = "MERGESCOPE_CACHE"
 
-OMIT_DEFAULT_FROM_KEY = "mergescope.omit_default_from_key"
-"""``attrs`` field metadata: leave the option out of cache keys while it has its default.
-
-Give it to an option added to an existing component
-(``attrs.field(default=..., metadata={OMIT_DEFAULT_FROM_KEY: True})``): keys of
-instances that do not set the new option stay what they were before it existed, so
-cached models and step results stay valid. Once set to another value, the option is
-part of the key like any other.
-"""
-
-# Part of every cache key: bump it when training changes in a way that makes old
-# cached weights wrong (loss, data order, initialisation, ...).
-_CACHE_FORMAT = "mergescope-trained-model-v1"
-
 _OPTIMIZERS = ("adam", "sgd")
-
-
-def _positive(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"'{attribute.name}' must be a positive number, got {value!r}")
-
-
-def _integer(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"'{attribute.name}' must be a non-negative integer, got {value!r}")
-
-
-def _positive_int(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"'{attribute.name}' must be a positive integer, got {value!r}")
-
-
-def _non_negative(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ValueError(f"'{attribute.name}' must be zero or a positive number, got {value!r}")
-
-
-def _known_optimizer(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if value not in _OPTIMIZERS:
-        accepted = ", ".join(repr(o) for o in _OPTIMIZERS)
-        raise ValueError(f"'{attribute.name}' must be one of {accepted}, got {value!r}")
 
 
 @attrs.define
@@ -111,27 +69,23 @@ class Training:
         pre-training data, and the model in evaluation mode is far worse than it trained.
     """
 
-    seed: int = attrs.field(default=0, validator=_integer)
-    epochs: int = attrs.field(default=10, validator=_integer)
-    batch_size: int = attrs.field(default=128, validator=_positive_int)
-    lr: float = attrs.field(default=1e-3, validator=_positive)
-    optimizer: str = attrs.field(default="adam", validator=_known_optimizer)
-    weight_decay: float = attrs.field(default=0.0, validator=_non_negative)
-    reset_batchnorm: bool = attrs.field(
-        default=False, validator=attrs.validators.instance_of(bool), metadata={OMIT_DEFAULT_FROM_KEY: True}
-    )
+    seed: int = attrs.field(default=0, validator=non_negative_int)
+    epochs: int = attrs.field(default=10, validator=non_negative_int)
+    batch_size: int = attrs.field(default=128, validator=positive_int)
+    lr: float = attrs.field(default=1e-3, validator=positive)
+    optimizer: str = attrs.field(default="adam", validator=one_of(*_OPTIMIZERS))
+    weight_decay: float = attrs.field(default=0.0, validator=non_negative)
+    reset_batchnorm: bool = attrs.field(default=False, validator=boolean, metadata={OMIT_DEFAULT_FROM_KEY: True})
 
 
 def _make_optimizer(model: nn.Module, training: Training) -> torch.optim.Optimizer:
     if training.optimizer == "sgd":
-        return torch.optim.SGD(
-            model.parameters(), lr=training.lr, momentum=0.9, weight_decay=training.weight_decay
-        )
+        return torch.optim.SGD(model.parameters(), lr=training.lr, momentum=0.9, weight_decay=training.weight_decay)
     return torch.optim.Adam(model.parameters(), lr=training.lr, weight_decay=training.weight_decay)
 
 
 def train_classifier(
-    model: nn.Module, data: ImageDataset, training: Training, context: Context | None = None
+    model: nn.Module, data: ImageDataset, training: Training, progress: Progress | None = None
 ) -> list[float]:
     """Train ``model`` in place with cross-entropy, reproducibly.
 
@@ -148,9 +102,9 @@ def train_classifier(
         Training images and labels.
     training
         Optimisation options.
-    context
-        When given, a progress bar over the epochs is shown through
-        :meth:`~mergescope.components.Context.progress`.
+    progress
+        Shows how far training has come, epoch by epoch (see :mod:`mergescope.progress`);
+        silent when ``None``.
 
     Returns
     -------
@@ -164,13 +118,12 @@ def train_classifier(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(training.seed)
         shuffle = torch.Generator().manual_seed(training.seed)
-        loader = torch.utils.data.DataLoader(
-            data, batch_size=training.batch_size, shuffle=True, generator=shuffle
-        )
+        # An ImageDataset is a map-style dataset of (image, label) pairs, as the loader expects.
+        dataset = cast("torch.utils.data.Dataset[tuple[torch.Tensor, int]]", data)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=training.batch_size, shuffle=True, generator=shuffle)
         optimizer = _make_optimizer(model, training)
-        epochs: Any = range(training.epochs)
-        if context is not None:
-            epochs = context.progress(epochs, desc=f"training on {data.name}", total=training.epochs)
+        progress = progress or silent
+        epochs = progress(range(training.epochs), desc=f"training on {data.name}", total=training.epochs)
         model.train()
         for _ in epochs:
             total, count = 0.0, 0
@@ -183,7 +136,7 @@ def train_classifier(
                 count += len(labels)
             losses.append(total / count)
         if training.reset_batchnorm:
-            reset_batchnorm(model, data, batch_size=training.batch_size, context=context)
+            reset_batchnorm(model, data, batch_size=training.batch_size, progress=progress)
     model.eval()
     return losses
 
@@ -198,64 +151,6 @@ def cache_dir() -> Path:
     """
     env = os.environ.get(CACHE_ENV)
     return Path(env).expanduser() if env else Path.home() / ".cache" / "mergescope"
-
-
-def _canonical(value: Any) -> Any:
-    """A JSON-ready form of ``value`` that names a component by its ``name``."""
-    if isinstance(value, type):
-        return {"class": _class_name(value)}
-    if attrs.has(type(value)):
-        return {"class": _class_name(type(value)), "options": _canonical(_key_options(value))}
-    if isinstance(value, Mapping):
-        return {str(k): _canonical(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_canonical(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, np.generic):
-        return value.item()
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    # Falling back to str() could embed memory addresses and make keys unstable.
-    raise TypeError(f"cannot build a cache key from a {type(value).__name__}: {value!r}")
-
-
-def _key_options(instance: Any) -> dict[str, Any]:
-    """The unstructured options of ``instance``, without flagged options at their defaults."""
-    options = converter.unstructure(instance)
-    for field in attrs.fields(type(instance)):
-        if field.metadata.get(OMIT_DEFAULT_FROM_KEY) and field.name in options:
-            default = field.default
-            if isinstance(default, attrs.Factory):
-                default = default.factory(instance) if default.takes_self else default.factory()
-            if getattr(instance, field.name) == default:
-                del options[field.name]
-    return options
-
-
-def _class_name(cls: type) -> str:
-    name = getattr(cls, "name", None)
-    return name if isinstance(name, str) else f"{cls.__module__}.{cls.__qualname__}"
-
-
-def cache_key(*parts: Any) -> str:
-    """A stable hash of everything that determines a cached result.
-
-    Parameters
-    ----------
-    *parts
-        Component instances (hashed with their class ``name`` and options), component
-        classes (hashed by ``name``), and plain JSON-like values.
-
-    Returns
-    -------
-    str
-        The sha256 hex digest of a canonical JSON of the parts and the cache format
-        version; any change of an option changes it.
-    """
-    payload = {"format": _CACHE_FORMAT, "parts": [_canonical(p) for p in parts]}
-    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def trained_model_key(architecture: Architecture, data_source: DatasetSource, training: Training) -> str:
@@ -275,7 +170,7 @@ def trained_model(
     architecture: Architecture,
     data_source: DatasetSource,
     training: Training,
-    context: Context | None = None,
+    progress: Progress | None = None,
     cache: Path | None = None,
 ) -> nn.Module:
     """Build a model of ``architecture`` trained on ``data_source``, from the cache if possible.
@@ -295,8 +190,8 @@ def trained_model(
         The training data component (its options are part of the key).
     training
         Training options (part of the key).
-    context
-        Passed to :func:`train_classifier` for progress bars.
+    progress
+        Passed to :func:`train_classifier` (see :mod:`mergescope.progress`).
     cache
         Cache directory; defaults to :func:`cache_dir`.
 
@@ -325,6 +220,6 @@ def trained_model(
         state = checkpoints.load_state_dict(path)
         checkpoints.load_into(model, state, source=str(path), architecture=architecture.name)
     else:
-        train_classifier(model, data, training, context)
+        train_classifier(model, data, training, progress)
         checkpoints.save_state_dict(model, path)
     return model.eval()

@@ -23,7 +23,8 @@ from torch import nn
 from mergescope.components import Alignment, Context
 from mergescope.groups import channel_groups, example_input, permutation_matrix
 from mergescope.hookspecs import hookimpl
-from mergescope.task_vectors import check_finite
+from mergescope.states import check_finite
+from mergescope.validators import boolean
 
 __all__ = ["match_correlations", "ActivationMatching", "register_aligners"]
 
@@ -68,7 +69,7 @@ class ActivationMatching:
     name: ClassVar[str] = "activation-matching"
     paper: ClassVar[str] = "Ainsworth et al. 2023, Git Re-Basin (activation matching); Jordan et al. 2023, REPAIR"
 
-    positions: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
+    positions: bool = attrs.field(default=True, validator=boolean)
 
     def align(self, models: Mapping[str, nn.Module], reference: str, context: Context) -> Alignment:
         """Match every model's units to the reference's, group by group.

@@ -9,61 +9,25 @@ independently trained networks without alignment usually gives a poor model.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import ClassVar
 
 import attrs
 import numpy as np
 import xarray as xr
-from torch import Tensor, nn
+from torch import nn
 
 from mergescope.batchnorm import running_stat_keys
 from mergescope.components import Alignment, Context, MergeResult
 from mergescope.errors import ConfigError
 from mergescope.hookspecs import hookimpl
-from mergescope.task_vectors import average_states, build_model, check_compatible, float_list
+from mergescope.states import average_states, build_model, check_compatible
+from mergescope.validators import boolean, finite, float_list, list_of, non_negative, optional, sums_to
 
-__all__ = ["average", "Average", "register_mergers"]
+__all__ = ["Average", "register_mergers"]
 
-# Weights written in a pipeline file may miss 1 by float rounding (0.1 + 0.2 + 0.7).
-_SUM_TOLERANCE = 1e-6
-
-
-def average(states: Sequence[Mapping[str, Tensor]], weights: Sequence[float] | None = None) -> dict[str, Tensor]:
-    """The weighted average of state dicts as a complete state dict.
-
-    Parameters
-    ----------
-    states
-        State dicts of one architecture (see :func:`mergescope.task_vectors.check_compatible`).
-    weights
-        One weight per state dict (default uniform), used as given.
-
-    Returns
-    -------
-    dict
-        Floating entries (parameters, float buffers, BatchNorm running statistics)
-        averaged in float64 and cast back; integer entries (``num_batches_tracked``)
-        copied from the first state dict.
-    """
-    averaged = average_states(states, weights)
-    return {key: averaged[key] if key in averaged else t.detach().clone() for key, t in states[0].items()}
-
-
-def _check_weights(instance: Average, attribute: attrs.Attribute, value: list[float] | None) -> None:
-    if value is None:
-        return
-    for i, w in enumerate(value):
-        if not math.isfinite(w):
-            raise ValueError(f"'weights' must be finite numbers, got {w} at position {i} of {value}")
-    if len(value) < 2:
-        raise ValueError(f"'weights' needs one weight per model (at least two), got {value}")
-    if any(w < 0 for w in value):
-        raise ValueError(f"'weights' must be non-negative, got {value}")
-    total = math.fsum(value)
-    if abs(total - 1.0) > _SUM_TOLERANCE:
-        raise ValueError(f"'weights' must sum to 1, got {value} (sum {total:g})")
+# One weight per model (so at least two), finite, non-negative, summing to 1.
+_WEIGHTS = optional([list_of(finite, min_length=2), list_of(non_negative, min_length=2), sums_to(1.0)])
 
 
 @attrs.define
@@ -90,8 +54,8 @@ class Average:
         "improves accuracy without increasing inference time"
     )
 
-    weights: list[float] | None = attrs.field(default=None, converter=float_list, validator=_check_weights)
-    reset_batchnorm: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
+    weights: list[float] | None = attrs.field(default=None, converter=float_list, validator=_WEIGHTS)
+    reset_batchnorm: bool = attrs.field(default=True, validator=boolean)
 
     def merge(
         self, models: Mapping[str, nn.Module], context: Context, alignment: Alignment | None = None
@@ -134,7 +98,7 @@ class Average:
         weights = list(self.weights) if self.weights is not None else [1.0 / len(names)] * len(names)
 
         template = models[names[0]]
-        state = average([states[n] for n in names], weights)
+        state = average_states([states[n] for n in names], weights)
         merged = build_model(template, state, context, reset=self.reset_batchnorm)
 
         results = xr.Dataset({"weights": ("model", np.asarray(weights, dtype=float))}, coords={"model": names})

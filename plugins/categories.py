@@ -18,7 +18,6 @@ matches neither.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -27,8 +26,10 @@ import attrs
 import numpy as np
 import xarray as xr
 
+from mergescope.components import Context
 from mergescope.errors import ConfigError, closest
 from mergescope.hookspecs import hookimpl
+from mergescope.validators import as_float, distinct, finite, list_of, non_empty_str, non_negative_int, one_of
 
 __all__ = [
     "CATEGORIES",
@@ -275,9 +276,7 @@ def _merge_parents(scores: xr.DataArray, parents: Sequence[str]) -> tuple[list[i
             i = references.index(parent)
             other = models[i]
         else:
-            raise ConfigError(
-                f"parent {parent!r} is in no comparison of the scores ({pairs})", where="key 'parents'"
-            )
+            raise ConfigError(f"parent {parent!r} is in no comparison of the scores ({pairs})", where="key 'parents'")
         chosen.append(i)
         others.append(other)
     if chosen[0] == chosen[1]:
@@ -345,8 +344,10 @@ def categorise(
     else:
         table = xr.DataArray(np.zeros((0, 0), dtype=np.int8), dims=("layer", "unit"), coords={"layer": [], "unit": []})
     codes = table.values
-    counts = np.stack([(codes == c).sum(axis=1) for c in range(len(names))], axis=1) if len(codes) else np.zeros(
-        (0, len(names)), dtype=np.int64
+    counts = (
+        np.stack([(codes == c).sum(axis=1) for c in range(len(names))], axis=1)
+        if len(codes)
+        else np.zeros((0, len(names)), dtype=np.int64)
     )
     totals = counts.sum(axis=1, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -368,27 +369,12 @@ def categorise(
 # ------------------------------------------------------------------ option checks
 
 
-def _check_threshold(instance: Any, attribute: attrs.Attribute, value: float) -> None:
-    if not math.isfinite(value):
-        raise ValueError(f"'{attribute.name}' must be a finite number, got {value}")
+_NAMES = [list_of(non_empty_str), distinct("name")]
 
 
-def _check_names(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise ValueError(f"'{attribute.name}' must be a list of names, got {value!r}")
-    if len(set(value)) != len(value):
-        raise ValueError(f"'{attribute.name}' must not repeat a name, got {value}")
-
-
-def _check_parents(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    _check_names(instance, attribute, value)
+def _two_or_none(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
     if len(value) not in (0, 2):
         raise ValueError(f"'{attribute.name}' names the two parents of the merge (or none), got {value}")
-
-
-def _check_exceptions(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"'{attribute.name}' must be a non-negative integer, got {value!r}")
 
 
 # ---------------------------------------------------------------------- component
@@ -467,13 +453,13 @@ class ChannelCategories:
     )
 
     metric: str = ""
-    join: list[str] = attrs.field(factory=list, validator=_check_names)
+    join: list[str] = attrs.field(factory=list, validator=_NAMES)
     variable: str = ""
-    mode: str = attrs.field(default="n-models", validator=attrs.validators.in_(MODES))
-    similar: float = attrs.field(default=0.5, converter=float, validator=_check_threshold)
-    direction: str = attrs.field(default="auto", validator=attrs.validators.in_(DIRECTIONS))
-    exceptions: int = attrs.field(default=2, validator=_check_exceptions)
-    parents: list[str] = attrs.field(factory=list, validator=_check_parents)
+    mode: str = attrs.field(default="n-models", validator=one_of(*MODES))
+    similar: float = attrs.field(default=0.5, converter=as_float, validator=finite)
+    direction: str = attrs.field(default="auto", validator=one_of(*DIRECTIONS))
+    exceptions: int = attrs.field(default=2, validator=non_negative_int)
+    parents: list[str] = attrs.field(factory=list, validator=[*_NAMES, _two_or_none])
     title: str = ""
 
     def steps(self, results: xr.DataTree) -> list[str]:
@@ -515,8 +501,10 @@ class ChannelCategories:
         relation = ">=" if self.higher_is_similar(variable) else "<="
         return ds.assign(metric_step=" + ".join(steps), variable=variable, similar_is=relation)
 
-    def render(self, results: xr.DataTree, out_dir: Path) -> list[Path]:
+    def render(self, results: xr.DataTree, out_dir: Path, context: Context | None = None) -> list[Path]:
         """Write ``categories.nc`` and ``categories.png`` into ``out_dir``; nothing when no step has scores.
+
+        ``context`` (the step's) is not needed: the scores are in ``results``.
 
         Raises
         ------

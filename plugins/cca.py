@@ -23,13 +23,14 @@ import torch
 import xarray as xr
 from torch import nn
 
+from mergescope.activations import INPUT_SUFFIX
 from mergescope.batchnorm import reset_batchnorm
 from mergescope.components import Alignment, Context, MergeResult
 from mergescope.errors import ConfigError
-from mergescope.activations import INPUT_SUFFIX
 from mergescope.groups import ChannelGroup, align_to_reference, channel_groups, example_input
 from mergescope.hookspecs import hookimpl
-from mergescope.task_vectors import check_compatible
+from mergescope.states import check_compatible
+from mergescope.validators import as_float, boolean, non_negative
 
 __all__ = ["cca_transform", "CCA", "CCAMerge", "register_aligners", "register_mergers"]
 
@@ -39,7 +40,9 @@ def _inverse_sqrt(s: np.ndarray) -> np.ndarray:
     return (vectors / np.sqrt(np.clip(values, 1e-12, None))) @ vectors.T
 
 
-def cca_transform(sxx: np.ndarray, syy: np.ndarray, sxy: np.ndarray, regularization: float = 1e-4) -> tuple[np.ndarray, np.ndarray]:
+def cca_transform(
+    sxx: np.ndarray, syy: np.ndarray, sxy: np.ndarray, regularization: float = 1e-4
+) -> tuple[np.ndarray, np.ndarray]:
     """The CCA map from a model's units to the reference's.
 
     Parameters
@@ -95,9 +98,11 @@ class CCA:
     """
 
     name: ClassVar[str] = "cca"
-    paper: ClassVar[str] = "Horoi et al. 2024, Harmony in Diversity: Merging Neural Networks with Canonical Correlation Analysis"
+    paper: ClassVar[str] = (
+        "Horoi et al. 2024, Harmony in Diversity: Merging Neural Networks with Canonical Correlation Analysis"
+    )
 
-    regularization: float = attrs.field(default=1e-4, converter=float, validator=attrs.validators.ge(0))
+    regularization: float = attrs.field(default=1e-4, converter=as_float, validator=non_negative)
 
     def align(self, models: Mapping[str, nn.Module], reference: str, context: Context) -> Alignment:
         """CCA transforms for every model and channel group."""
@@ -157,10 +162,12 @@ class CCAMerge:
     """
 
     name: ClassVar[str] = "cca-merge"
-    paper: ClassVar[str] = "Horoi et al. 2024, Harmony in Diversity: Merging Neural Networks with Canonical Correlation Analysis"
+    paper: ClassVar[str] = (
+        "Horoi et al. 2024, Harmony in Diversity: Merging Neural Networks with Canonical Correlation Analysis"
+    )
 
-    regularization: float = attrs.field(default=1e-4, converter=float, validator=attrs.validators.ge(0))
-    reset_batchnorm: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
+    regularization: float = attrs.field(default=1e-4, converter=as_float, validator=non_negative)
+    reset_batchnorm: bool = attrs.field(default=True, validator=boolean)
 
     def merge(
         self, models: Mapping[str, nn.Module], context: Context, alignment: Alignment | None = None
@@ -186,7 +193,7 @@ class CCAMerge:
                 if value.is_floating_point():
                     value.copy_(sum(s[key].double() for s in states).div(len(states)).to(value.dtype))
         if self.reset_batchnorm:
-            merged = reset_batchnorm(merged, context.data, batch_size=context.batch_size, context=context)
+            merged = reset_batchnorm(merged, context.data, batch_size=context.batch_size, progress=context.progress)
         evaluation = context.evaluate(merged)
         results = alignment.diagnostics.assign(
             reference=alignment.reference, loss=evaluation.loss, accuracy=evaluation.accuracy

@@ -26,12 +26,13 @@ import numpy as np
 import xarray as xr
 
 import mergescope
-from mergescope.components import Context
 from mergescope.activations import check_metric_inputs, describe_scores, paired_chunks, score_coords, units_label
+from mergescope.components import Context
 from mergescope.errors import ContractError
 from mergescope.hookspecs import hookimpl
 from mergescope.options import component_options, structure_options, unstructure_options
 from mergescope.statistics import TopK
+from mergescope.validators import Check, int_range, non_empty_str, table_of
 
 __all__ = ["clip_delta", "set_similarities", "ClipDelta", "register_metrics"]
 
@@ -176,22 +177,11 @@ def _top_sets(a: xr.DataArray, b: xr.DataArray, k: int) -> tuple[np.ndarray, np.
 # ------------------------------------------------------------------------- component
 
 
-def _check_k(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 2:
-        raise ValueError(
-            f"'{attribute.name}' must be an integer >= 2 (the within-set similarity compares distinct images), "
-            f"got {value!r}"
-        )
-
-
-def _check_name(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"'{attribute.name}' must name a registered embedder, got {value!r}")
-
-
-def _check_table(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if not isinstance(value, dict) or not all(isinstance(key, str) for key in value):
-        raise ValueError(f"'{attribute.name}' must be a table of the embedder's options, got {value!r}")
+_k = Check(
+    int_range(2).holds,
+    "an integer >= 2 (the within-set similarity compares distinct images)",
+    "integers >= 2",
+)
 
 
 @attrs.define
@@ -244,10 +234,12 @@ class ClipDelta:
         "after Nanfack et al. 2023"
     )
 
-    k: int = attrs.field(default=10, validator=_check_k)
-    embedder: str = attrs.field(default="efficientnet-lite0-features", validator=_check_name)
+    k: int = attrs.field(default=10, validator=_k)
+    embedder: str = attrs.field(default="efficientnet-lite0-features", validator=non_empty_str)
     embedder_options: dict[str, Any] = attrs.field(
-        factory=dict, validator=_check_table, metadata=component_options("embedder", use="embedder")
+        factory=dict,
+        validator=table_of("the embedder's options"),
+        metadata=component_options("embedder", use="embedder"),
     )
     # Embeddings by sample id of the dataset last scored on: a step scores many layers and
     # model pairs over one dataset, and their top-k sets share most images.

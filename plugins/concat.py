@@ -20,6 +20,7 @@ from mergescope.errors import ConfigError
 from mergescope.hookspecs import hookimpl
 from mergescope.options import component_tables
 from mergescope.pipeline import component_from_table
+from mergescope.validators import non_empty_str, optional
 
 __all__ = ["ID_STRIDE", "Concat", "ConcatImageDataset", "part_of", "register_datasets"]
 
@@ -62,11 +63,6 @@ def _check_parts(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
             component_from_table("dataset", table, where=f"'{attribute.name}', part #{i + 1}", reserved=PART_KEYS)
         except ConfigError as exc:
             raise ValueError(str(exc)) from None
-
-
-def _check_split(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if value is not None and (not isinstance(value, str) or not value):
-        raise ValueError(f"'{attribute.name}' must be a split name such as 'train' or unset, got {value!r}")
 
 
 # ----------------------------------------------------------------- the loaded data
@@ -147,7 +143,7 @@ class ConcatImageDataset(torch.utils.data.Dataset):
         """The part name of every item, ``(N,)`` strings."""
         return np.asarray(self.part_names, dtype=object)[self.part]
 
-    def subset(self, indices: Sequence[int], name: str | None = None) -> "ConcatImageDataset":
+    def subset(self, indices: Sequence[int], name: str | None = None) -> ConcatImageDataset:
         """Return the items at ``indices`` (positions, not sample ids), keeping their ids and classes."""
         idx = np.asarray(indices, dtype=np.int64)
         return ConcatImageDataset(name or self.name, self.parts, self.part_names, self.part[idx], self.positions[idx])
@@ -190,7 +186,7 @@ class Concat:
 
     # list[Any], not list[dict]: a part that is not a table then gets the validator's message.
     parts: list[Any] = attrs.field(validator=_check_parts, metadata=component_tables("dataset"))
-    split: str | None = attrs.field(default=None, validator=_check_split)
+    split: str | None = attrs.field(default=None, validator=optional(non_empty_str))
 
     def sources(self) -> list[Any]:
         """The dataset component of every part, with :attr:`split` applied.

@@ -18,6 +18,7 @@ import numpy as np
 import xarray as xr
 
 from mergescope.activations import check_metric_inputs, describe_scores, paired_chunks, score_coords, units_label
+from mergescope.components import Context
 from mergescope.errors import ContractError
 from mergescope.hookspecs import hookimpl
 from mergescope.statistics import Moments
@@ -124,7 +125,7 @@ class Correlation:
         "Li et al. 2015, Convergent Learning"
     )
 
-    def score(self, a: xr.DataArray, b: xr.DataArray) -> xr.DataArray:
+    def score(self, a: xr.DataArray, b: xr.DataArray, context: Context | None = None) -> xr.DataArray:
         """Correlation of every unit of ``b`` with the same unit of ``a``.
 
         Parameters
@@ -134,6 +135,8 @@ class Correlation:
             may be dask-backed.
         b
             Activations of the other model over the same samples, same units and spatial dims.
+        context
+            The step's context; not needed (everything is in ``a`` and ``b``).
 
         Returns
         -------

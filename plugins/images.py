@@ -11,7 +11,6 @@ that ship inside the scikit-image wheel (astronaut, camera, coffee, ...).
 from __future__ import annotations
 
 import functools
-import importlib.util
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,8 +23,21 @@ import torch
 from mergescope.components import TensorImageDataset
 from mergescope.datasets import PARTS, class_imbalanced_split, per_class_subset
 from mergescope.errors import ConfigError
+from mergescope.extras import locate, require
 from mergescope.hookspecs import hookimpl
 from mergescope.options import PATH
+from mergescope.validators import (
+    Check,
+    distinct,
+    finite,
+    in_range,
+    list_of,
+    non_empty_str,
+    one_of,
+    optional,
+    positive,
+    positive_int,
+)
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -46,32 +58,13 @@ IMAGENET_STD = [0.229, 0.224, 0.225]
 # ------------------------------------------------------------------------ validators
 
 
-def _positive_int(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"'{attribute.name}' must be a positive integer, got {value!r}")
-
-
-def _optional_positive_int(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-        raise ValueError(f"'{attribute.name}' must be a positive integer or unset, got {value!r}")
-
-
-def _channel_values(positive: bool) -> Callable[[Any, attrs.Attribute, Any], None]:
-    def check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-        if value is None:
-            return
-        ok = isinstance(value, (list, tuple)) and value and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and (v > 0 or not positive) for v in value
-        )
-        if not ok:
-            what = "positive numbers" if positive else "numbers"
-            raise ValueError(f"'{attribute.name}' must be a non-empty list of {what} (one per channel), got {value!r}")
-
-    return check
+# Per-channel normalisation (one value, or one per channel): any mean, a positive std.
+_MEAN = list_of(finite, min_length=1)
+_STD = list_of(positive, min_length=1)
 
 
 def _check_resize(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    _positive_int(instance, attribute, value)
+    positive_int(instance, attribute, value)
     if isinstance(instance.image_size, int) and value < instance.image_size:
         raise ValueError(
             f"'{attribute.name}' = {value} must be at least 'image_size' = {instance.image_size} "
@@ -79,15 +72,8 @@ def _check_resize(instance: Any, attribute: attrs.Attribute, value: Any) -> None
         )
 
 
-def _check_part(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if value is not None and value not in PARTS:
-        accepted = ", ".join(repr(p) for p in PARTS)
-        raise ValueError(f"'{attribute.name}' must be one of {accepted} or unset, got {value!r}")
-
-
-def _check_major_fraction(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.5 <= value <= 1:
-        raise ValueError(f"'{attribute.name}' must be a number between 0.5 and 1, got {value!r}")
+# The share of each majority class a part of a class-imbalanced split receives.
+_major_fraction = in_range(0.5, 1)
 
 
 def _transform(image_size: int, resize: int, mean: Sequence[float], std: Sequence[float]) -> Any:
@@ -163,7 +149,7 @@ class ImageFileDataset(torch.utils.data.Dataset):
     def input_shape(self) -> tuple[int, ...]:
         return self.image_shape
 
-    def subset(self, indices: Sequence[int], name: str | None = None) -> "ImageFileDataset":
+    def subset(self, indices: Sequence[int], name: str | None = None) -> ImageFileDataset:
         """Return the items at ``indices`` (positions, not sample ids), keeping their ids."""
         idx = np.asarray(indices, dtype=np.int64)
         return attrs.evolve(
@@ -188,9 +174,7 @@ def _scan_folder(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
         raise ConfigError(f"image folder {str(root)!r} is not a directory")
     classes = sorted(entry.name for entry in root.iterdir() if entry.is_dir())
     if not classes:
-        raise ConfigError(
-            f"image folder {str(root)!r} has no class folders; expected the layout root/<class>/<image>"
-        )
+        raise ConfigError(f"image folder {str(root)!r} has no class folders; expected the layout root/<class>/<image>")
     samples = make_dataset(root, {c: i for i, c in enumerate(classes)}, extensions=IMG_EXTENSIONS, allow_empty=True)
     counts = np.bincount([label for _, label in samples], minlength=len(classes))
     empty = [classes[i] for i in np.flatnonzero(counts == 0)]
@@ -238,14 +222,14 @@ class ImageFolderDataset:
     name: ClassVar[str] = "imagefolder"
     paper: ClassVar[str] = "Deng et al. 2009, ImageNet: A large-scale hierarchical image database (folder layout)"
 
-    root: str = attrs.field(validator=attrs.validators.instance_of(str), metadata=PATH)
-    image_size: int = attrs.field(default=224, validator=_positive_int)
+    root: str = attrs.field(validator=non_empty_str, metadata=PATH)
+    image_size: int = attrs.field(default=224, validator=positive_int)
     resize: int = attrs.field(default=256, validator=_check_resize)
-    mean: list[float] = attrs.field(factory=lambda: list(IMAGENET_MEAN), validator=_channel_values(False))
-    std: list[float] = attrs.field(factory=lambda: list(IMAGENET_STD), validator=_channel_values(True))
-    per_class: int | None = attrs.field(default=None, validator=_optional_positive_int)
-    class_split: str | None = attrs.field(default=None, validator=_check_part)
-    major_fraction: float = attrs.field(default=0.8, validator=_check_major_fraction)
+    mean: list[float] = attrs.field(factory=lambda: list(IMAGENET_MEAN), validator=_MEAN)
+    std: list[float] = attrs.field(factory=lambda: list(IMAGENET_STD), validator=_STD)
+    per_class: int | None = attrs.field(default=None, validator=optional(positive_int))
+    class_split: str | None = attrs.field(default=None, validator=optional(one_of(*PARTS)))
+    major_fraction: float = attrs.field(default=0.8, validator=_major_fraction)
 
     def load(self) -> ImageFileDataset:
         """List the folder and return the chosen images as a lazy :class:`ImageFileDataset`.
@@ -290,18 +274,9 @@ class ImageFolderDataset:
 FOOLBOX_SOURCES: dict[str, int] = {"imagenet": 1000, "cifar10": 10, "cifar100": 100, "mnist": 10, "fashionMNIST": 10}
 
 
-def _check_source(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if value not in FOOLBOX_SOURCES:
-        accepted = ", ".join(repr(s) for s in FOOLBOX_SOURCES)
-        raise ValueError(f"'{attribute.name}' must be one of {accepted}, got {value!r}")
-
-
 def _foolbox_data_dir() -> Path:
     # Locate the package without importing it: only its image files are needed.
-    spec = importlib.util.find_spec("foolbox")
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError("dataset 'foolbox-samples' needs the foolbox package: pip install foolbox==3.3.4")
-    return Path(next(iter(spec.submodule_search_locations))) / "data"
+    return locate("foolbox", "datasets", "dataset 'foolbox-samples'") / "data"
 
 
 def _foolbox_files(source: str) -> list[tuple[int, int, Path]]:
@@ -349,10 +324,10 @@ class FoolboxSamples:
     name: ClassVar[str] = "foolbox-samples"
     paper: ClassVar[str] = "Rauber et al. 2017, Foolbox: A Python toolbox to benchmark the robustness of ML models"
 
-    source: str = attrs.field(default="imagenet", validator=_check_source)
-    image_size: int | None = attrs.field(default=None, validator=_optional_positive_int)
-    mean: list[float] | None = attrs.field(default=None, validator=_channel_values(False))
-    std: list[float] | None = attrs.field(default=None, validator=_channel_values(True))
+    source: str = attrs.field(default="imagenet", validator=one_of(*FOOLBOX_SOURCES))
+    image_size: int | None = attrs.field(default=None, validator=optional(positive_int))
+    mean: list[float] | None = attrs.field(default=None, validator=optional(_MEAN))
+    std: list[float] | None = attrs.field(default=None, validator=optional(_STD))
 
     def load(self) -> TensorImageDataset:
         """Read and preprocess the 20 images of :attr:`source` into a tensor dataset.
@@ -360,7 +335,8 @@ class FoolboxSamples:
         Raises
         ------
         ConfigError
-            When foolbox is not installed or ``mean`` / ``std`` do not fit the channels.
+            When ``mean`` / ``std`` do not fit the channels, or foolbox is not installed
+            (a :class:`~mergescope.errors.MissingDependencyError`: the ``datasets`` extra).
         """
         images, labels, ids = _foolbox_tensors(
             self.source,
@@ -437,27 +413,20 @@ SKIMAGE_PHOTOS: tuple[str, ...] = (
 _SKIMAGE_FUNCTIONS = {"motorcycle": "stereo_motorcycle"}
 
 
-def _check_photos(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if value is None:
-        return
-    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
-        raise ValueError(f"'{attribute.name}' must be a non-empty list of photo names or unset, got {value!r}")
+def _known_photos(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
     unknown = [v for v in value if v not in SKIMAGE_PHOTOS]
     if unknown:
         raise ValueError(
             f"'{attribute.name}' names photos scikit-image does not ship here: {', '.join(map(repr, unknown))}; "
             f"photos: {', '.join(SKIMAGE_PHOTOS)}"
         )
-    if len(set(value)) != len(value):
-        raise ValueError(f"'{attribute.name}' must not repeat a photo, got {value!r}")
+
+
+_PHOTO = Check(non_empty_str.holds, "a photo name", "photo names")
 
 
 def _skimage_data() -> Any:
-    try:
-        import skimage.data
-    except ImportError:
-        raise ConfigError("dataset 'skimage-photos' needs scikit-image: pip install scikit-image") from None
-    return skimage.data
+    return require("skimage.data", "datasets", "dataset 'skimage-photos'")
 
 
 @attrs.define
@@ -491,10 +460,12 @@ class SkimagePhotos:
     name: ClassVar[str] = "skimage-photos"
     paper: ClassVar[str] = "van der Walt et al. 2014, scikit-image: image processing in Python (skimage.data)"
 
-    image_size: int = attrs.field(default=224, validator=_positive_int)
-    mean: list[float] = attrs.field(factory=lambda: list(IMAGENET_MEAN), validator=_channel_values(False))
-    std: list[float] = attrs.field(factory=lambda: list(IMAGENET_STD), validator=_channel_values(True))
-    photos: list[str] | None = attrs.field(default=None, validator=_check_photos)
+    image_size: int = attrs.field(default=224, validator=positive_int)
+    mean: list[float] = attrs.field(factory=lambda: list(IMAGENET_MEAN), validator=_MEAN)
+    std: list[float] = attrs.field(factory=lambda: list(IMAGENET_STD), validator=_STD)
+    photos: list[str] | None = attrs.field(
+        default=None, validator=optional([list_of(_PHOTO, min_length=1), _known_photos, distinct("photo")])
+    )
 
     def load(self) -> TensorImageDataset:
         """Read and preprocess the chosen photos into a tensor dataset.
@@ -502,8 +473,9 @@ class SkimagePhotos:
         Raises
         ------
         ConfigError
-            When scikit-image is not installed, a photo cannot be read from it, or
-            ``mean`` / ``std`` do not have 1 or 3 values.
+            When scikit-image is not installed (a :class:`~mergescope.errors.MissingDependencyError`:
+            the ``datasets`` extra), a photo cannot be read from it, or ``mean`` / ``std`` do not
+            have 1 or 3 values.
         """
         for key in ("mean", "std"):
             if len(getattr(self, key)) not in (1, 3):

@@ -10,119 +10,81 @@ curve whose bump above the straight line between the endpoints is the *barrier*
 from __future__ import annotations
 
 import copy
-import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import attrs
 import numpy as np
 import xarray as xr
-from torch import Tensor, nn
+from torch import nn
 
 from mergescope.components import Alignment, Context, MergeResult
 from mergescope.errors import ConfigError
 from mergescope.groups import align_to_reference, channel_groups, example_input
 from mergescope.hookspecs import hookimpl
+from mergescope.states import average_states, build_model, check_compatible
 from mergescope.sweeps import default_alphas, loss_barrier
-from mergescope.task_vectors import average_states, check_compatible
+from mergescope.validators import (
+    as_float,
+    boolean,
+    finite,
+    float_list,
+    list_of,
+    non_negative,
+    probability,
+    sums_to,
+    unique,
+)
 
 __all__ = [
     "check_compatible",
-    "interpolate_states",
     "loss_barrier",
     "default_alphas",
     "Interpolation",
     "register_mergers",
 ]
 
-# Weights may miss 1 by float rounding when written in a pipeline file (0.1 + 0.2 + 0.7).
-_SUM_TOLERANCE = 1e-6
-
-
-# ------------------------------------------------------------------- pure functions
-
-
-def interpolate_states(states: Sequence[Mapping[str, Tensor]], weights: Sequence[float]) -> dict[str, Tensor]:
-    """Weighted sum of state dicts: ``sum_i weights[i] * states[i]`` per parameter.
-
-    Parameters
-    ----------
-    states
-        State dicts with the same keys and shapes (see :func:`check_compatible`).
-    weights
-        One weight per state dict. They are used as given (no normalisation).
-
-    Returns
-    -------
-    dict
-        A new state dict. Floating tensors are summed in float64 and cast back to the
-        first model's dtype, so a weight of exactly 1 on one model (and 0 elsewhere)
-        returns its values exactly. Non-floating tensors (e.g. BatchNorm's
-        ``num_batches_tracked``) cannot be averaged and are copied from the first model.
-    """
-    if not states:
-        raise ValueError("no state dicts to interpolate")
-    floating = average_states(states, list(weights))  # checks the weight count
-    return {
-        key: floating[key] if key in floating else tensor.detach().clone() for key, tensor in states[0].items()
-    }
-
 
 # ------------------------------------------------------------------ option checks
 
 
-def _float_list(value: Any) -> list[float] | None:
-    if value is None:
-        return None
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise TypeError(f"expected a list of numbers, got {value!r}")
-    return [float(v) for v in value]
+def _unless_extrapolating(
+    instance: Interpolation, attribute: attrs.Attribute, value: Any, checks: list[Any], hint: str
+) -> None:
+    """Apply the validators ``checks`` unless ``extrapolate`` is on; their message says how to allow it."""
+    if instance.extrapolate:
+        return
+    for check in checks:
+        try:
+            check(instance, attribute, value)
+        except ValueError as exc:
+            raise ValueError(f"{exc}; set extrapolate = true {hint}") from None
 
 
 def _check_alphas(instance: Interpolation, attribute: attrs.Attribute, value: list[float] | None) -> None:
     if value is None:
         return
-    for a in value:
-        if not math.isfinite(a):
-            raise ValueError(f"'alphas' must be finite numbers, got {value}")
-    if len(set(value)) != len(value):
-        raise ValueError(f"'alphas' must not repeat a value, got {value}")
-    outside = [a for a in value if not 0.0 <= a <= 1.0]
-    if outside and not instance.extrapolate:
-        raise ValueError(
-            f"'alphas' must lie in [0, 1], got {outside}; set extrapolate = true to evaluate points beyond the endpoints"
-        )
+    list_of(finite)(instance, attribute, value)
+    unique(instance, attribute, value)
+    _unless_extrapolating(instance, attribute, value, [list_of(probability)], "to evaluate points beyond the endpoints")
     if instance.weights is not None:
-        raise ValueError("'alphas' and 'weights' exclude each other: give 'weights' for one merge, 'alphas' for a sweep")
+        raise ValueError(
+            "'alphas' and 'weights' exclude each other: give 'weights' for one merge, 'alphas' for a sweep"
+        )
 
 
 def _check_alpha(instance: Interpolation, attribute: attrs.Attribute, value: float) -> None:
-    if not math.isfinite(value):
-        raise ValueError(f"'alpha' must be a finite number, got {value}")
-    if not 0.0 <= value <= 1.0 and not instance.extrapolate:
-        raise ValueError(f"'alpha' must lie in [0, 1], got {value}; set extrapolate = true to extrapolate")
+    finite(instance, attribute, value)
+    _unless_extrapolating(instance, attribute, value, [probability], "to extrapolate")
 
 
 def _check_weights(instance: Interpolation, attribute: attrs.Attribute, value: list[float] | None) -> None:
     if value is None:
         return
-    for i, w in enumerate(value):
-        if not math.isfinite(w):
-            raise ValueError(f"'weights' must be finite numbers, got {w} at position {i} of {value}")
-    if len(value) < 2:
-        raise ValueError(f"'weights' needs one weight per model (at least two), got {value}")
-    if instance.extrapolate:
-        return
-    negative = [w for w in value if w < 0]
-    if negative:
-        raise ValueError(
-            f"'weights' must be non-negative, got {value}; set extrapolate = true to allow negative weights"
-        )
-    total = math.fsum(value)
-    if abs(total - 1.0) > _SUM_TOLERANCE:
-        raise ValueError(
-            f"'weights' must sum to 1, got {value} (sum {total:g}); set extrapolate = true to allow other sums"
-        )
+    # One weight per model, so at least two.
+    list_of(finite, min_length=2)(instance, attribute, value)
+    checks = [list_of(non_negative), sums_to(1.0)]
+    _unless_extrapolating(instance, attribute, value, checks, "to allow negative weights and other sums")
 
 
 # ---------------------------------------------------------------------- component
@@ -155,10 +117,10 @@ class Interpolation:
     name: ClassVar[str] = "interpolation"
     paper: ClassVar[str] = "Frankle et al. 2020, Linear Mode Connectivity and the Lottery Ticket Hypothesis"
 
-    alphas: list[float] | None = attrs.field(default=None, converter=_float_list, validator=_check_alphas)
-    alpha: float = attrs.field(default=0.5, converter=float, validator=_check_alpha)
-    weights: list[float] | None = attrs.field(default=None, converter=_float_list, validator=_check_weights)
-    extrapolate: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+    alphas: list[float] | None = attrs.field(default=None, converter=float_list, validator=_check_alphas)
+    alpha: float = attrs.field(default=0.5, converter=as_float, validator=_check_alpha)
+    weights: list[float] | None = attrs.field(default=None, converter=float_list, validator=_check_weights)
+    extrapolate: bool = attrs.field(default=False, validator=boolean)
 
     def merge(
         self, models: Mapping[str, nn.Module], context: Context, alignment: Alignment | None = None
@@ -215,7 +177,7 @@ class Interpolation:
             weights = [1.0 - self.alpha, self.alpha]
 
         state_list = [states[name] for name in names]
-        merged = _build(models[names[0]], interpolate_states(state_list, weights))
+        merged = build_model(models[names[0]], average_states(state_list, weights))
         results = xr.Dataset({"weights": ("model", np.asarray(weights, dtype=float))}, coords={"model": names})
 
         single = self.weights is not None or len(names) > 2 or self.alphas == []
@@ -236,7 +198,7 @@ class Interpolation:
         work = copy.deepcopy(models[names[0]])
         losses, accuracies = [], []
         for a in context.progress(points, desc="interpolation", total=len(points)):
-            work.load_state_dict(interpolate_states(state_list, [1.0 - a, a]))
+            work.load_state_dict(average_states(state_list, [1.0 - a, a]))
             evaluation = context.evaluate(work)
             losses.append(evaluation.loss)
             accuracies.append(evaluation.accuracy)
@@ -264,13 +226,6 @@ class Interpolation:
         if "accuracy" in result:
             return f"weights {weights}: accuracy {float(result['accuracy']):.3f}, loss {float(result['loss']):.3f}"
         return f"weights {weights} (not evaluated: the pipeline has no data)"
-
-
-def _build(template: nn.Module, state: Mapping[str, Tensor]) -> nn.Module:
-    """A copy of ``template`` holding ``state``."""
-    model = copy.deepcopy(template)
-    model.load_state_dict(state)
-    return model
 
 
 @hookimpl

@@ -16,6 +16,7 @@ import attrs
 import numpy as np
 import xarray as xr
 
+from mergescope.components import Context
 from mergescope.hookspecs import hookimpl
 
 __all__ = ["sweeps", "InterpolationCurves", "register_visualizers"]
@@ -50,8 +51,11 @@ class InterpolationCurves:
 
     title: str = "Linear interpolation"
 
-    def render(self, results: xr.DataTree, out_dir: Path) -> list[Path]:
-        """Write ``curves.nc`` and ``curves.png`` into ``out_dir``; nothing when the run has no sweep."""
+    def render(self, results: xr.DataTree, out_dir: Path, context: Context | None = None) -> list[Path]:
+        """Write ``curves.nc`` and ``curves.png`` into ``out_dir``; nothing when the run has no sweep.
+
+        ``context`` (the step's) is not needed: the curves are in ``results``.
+        """
         curves = sweeps(results)
         if not curves.data_vars:
             return []

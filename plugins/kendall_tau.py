@@ -15,8 +15,10 @@ import numpy as np
 import xarray as xr
 
 from mergescope.activations import check_metric_inputs, describe_scores, score_coords
+from mergescope.components import Context
 from mergescope.errors import ContractError
 from mergescope.hookspecs import hookimpl
+from mergescope.validators import integer, list_of, non_negative_int
 
 __all__ = ["kendall_tau_b", "KendallTau", "register_metrics"]
 
@@ -213,9 +215,7 @@ def _tau_last_axis(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """apply_ufunc kernel: tau-b along the last axis (samples), any leading dims."""
     lead = x.shape[:-1]
     n = x.shape[-1]
-    out = _tau_rows_chunked(
-        np.ascontiguousarray(x.reshape(-1, n)), np.ascontiguousarray(y.reshape(-1, n))
-    )
+    out = _tau_rows_chunked(np.ascontiguousarray(x.reshape(-1, n)), np.ascontiguousarray(y.reshape(-1, n)))
     return out.reshape(lead)
 
 
@@ -241,9 +241,9 @@ class KendallTau:
     name: ClassVar[str] = "kendall-tau"
     paper: ClassVar[str] = "Kendall 1945, The treatment of ties in ranking problems (tau-b)"
 
-    classes: list[int] = attrs.field(factory=list)
-    per_class: int = attrs.field(default=0, validator=attrs.validators.ge(0))
-    seed: int = 0
+    classes: list[int] = attrs.field(factory=list, validator=list_of(integer))
+    per_class: int = attrs.field(default=0, validator=non_negative_int)
+    seed: int = attrs.field(default=0, validator=integer)
 
     def subset(self, a: xr.DataArray) -> np.ndarray:
         """Positions along ``sample`` of the samples scored (the subset D').
@@ -275,7 +275,7 @@ class KendallTau:
             )
         return positions
 
-    def score(self, a: xr.DataArray, b: xr.DataArray) -> xr.DataArray:
+    def score(self, a: xr.DataArray, b: xr.DataArray, context: Context | None = None) -> xr.DataArray:
         """Tau-b of every unit of ``b`` against the same unit of ``a``.
 
         Parameters
@@ -284,6 +284,8 @@ class KendallTau:
             Reference activations, dims ``("sample", "unit")``.
         b
             Activations of the other model over the same samples, same number of units.
+        context
+            The step's context; not needed (everything is in ``a`` and ``b``).
 
         Returns
         -------

@@ -51,11 +51,24 @@ import numpy as np
 import xarray as xr
 from torch import nn
 
-from mergescope.components import Alignment, Context
+from mergescope.components import LAYERS, Alignment, Context
 from mergescope.datasets import per_class_subset
 from mergescope.errors import ConfigError
 from mergescope.hookspecs import hookimpl
 from mergescope.statistics import TopK
+from mergescope.validators import (
+    as_float,
+    boolean,
+    float_list,
+    fraction,
+    integer,
+    list_of,
+    non_negative_int,
+    one_of,
+    positive,
+    positive_int,
+    unique,
+)
 
 __all__ = [
     "RegressionFit",
@@ -267,26 +280,6 @@ def _kept(level: tuple[str, float | None, int | None], units: int) -> int:
 # ------------------------------------------------------------------------ options
 
 
-def _check_fractions(instance: Any, attribute: attrs.Attribute, value: list[float]) -> None:
-    if any(not (0 < f <= 1) for f in value):
-        raise ValueError(f"'{attribute.name}' must hold fractions in (0, 1], got {value!r}")
-    if len(set(value)) != len(value):
-        raise ValueError(f"'{attribute.name}' repeats a value: {value!r}")
-
-
-def _check_counts(instance: Any, attribute: attrs.Attribute, value: list[int]) -> None:
-    if any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in value):
-        raise ValueError(f"'{attribute.name}' must hold positive integers, got {value!r}")
-    if len(set(value)) != len(value):
-        raise ValueError(f"'{attribute.name}' repeats a value: {value!r}")
-
-
-def _float_list(value: Any) -> list[float]:
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise TypeError(f"expected a list of numbers, got {value!r}")
-    return [float(v) for v in value]
-
-
 # ------------------------------------------------------------------------ aligner
 
 
@@ -330,25 +323,27 @@ class RegressionAlignment:
     """
 
     name: ClassVar[str] = "lasso"
+    #: Its maps are keyed by layer and act on recorded activations; no model can be built from them.
+    space: ClassVar[str] = LAYERS
     paper: ClassVar[str] = (
         "Model Merging and Feature Visualization in Deep Neural Networks (2025 thesis), "
         "3.2.4 Aligning Models Using Linear Regression"
     )
 
-    method: str = attrs.field(default="lasso", validator=attrs.validators.in_(METHODS))
-    alpha: float = attrs.field(default=0.01, converter=float, validator=attrs.validators.gt(0))
-    per_class: int = attrs.field(default=5, validator=[attrs.validators.instance_of(int), attrs.validators.ge(0)])
-    seed: int = attrs.field(default=0, validator=attrs.validators.instance_of(int))
+    method: str = attrs.field(default="lasso", validator=one_of(*METHODS))
+    alpha: float = attrs.field(default=0.01, converter=as_float, validator=positive)
+    per_class: int = attrs.field(default=5, validator=non_negative_int)
+    seed: int = attrs.field(default=0, validator=integer)
     sparsity: list[float] = attrs.field(
-        factory=lambda: [1.0, 0.5, 0.25, 0.1], converter=_float_list, validator=_check_fractions
+        factory=lambda: [1.0, 0.5, 0.25, 0.1], converter=float_list, validator=[list_of(fraction), unique]
     )
-    top_m: list[int] = attrs.field(factory=lambda: [5], validator=_check_counts)
-    topk: int = attrs.field(default=10, validator=[attrs.validators.instance_of(int), attrs.validators.ge(1)])
-    fit_intercept: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
-    standardize: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
-    reduce: str = attrs.field(default="mean", validator=attrs.validators.in_(REDUCTIONS))
-    max_iter: int = attrs.field(default=10_000, validator=[attrs.validators.instance_of(int), attrs.validators.ge(1)])
-    tol: float = attrs.field(default=1e-4, converter=float, validator=attrs.validators.gt(0))
+    top_m: list[int] = attrs.field(factory=lambda: [5], validator=[list_of(positive_int), unique])
+    topk: int = attrs.field(default=10, validator=positive_int)
+    fit_intercept: bool = attrs.field(default=True, validator=boolean)
+    standardize: bool = attrs.field(default=True, validator=boolean)
+    reduce: str = attrs.field(default="mean", validator=one_of(*REDUCTIONS))
+    max_iter: int = attrs.field(default=10_000, validator=positive_int)
+    tol: float = attrs.field(default=1e-4, converter=as_float, validator=positive)
 
     def _layers(self, reference: nn.Module, context: Context) -> list[str]:
         """The step's layers, or else the reference's channel-group layers (found by tracing)."""
@@ -458,7 +453,7 @@ class RegressionAlignment:
             },
             coords={"model": others, "layer": layers, "sparsity": labels},
         )
-        return Alignment(reference, transforms, diagnostics, results=nodes)
+        return Alignment(reference, transforms, diagnostics, results=nodes, space=LAYERS)
 
     def _fit_one(
         self,
@@ -545,7 +540,13 @@ class RegressionAlignment:
                 "constant_target": ("unit_ref", fit.constant_target),
                 "samples": np.int64(n),
             },
-            coords={"sparsity": sparsity, "kept": ("sparsity", kept), "rank": rank, "unit": units, "unit_ref": units_ref},
+            coords={
+                "sparsity": sparsity,
+                "kept": ("sparsity", kept),
+                "rank": rank,
+                "unit": units,
+                "unit_ref": units_ref,
+            },
         )
 
     def describe(self, result: xr.Dataset) -> str:
@@ -568,7 +569,9 @@ class RegressionAlignment:
 def _activation(store: Any, model: str, layer: str) -> xr.DataArray:
     act = store.activation(model, layer)
     if act.dims != ("sample", "unit"):
-        raise ValueError(f"regression alignment needs (sample, unit) activations; {model!r} at {layer!r} has {act.dims}")
+        raise ValueError(
+            f"regression alignment needs (sample, unit) activations; {model!r} at {layer!r} has {act.dims}"
+        )
     return act
 
 
@@ -639,8 +642,8 @@ class RegressionSparsity:
     name: ClassVar[str] = "regression-sparsity"
     paper: ClassVar[str] = RegressionAlignment.paper
 
-    def render(self, results: xr.DataTree, out_dir: Path) -> list[Path]:
-        """One figure per regression step; returns the PNG paths."""
+    def render(self, results: xr.DataTree, out_dir: Path, context: Context | None = None) -> list[Path]:
+        """One figure per regression step; returns the PNG paths (``context`` is not needed)."""
         import matplotlib
 
         matplotlib.use("Agg")

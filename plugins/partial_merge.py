@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-import inspect
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
@@ -44,7 +43,20 @@ from mergescope.errors import ConfigError, ContractError, closest
 from mergescope.groups import ChannelGroup, align_to_reference, channel_groups, example_input, group_layers
 from mergescope.hookspecs import hookimpl
 from mergescope.options import structure_options
-from mergescope.task_vectors import check_compatible
+from mergescope.states import check_compatible
+from mergescope.validators import (
+    as_float,
+    boolean,
+    distinct,
+    float_list,
+    integer,
+    list_of,
+    non_empty_str,
+    one_of,
+    probability,
+    table_of,
+    unique,
+)
 
 __all__ = [
     "ORDERS",
@@ -143,7 +155,7 @@ def merge_channels(
     """``(1 - alpha) first + alpha second`` where ``masks`` is ``True``, ``first`` elsewhere.
 
     Floating entries are interpolated in float64 and cast back, as in
-    :func:`mergescope_plugins.interpolation.interpolate_states`, so an all-``True``
+    :func:`mergescope.states.average_states`, so an all-``True``
     mask gives exactly the full interpolation and an all-``False`` one exactly
     ``first``. Non-floating entries (BatchNorm's ``num_batches_tracked``) come from
     ``first``.
@@ -161,66 +173,9 @@ def merge_channels(
 # ------------------------------------------------------------------ option checks
 
 
-def _float_list(value: Any) -> Any:
-    if isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-        return [float(v) for v in value]
-    return value  # the validator explains what is wrong
-
-
-def _check_fractions(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if not isinstance(value, list) or not value or not all(isinstance(v, float) for v in value):
-        raise ValueError(f"'{attribute.name}' must be a non-empty list of numbers in [0, 1], got {value!r}")
-    outside = [v for v in value if not (math.isfinite(v) and 0.0 <= v <= 1.0)]
-    if outside:
-        raise ValueError(f"'{attribute.name}' must lie in [0, 1] (shares of each layer's channels), got {outside}")
-    if len(set(value)) != len(value):
-        raise ValueError(f"'{attribute.name}' must not repeat a value, got {value}")
-
-
-def _check_orders(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if not isinstance(value, list) or not value:
-        raise ValueError(f"'{attribute.name}' must be a non-empty list drawn from {list(ORDERS)}, got {value!r}")
-    unknown = [v for v in value if v not in ORDERS]
-    if unknown:
-        raise ValueError(f"'{attribute.name}' accepts {list(ORDERS)}, got {unknown}")
-    if len(set(value)) != len(value):
-        raise ValueError(f"'{attribute.name}' must not repeat an order, got {value}")
-
-
 def _check_seeds(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        raise ValueError(f"'{attribute.name}' must be a list of integers, got {value!r}")
-    if len(set(value)) != len(value):
-        raise ValueError(f"'{attribute.name}' must not repeat a seed, got {value}")
-    if "random" in instance.orders and not value:
+    if "random" in instance.orders and isinstance(value, list) and not value:
         raise ValueError(f"'{attribute.name}' needs at least one seed for the random baseline (orders has 'random')")
-
-
-def _check_alpha(instance: Any, attribute: attrs.Attribute, value: float) -> None:
-    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
-        raise ValueError(f"'{attribute.name}' must lie in [0, 1], got {value}")
-
-
-def _check_name(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"'{attribute.name}' must name a registered metric, got {value!r}")
-
-
-def _check_table(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if not isinstance(value, dict) or not all(isinstance(key, str) for key in value):
-        raise ValueError(f"'{attribute.name}' must be a table of the metric's options, got {value!r}")
-
-
-def _check_patterns(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise ValueError(f"'{attribute.name}' must be a list of channel group names or globs, got {value!r}")
-
-
-def _takes_context(method: Any) -> bool:
-    try:
-        return "context" in inspect.signature(method).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 # ---------------------------------------------------------------------- component
@@ -278,17 +233,23 @@ class PartialMerge:
     name: ClassVar[str] = "partial-merge"
     paper: ClassVar[str] = "Zou 2025, Model Merging and Feature Visualization in Deep Neural Networks (Fig. 3.2)"
 
-    metric: str = attrs.field(default="kendall-tau", validator=_check_name)
-    metric_options: dict[str, Any] = attrs.field(factory=dict, validator=_check_table)
+    metric: str = attrs.field(default="kendall-tau", validator=non_empty_str)
+    metric_options: dict[str, Any] = attrs.field(factory=dict, validator=table_of("the metric's options"))
     fractions: list[float] = attrs.field(
-        factory=lambda: [round(0.1 * i, 2) for i in range(1, 11)], converter=_float_list, validator=_check_fractions
+        factory=lambda: [round(0.1 * i, 2) for i in range(1, 11)],
+        converter=float_list,
+        validator=[list_of(probability, min_length=1), unique],
     )
-    orders: list[str] = attrs.field(factory=lambda: list(ORDERS), validator=_check_orders)
-    seeds: list[int] = attrs.field(factory=lambda: [0, 1, 2], validator=_check_seeds)
-    alpha: float = attrs.field(default=0.5, converter=float, validator=_check_alpha)
-    reset_batchnorm: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
-    groups: list[str] = attrs.field(factory=list, validator=_check_patterns)
-    unranked: str = attrs.field(default="merge", validator=attrs.validators.in_(UNRANKED))
+    orders: list[str] = attrs.field(
+        factory=lambda: list(ORDERS), validator=[list_of(one_of(*ORDERS), min_length=1), distinct("order")]
+    )
+    seeds: list[int] = attrs.field(
+        factory=lambda: [0, 1, 2], validator=[list_of(integer), distinct("seed"), _check_seeds]
+    )
+    alpha: float = attrs.field(default=0.5, converter=as_float, validator=probability)
+    reset_batchnorm: bool = attrs.field(default=True, validator=boolean)
+    groups: list[str] = attrs.field(factory=list, validator=list_of(non_empty_str))
+    unranked: str = attrs.field(default="merge", validator=one_of(*UNRANKED))
 
     # -- pieces ----------------------------------------------------------------------
 
@@ -350,7 +311,6 @@ class PartialMerge:
         """
         first, second = list(models)
         metric = metric if metric is not None else self.make_metric()
-        extra = {"context": context} if _takes_context(metric.score) else {}
         read = group_layers(models[first], example_input(context.data))
         # Where a group is read nowhere (e.g. only pooled away), its last producer's output.
         layers = {g.name: read.get(g.name) or [g.producers[-1]] for g in groups}
@@ -360,7 +320,7 @@ class PartialMerge:
         for g in groups:
             per_layer = []
             for layer in layers[g.name]:
-                score = metric.score(store.activation(first, layer), store.activation(second, layer), **extra)
+                score = metric.score(store.activation(first, layer), store.activation(second, layer), context=context)
                 if not isinstance(score, xr.DataArray) or score.dims != ("unit",) or score.sizes["unit"] != g.size:
                     raise ContractError(
                         f"metric {self.metric!r} returned {getattr(score, 'sizes', type(score).__name__)} at layer "
@@ -455,7 +415,7 @@ class PartialMerge:
             model = work if work is not None else copy.deepcopy(template)
             model.load_state_dict(state)
             if self.reset_batchnorm:
-                reset_batchnorm(model, context.data, batch_size=context.batch_size, context=context)
+                reset_batchnorm(model, context.data, batch_size=context.batch_size, progress=context.progress)
             return model.eval()
 
         runs = [(o, f, None) for o in self.orders if o != "random" for f in fractions]

@@ -42,21 +42,12 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import attrs
-import numpy as np
 import torch
-import xarray as xr
 from torch import Tensor
 
 from mergescope.hookspecs import hookimpl
-from mergescope.task_vectors import (
-    TaskVectorMerger,
-    TaskVectors,
-    check_fraction,
-    flatten,
-    sign_conflicts,
-    top_fraction_mask,
-    unflatten,
-)
+from mergescope.task_vectors import TaskVectorMerger, sign_conflicts, top_fraction_mask
+from mergescope.validators import as_float, fraction
 
 __all__ = [
     "minmax_normalize",
@@ -234,35 +225,24 @@ class Pcb(TaskVectorMerger):
     name: ClassVar[str] = "pcb"
     paper: ClassVar[str] = "Du et al. 2024, Parameter Competition Balancing for Model Merging"
 
-    ratio: float = attrs.field(default=0.1, converter=float, validator=check_fraction)
+    ratio: float = attrs.field(default=0.1, converter=as_float, validator=fraction)
 
-    def combine(self, inputs: TaskVectors) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    def combine_flat(self, flat: Tensor) -> tuple[Tensor, dict[str, Any]]:
         """Balance, drop and rescale; diagnostics of the drop and the balancing.
 
         Extra results: ``kept`` (dim ``model``, fraction of each task vector kept by the
-        drop), ``share`` (dim ``model``, mean rescaling weight of each model),
-        ``sign_conflicts`` (fraction of entries where kept values have both signs) and
-        ``merged_density`` (fraction of entries the merged task vector changes).
+        drop), ``share`` (dim ``model``, mean rescaling weight of each model) and
+        ``sign_conflicts`` (fraction of entries where kept values have both signs); the
+        base class adds ``merged_density`` (fraction of entries the merged task vector
+        changes).
         """
-        flat = flatten(inputs.vectors, inputs.vector_keys)
         pcb = pcb_merge(flat, self.ratio)
-        delta = unflatten(pcb.merged, inputs.vectors[0], inputs.vector_keys)
         # The (N, D) matrices, the largest objects of the merge, go when this returns.
-        return delta, {
+        return pcb.merged, {
             "kept": ("model", pcb.kept().numpy()),
             "share": ("model", pcb.share().numpy()),
             "sign_conflicts": sign_conflicts(flat * pcb.mask),
-            "merged_density": float((pcb.merged != 0).double().mean()) if pcb.merged.numel() else 0.0,
         }
-
-    def describe(self, result: xr.Dataset) -> str:
-        """One line: kept ratio, sign conflicts, scaling and the merged model's score."""
-        kept = float(np.mean(result["kept"].values)) if "kept" in result else float("nan")
-        line = (
-            f"base {str(result['base'].values)!r}, kept {kept:.0%} of each task vector, "
-            f"{float(result['sign_conflicts']):.1%} sign conflicts, lambda {self.chosen_scaling(result)}"
-        )
-        return self.scored(line, result)
 
 
 @hookimpl

@@ -20,7 +20,6 @@ stored class by class would otherwise give batches of one or two classes. The
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
@@ -35,8 +34,9 @@ from mergescope.components import Alignment, Context, MergeResult
 from mergescope.errors import ConfigError
 from mergescope.groups import ChannelGroup, align_to_reference, channel_groups, example_input
 from mergescope.hookspecs import hookimpl
+from mergescope.states import average_states, build_model, check_compatible
 from mergescope.sweeps import default_alphas, loss_barrier
-from mergescope.task_vectors import check_compatible
+from mergescope.validators import as_float, float_list, list_of, one_of, optional, probability
 
 __all__ = ["repair_layers", "renormalise", "Repair", "register_mergers"]
 
@@ -130,23 +130,8 @@ def renormalise(
 
 
 def _interpolate(first: nn.Module, second: nn.Module, alpha: float) -> nn.Module:
-    merged = copy.deepcopy(first)
-    other = second.state_dict()
-    with torch.no_grad():
-        for key, value in merged.state_dict().items():
-            if value.is_floating_point():
-                value.copy_(((1 - alpha) * value.double() + alpha * other[key].double()).to(value.dtype))
-    return merged
-
-
-def _check_alpha(instance: "Repair", attribute: attrs.Attribute, value: float) -> None:
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"'{attribute.name}' must lie in [0, 1], got {value}")
-
-
-def _check_alphas(instance: "Repair", attribute: attrs.Attribute, value: list[float] | None) -> None:
-    if value is not None and any(not 0.0 <= a <= 1.0 for a in value):
-        raise ValueError(f"'{attribute.name}' must lie in [0, 1], got {value}")
+    state = average_states([first.state_dict(), second.state_dict()], [1.0 - alpha, alpha])
+    return build_model(first, state)
 
 
 @attrs.define
@@ -169,17 +154,19 @@ class Repair:
     name: ClassVar[str] = "repair"
     paper: ClassVar[str] = "Jordan et al. 2023, REPAIR: REnormalizing Permuted Activations for Interpolation Repair"
 
-    alpha: float = attrs.field(default=0.5, converter=float, validator=_check_alpha)
-    alphas: list[float] | None = attrs.field(default=None, validator=_check_alphas)
-    variant: str = attrs.field(default="repair", validator=attrs.validators.in_(VARIANTS))
+    alpha: float = attrs.field(default=0.5, converter=as_float, validator=probability)
+    alphas: list[float] | None = attrs.field(
+        default=None, converter=float_list, validator=optional(list_of(probability))
+    )
+    variant: str = attrs.field(default="repair", validator=one_of(*VARIANTS))
 
     def _repaired(self, a: nn.Module, b: nn.Module, alpha: float, layers: list[str], stats, context: Context):
         merged = _interpolate(a, b, alpha)
         if self.variant == "reset-bn":
-            return reset_batchnorm(merged, context.data, batch_size=context.batch_size, context=context)
+            return reset_batchnorm(merged, context.data, batch_size=context.batch_size, progress=context.progress)
         (mean_a, std_a), (mean_b, std_b) = stats
-        target_mean = {l: (1 - alpha) * mean_a[l] + alpha * mean_b[l] for l in layers}
-        target_std = {l: (1 - alpha) * std_a[l] + alpha * std_b[l] for l in layers}
+        target_mean = {layer: (1 - alpha) * mean_a[layer] + alpha * mean_b[layer] for layer in layers}
+        target_std = {layer: (1 - alpha) * std_a[layer] + alpha * std_b[layer] for layer in layers}
         return renormalise(merged, layers, target_mean, target_std, context)
 
     def merge(
@@ -211,7 +198,10 @@ class Repair:
         if layers:
             store = context.record({"a": a, "b": b}, {"a": layers, "b": layers}, keep_activations=False, positions=True)
             stats = tuple(
-                ({l: store.moments(m, l).mean for l in layers}, {l: store.moments(m, l).std for l in layers})
+                (
+                    {layer: store.moments(m, layer).mean for layer in layers},
+                    {layer: store.moments(m, layer).std for layer in layers},
+                )
                 for m in ("a", "b")
             )
         merged = self._repaired(a, b, self.alpha, layers, stats, context)

@@ -17,7 +17,8 @@ import xarray as xr
 from torch import Tensor
 
 from mergescope.hookspecs import hookimpl
-from mergescope.task_vectors import TaskVectorMerger, TaskVectors, check_scaling
+from mergescope.task_vectors import TaskVectorMerger, TaskVectors
+from mergescope.validators import as_float, finite
 
 __all__ = ["sum_task_vectors", "TaskArithmetic", "register_mergers"]
 
@@ -68,7 +69,7 @@ class TaskArithmetic(TaskVectorMerger):
     name: ClassVar[str] = "task-arithmetic"
     paper: ClassVar[str] = "Ilharco et al. 2023, Editing Models with Task Arithmetic"
 
-    scaling: float = attrs.field(default=0.3, converter=float, validator=check_scaling)
+    scaling: float = attrs.field(default=0.3, converter=as_float, validator=finite)
 
     def combine(self, inputs: TaskVectors) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """The sum of the task vectors; no extra results."""

@@ -27,21 +27,12 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import attrs
-import numpy as np
 import torch
-import xarray as xr
 from torch import Tensor
 
 from mergescope.hookspecs import hookimpl
-from mergescope.task_vectors import (
-    TaskVectorMerger,
-    TaskVectors,
-    check_fraction,
-    flatten,
-    sign_conflicts,
-    top_fraction_mask,
-    unflatten,
-)
+from mergescope.task_vectors import TaskVectorMerger, sign_conflicts, top_fraction_mask
+from mergescope.validators import as_float, fraction
 
 __all__ = ["trim", "elect_signs", "disjoint_mean", "TiesMerge", "ties_merge", "Ties", "register_mergers"]
 
@@ -165,35 +156,23 @@ class Ties(TaskVectorMerger):
     name: ClassVar[str] = "ties"
     paper: ClassVar[str] = "Yadav et al. 2023, TIES-Merging: Resolving Interference When Merging Models"
 
-    density: float = attrs.field(default=0.2, converter=float, validator=check_fraction)
+    density: float = attrs.field(default=0.2, converter=as_float, validator=fraction)
 
-    def combine(self, inputs: TaskVectors) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    def combine_flat(self, flat: Tensor) -> tuple[Tensor, dict[str, Any]]:
         """Trim, elect signs and take the disjoint mean; diagnostics of the trimming and signs.
 
         Extra results: ``kept`` (dim ``model``, fraction of each task vector kept by
         trimming), ``agreeing`` (dim ``model``, fraction of its kept entries that agree
-        with the elected sign), ``sign_conflicts`` (fraction of entries where kept values
-        have both signs) and ``merged_density`` (fraction of entries the merged task
-        vector changes).
+        with the elected sign) and ``sign_conflicts`` (fraction of entries where kept
+        values have both signs); the base class adds ``merged_density`` (fraction of
+        entries the merged task vector changes).
         """
-        flat = flatten(inputs.vectors, inputs.vector_keys)
         ties = ties_merge(flat, self.density)
-        delta = unflatten(ties.merged, inputs.vectors[0], inputs.vector_keys)
-        return delta, {
+        return ties.merged, {
             "kept": ("model", ties.kept().numpy()),
             "agreeing": ("model", ties.agreeing().numpy()),
             "sign_conflicts": sign_conflicts(ties.trimmed),
-            "merged_density": float((ties.merged != 0).double().mean()) if ties.merged.numel() else 0.0,
         }
-
-    def describe(self, result: xr.Dataset) -> str:
-        """One line: trimming, sign conflicts, scaling and the merged model's score."""
-        kept = float(np.mean(result["kept"].values)) if "kept" in result else float("nan")
-        line = (
-            f"base {str(result['base'].values)!r}, kept {kept:.0%} of each task vector, "
-            f"{float(result['sign_conflicts']):.1%} sign conflicts, lambda {self.chosen_scaling(result)}"
-        )
-        return self.scored(line, result)
 
 
 @hookimpl

@@ -25,16 +25,33 @@ Layout of one grid (all sizes in pixels)::
 
 The tiles fill the bottom-right ``rows * tile + (rows - 1) * gap`` by
 ``k * tile + (k - 1) * gap`` pixels; the label column and the header take the rest.
+
+In the report (``report.html``), the step's panel is a unit browser
+(:meth:`TopKGrids.report_panel`, :func:`unit_browser`): a layer selector, the layer's units
+with the values of every metric step that scored them (sortable), and the grid of the chosen
+unit, read from ``topk-index.nc``. The report itself knows nothing of this layout; the
+panel is built from ``mergescope.report``'s public building blocks. Its script and style
+are package data of this package (``templates/topk_browser.js`` and ``.css``): the panel
+returns them with its HTML as a ``mergescope.report.Panel``, and the report inlines them
+once, however many top-k steps the run has, keeping the page one file. The script starts
+every browser through the report's generic hook, ``mergescope.panel(selector, init)``
+(the report's ``report.js``).
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import importlib.resources
+import json
 import logging
 import math
+import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar
+from urllib.parse import quote
 
 import attrs
 import numpy as np
@@ -43,8 +60,28 @@ import xarray as xr
 from mergescope.components import Context
 from mergescope.errors import ConfigError
 from mergescope.hookspecs import hookimpl
+from mergescope.report import (
+    IMAGE_SUFFIXES,
+    Panel,
+    default_panel,
+    file_list,
+    guess_metric_steps,
+    node_files,
+    unit_scores,
+)
+from mergescope.storage import load_tree
 
-__all__ = ["TopKGrids", "display_image", "display_images", "grid_layout", "safe_name", "register_visualizers"]
+__all__ = [
+    "TopKGrids",
+    "display_image",
+    "display_images",
+    "grid_layout",
+    "safe_name",
+    "has_unit_index",
+    "unit_browser",
+    "unit_browser_panel",
+    "register_visualizers",
+]
 
 log = logging.getLogger("mergescope")
 
@@ -354,9 +391,7 @@ class _Metrics:
     per_unit: np.ndarray | None = None  # (metrics, units)
 
 
-def _metric_values(
-    results: xr.DataTree, steps: Sequence[str], layer: str, rows: Sequence[str], units: int
-) -> _Metrics:
+def _metric_values(results: xr.DataTree, steps: Sequence[str], layer: str, rows: Sequence[str], units: int) -> _Metrics:
     out = _Metrics()
     per_row, per_unit = [], []
     for step in steps:
@@ -706,6 +741,18 @@ class TopKGrids:
             for i, line in enumerate(shown):
                 text.draw(canvas, line, top + (i + 1) * text.line, _PAD, layout.tiles_left - _PAD)
 
+    def report_panel(
+        self,
+        node: xr.Dataset,
+        files: list[Path],
+        run_dir: Path,
+        *,
+        results: xr.DataTree | None = None,
+        metric_steps: Sequence[str] | None = None,
+    ) -> Panel | str:
+        """The step's panel in the report: the unit browser of its grids (see :func:`unit_browser_panel`)."""
+        return unit_browser_panel(node, run_dir, results, files=files, metric_steps=metric_steps)
+
     def describe(self, result: xr.Dataset) -> str:
         """How many grids over how many layers, and their rows."""
         if "grid_file" not in result:
@@ -771,6 +818,181 @@ def _index(entries: list[dict[str, Any]], rows: list[str]) -> xr.Dataset:
         ds["unit_metric_value"] = (("entry", "unit_metric"), unit_metric)
         ds = ds.assign_coords(unit_metric=np.asarray(unit_metric_names, dtype=str))
     return ds
+
+
+# ------------------------------------------------------------------- report: unit browser
+
+
+def _index_file_var(node: xr.Dataset) -> str | None:
+    for name in ("grid_file", "file"):
+        if name in node.variables and node[name].dims == ("entry",):
+            return name
+    return None
+
+
+def has_unit_index(node: xr.Dataset) -> bool:
+    """Whether ``node`` indexes one image per unit: ``layer``, ``unit`` and ``grid_file`` (or ``file``) on ``entry``."""
+    return _index_file_var(node) is not None and all(
+        name in node.variables and node[name].dims == ("entry",) for name in ("layer", "unit")
+    )
+
+
+def _index_files(node: xr.Dataset, run_dir: Path, files: Sequence[Path]) -> list[str]:
+    """Every entry's image, relative to ``run_dir`` (posix).
+
+    The index stores paths relative to the index file (``topk-index.nc`` in the step's
+    figure folder); the folder is found from the step's ``.nc`` files, and paths that
+    already resolve from ``run_dir`` are kept.
+    """
+    var = _index_file_var(node)
+    assert var is not None
+    names = [str(v) for v in node[var].values]
+    if not names:
+        return []
+    bases = [f.parent for f in files if f.suffix == ".nc"]
+    bases += [f.parent for f in files if f.suffix.lower() in IMAGE_SUFFIXES][:1] + [Path(".")]
+    base = next((b for b in bases if (run_dir / b / names[0]).is_file()), bases[0])
+    return [PurePosixPath(os.path.normpath((base / n).as_posix())).as_posix() for n in names]
+
+
+def _metric_columns(
+    results: xr.DataTree, metric_steps: Sequence[str], layer: str, units: np.ndarray
+) -> list[tuple[dict[str, str], list[float | None]]]:
+    """(label, values per unit) of every per-unit score of ``layer`` in the metric steps."""
+    columns = []
+    for step in metric_steps:
+        if step not in results.children or layer not in results[step].children:
+            continue
+        ds = results[step][layer].to_dataset(inherit=False)
+        for var in unit_scores(ds):
+            da = ds[var]
+            if da.dims == ("unit",):
+                columns.append(({"step": step, "var": var, "model": ""}, _per_unit(da, units)))
+                continue
+            for i in range(da.sizes["model"]):
+                model = str(da["model"].values[i]) if "model" in da.coords else str(i)
+                columns.append(({"step": step, "var": var, "model": model}, _per_unit(da.isel(model=i), units)))
+    return columns
+
+
+def _per_unit(da: xr.DataArray, units: np.ndarray) -> list[float | None]:
+    if "unit" in da.indexes:
+        values = da.reindex(unit=units).values.astype(float)
+    else:
+        raw = np.asarray(da.values, dtype=float)
+        values = np.array([raw[u] if 0 <= u < raw.size else np.nan for u in units])
+    return [float(v) if np.isfinite(v) else None for v in values]  # JSON has no NaN
+
+
+def unit_browser(
+    node: xr.Dataset,
+    run_dir: str | Path,
+    results: xr.DataTree | None = None,
+    *,
+    files: Sequence[Path] | None = None,
+    metric_steps: Sequence[str] | None = None,
+) -> str:
+    """A per-layer, per-unit browser of images with the units' metric values.
+
+    A layer selector, a table of the layer's units with every metric value beside each
+    (click a column header to sort), and the image and values of the chosen unit.
+
+    Parameters
+    ----------
+    node
+        An index of images: variables ``layer``, ``unit`` and ``grid_file`` (or ``file``)
+        on dim ``entry``, the image paths relative to the index's ``.nc`` file (as
+        :class:`TopKGrids` writes ``topk-index.nc``) or to ``run_dir``.
+    run_dir
+        The run directory, where the report is.
+    results
+        The run's results, for the metric values (``/<step>/<layer>`` variables on dims
+        ``(model, unit)``, one column per model, or ``(unit,)``); read from
+        ``run_dir/results.nc`` when not given and present.
+    files
+        The step's files, relative to ``run_dir``; default: the node's ``files``.
+    metric_steps
+        The steps whose scores are shown; default: every step whose layer nodes hold them.
+
+    Returns
+    -------
+    str
+        An HTML fragment; the script of :func:`unit_browser_panel` brings it to life.
+    """
+    run_dir = Path(run_dir)
+    if not has_unit_index(node):
+        raise ValueError("unit_browser needs 'layer', 'unit' and 'grid_file' (or 'file') variables on dim 'entry'")
+    files = list(files) if files is not None else node_files(node)
+    if results is None and (run_dir / "results.nc").is_file():
+        results = load_tree(run_dir / "results.nc")
+    if metric_steps is None:
+        metric_steps = guess_metric_steps(results) if results is not None else []
+    paths = _index_files(node, run_dir, files)
+    layer_of = [str(v) for v in node["layer"].values]
+    unit_of = np.asarray(node["unit"].values).astype(np.int64)
+    layers = []
+    for layer in dict.fromkeys(layer_of):
+        rows = [i for i, name in enumerate(layer_of) if name == layer]
+        units = unit_of[rows]
+        columns = _metric_columns(results, metric_steps, layer, units) if results is not None else []
+        layers.append(
+            {
+                "name": layer,
+                "units": units.tolist(),
+                "files": [quote(paths[i]) for i in rows],
+                "columns": [c for c, _ in columns],
+                "values": [v for _, v in columns],
+            }
+        )
+    data = json.dumps({"layers": layers}, separators=(",", ":"), allow_nan=False)
+    # Inside <script> only "</" could end the element early; escape every "<", ">" and "&".
+    data = data.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    ident = "ub-" + hashlib.sha1(data.encode()).hexdigest()[:10]
+    count = sum(len(layer["units"]) for layer in layers)
+    return (
+        f'<div class="ms-unit-browser" id="{ident}">'
+        f'<script type="application/json" class="ms-data">{data}</script>'
+        '<div class="ms-controls"><label>Layer <select class="ms-layer"></select></label> '
+        '<span class="ms-hint">Click a unit to see its image and values; click a column header to sort.</span></div>'
+        '<div class="ms-body"><div class="ms-list">'
+        '<table class="ms-units num"><thead></thead><tbody></tbody></table></div>'
+        '<div class="ms-detail" aria-live="polite"></div></div>'
+        f"<noscript><p>{count} unit images; the browser needs JavaScript.</p></noscript>"
+        "</div>"
+    )
+
+
+@functools.cache
+def _browser_assets() -> tuple[str, str]:
+    """The unit browser's CSS and script, package data of ``mergescope_plugins``."""
+    folder = importlib.resources.files("mergescope_plugins") / "templates"
+    css, js = ((folder / f"topk_browser.{ext}").read_text(encoding="utf-8") for ext in ("css", "js"))
+    return css, js
+
+
+def unit_browser_panel(
+    node: xr.Dataset,
+    run_dir: str | Path,
+    results: xr.DataTree | None = None,
+    *,
+    files: Sequence[Path] | None = None,
+    metric_steps: Sequence[str] | None = None,
+) -> Panel | str:
+    """The report panel of a step whose results index one image per unit (see :func:`has_unit_index`).
+
+    The :func:`unit_browser` of the images and links to the step's other files, with the
+    browser's CSS and script (a ``mergescope.report.Panel``); without an index, the report's
+    default panel. The parameters are :func:`unit_browser`'s.
+    """
+    run_dir = Path(run_dir)
+    files = list(files) if files is not None else node_files(node)
+    if not has_unit_index(node):
+        return default_panel(node, run_dir, results, files=files, metric_steps=metric_steps)
+    grids = set(_index_files(node, run_dir, files))
+    rest = [f for f in files if f.as_posix() not in grids]
+    browser = unit_browser(node, run_dir, results, files=files, metric_steps=metric_steps)
+    css, js = _browser_assets()
+    return Panel(browser + file_list(rest, run_dir), css=css, js=js)
 
 
 @hookimpl

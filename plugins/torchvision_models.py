@@ -64,10 +64,7 @@ def _check_arch(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
     known = available_models()
     if value not in known:
         close = difflib.get_close_matches(value, known, n=5, cutoff=0.6)
-        if close:
-            hint = f"Did you mean {', '.join(repr(c) for c in close)}?"
-        else:
-            hint = f"Known models: {', '.join(known)}."
+        hint = f"Did you mean {', '.join(repr(c) for c in close)}?" if close else f"Known models: {', '.join(known)}."
         raise ValueError(f"'{attribute.name}' = {value!r} is not a torchvision classification model. {hint}")
 
 

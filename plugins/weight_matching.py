@@ -30,7 +30,8 @@ from torch import nn
 from mergescope.components import Alignment, Context
 from mergescope.groups import Axis, ChannelGroup, channel_groups, example_input, permutation_matrix
 from mergescope.hookspecs import hookimpl
-from mergescope.task_vectors import check_compatible
+from mergescope.states import check_compatible
+from mergescope.validators import integer, one_of, positive_int
 
 __all__ = ["match_weights", "merge_many", "permute_arrays", "WeightMatching", "register_aligners"]
 
@@ -109,7 +110,9 @@ def _match_weights(
     # matrix would give the same (non-)move again: skip it. This is exact, and it saves
     # most of the products in the last sweeps, where few groups still move.
     depends = {
-        g.name: sorted({g2.name for ax in g.axes for g2, ax2 in touching[ax.param] if g2.name != g.name or ax2.axis != ax.axis})
+        g.name: sorted(
+            {g2.name for ax in g.axes for g2, ax2 in touching[ax.param] if g2.name != g.name or ax2.axis != ax.axis}
+        )
         for g in groups
     }
     version = {g.name: 0 for g in groups}
@@ -141,7 +144,7 @@ def _match_weights(
         if hit is not None and hit[2] is not None:
             # One neighbour moved a few units: add the product of just the columns it moved
             # (exact up to rounding; a full sweep confirms convergence, see below).
-            (g2, ax2), = others
+            ((g2, ax2),) = others
             old, new = hit[2], perms[g2.name]
             changed = np.flatnonzero(old != new)
             if 2 * len(changed) < g2.size:
@@ -252,7 +255,8 @@ def merge_many(
     permuted = {m: dict(states[m]) for m in names}
     rng = np.random.default_rng(seed)
     rounds = 0
-    for rounds in range(1, max_rounds + 1):
+    # `rounds` is read after the loop: the number of rounds run.
+    for rounds in range(1, max_rounds + 1):  # noqa: B007
         changed = False
         for index in rng.permutation(len(names)):
             m = names[index]
@@ -282,12 +286,6 @@ def _as_arrays(model: nn.Module) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().double().numpy() for k, v in model.state_dict().items() if v.is_floating_point()}
 
 
-def _check_strategy(instance: object, attribute: attrs.Attribute, value: object) -> None:
-    if value not in STRATEGIES:
-        accepted = ", ".join(repr(v) for v in STRATEGIES)
-        raise ValueError(f"'{attribute.name}' must be one of {accepted}, got {value!r}")
-
-
 @attrs.define
 class WeightMatching:
     """Permute units so each model's weights best match the reference's (Git Re-Basin coordinate descent).
@@ -310,12 +308,10 @@ class WeightMatching:
     name: ClassVar[str] = "weight-matching"
     paper: ClassVar[str] = "Ainsworth et al. 2023, Git Re-Basin: Merging Models modulo Permutation Symmetries"
 
-    seed: int = attrs.field(default=0, validator=attrs.validators.instance_of(int))
-    max_iter: int = attrs.field(default=100, validator=[attrs.validators.instance_of(int), attrs.validators.gt(0)])
-    strategy: str = attrs.field(default="reference", validator=_check_strategy)
-    max_rounds: int = attrs.field(
-        default=50, validator=[attrs.validators.instance_of(int), attrs.validators.gt(0)]
-    )
+    seed: int = attrs.field(default=0, validator=integer)
+    max_iter: int = attrs.field(default=100, validator=positive_int)
+    strategy: str = attrs.field(default="reference", validator=one_of(*STRATEGIES))
+    max_rounds: int = attrs.field(default=50, validator=positive_int)
 
     def align(self, models: Mapping[str, nn.Module], reference: str, context: Context) -> Alignment:
         """Match every other model's weights to the reference's (or all to each other's average)."""
@@ -346,7 +342,9 @@ class WeightMatching:
             return f"MergeMany converged in {int(result['rounds'])} rounds"
         if "sweeps" not in result:
             return "aligned"
-        return "; ".join(f"{m}: converged in {int(s)} sweeps" for m, s in zip(result["model"].values, result["sweeps"].values))
+        return "; ".join(
+            f"{m}: converged in {int(s)} sweeps" for m, s in zip(result["model"].values, result["sweeps"].values)
+        )
 
 
 @hookimpl

@@ -9,24 +9,19 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import attrs
 from torch import nn
 
 from mergescope.hookspecs import hookimpl
+from mergescope.validators import boolean, list_of, positive_int
 
 __all__ = ["MLP", "SmallCNN", "register_architectures"]
 
 
-def _positive_ints(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if not isinstance(value, (list, tuple)) or not value:
-        raise ValueError(f"'{attribute.name}' must be a non-empty list of positive integers, got {value!r}")
-    for item in value:
-        if isinstance(item, bool) or not isinstance(item, int) or item <= 0:
-            raise ValueError(
-                f"'{attribute.name}' must be a non-empty list of positive integers, got {value!r}"
-            )
+# Layer widths: at least one layer, every width a positive integer.
+_widths = list_of(positive_int, min_length=1)
 
 
 @attrs.define
@@ -45,7 +40,7 @@ class MLP:
     name: ClassVar[str] = "mlp"
     paper: ClassVar[str] = "Ainsworth et al. 2023, Git Re-Basin (MNIST MLP 784-512-512-512-10)"
 
-    hidden: list[int] = attrs.field(factory=lambda: [512, 512, 512], validator=_positive_ints)
+    hidden: list[int] = attrs.field(factory=lambda: [512, 512, 512], validator=_widths)
 
     def build(self, input_shape: tuple[int, ...], num_classes: int) -> nn.Sequential:
         """Build an untrained MLP for images of ``input_shape`` and ``num_classes`` classes."""
@@ -79,8 +74,8 @@ class SmallCNN:
     name: ClassVar[str] = "cnn"
     paper: ClassVar[str] = ""
 
-    widths: list[int] = attrs.field(factory=lambda: [32, 64, 64], validator=_positive_ints)
-    batchnorm: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+    widths: list[int] = attrs.field(factory=lambda: [32, 64, 64], validator=_widths)
+    batchnorm: bool = attrs.field(default=False, validator=boolean)
 
     def build(self, input_shape: tuple[int, ...], num_classes: int) -> nn.Sequential:
         """Build an untrained CNN for images ``(C, H, W)`` and ``num_classes`` classes."""

@@ -109,11 +109,20 @@ def test_max_batches_stops_early(data: TensorImageDataset) -> None:
     torch.testing.assert_close(model[1].running_mean, x1.mean(dim=(0, 2, 3)), rtol=1e-5, atol=1e-5)
 
 
-def test_context_progress_and_momentum_none_kept(data: TensorImageDataset) -> None:
+def test_progress_and_momentum_none_kept(data: TensorImageDataset) -> None:
     model = convnet()
     model[1].momentum = None
-    reset_batchnorm(model, data, batch_size=16, context=Context(data=data, quiet=True))
+    calls = []
+
+    def progress(iterable, desc, total=None):
+        calls.append((desc, total))
+        return iter(iterable)
+
+    reset_batchnorm(model, data, batch_size=16, progress=progress)
     assert model[1].momentum is None and model[6].momentum == 0.1
+    assert calls == [("BatchNorm statistics", -(-len(data) // 16))]
+    # A context's progress is such a callable.
+    reset_batchnorm(model, data, batch_size=16, progress=Context(data=data, quiet=True).progress)
 
 
 def test_no_batchnorm_is_a_no_op(data: TensorImageDataset) -> None:

@@ -10,6 +10,7 @@ import xarray as xr
 
 from mergescope import ConfigError, __version__
 from mergescope.cli import main
+
 from pipelines import SMALL
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,7 +12,7 @@ import pytest
 
 from mergescope import hookspecs
 from mergescope.cli import _parser
-from mergescope.components import KINDS
+from mergescope.kinds import KINDS
 from mergescope.testing import check_component
 
 if sys.version_info >= (3, 11):

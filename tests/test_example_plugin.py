@@ -11,6 +11,7 @@ from scipy.stats import spearmanr
 from mergescope import Pipeline, run
 from mergescope.store import Store
 from mergescope.testing import check_component
+
 from pipelines import SMALL
 
 EXAMPLE = Path(__file__).parent / "example_plugin"

@@ -5,6 +5,7 @@ import torch
 
 from mergescope import CheckpointError, ConfigError, ModelSpec, Pipeline, Step, Training, get_registry, run
 from mergescope.pipeline import ActivationSpec, load_pipeline
+
 from pipelines import SMALL
 
 

@@ -29,6 +29,7 @@ from mergescope import MergescopeError, ModelSpec, Pipeline, Step, get_registry,
 from mergescope.checkpoints import load_state_dict
 from mergescope.errors import CheckpointError
 from mergescope.pipeline import ActivationSpec, load_pipeline
+
 from pipelines import SMALL
 
 # 200 images in chunks of 20: ten checkpointed chunks per collection; short training.
@@ -206,7 +207,7 @@ def test_a_plugin_error_names_the_step_component_and_plugin_and_keeps_earlier_st
     class Explodes:
         name: ClassVar[str] = "test-explodes"
 
-        def score(self, a, b):
+        def score(self, a, b, context=None):
             raise RuntimeError("boom in score")
 
     class Plugin:

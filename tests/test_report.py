@@ -1,8 +1,13 @@
-"""The HTML report every run writes: contents, escaping, self-containment, and (in Chromium) the unit browser."""
+"""The HTML report every run writes: contents, escaping, self-containment, panels, and (in Chromium) the page at work.
+
+The unit browser is the top-k plugin's panel (tests/plugins/test_topk.py); here a test
+visualizer that writes the same index uses it, so the browser runs in the whole page.
+"""
 
 from __future__ import annotations
 
 import html
+import importlib.resources
 import json
 import os
 import re
@@ -16,8 +21,10 @@ import numpy as np
 import pytest
 import xarray as xr
 
+import mergescope.report
 from mergescope import Pipeline, hookimpl, run
-from mergescope.report import REPORT_FILE, has_unit_index, line_chart, render_report, unit_browser, write_report
+from mergescope.report import REPORT_FILE, Panel, default_panel, line_chart, render_report, write_report
+
 from pipelines import SMALL
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,10 +70,10 @@ class UnitGrids:
 
     name: ClassVar[str] = "test-unit-grids"
 
-    def render(self, results: xr.DataTree, out_dir: Path) -> list[Path]:
+    def render(self, results: xr.DataTree, out_dir: Path, context=None) -> list[Path]:
         out_dir = Path(out_dir)
         paths, layers, units, files = [], [], [], []
-        for layer, node in results["kendall-tau"].children.items():
+        for layer in results["kendall-tau"].children:
             for unit in range(UNITS):
                 path = out_dir / layer / f"unit-{unit:04d}.png"
                 _png(path, 30 * unit + 7)
@@ -81,6 +88,13 @@ class UnitGrids:
         index.to_netcdf(index_path)
         return [*paths, index_path]
 
+    def report_panel(self, node, files, run_dir, *, results=None, metric_steps=None):
+        """The top-k plugin's panel: the index is laid out as ``top-k`` writes it."""
+        from mergescope_plugins.topk import unit_browser_panel
+
+        assert results is not None and metric_steps == ["kendall-tau"]  # what the report passes by keyword
+        return unit_browser_panel(node, run_dir, results, files=files, metric_steps=metric_steps)
+
 
 @attrs.define
 class OwnPanel:
@@ -88,7 +102,7 @@ class OwnPanel:
 
     name: ClassVar[str] = "test-own-panel"
 
-    def render(self, results: xr.DataTree, out_dir: Path) -> list[Path]:
+    def render(self, results: xr.DataTree, out_dir: Path, context=None) -> list[Path]:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / "note.txt"
@@ -107,7 +121,7 @@ class BrokenPanel:
 
     name: ClassVar[str] = "test-broken-panel"
 
-    def render(self, results: xr.DataTree, out_dir: Path) -> list[Path]:
+    def render(self, results: xr.DataTree, out_dir: Path, context=None) -> list[Path]:
         out_dir = Path(out_dir)
         _png(out_dir / "picture.png", 90)
         return [out_dir / "picture.png"]
@@ -122,7 +136,7 @@ class Gallery:
 
     name: ClassVar[str] = "test-gallery"
 
-    def render(self, results: xr.DataTree, out_dir: Path) -> list[Path]:
+    def render(self, results: xr.DataTree, out_dir: Path, context=None) -> list[Path]:
         out_dir = Path(out_dir)
         _png(out_dir / "a picture.png", 150)
         loss = results["interpolation"].ds["loss"]
@@ -262,15 +276,6 @@ def test_report_of_a_bare_tree_guesses_kinds(tmp_path):
     assert not list(tmp_path.glob(".*partial"))
 
 
-def test_unit_browser_needs_an_index(tmp_path):
-    node = xr.Dataset({"grid_file": ("entry", ["a.png"])}, coords={"layer": ("entry", ["l"]), "unit": ("entry", [0])})
-    assert has_unit_index(node) and not has_unit_index(node.drop_vars("unit"))
-    with pytest.raises(ValueError, match="grid_file"):
-        unit_browser(node.drop_vars("layer"), tmp_path)
-    html = unit_browser(node, tmp_path, xr.DataTree())
-    assert 'class="ms-unit-browser"' in html and '"files":["a.png"]' in html
-
-
 def test_line_chart_handles_gaps_and_constants():
     svg = line_chart([0, 1, 2, 3], {"a": [1, np.nan, 1, 1], "<b>": [2, 2, 2, 2]}, title="t & u")
     assert svg.startswith("<svg") and svg.count("<polyline") == 2 and "&lt;b&gt;" in svg and "t &amp; u" in svg
@@ -280,6 +285,105 @@ def test_line_chart_handles_gaps_and_constants():
 def test_render_report_without_results_is_valid(tmp_path):
     page = render_report(tmp_path, xr.DataTree(), info={"seed": 3, "steps": {}})
     assert "This pipeline has no steps." in page and '<td>seed</td><td class="n">3</td>' in page
+
+
+# --------------------------------------------------------------------------- panels and templates
+
+
+def _template(name: str) -> str:
+    return (importlib.resources.files("mergescope") / "templates" / name).read_text(encoding="utf-8")
+
+
+def test_page_is_one_file_with_its_css_and_js_inlined(report_run):
+    page = (report_run / REPORT_FILE).read_text(encoding="utf-8")
+    css, js = _template("report.css"), _template("report.js")
+    assert css.strip() and js.strip() and not any(m in css + js for m in ("{{", "{%", "{#"))  # no Jinja syntax
+    # The package's files, verbatim, inside the page's one <style> and one <script> element.
+    style = re.search(r"<style>(.*?)</style>", page, re.S).group(1)
+    script = re.search(r"<script>(.*?)</script>", page, re.S).group(1)
+    assert page.count("<style") == 1 and page.count("<script>") == 1
+    assert css.strip() in style and js.strip() in script
+    # The unit browser's CSS and script (the top-k plugin's package data) follow the report's own.
+    from mergescope_plugins.topk import _browser_assets
+
+    browser_css, browser_js = _browser_assets()
+    assert style.index(css.strip()) < style.index(browser_css.strip())
+    assert script.index(js.strip()) < script.index(browser_js.strip())
+    assert not list(report_run.glob("*.css")) and not list(report_run.glob("*.js"))
+
+
+def _figure_tree(tmp_path: Path, steps: dict[str, list[str]]) -> xr.DataTree:
+    """Visualizer nodes (``files``) for ``steps``: step -> file names, written under figures/<step>/."""
+    nodes = {}
+    for step, names in steps.items():
+        files = []
+        for name in names:
+            path = tmp_path / "figures" / step / name
+            if name.endswith(".png"):
+                _png(path, 60)
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text("text")
+            files.append(path.relative_to(tmp_path).as_posix())
+        nodes[step] = xr.Dataset(coords={"files": ("file", files)})
+    return xr.DataTree.from_dict(nodes)
+
+
+class _LegacyPanel:
+    """A third-party panel with the original three-parameter signature."""
+
+    def __init__(self):
+        self.calls = []
+
+    def report_panel(self, node, files, run_dir):
+        self.calls.append((sorted(node.variables), [f.as_posix() for f in files], run_dir))
+        return '<div class="legacy">legacy panel</div>'
+
+
+class _AssetPanel:
+    """A panel with its own CSS and script, taking the report's extras through **kwargs."""
+
+    def __init__(self):
+        self.extras = []
+
+    def report_panel(self, node, files, run_dir, **extras):
+        self.extras.append(extras)
+        return Panel('<div class="with-assets"></div>', css=".with-assets{color:red}", js="window.assetPanel = 1;")
+
+
+def test_default_panel_custom_panels_and_their_assets(tmp_path):
+    tree = _figure_tree(
+        tmp_path, {"plain": ["a.png", "notes.txt"], "legacy": ["x.txt"], "styled": ["y.txt"], "styled-2": ["z.txt"]}
+    )
+    legacy, styled = _LegacyPanel(), _AssetPanel()
+    components = {"plain": object(), "legacy": legacy, "styled": styled, "styled-2": styled}
+    steps = {name: {"use": name, "kind": "visualizer"} for name in tree.children}
+    steps = {"tau": {"use": "kendall-tau", "kind": "metric"}, **steps}
+    page = render_report(tmp_path, tree, info={"steps": steps}, components=components)
+    # No report_panel: the default panel, a gallery of the images and links to the rest.
+    assert default_panel(tree["plain"].to_dataset(), tmp_path) in page
+    assert '<img src="figures/plain/a.png"' in page and '<a href="figures/plain/notes.txt">' in page
+    # The original signature is called with the three positional arguments only.
+    assert legacy.calls == [(["files"], ["figures/legacy/x.txt"], tmp_path)]
+    assert '<div class="legacy">legacy panel</div>' in page
+    # **kwargs gets the results and the metric steps; a Panel's CSS and JS are inlined once for two steps.
+    assert [sorted(e) for e in styled.extras] == [["metric_steps", "results"]] * 2
+    assert styled.extras[0]["metric_steps"] == ["tau"] and styled.extras[0]["results"] is tree
+    assert page.count('<div class="with-assets"></div>') == 2
+    assert page.count(".with-assets{color:red}") == 1 and page.count("window.assetPanel = 1;") == 1
+    style = re.search(r"<style>(.*?)</style>", page, re.S).group(1)
+    script = re.search(r"<script>(.*?)</script>", page, re.S).group(1)
+    assert ".with-assets{color:red}" in style and "window.assetPanel = 1;" in script
+    # Without any Panel's assets the page has the report's own CSS and JS only.
+    plain = render_report(tmp_path, tree, info={"steps": steps}, components={"styled": _LegacyPanel()})
+    assert "with-assets" not in plain and _template("report.js").strip() in plain
+
+
+def test_core_report_knows_no_plugin_file_format():
+    source = Path(mergescope.report.__file__).read_text(encoding="utf-8")
+    assert "topk" not in source.lower() and "grid_file" not in source
+    for name in ("unit_browser", "has_unit_index"):
+        assert not hasattr(mergescope.report, name)
 
 
 # --------------------------------------------------------------------------- in a browser

@@ -6,12 +6,13 @@ from pathlib import Path
 
 import attrs
 import numpy as np
-import torch
 import pytest
+import torch
 import xarray as xr
 
 import mergescope.runner as runner_module
 from mergescope import ConfigError, Pipeline, run
+
 from pipelines import SMALL
 
 MERGED = SMALL + """
@@ -94,10 +95,10 @@ def test_editing_a_plugin_module_or_the_core_reruns_steps(tmp_path, caplog, monk
 
     out = tmp_path / "run"
     run(Pipeline.from_toml(SMALL), out, quiet=True)
-    real = runner_module._source_digest
-    assert real(interpolation.Interpolation) == runner_module._file_digest(Path(interpolation.__file__))
+    real = runner_module.source_digest
+    assert real(interpolation.Interpolation) == runner_module.file_digest(Path(interpolation.__file__))
     edited = lambda cls: "edited" if cls is interpolation.Interpolation else real(cls)  # noqa: E731
-    monkeypatch.setattr(runner_module, "_source_digest", edited)
+    monkeypatch.setattr(runner_module, "source_digest", edited)
     with caplog.at_level(logging.INFO, logger="mergescope"):
         run(Pipeline.from_toml(SMALL), out, quiet=True)
     messages = [r.getMessage() for r in caplog.records]
@@ -106,7 +107,7 @@ def test_editing_a_plugin_module_or_the_core_reruns_steps(tmp_path, caplog, monk
 
     # a change to mergescope itself reruns every step
     caplog.clear()
-    monkeypatch.setattr(runner_module, "_core_digest", lambda: "updated")
+    monkeypatch.setattr(runner_module, "core_digest", lambda: "updated")
     with caplog.at_level(logging.INFO, logger="mergescope"):
         run(Pipeline.from_toml(SMALL), out, quiet=True)
     assert not any("done before" in r.getMessage() for r in caplog.records)

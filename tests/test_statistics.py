@@ -12,7 +12,6 @@ from mergescope.activations import make_activation
 from mergescope.errors import ContractError
 from mergescope.statistics import CoMoments, Moments, TopK
 
-
 # --------------------------------------------------------------------------- helpers
 
 

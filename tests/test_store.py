@@ -142,12 +142,14 @@ def test_dask_reductions_on_a_local_cluster_equal_the_single_process(tmp_path, d
         collect_store(models, data, spec(), tmp_path / f"shard{i}", shard=(i, 2))
     joined = join_stores([tmp_path / "shard0", tmp_path / "shard1"])
     single = collect_store(models, data, spec(), tmp_path / "single")
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
-        with distributed.Client(cluster):
-            acts = joined.activation("a", "relu").astype("float64")
-            mean = acts.mean("sample").compute()
-            centred = acts - mean
-            cov = xr.dot(centred, centred.rename(unit="unit_y"), dim="sample").compute() / acts.sizes["sample"]
+    with (
+        distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+        distributed.Client(cluster),
+    ):
+        acts = joined.activation("a", "relu").astype("float64")
+        mean = acts.mean("sample").compute()
+        centred = acts - mean
+        cov = xr.dot(centred, centred.rename(unit="unit_y"), dim="sample").compute() / acts.sizes["sample"]
     np.testing.assert_allclose(mean.values, single.moments("a", "relu").mean, atol=1e-12)
     np.testing.assert_allclose(cov.values, single.covariance("a", "relu").covariance, atol=1e-12)
 

@@ -11,11 +11,10 @@ from torch import nn
 
 from mergescope.components import Context, Evaluation, TensorImageDataset
 from mergescope.errors import ConfigError
+from mergescope.states import average_states, check_compatible
 from mergescope.task_vectors import (
     MAX_RELATIVE_DISTANCE,
     add_to_base,
-    average_states,
-    check_compatible,
     check_finetuned,
     example_finetunes,
     flatten,
@@ -185,7 +184,9 @@ def test_prepare_is_not_fooled_by_constant_initialised_norm_layers() -> None:
 def test_average_states_and_add_to_base() -> None:
     a, b = with_bn(0).state_dict(), with_bn(1).state_dict()
     avg = average_states([a, b], [0.25, 0.75])
-    assert "2.num_batches_tracked" not in avg
+    assert avg.keys() == a.keys()  # a complete state dict: integer entries come from the first
+    assert torch.equal(avg["2.num_batches_tracked"], a["2.num_batches_tracked"])
+    assert average_states([a, b], keys=["2.running_mean"]).keys() == {"2.running_mean"}
     assert torch.equal(avg["1.weight"], (0.25 * a["1.weight"].double() + 0.75 * b["1.weight"].double()).float())
     delta = {"1.weight": torch.ones(5, 4, dtype=torch.float64)}
     out = add_to_base(a, delta, 0.5, overrides={"2.running_mean": torch.zeros(5)})

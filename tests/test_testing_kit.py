@@ -18,7 +18,7 @@ class GoodMetric:
     name = "good"
     scale: float = 1.0
 
-    def score(self, a, b):
+    def score(self, a, b, context=None):
         if not np.array_equal(a["sample"].values, b["sample"].values) or a.sizes["unit"] != b.sizes["unit"]:
             raise ValueError("a and b differ in samples or units")
         v = ((a - a.mean("sample")) * (b.values - b.values.mean(0))).mean("sample") * self.scale
@@ -42,7 +42,7 @@ class WrongDims(GoodMetric):
 
     name = "wrong-dims"
 
-    def score(self, a, b):
+    def score(self, a, b, context=None):
         return xr.DataArray(np.zeros(3), dims=("channel",))
 
 
@@ -52,7 +52,7 @@ class Random(GoodMetric):
 
     name = "random"
 
-    def score(self, a, b):
+    def score(self, a, b, context=None):
         return xr.DataArray(np.random.default_rng().random(a.sizes["unit"]), dims=("unit",), coords={"unit": b["unit"].values})
 
 
@@ -62,7 +62,7 @@ class Lenient(GoodMetric):
 
     name = "lenient"
 
-    def score(self, a, b):
+    def score(self, a, b, context=None):
         return xr.DataArray(np.zeros(b.sizes["unit"]), dims=("unit",), coords={"unit": b["unit"].values})
 
 

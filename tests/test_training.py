@@ -12,7 +12,7 @@ from mergescope.components import Context
 from mergescope.errors import CheckpointError, ConfigError
 from mergescope.options import structure_options
 from mergescope.training import Training, cache_dir, cache_key, train_classifier, trained_model
-from mergescope_plugins.datasets import Digits, MNIST5000
+from mergescope_plugins.datasets import MNIST5000, Digits
 from mergescope_plugins.zoo import MLP, SmallCNN
 
 # A small, fast setting for tests that only need some training to happen.
@@ -104,8 +104,15 @@ def test_sgd_lowers_the_loss_and_leaves_eval_mode():
     assert not model.training
 
 
-def test_progress_goes_through_the_context():
+def test_progress_is_reported_through_the_callable():
     calls = []
+
+    def progress(iterable, desc, total=None):
+        calls.append((desc, total))
+        return iter(iterable)
+
+    train_classifier(fresh_model(), SMALL_DATA.load(), SHORT, progress=progress)
+    assert calls == [("training on mnist5000/train", 2)]
 
     @attrs.define
     class Recording(Context):
@@ -113,8 +120,8 @@ def test_progress_goes_through_the_context():
             calls.append((desc, total))
             return iter(iterable)
 
-    train_classifier(fresh_model(), SMALL_DATA.load(), SHORT, Recording(quiet=True))
-    assert calls == [("training on mnist5000/train", 2)]
+    train_classifier(fresh_model(), SMALL_DATA.load(), SHORT, progress=Recording(quiet=True).progress)
+    assert calls[-1] == ("training on mnist5000/train", 2)
 
 
 def test_zero_epochs_give_the_common_starting_point_of_fine_tunes(cache):

@@ -10,8 +10,9 @@ from torch import nn
 from mergescope.components import Context, Merger, TensorImageDataset
 from mergescope.errors import ConfigError
 from mergescope.options import option_names, structure_options
+from mergescope.states import average_states
 from mergescope.testing import check_component, example_models
-from mergescope_plugins.average import Average, average
+from mergescope_plugins.average import Average
 
 
 def scalar_model(w: float, b: float) -> nn.Sequential:
@@ -59,7 +60,7 @@ def test_weighted_average_is_the_hand_sum() -> None:
 
 def test_average_of_real_networks_matches_float64_mean() -> None:
     states = [m.state_dict() for m in example_models(3).values()]
-    out = average(states)
+    out = average_states(states)
     for key in states[0]:
         expected = (sum(s[key].double() for s in states) / 3).float()
         torch.testing.assert_close(out[key], expected, rtol=1e-7, atol=1e-7)

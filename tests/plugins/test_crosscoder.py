@@ -472,10 +472,8 @@ def test_registers_the_components():
 
 
 def test_runs_in_a_pipeline_with_its_plots(tmp_path, fresh_registry):
-    from mergescope import ModelSpec, Pipeline, Step, run
+    from mergescope import ModelSpec, Pipeline, Step, get_registry, run
     from mergescope.pipeline import ActivationSpec
-
-    from mergescope import get_registry
 
     if "crosscoder" not in get_registry().names("differ"):  # installed through its entry point
         fresh_registry.register_plugin(cc)

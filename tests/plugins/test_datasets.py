@@ -12,7 +12,7 @@ from mergescope.errors import ConfigError
 from mergescope.options import structure_options
 from mergescope.training import cache_key
 from mergescope_plugins import datasets
-from mergescope_plugins.datasets import IMAGENET_MEAN, IMAGENET_STD, Digits, MNIST5000, stratified_split
+from mergescope_plugins.datasets import IMAGENET_MEAN, IMAGENET_STD, MNIST5000, Digits, stratified_split
 
 SOURCES = [MNIST5000, Digits]
 
@@ -128,11 +128,11 @@ def test_per_class_larger_than_a_class_is_an_error():
     ("options", "message"),
     [
         ({"split": "val"}, "'split' must be one of 'train', 'test', 'all', 'validation', got 'val'"),
-        ({"test_fraction": 0.0}, "'test_fraction' must be a number strictly between 0 and 1"),
-        ({"test_fraction": 1.0}, "'test_fraction' must be a number strictly between 0 and 1"),
+        ({"test_fraction": 0.0}, r"'test_fraction' must be a number in \(0, 1\), got"),
+        ({"test_fraction": 1.0}, r"'test_fraction' must be a number in \(0, 1\), got"),
         ({"per_class": 0}, "'per_class' must be a positive integer"),
         ({"split": "validation"}, "split = 'validation' needs a 'validation_fraction' above 0"),
-        ({"validation_fraction": 1.0}, "'validation_fraction' must be a number from 0 up to"),
+        ({"validation_fraction": 1.0}, r"'validation_fraction' must be a number in \[0, 1\), got"),
         ({"validation_fraction": 0.5, "test_fraction": 0.5}, "'validation_fraction' must stay below 1"),
         ({"classes": []}, "'classes' must be a non-empty list of integer labels"),
         ({"classes": [1, 1]}, "'classes' must not repeat a label"),

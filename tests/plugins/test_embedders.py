@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -142,7 +142,7 @@ def test_open_clip_identity():
 
 def test_open_clip_missing_package_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "open_clip", None)  # makes `import open_clip` fail
-    with pytest.raises(ConfigError, match="pip install open_clip_torch"):
+    with pytest.raises(ConfigError, match=r"embedder 'open-clip' needs the open_clip_torch package .*pip install 'mergescope\[clip\]'"):
         OpenClip().embed(_images(1))
 
 

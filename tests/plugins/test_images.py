@@ -176,10 +176,10 @@ def test_class_folder_without_images_is_a_config_error(folder):
         ({"image_size": 0}, "'image_size' must be a positive integer"),
         ({"resize": 100}, "'resize' = 100 must be at least 'image_size' = 224"),
         ({"std": [0.2, 0.0, 0.2]}, "'std' must be a non-empty list of positive numbers"),
-        ({"mean": []}, "'mean' must be a non-empty list of numbers"),
+        ({"mean": []}, "'mean' must be a non-empty list of finite numbers"),
         ({"per_class": 0}, "'per_class' must be a positive integer or unset"),
         ({"class_split": "c"}, "'class_split' must be one of 'a', 'b' or unset, got 'c'"),
-        ({"major_fraction": 0.2}, "'major_fraction' must be a number between 0.5 and 1, got 0.2"),
+        ({"major_fraction": 0.2}, r"'major_fraction' must be a number in \[0.5, 1\], got 0.2"),
     ],
 )
 def test_bad_folder_options_are_rejected(options, message):
@@ -355,7 +355,7 @@ def test_skimage_photos_load_without_a_network(monkeypatch, fresh_skimage_cache)
 def test_missing_scikit_image_says_how_to_install_it(monkeypatch, fresh_skimage_cache):
     monkeypatch.setitem(sys.modules, "skimage", None)
     monkeypatch.setitem(sys.modules, "skimage.data", None)
-    with pytest.raises(ConfigError, match=r"dataset 'skimage-photos' needs scikit-image: pip install scikit-image"):
+    with pytest.raises(ConfigError, match=r"dataset 'skimage-photos' needs the scikit-image package .*pip install 'mergescope\[datasets\]'"):
         SkimagePhotos(image_size=8).load()
 
 

@@ -9,14 +9,9 @@ import xarray as xr
 from torch import nn
 
 from mergescope.components import Context, Evaluation, Merger, TensorImageDataset
+from mergescope.states import average_states, check_compatible
 from mergescope_plugins import interpolation as interp
-from mergescope_plugins.interpolation import (
-    Interpolation,
-    check_compatible,
-    default_alphas,
-    interpolate_states,
-    loss_barrier,
-)
+from mergescope_plugins.interpolation import Interpolation, default_alphas, loss_barrier
 
 
 def tiny(seed: int, hidden: int = 8) -> nn.Sequential:
@@ -45,7 +40,7 @@ def data() -> TensorImageDataset:
 def test_endpoints_equal_the_models_exactly() -> None:
     a, b = tiny(0).state_dict(), tiny(1).state_dict()
     for weights, expected in (([1.0, 0.0], a), ([0.0, 1.0], b)):
-        out = interpolate_states([a, b], weights)
+        out = average_states([a, b], weights)
         assert out.keys() == expected.keys()
         for key in expected:
             assert out[key].dtype == expected[key].dtype
@@ -54,7 +49,7 @@ def test_endpoints_equal_the_models_exactly() -> None:
 
 def test_midpoint_is_the_average() -> None:
     a, b = tiny(0).state_dict(), tiny(1).state_dict()
-    out = interpolate_states([a, b], [0.5, 0.5])
+    out = average_states([a, b], [0.5, 0.5])
     for key in a:
         expected = ((a[key].double() + b[key].double()) / 2).float()
         assert torch.equal(out[key], expected), key
@@ -62,14 +57,14 @@ def test_midpoint_is_the_average() -> None:
 
 def test_interpolation_does_not_alias_inputs() -> None:
     a, b = tiny(0).state_dict(), tiny(1).state_dict()
-    out = interpolate_states([a, b], [1.0, 0.0])
+    out = average_states([a, b], [1.0, 0.0])
     out["1.weight"].add_(1.0)
     assert not torch.equal(out["1.weight"], a["1.weight"])
 
 
 def test_integer_buffers_come_from_the_first_model() -> None:
     a, b = with_batchnorm(0, batches=7).state_dict(), with_batchnorm(1, batches=40).state_dict()
-    out = interpolate_states([a, b], [0.25, 0.75])
+    out = average_states([a, b], [0.25, 0.75])
     assert out["1.num_batches_tracked"].dtype == torch.int64
     assert int(out["1.num_batches_tracked"]) == 7
     expected = (0.25 * a["1.running_mean"].double() + 0.75 * b["1.running_mean"].double()).float()
@@ -79,12 +74,12 @@ def test_integer_buffers_come_from_the_first_model() -> None:
 def test_n_model_weights() -> None:
     states = [tiny(s).state_dict() for s in range(3)]
     weights = [0.2, 0.3, 0.5]
-    out = interpolate_states(states, weights)
+    out = average_states(states, weights)
     for key in states[0]:
         expected = sum(w * s[key].double() for w, s in zip(weights, states)).float()
         assert torch.equal(out[key], expected), key
     with pytest.raises(ValueError, match="3 state dicts but 2 weights"):
-        interpolate_states(states, [0.5, 0.5])
+        average_states(states, [0.5, 0.5])
 
 
 def test_check_compatible_names_the_parameter() -> None:
@@ -145,7 +140,7 @@ def test_extrapolation_guard() -> None:
 
 
 def test_option_validation_messages() -> None:
-    with pytest.raises(ValueError, match=r"'weights' must be finite numbers, got nan at position 1"):
+    with pytest.raises(ValueError, match=r"'weights' must be a list of at least 2 finite numbers, got nan at position 1"):
         Interpolation(weights=[0.5, float("nan")])
     with pytest.raises(ValueError, match="'alphas' must not repeat"):
         Interpolation(alphas=[0.0, 0.5, 0.5])
@@ -188,7 +183,7 @@ def test_sweep_results_are_labelled(data: TensorImageDataset) -> None:
     assert res["loss_barrier"].item() >= 0.0
 
     # The returned model is the midpoint, evaluated where the curve says.
-    expected = interpolate_states([a.state_dict(), b.state_dict()], [0.5, 0.5])
+    expected = average_states([a.state_dict(), b.state_dict()], [0.5, 0.5])
     for key, tensor in out.model.state_dict().items():
         assert torch.equal(tensor, expected[key])
     assert out.model is not a and out.model is not b
@@ -242,7 +237,7 @@ def test_weights_merge_many_models(data: TensorImageDataset) -> None:
     assert "alpha" not in res.dims
     ev = context.evaluate(out.model)
     assert res["loss"].item() == pytest.approx(ev.loss) and res["accuracy"].item() == pytest.approx(ev.accuracy)
-    expected = interpolate_states([m.state_dict() for m in models.values()], [0.2, 0.3, 0.5])
+    expected = average_states([m.state_dict() for m in models.values()], [0.2, 0.3, 0.5])
     for key, tensor in out.model.state_dict().items():
         assert torch.equal(tensor, expected[key])
     assert merger.describe(res).startswith("weights 0.20/0.30/0.50: accuracy ")

@@ -22,7 +22,6 @@ from mergescope_plugins.lasso import (
 )
 from mergescope_plugins.zoo import MLP, SmallCNN
 
-
 # ------------------------------------------------------------------------- kernels
 
 

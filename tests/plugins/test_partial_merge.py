@@ -13,9 +13,9 @@ from mergescope.batchnorm import reset_batchnorm
 from mergescope.errors import ConfigError, UnknownComponentError
 from mergescope.groups import channel_groups, example_input
 from mergescope.options import structure_options
+from mergescope.states import average_states
 from mergescope.testing import check_component, example_dataset
 from mergescope_plugins import partial_merge as partial_merge_module
-from mergescope_plugins.interpolation import interpolate_states
 from mergescope_plugins.partial_merge import (
     PartialMerge,
     channel_masks,
@@ -98,7 +98,7 @@ def test_merging_channels_is_exact_at_both_ends():
     every = {k: torch.ones(v.shape, dtype=torch.bool) for k, v in a.items()}
     for key, value in merge_channels(a, b, none, 0.3).items():
         assert torch.equal(value, a[key])
-    full = interpolate_states([a, b], [0.7, 0.3])
+    full = average_states([a, b], [0.7, 0.3])
     for key, value in merge_channels(a, b, every, 0.3).items():
         assert torch.equal(value, full[key])
 
@@ -143,7 +143,7 @@ def test_fraction_zero_is_model_1_and_fraction_one_the_full_interpolation(pair, 
     assert all(torch.equal(model.state_dict()[k], v) for k, v in a.state_dict().items())
     full = PartialMerge(fractions=[1.0], orders=["random"], seeds=[5], alpha=0.3)
     model = full.merge({"a": a, "b": b}, context(data)).model
-    expected = interpolate_states([a.state_dict(), b.state_dict()], [0.7, 0.3])
+    expected = average_states([a.state_dict(), b.state_dict()], [0.7, 0.3])
     assert all(torch.equal(model.state_dict()[k], expected[k]) for k in expected)
     # with unranked = "merge" (default) the classifier is merged even at 0%
     zero = PartialMerge(fractions=[0.0], orders=["top"]).merge({"a": a, "b": b}, context(data)).model
@@ -176,13 +176,13 @@ def test_batchnorm_statistics_are_recomputed_after_merging(data):
     b = arch.build((1, 4, 4), 3).eval()
     merged = PartialMerge(fractions=[1.0], orders=["top"]).merge({"a": a, "b": b}, context(data)).model
     expected = copy.deepcopy(a)
-    expected.load_state_dict(interpolate_states([a.state_dict(), b.state_dict()], [0.5, 0.5]))
+    expected.load_state_dict(average_states([a.state_dict(), b.state_dict()], [0.5, 0.5]))
     reset_batchnorm(expected, data, batch_size=1000)
     for key, value in expected.state_dict().items():
         assert torch.allclose(merged.state_dict()[key].double(), value.double(), atol=1e-6), key
     kept = PartialMerge(fractions=[1.0], orders=["top"], reset_batchnorm=False)
     state = kept.merge({"a": a, "b": b}, context(data)).model.state_dict()
-    averaged = interpolate_states([a.state_dict(), b.state_dict()], [0.5, 0.5])
+    averaged = average_states([a.state_dict(), b.state_dict()], [0.5, 0.5])
     assert torch.equal(state["bn1.running_mean"], averaged["bn1.running_mean"])
 
 

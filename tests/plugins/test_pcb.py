@@ -141,7 +141,7 @@ def test_raw_weights_are_rejected_the_seed_study_bug() -> None:
 
 def test_options() -> None:
     assert Pcb().ratio == 0.1 and Pcb().scaling == 1.0 and Pcb().reset_batchnorm
-    with pytest.raises(ValueError, match=r"'ratio' must lie in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"'ratio' must be a number in \(0, 1\]"):
         Pcb(ratio=0)
     with pytest.raises(ValueError, match="exclude each other"):
         Pcb(scaling=1.2, scalings=[1.0, 1.2])

@@ -135,9 +135,9 @@ def test_raw_independent_weights_are_rejected() -> None:
 
 
 def test_options() -> None:
-    with pytest.raises(ValueError, match=r"'density' must lie in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"'density' must be a number in \(0, 1\]"):
         Ties(density=0.0)
-    with pytest.raises(ValueError, match=r"'density' must lie in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"'density' must be a number in \(0, 1\]"):
         Ties(density=1.5)
     with pytest.raises(ValueError, match="exclude each other"):
         Ties(scaling=0.7, scalings=[0.5, 1.0])

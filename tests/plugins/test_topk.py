@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import attrs
 import numpy as np
 import pytest
@@ -12,7 +14,17 @@ from mergescope import ConfigError, Context, ModelSpec, Pipeline, Step, TensorIm
 from mergescope.pipeline import ActivationSpec
 from mergescope.statistics import TopK
 from mergescope.testing import check_component
-from mergescope_plugins.topk import INDEX_FILE, TopKGrids, _Text, display_image, safe_name
+from mergescope_plugins.topk import (
+    INDEX_FILE,
+    TopKGrids,
+    _browser_assets,
+    _Text,
+    display_image,
+    has_unit_index,
+    safe_name,
+    unit_browser,
+    unit_browser_panel,
+)
 
 TILE, GAP = 16, 2
 
@@ -301,6 +313,68 @@ def test_sparsity_levels_become_rows_and_rows_select_picks_them(tmp_path):
         TopKGrids(rows_select={"sparsity": "100%"})
 
 
+# ------------------------------------------------------------------- the report panel
+
+
+def test_unit_browser_needs_an_index(tmp_path):
+    node = xr.Dataset({"grid_file": ("entry", ["a.png"])}, coords={"layer": ("entry", ["l"]), "unit": ("entry", [0])})
+    assert has_unit_index(node) and not has_unit_index(node.drop_vars("unit"))
+    with pytest.raises(ValueError, match="grid_file"):
+        unit_browser(node.drop_vars("layer"), tmp_path)
+    html = unit_browser(node, tmp_path, xr.DataTree())
+    assert 'class="ms-unit-browser"' in html and '"files":["a.png"]' in html
+
+
+def _grids_node(run_dir, step: str, layer: str = "relu1", units: int = 3) -> xr.Dataset:
+    """A step's results node as the report gets it: ``files`` and the index as TopKGrids writes it."""
+    folder = run_dir / "figures" / step
+    (folder / layer).mkdir(parents=True, exist_ok=True)
+    names = []
+    for unit in range(units):
+        Image.fromarray(np.full((8, 8), 40 * unit, dtype=np.uint8)).save(folder / layer / f"unit-{unit:04d}.png")
+        names.append(f"{layer}/unit-{unit:04d}.png")
+    index = xr.Dataset(
+        {"grid_file": ("entry", names)}, coords={"layer": ("entry", [layer] * units), "unit": ("entry", range(units))}
+    )
+    index.to_netcdf(folder / INDEX_FILE)
+    files = [f"figures/{step}/{n}" for n in names] + [f"figures/{step}/{INDEX_FILE}"]
+    return index.assign_coords(files=("file", files))
+
+
+def test_report_panel_is_the_unit_browser_with_its_script_once(tmp_path):
+    from mergescope.report import Panel, render_report
+
+    tau = xr.DataArray([[0.5, np.nan, -0.25]], dims=("model", "unit"), coords={"model": ["b"], "unit": [0, 1, 2]})
+    tree = xr.DataTree.from_dict(
+        {
+            "tau/relu1": xr.Dataset({"kendall_tau": tau}),
+            "grids": _grids_node(tmp_path, "grids"),
+            "grids-2": _grids_node(tmp_path, "grids-2"),
+        }
+    )
+    steps = {"tau": {"kind": "metric"}, "grids": {"kind": "visualizer"}, "grids-2": {"kind": "visualizer"}}
+    components = {"grids": TopKGrids(), "grids-2": TopKGrids()}
+    page = render_report(tmp_path, tree, info={"steps": steps}, components=components)
+    css, js = _browser_assets()
+    assert "mergescope.panel(\".ms-unit-browser\"" in js and ".ms-units" in css
+    assert page.count('class="ms-unit-browser"') == 2
+    assert page.count(js.strip()) == 1 and page.count(css.strip()) == 1  # one script for both browsers
+    assert '"files":["figures/grids/relu1/unit-0000.png"' in page and '"files":["figures/grids-2/relu1/' in page
+    assert '{"step":"tau","var":"kendall_tau","model":"b"}' in page and '"values":[[0.5,null,-0.25]]' in page
+    assert '<a href="figures/grids/topk-index.nc">' in page and '<img src="figures/grids/relu1' not in page
+
+    # Called as a third party's panel would be (three arguments): the metric values come from results.nc.
+    node = tree["grids"].to_dataset()
+    files = [Path(str(f)) for f in node["files"].values]
+    assert unit_browser_panel(node, tmp_path, files=files).html.count("kendall_tau") == 0
+    tree.to_netcdf(tmp_path / "results.nc")
+    panel = TopKGrids().report_panel(node, files, tmp_path)
+    assert isinstance(panel, Panel) and panel.js == js and '"var":"kendall_tau"' in panel.html
+    # A step that drew nothing (no index) gets the report's default panel.
+    empty = TopKGrids().report_panel(xr.Dataset(), [], tmp_path)
+    assert empty == '<p class="empty">This step wrote no files.</p>'
+
+
 # ------------------------------------------------------------------- a real pipeline
 
 
@@ -361,6 +435,11 @@ def test_pipeline_draws_model_merge_and_permuted_rows(tmp_path, with_topk):
     np.testing.assert_array_equal(grids["topk_sample"].values, index["topk_sample"].values)
     assert "files" in grids and "grid_file" in grids
     assert "grids (top-k): 20 top-k grids over 2 layers (rows: model1, model2, permuted" in result.summary
+    # the report's panel of the step is the unit browser, with the tau step's values
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert page.count('class="ms-unit-browser"') == 1 and page.count('mergescope.panel(".ms-unit-browser"') == 1
+    assert '{"step":"tau","var":"kendall_tau","model":"permuted"}' in page
+    assert '"files":["figures/grids/relu1/unit-0000.png"' in page
 
     # ids are the recording's top-k (the store the runner wrote)
     stores = [Store.open(d) for d in (out / "activations").iterdir() if (d / MARKER).is_file()]
@@ -380,7 +459,7 @@ def test_pipeline_draws_model_merge_and_permuted_rows(tmp_path, with_topk):
 
     # permuting model 2 permutes its units: the same top-k lists, in another unit order
     for layer in ("relu1", "relu2"):
-        per_unit = lambda row: sorted(map(tuple, store.topk(row, layer).sample_ids.T[:, :k].tolist()))  # noqa: E731
+        per_unit = lambda row: sorted(map(tuple, store.topk(row, layer).sample_ids.T[:, :k].tolist()))  # noqa: E731, B023
         assert per_unit("permuted") == per_unit("model2")
 
     # the metric value beside each row is the tau step's value for that model and unit

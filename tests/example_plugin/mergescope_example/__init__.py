@@ -12,7 +12,7 @@ import numpy as np
 import xarray as xr
 from scipy.stats import rankdata
 
-from mergescope import hookimpl, validate_activation
+from mergescope import Context, hookimpl, validate_activation
 
 
 @attrs.define
@@ -22,7 +22,8 @@ class Spearman:
     name = "example-spearman"
     paper = "Spearman 1904, The proof and measurement of association between two things"
 
-    def score(self, a: xr.DataArray, b: xr.DataArray) -> xr.DataArray:
+    def score(self, a: xr.DataArray, b: xr.DataArray, context: Context | None = None) -> xr.DataArray:
+        # The runner passes the step's context; a rank correlation needs nothing from it.
         validate_activation(a, "a")
         validate_activation(b, "b")
         if a.sizes["unit"] != b.sizes["unit"]:

@@ -1,0 +1,74 @@
+"""Aligning whole models to a reference with an alignment: :func:`align_to_reference`.
+
+Kept alone in its own module, on top of :mod:`.permute` and :mod:`.linear`: it decides
+per model whether an alignment's transforms are permutations (exact, via
+:func:`~.permute.permute`) or general maps (via :func:`~.linear.apply_linear`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from torch import nn
+
+from ..values import CHANNEL_GROUPS, Alignment
+from .linear import _is_permutation_matrix, apply_linear, maps_from_transforms
+from .model import ChannelGroup
+from .permute import perm_from_matrix, permute
+
+
+def align_to_reference(
+    models: Mapping[str, nn.Module], alignment: Alignment, groups: Sequence[ChannelGroup]
+) -> dict[str, nn.Module]:
+    """Map every model into the reference's unit order (or space) with an alignment.
+
+    Parameters
+    ----------
+    models
+        Name -> model; the alignment's reference and models it has no transforms for
+        are returned unchanged (copies are made only for transformed models).
+    alignment
+        A :class:`mergescope.Alignment` in channel-group space whose groups are those of
+        ``groups``.
+    groups
+        The architecture's groups (:func:`channel_groups` of the reference).
+
+    Returns
+    -------
+    dict
+        Name -> aligned model: permuted when every transform is a permutation matrix
+        (the function is unchanged), else transformed with :func:`apply_linear`
+        (per-channel quantities mixed; re-estimate BatchNorm statistics afterwards).
+
+    Raises
+    ------
+    ValueError
+        The alignment is keyed by layers (its ``space`` is ``"layers"``): such maps act
+        on activations and cannot be applied to weights; or it names groups the
+        architecture does not have.
+    """
+    if alignment.space != CHANNEL_GROUPS:
+        raise ValueError(
+            f"this alignment is in {alignment.space!r} space: its maps act on recorded activations, layer by "
+            "layer, and cannot be applied to a model's weights; align with an aligner keyed by channel groups"
+        )
+    known = {g.name for g in groups}
+    out: dict[str, nn.Module] = {}
+    for name, model in models.items():
+        transforms = alignment.transforms.get(name)
+        if not transforms or name == alignment.reference:
+            out[name] = model
+            continue
+        unknown = sorted(set(transforms) - known)
+        if unknown:
+            raise ValueError(
+                f"the alignment of {name!r} has groups {unknown} that this architecture does not have "
+                f"(its groups: {', '.join(sorted(known))})"
+            )
+        matrices = {g: np.asarray(t.transpose("unit", "unit_ref").values) for g, t in transforms.items()}
+        if all(_is_permutation_matrix(m) for m in matrices.values()):
+            out[name] = permute(model, {g: perm_from_matrix(t) for g, t in transforms.items()}, groups)
+        else:
+            out[name] = apply_linear(model, maps_from_transforms(transforms), groups, per_channel="mix")
+    return out

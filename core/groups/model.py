@@ -1,0 +1,154 @@
+"""The public values of channel grouping: axes, groups and the two errors.
+
+:class:`Axis` and :class:`ChannelGroup` are what :func:`~mergescope.groups.channel_groups`
+returns and what every consumer reads (:func:`~mergescope.groups.permute`,
+:func:`~mergescope.groups.apply_linear`, the alignment plugins);
+:class:`UnsupportedLayerError` and :class:`EquivalenceError` are what the analysis and
+the equivalence check raise. They sit at the bottom of the package, free of any
+tracing machinery, so that every other module (and a caller that only handles groups)
+can use them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import attrs
+import numpy as np
+
+from ..errors import MergescopeError
+
+ROLES = ("output", "input", "channel")
+
+
+# ------------------------------------------------------------------------ errors
+
+
+class UnsupportedLayerError(MergescopeError):
+    """The model cannot be traced, or uses an operation whose effect on channels is unknown.
+
+    Parameters
+    ----------
+    message
+        What failed and where.
+    node
+        Name of the ``torch.fx`` node at fault, when there is one.
+    op
+        What that node does, e.g. ``"call_function torch.roll"``.
+    """
+
+    def __init__(self, message: str, node: str | None = None, op: str | None = None) -> None:
+        self.node = node
+        self.op = op
+        super().__init__(message)
+
+
+class EquivalenceError(MergescopeError):
+    """A permuted model does not compute the same function as the original.
+
+    Parameters
+    ----------
+    message
+        What differed and by how much.
+    groups
+        Names of the groups whose permutation changes the output.
+    """
+
+    def __init__(self, message: str, groups: Sequence[str] = ()) -> None:
+        self.groups = tuple(groups)
+        super().__init__(message)
+
+
+# ------------------------------------------------------------------ public values
+
+
+def _check_role(instance: Any, attribute: attrs.Attribute, value: str) -> None:
+    """attrs validator of :attr:`Axis.role`."""
+    if value not in ROLES:
+        raise ValueError(f"Axis.role must be one of {ROLES}, got {value!r}")
+
+
+@attrs.frozen
+class Axis:
+    """One axis of a parameter or buffer that indexes the channels of a group.
+
+    Parameters
+    ----------
+    param
+        State-dict key of the parameter or buffer (``"layer1.0.bn1.running_mean"``).
+    axis
+        The tensor axis that indexes the channels.
+    repeat
+        Entries per channel along the axis: after a flatten of ``(N, C, H, W)`` maps, a
+        linear layer's input axis holds ``C * H * W`` features, channel ``c`` owning the
+        block ``c * repeat : (c + 1) * repeat`` with ``repeat = H * W``.
+    offset
+        Index along the axis where the group's entries start (after a ``cat``, each part
+        of the concatenated channels starts at its own offset).
+    role
+        How the axis uses the channels: ``"output"`` (a producer's output axis or bias:
+        the channels are computed here), ``"input"`` (a consumer's input axis: the
+        channels are read here) or ``"channel"`` (a per-channel quantity: BatchNorm
+        scale, shift and running statistics, depthwise filters, a layer scale).
+        Permutations treat all three alike; :func:`apply_linear` does not.
+    """
+
+    param: str
+    axis: int
+    repeat: int = 1
+    offset: int = 0
+    role: str = attrs.field(default="channel", validator=_check_role)
+
+    def span(self, size: int) -> tuple[int, int]:
+        """Start and stop along :attr:`axis` of the entries of a group of ``size`` channels."""
+        return self.offset, self.offset + size * self.repeat
+
+    def entries(self, channels: np.ndarray) -> np.ndarray:
+        """Indices along :attr:`axis` of the entries of ``channels``, in their order.
+
+        With ``channels`` a permutation this is the gather index of the permuted block:
+        its entry ``offset + i * repeat + k`` reads ``offset + channels[i] * repeat + k``.
+        """
+        channels = np.asarray(channels, dtype=np.int64)
+        return self.offset + (channels[:, None] * self.repeat + np.arange(self.repeat)[None, :]).reshape(-1)
+
+
+@attrs.frozen
+class ChannelGroup:
+    """Parameter and buffer axes that must be permuted together.
+
+    Parameters
+    ----------
+    name
+        A readable name: the module that produces the channels (``"layer1.0.conv1"``),
+        or for a stream written by several modules (a residual stream) the module path
+        they share (``"layer2"``), else the first of them (``"conv1"``).
+    size
+        Number of channels.
+    axes
+        Every parameter / buffer axis indexing these channels.
+    producers
+        Modules whose outputs carry these channels, in graph order: the convolutions /
+        linear layers that compute them and the per-channel layers after them
+        (BatchNorm, depthwise convolutions). Record activations of a group at these.
+    """
+
+    name: str
+    size: int
+    axes: tuple[Axis, ...]
+    producers: tuple[str, ...]
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        """Distinct parameter / buffer names among :attr:`axes`, in order."""
+        return tuple(dict.fromkeys(a.param for a in self.axes))
+
+
+def _group_lookup(groups: Iterable[ChannelGroup], names: Iterable[str]) -> dict[str, ChannelGroup]:
+    """The groups by name, after checking that each of ``names`` is one of them."""
+    by_name = {g.name: g for g in groups}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise ValueError(f"unknown channel groups {unknown}; the groups are {sorted(by_name)}")
+    return by_name

@@ -1,0 +1,145 @@
+/* The unit browser of the top-k panel (see mergescope_plugins.topk.unit_browser).
+   Each .ms-unit-browser element holds its data as JSON in script.ms-data; the report's
+   mergescope.panel hook (report.js) calls Browser once per element. */
+(function () {
+  "use strict";
+  function fmt(v) {
+    if (v === null || v === undefined) return "NaN";
+    if (Number.isInteger(v)) return String(v);
+    var a = Math.abs(v);
+    if (a !== 0 && (a < 1e-3 || a >= 1e5)) return v.toExponential(3);
+    var s = v.toPrecision(4);
+    return s.indexOf(".") >= 0 ? s.replace(/0+$/, "").replace(/\.$/, "") : s;
+  }
+  function make(tag, text, cls) {
+    var e = document.createElement(tag);
+    if (text !== undefined && text !== null) e.textContent = text;
+    if (cls) e.className = cls;
+    return e;
+  }
+  function label(c) { return c.var + (c.model ? " [" + c.model + "]" : ""); }
+
+  function Browser(root) {
+    var data = JSON.parse(root.querySelector("script.ms-data").textContent);
+    var select = root.querySelector("select.ms-layer");
+    var thead = root.querySelector("table.ms-units thead");
+    var tbody = root.querySelector("table.ms-units tbody");
+    var detail = root.querySelector(".ms-detail");
+    var state = {layer: 0, sort: -1, desc: false, unit: -1};
+    data.layers.forEach(function (layer, i) {
+      var o = make("option", layer.name + " (" + layer.units.length + " units)");
+      o.value = String(i);
+      select.appendChild(o);
+    });
+    function order() {
+      var L = data.layers[state.layer];
+      var idx = L.units.map(function (_, i) { return i; });
+      var col = state.sort < 0 ? L.units : L.values[state.sort];
+      idx.sort(function (a, b) {
+        var x = col[a], y = col[b];
+        if (x === null && y === null) return a - b;
+        if (x === null) return 1;
+        if (y === null) return -1;
+        var d = state.desc ? y - x : x - y;
+        return d || a - b;
+      });
+      return idx;
+    }
+    function header() {
+      var L = data.layers[state.layer];
+      var tr = make("tr");
+      var cols = [{key: -1, top: "unit", sub: ""}].concat(L.columns.map(function (c, i) {
+        return {key: i, top: label(c), sub: c.step};
+      }));
+      cols.forEach(function (c) {
+        var th = make("th");
+        th.scope = "col";
+        var b = make("button", c.top);
+        b.type = "button";
+        if (c.sub) b.appendChild(make("small", c.sub));
+        if (state.sort === c.key) {
+          b.appendChild(document.createTextNode(state.desc ? " \u25BC" : " \u25B2"));
+          th.setAttribute("aria-sort", state.desc ? "descending" : "ascending");
+        }
+        b.addEventListener("click", function () {
+          if (state.sort === c.key) state.desc = !state.desc;
+          else { state.sort = c.key; state.desc = c.key >= 0; }  // highest score first
+          render();
+        });
+        th.appendChild(b);
+        tr.appendChild(th);
+      });
+      thead.replaceChildren(tr);
+    }
+    function body() {
+      var L = data.layers[state.layer];
+      var rows = order().map(function (i) {
+        var tr = make("tr");
+        tr.dataset.index = String(i);
+        tr.tabIndex = 0;
+        if (i === state.unit) tr.className = "sel";
+        tr.appendChild(make("td", String(L.units[i])));
+        L.values.forEach(function (col) { tr.appendChild(make("td", fmt(col[i]))); });
+        return tr;
+      });
+      tbody.replaceChildren.apply(tbody, rows);
+    }
+    function render() { header(); body(); }
+    function show(i) {
+      var L = data.layers[state.layer];
+      state.unit = i;
+      Array.prototype.forEach.call(tbody.children, function (tr) {
+        tr.classList.toggle("sel", Number(tr.dataset.index) === i);
+      });
+      var parts = [make("h4", L.name + ", unit " + L.units[i])];
+      if (L.files[i]) {
+        var img = make("img");
+        img.src = L.files[i];
+        img.alt = L.name + ", unit " + L.units[i];
+        var a = make("a");
+        a.href = L.files[i];
+        a.appendChild(img);
+        parts.push(a);
+      }
+      if (L.columns.length) {
+        var t = make("table", null, "num ms-values");
+        var h = make("tr");
+        ["step", "metric", "value"].forEach(function (s) { h.appendChild(make("th", s)); });
+        t.appendChild(h);
+        L.columns.forEach(function (c, j) {
+          var tr = make("tr");
+          tr.appendChild(make("td", c.step));
+          tr.appendChild(make("td", label(c)));
+          tr.appendChild(make("td", fmt(L.values[j][i])));
+          t.appendChild(tr);
+        });
+        parts.push(t);
+      } else {
+        parts.push(make("p", "No metric step scored this layer.", "note"));
+      }
+      detail.replaceChildren.apply(detail, parts);
+    }
+    function pick(ev) {
+      var tr = ev.target.closest("tr");
+      if (tr && tr.dataset.index !== undefined) show(Number(tr.dataset.index));
+    }
+    tbody.addEventListener("click", pick);
+    tbody.addEventListener("keydown", function (ev) {
+      if (ev.key === "Enter" || ev.key === " ") { ev.preventDefault(); pick(ev); }
+    });
+    select.addEventListener("change", function () {
+      state.layer = Number(select.value);
+      state.sort = -1;
+      state.desc = false;
+      render();
+      show(order()[0]);
+    });
+    if (data.layers.length) {
+      render();
+      show(order()[0]);
+    } else {
+      detail.replaceChildren(make("p", "No units.", "note"));
+    }
+  }
+  window.mergescope.panel(".ms-unit-browser", Browser);
+})();
