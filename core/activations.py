@@ -15,6 +15,7 @@ Dataset with the ``activation`` variable. Components never read ``.attrs``.
 from __future__ import annotations
 
 import fnmatch
+import traceback
 import weakref
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -41,6 +42,7 @@ __all__ = [
     "layer_names",
     "resolve_layers",
     "attach_recorders",
+    "check_single_calls",
     "summarise",
     "owned_array",
     "INPUT_SUFFIX",
@@ -286,6 +288,55 @@ def attach_recorders(
         else:
             handles.append(module.register_forward_hook(lambda _m, _i, out, _n=name: sink(_n, out)))
     return handles
+
+
+def check_single_calls(model: nn.Module, layers: Sequence[str], model_name: str, example_input: torch.Tensor) -> None:
+    """Run one forward pass and refuse layers whose module is called more than once in it.
+
+    A forward hook fires at every call of its module, so a module the network calls
+    twice (torchvision's ``BasicBlock.relu``, after ``bn1`` and after the residual
+    sum) would be recorded at whichever call came last. That is never what a layer
+    name means, so it is an error naming every call site (file, line and code).
+
+    Raises
+    ------
+    ConfigError
+        Naming the layer, the model and the call sites, and what to record instead.
+    """
+    calls: dict[str, list[str]] = {}
+
+    def site() -> str:
+        for frame in reversed(traceback.extract_stack()[:-2]):
+            if frame.filename == __file__ or frame.filename.replace("\\", "/").endswith("torch/nn/modules/module.py"):
+                continue
+            return f"{frame.filename}:{frame.lineno} ({(frame.line or '').strip()})"
+        return "?"
+
+    def count(name: str) -> None:
+        calls.setdefault(name, []).append(site())
+
+    handles = []
+    for name, (module, records_input) in resolve_layers(model, layers, model_name).items():
+        if records_input:
+            handles.append(module.register_forward_pre_hook(lambda _m, _args, _n=name: count(_n)))
+        else:
+            handles.append(module.register_forward_hook(lambda _m, _i, _out, _n=name: count(_n)))
+    try:
+        with _groups._eval_mode(model), torch.no_grad():
+            model(example_input)
+    finally:
+        for handle in handles:
+            handle.remove()
+    repeated = {name: sites for name, sites in calls.items() if len(sites) > 1}
+    if repeated:
+        name, sites = next(iter(repeated.items()))
+        listing = "; ".join(f"call {i}: {s}" for i, s in enumerate(sites, start=1))
+        others = f" (also: {', '.join(repr(n) for n in list(repeated)[1:])})" if len(repeated) > 1 else ""
+        raise ConfigError(
+            f"layer {name!r} of model {model_name!r} is one module called {len(sites)} times in each forward pass "
+            f"({listing}){others}; a recording would keep only its last call. Record a layer that runs once: the "
+            "module before or after it (e.g. the block's output, or the layer feeding the call you mean)"
+        )
 
 
 def owned_array(values: torch.Tensor, output: torch.Tensor) -> np.ndarray:

@@ -6,13 +6,14 @@ import argparse
 import json
 import logging
 import sys
+import traceback
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from ._version import __version__
-from .errors import MergescopeError
+from .errors import ConfigError, MergescopeError
 
 __all__ = ["main", "DEMO_PIPELINE"]
 
@@ -85,16 +86,44 @@ def _logging(args: argparse.Namespace, out_dir: Path | None = None) -> None:
     console.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
     console._mergescope_cli = True  # type: ignore[attr-defined]
     logger.addHandler(console)
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir is not None:  # checked by _out_dir: a folder that exists and is writable
         # A structured, append-only record of every run in this directory.
-        handler = logging.FileHandler(out_dir / "run.log", encoding="utf-8")
+        try:
+            handler = logging.FileHandler(out_dir / "run.log", encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot write {str(out_dir / 'run.log')!r}: {exc.strerror or exc}", where="--out"
+            ) from None
         handler.setFormatter(
             logging.Formatter('{"time": "%(asctime)s", "level": "%(levelname)s", "message": %(msg_json)s}')
         )
         handler.addFilter(_JsonMessage())
         handler._mergescope_cli = True  # type: ignore[attr-defined]
+        handler._mergescope_run_log = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
+
+
+def _out_dir(value: str | Path) -> Path:
+    """``--out``, checked before anything else: a folder that exists (created here) and is writable."""
+    from .storage import writable_dir
+
+    return writable_dir(Path(value), what="--out")
+
+
+def _to_run_log(message: str) -> None:
+    """Log ``message`` as an error to ``run.log`` only (the console has its own paragraph)."""
+    logger = logging.getLogger("mergescope")
+    record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0, message, (), None)
+    for handler in logger.handlers:
+        if getattr(handler, "_mergescope_run_log", False):
+            handler.handle(record)
+
+
+def _close_run_log() -> None:
+    logger = logging.getLogger("mergescope")
+    for handler in [h for h in logger.handlers if getattr(h, "_mergescope_run_log", False)]:
+        logger.removeHandler(handler)
+        handler.close()
 
 
 class _JsonMessage(logging.Filter):
@@ -107,7 +136,6 @@ def _run(pipeline, args: argparse.Namespace) -> int:
     from .report import REPORT_FILE
     from .runner import run
 
-    _logging(args, Path(args.out))
     result = run(pipeline, args.out, force=args.force, quiet=args.quiet)
     if not args.quiet:
         print(result.summary, end="")
@@ -119,6 +147,7 @@ def _run(pipeline, args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from .pipeline import load_pipeline
 
+    _logging(args, _out_dir(args.out))
     return _run(load_pipeline(args.pipeline), args)
 
 
@@ -129,11 +158,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if args.show:
         print(text, end="")
         return 0
+    _logging(args, _out_dir(args.out))
     return _run(Pipeline.from_toml(text, source=f"<embedded {DEMO_PIPELINE}>"), args)
 
 
 def _cmd_collect(args: argparse.Namespace) -> int:
-    from .errors import ConfigError
     from .pipeline import load_pipeline
     from .runner import collect_activations
 
@@ -141,7 +170,7 @@ def _cmd_collect(args: argparse.Namespace) -> int:
         i, n = (int(part) for part in args.shard.split("/"))
     except ValueError:
         raise ConfigError(f"--shard must look like i/n (e.g. 0/4), got {args.shard!r}") from None
-    _logging(args, args.out)
+    _logging(args, _out_dir(args.out))
     store = collect_activations(load_pipeline(args.pipeline), args.out, shard=(i, n), quiet=args.quiet)
     if not args.quiet:
         print(f"{store.info['samples']} samples of {', '.join(store.models)} recorded in {args.out}")
@@ -214,14 +243,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except MergescopeError as exc:
+        _to_run_log(f"error: {exc}")  # every failure of a run is in its run.log too
         if args.debug:
             raise
         print(f"mergescope: error: {exc}", file=sys.stderr)
         print("(run with --debug for the traceback)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        _to_run_log("interrupted; finished steps are cached, re-run to resume")
         print("mergescope: interrupted; finished steps are cached, re-run to resume", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug: it keeps its traceback, on the console and in run.log
+        _to_run_log(f"unexpected {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+        raise
+    finally:
+        _close_run_log()
 
 
 if __name__ == "__main__":  # pragma: no cover

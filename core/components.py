@@ -173,6 +173,24 @@ class ComponentExtras(Protocol):
         """
         ...
 
+    def endpoint_note(self, result: xr.Dataset) -> str:
+        """Mergers that sweep a path: why their endpoints' accuracies may differ from the models' own.
+
+        ``result`` is the step's root Dataset. The report shows the sentence beside the
+        endpoints' accuracies, after the facts it knows itself (the data, the alignment).
+        """
+        ...
+
+    def check_activations(self, activations: Any) -> None:
+        """Steps that read recordings: refuse ``[activations]`` the component cannot use.
+
+        ``activations`` is the pipeline's :class:`~mergescope.pipeline.ActivationSpec`
+        (``layers``, ``reduce``, ``topk``, ...). Raise a
+        :class:`~mergescope.errors.ConfigError` naming the key at fault; the pipeline
+        check calls it before anything is recorded, and prefixes the step's location.
+        """
+        ...
+
     def report_panel(self, node: xr.Dataset, files: list[Path], run_dir: Path) -> str:
         """Visualizers: the HTML of the step's panel in the report (its files, tables, browsers).
 

@@ -18,6 +18,7 @@ __all__ = [
     "PluginError",
     "CheckpointError",
     "ContractError",
+    "DataError",
     "MissingDependencyError",
     "closest",
     "article",
@@ -48,6 +49,22 @@ class ConfigError(MergescopeError, ValueError):
         """Return the same error with ``where`` prefixed to its location."""
         inner = f"{where}, {self.where}" if self.where else where
         return type(self)(self.message, inner)
+
+
+class DataError(ConfigError):
+    """The data a pipeline reads cannot be used: e.g. an image file that does not decode.
+
+    A :class:`ConfigError` (the pipeline points at data that is wrong, not a bug), so the
+    runner prefixes the place it was met and keeps the message, which names the dataset
+    and the file. Raised inside a ``DataLoader`` worker process, torch re-raises it as
+    ``DataError(<the worker's traceback>)``; only the original message is kept.
+    """
+
+    def __init__(self, message: str, where: str | None = None) -> None:
+        marker = f"{type(self).__name__}: "
+        if message.startswith("Caught ") and "Original Traceback" in message and marker in message:
+            message = message.rsplit(marker, 1)[1].strip()
+        super().__init__(message, where)
 
 
 class UnknownComponentError(ConfigError, LookupError):

@@ -3,8 +3,8 @@
 Every cache in mergescope (trained models, recordings, step results) is addressed by a
 key that hashes everything the cached value depends on. This module makes those keys:
 :func:`cache_key` for options and plain values, :func:`file_digest` and
-:func:`state_digest` for weights, :func:`source_digest` and :func:`core_digest` for the
-code that computed a result.
+:func:`state_digest` for weights, :func:`path_identity` for files and folders a component
+reads, :func:`source_digest` and :func:`core_digest` for the code that computed a result.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import functools
 import hashlib
 import inspect
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ __all__ = [
     "OMIT_DEFAULT_FROM_KEY",
     "cache_key",
     "file_digest",
+    "path_identity",
     "state_digest",
     "source_digest",
     "core_digest",
@@ -112,6 +114,40 @@ def file_digest(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def path_identity(path: str | Path) -> dict[str, Any]:
+    """What a file or folder holds, cheaply: the part of a step key for a path option.
+
+    A file is identified by its size and modification time (``st_mtime_ns``); a folder by
+    a SHA-256 of the relative path, size and modification time of every file under it
+    (symbolic links followed for files, not for folders), and their count. Nothing is
+    read, so this costs one ``stat`` per file: editing, adding, removing or renaming a
+    file inside changes the identity, as does touching it without a change. Content is
+    not hashed, so keys do not survive a rename or move of the same content (a step key
+    holds the canonical path too; a copy has new modification times). A missing path is
+    ``{"missing": True}``.
+    """
+    path = Path(path)
+    try:
+        info = path.stat()
+    except OSError:
+        return {"missing": True}
+    if not path.is_dir():
+        return {"file": [info.st_size, info.st_mtime_ns]}
+    digest, count = hashlib.sha256(), 0
+    for folder, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            full = Path(folder, name)
+            try:
+                stat = full.stat()
+            except OSError:  # a dangling link
+                continue
+            entry = [full.relative_to(path).as_posix(), stat.st_size, stat.st_mtime_ns]
+            digest.update(json.dumps(entry).encode("utf-8"))
+            count += 1
+    return {"folder": digest.hexdigest(), "files": count}
 
 
 def state_digest(model: nn.Module) -> str:

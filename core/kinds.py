@@ -135,6 +135,8 @@ class StepKind:
     needs_data: ClassVar[bool] = False
     #: Its declared models must be aligned to each other (unless ``allow_unaligned``).
     compares_units: ClassVar[bool] = False
+    #: It applies an earlier aligner's alignment (its ``alignment`` key).
+    takes_alignment: ClassVar[bool] = False
     #: Its result is a model later steps can name.
     makes_model: ClassVar[bool] = False
     #: Its result is an alignment later steps can name (``alignment``, ``"b@step"``).
@@ -242,6 +244,7 @@ class MergerStep(StepKind):
 
     takes_own_data: ClassVar[bool] = True
     needs_data: ClassVar[bool] = True
+    takes_alignment: ClassVar[bool] = True
     makes_model: ClassVar[bool] = True
     batch_size_in_key: ClassVar[bool] = True
 

@@ -9,7 +9,7 @@ import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar, get_origin
+from typing import Any, TypeGuard, TypeVar, get_origin
 
 import attrs
 import cattrs
@@ -28,11 +28,19 @@ __all__ = [
     "component_tables",
     "component_options",
     "resolve_paths",
+    "canonical_path",
+    "path_options",
+    "CACHE_PATH",
 ]
 
 #: ``attrs`` field metadata of an option that is a file or folder path: a relative path
 #: in a pipeline file is taken relative to that file's folder, as ``checkpoint`` is.
 PATH = {"mergescope.path": True}
+
+#: ``attrs`` field metadata of a path option that is a cache (where downloads are kept):
+#: resolved like :data:`PATH`, but what it holds is not part of step keys (see
+#: :func:`path_options`).
+CACHE_PATH = {"mergescope.path": True, "mergescope.cache": True}
 
 
 def path_if(is_path: Callable[[str], bool]) -> dict[str, Any]:
@@ -201,7 +209,8 @@ def resolve_paths(component: Any, base_dir: Path, lookup: Any) -> Any:
 
     Options flagged with :data:`PATH` are resolved; options flagged with
     :func:`component_tables` hold tables whose components' path options are resolved in
-    turn (``lookup(kind, name)`` gives a component class). Absolute paths are kept.
+    turn (``lookup(kind, name)`` gives a component class). Every path becomes absolute and
+    canonical (:func:`canonical_path`), so the same file has one spelling whatever the working directory.
     """
     if not attrs.has(type(component)):
         return component
@@ -210,19 +219,30 @@ def resolve_paths(component: Any, base_dir: Path, lookup: Any) -> Any:
     return attrs.evolve(component, **changes) if changes else component
 
 
+def canonical_path(path: str | Path, base_dir: Path) -> Path:
+    """``path`` as an absolute, canonical path (``~`` expanded, symlinks and ``..`` resolved).
+
+    A relative path is taken relative to ``base_dir``, which is made absolute first.
+    """
+    path = Path(path).expanduser()
+    return (path if path.is_absolute() else Path(base_dir) / path).resolve()
+
+
+def _is_path_option(value: Any, field: Any) -> TypeGuard[str | Path]:
+    """Whether ``value`` of option ``field`` is a path (:data:`PATH`, or :func:`path_if` accepts it)."""
+    is_path = field.metadata.get("mergescope.path")
+    return bool(is_path) and isinstance(value, (str, Path)) and (is_path is True or is_path(str(value)))
+
+
 def _resolved_options(cls: type, values: Mapping[str, Any], base_dir: Path, lookup: Any) -> dict[str, Any]:
     """The options of ``cls`` among ``values`` that change once their paths are resolved."""
     changes: dict[str, Any] = {}
     for field in attrs.fields(cls):
         value = values.get(field.alias)
-        is_path = field.metadata.get("mergescope.path")
-        if (
-            is_path
-            and isinstance(value, (str, Path))
-            and (is_path is True or is_path(str(value)))
-            and not Path(value).expanduser().is_absolute()
-        ):
-            changes[field.alias] = type(value)(base_dir / value)
+        if _is_path_option(value, field):
+            resolved = type(value)(canonical_path(value, base_dir))
+            if resolved != value:
+                changes[field.alias] = resolved
         kind = field.metadata.get("mergescope.tables")
         if kind and isinstance(value, list):
             changes[field.alias] = [
@@ -238,6 +258,53 @@ def _resolved_options(cls: type, values: Mapping[str, Any], base_dir: Path, look
     return changes
 
 
+def path_options(component: Any, lookup: Any) -> dict[str, str]:
+    """Every path option of ``component`` that is an input, by its key, e.g. ``{"root": "/data/images"}``.
+
+    Options flagged with :data:`PATH` (or :func:`path_if`, when the value is a path), also
+    inside tables of components (:func:`component_tables`, keyed ``"parts.0.root"``) and
+    tables of a named component's options (:func:`component_options`); ``lookup(kind,
+    name)`` gives a component class. Options flagged :data:`CACHE_PATH` are left out.
+    """
+    if not attrs.has(type(component)):
+        return {}
+    values = {f.alias: getattr(component, f.name) for f in attrs.fields(type(component)) if f.init}
+    return _path_values(type(component), values, lookup)
+
+
+def _path_values(cls: type, values: Mapping[str, Any], lookup: Any, prefix: str = "") -> dict[str, str]:
+    found: dict[str, str] = {}
+    for field in attrs.fields(cls):
+        value = values.get(field.alias)
+        if _is_path_option(value, field) and not field.metadata.get("mergescope.cache"):
+            found[f"{prefix}{field.alias}"] = str(value)
+        kind = field.metadata.get("mergescope.tables")
+        if kind and isinstance(value, list):
+            for i, table in enumerate(value):
+                part = _table_class(table, table.get("use") if isinstance(table, dict) else None, kind, lookup)
+                if part is not None:
+                    found.update(_path_values(part, table, lookup, f"{prefix}{field.alias}.{i}."))
+        options_of = field.metadata.get("mergescope.options_of")
+        if options_of and isinstance(value, dict):
+            kind, use_field = options_of
+            use = values[use_field] if use_field in values else _default(cls, use_field)
+            part = _table_class(value, use, kind, lookup)
+            if part is not None:
+                found.update(_path_values(part, value, lookup, f"{prefix}{field.alias}."))
+    return found
+
+
+def _table_class(table: Any, use: Any, kind: str, lookup: Any) -> type | None:
+    """The attrs class of the ``kind`` component named ``use`` whose options ``table`` holds, if any."""
+    if not isinstance(table, dict) or not isinstance(use, str):
+        return None
+    try:
+        cls = lookup(kind, use)
+    except Exception:  # an unknown name is reported where the table is built
+        return None
+    return cls if attrs.has(cls) else None
+
+
 def _default(cls: type, name: str) -> Any:
     default = attrs.fields_dict(cls)[name].default
     return None if isinstance(default, attrs.Factory) else default  # type: ignore[arg-type]
@@ -245,10 +312,5 @@ def _default(cls: type, name: str) -> Any:
 
 def _resolve_table(table: Any, use: Any, base_dir: Path, kind: str, lookup: Any) -> Any:
     """``table`` (options of the ``kind`` component named ``use``) with its paths resolved."""
-    if not isinstance(table, dict) or not isinstance(use, str):
-        return table
-    try:
-        cls = lookup(kind, use)
-    except Exception:  # an unknown name is reported where the table is built
-        return table
-    return {**table, **_resolved_options(cls, table, base_dir, lookup)} if attrs.has(cls) else table
+    cls = _table_class(table, use, kind, lookup)
+    return table if cls is None else {**table, **_resolved_options(cls, table, base_dir, lookup)}

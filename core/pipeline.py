@@ -37,7 +37,7 @@ import attrs
 
 from .errors import ConfigError, DuplicateComponentError, article, closest
 from .kinds import KINDS, STEP_KINDS, StepKind, step_kind
-from .options import resolve_paths, structure_options, unstructure_options
+from .options import canonical_path, resolve_paths, structure_options, unstructure_options
 from .plugins import Registry, get_registry
 from .training import Training
 from .values import CHANNEL_GROUPS
@@ -60,7 +60,9 @@ __all__ = [
 ]
 
 _TOP_KEYS = ("seed", "data", "activations", "models", "steps", "tasks")
-_MODEL_KEYS = ("name", "use", "checkpoint", "train", "train_data")
+_MODEL_KEYS = ("name", "use", "checkpoint", "checkpoint_key", "strip_prefix", "train", "train_data")
+# The keys of [[models]] that say how a checkpoint is read (ModelSpec fields of the same names).
+_CHECKPOINT_OPTIONS = ("checkpoint_key", "strip_prefix")
 _STEP_KEYS = ("use", "name", "models", "layers", "alignment", "allow_unaligned", "data")
 # Model and step names become netCDF group names and are joined with "@" and "/".
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
@@ -120,6 +122,13 @@ class ModelSpec:
     module
         Any ``nn.Module`` given directly from Python (then ``architecture`` may be ``None``
         and nothing is trained or loaded). Such a pipeline cannot be written as TOML.
+    checkpoint_key
+        The entry of a saved dict that holds the weights, dotted for nesting (``"model"``,
+        ``"model_ema"``); default: found in the common layouts (see
+        :func:`mergescope.checkpoints.load_state_dict`). Only with ``checkpoint``.
+    strip_prefix
+        A prefix removed from the checkpoint's keys (``"module."``, ``"model."``); keys
+        without it are left out. Only with ``checkpoint``.
     """
 
     name: str
@@ -128,6 +137,8 @@ class ModelSpec:
     train: Training | None = None
     train_data: Any | None = None
     module: Any = attrs.field(default=None, eq=False, repr=False)
+    checkpoint_key: str | None = attrs.field(default=None, kw_only=True)
+    strip_prefix: str | None = attrs.field(default=None, kw_only=True)
 
 
 @attrs.define
@@ -296,6 +307,9 @@ class Pipeline:
             table.update(unstructure_options(m.architecture))
             if m.checkpoint is not None:
                 table["checkpoint"] = str(m.checkpoint)
+            for key in _CHECKPOINT_OPTIONS:
+                if getattr(m, key) is not None:
+                    table[key] = getattr(m, key)
             if m.train is not None:
                 table["train"] = unstructure_options(m.train)
             if m.train_data is not None:
@@ -328,6 +342,34 @@ class Pipeline:
         """The pipeline as TOML text; ``Pipeline.from_toml(p.to_toml()) == p``."""
         return tomli_w.dumps(self.to_dict())
 
+    def with_absolute_paths(self, base_dir: Path | None = None, registry: Registry | None = None) -> Pipeline:
+        """The pipeline with every path absolute and canonical (see :func:`~mergescope.options.canonical_path`).
+
+        Checkpoints and the path options of every component (also inside tables of
+        components); a relative path is taken relative to ``base_dir``, by default the
+        working directory (:func:`~mergescope.run` does this, so a pipeline composed in
+        Python with relative paths means them from where it is run, and its saved
+        ``pipeline.toml`` runs from anywhere). A pipeline read from a file already has them.
+        """
+        base = Path.cwd() if base_dir is None else Path(base_dir)
+        lookup = (registry or get_registry()).get
+
+        def fix(component: Any) -> Any:
+            return resolve_paths(component, base, lookup)
+
+        models = [
+            attrs.evolve(
+                m,
+                architecture=fix(m.architecture),
+                train_data=fix(m.train_data),
+                checkpoint=None if m.checkpoint is None else canonical_path(m.checkpoint, base),
+            )
+            for m in self.models
+        ]
+        steps = [attrs.evolve(s, component=fix(s.component), data=fix(s.data)) for s in self.steps]
+        tasks = [attrs.evolve(t, data=fix(t.data)) for t in self.tasks]
+        return attrs.evolve(self, models=models, steps=steps, tasks=tasks, data=fix(self.data))
+
     # -- checks ----------------------------------------------------------------
 
     def check(self, registry: Registry | None = None) -> None:
@@ -356,6 +398,7 @@ class Pipeline:
                 raise ConfigError(
                     f"checkpoint file {str(spec.checkpoint)!r} does not exist", where=f"{where}, key 'checkpoint'"
                 )
+            _check_checkpoint_options(spec, where)
         available = list(model_names)  # grows with merger steps, which produce models
         step_names = self.step_names()
         kinds: dict[str, StepKind] = {}
@@ -371,6 +414,9 @@ class Pipeline:
             rules = step_kind(kind)
             if step.data is not None:
                 _check_own_data(kind, step.use, where)
+            _check_applicable_keys(step, kind, rules, where)
+            if rules.reads_recordings(step):
+                _check_recording_needs(step, self.activations, where)
             if not _NAME.fullmatch(name):
                 raise ConfigError(
                     f"step name {name!r} must start with a letter or digit and hold only letters, digits and "
@@ -604,9 +650,41 @@ def _model(registry: Registry, table: dict[str, Any], where: str, base_dir: Path
         raise ConfigError("'checkpoint' must be a file path (a string)", where=f"{where}, key 'checkpoint'")
     if checkpoint is not None and train is not None:
         raise ConfigError("give either 'checkpoint' or a [train] table, not both", where=f"{where}, key 'checkpoint'")
-    if checkpoint is not None and base_dir is not None and not Path(checkpoint).is_absolute():
-        checkpoint = str(base_dir / checkpoint)
-    return ModelSpec(name, architecture, checkpoint, train, train_data)
+    for key in _CHECKPOINT_OPTIONS:
+        if key in table and not isinstance(table[key], str):
+            raise ConfigError(f"{key!r} must be a string, got {table[key]!r}", where=f"{where}, key {key!r}")
+    if checkpoint is not None and base_dir is not None:  # one canonical spelling, from any working directory
+        checkpoint = str(canonical_path(checkpoint, base_dir))
+    spec = ModelSpec(
+        name,
+        architecture,
+        checkpoint,
+        train,
+        train_data,
+        checkpoint_key=table.get("checkpoint_key"),
+        strip_prefix=table.get("strip_prefix"),
+    )
+    _check_checkpoint_options(spec, where)
+    return spec
+
+
+def _check_checkpoint_options(spec: ModelSpec, where: str) -> None:
+    """``checkpoint_key`` and ``strip_prefix`` say how a checkpoint is read: refuse them without one, or empty."""
+    for key in _CHECKPOINT_OPTIONS:
+        value = getattr(spec, key)
+        if value is None:
+            continue
+        if spec.checkpoint is None:
+            raise ConfigError(
+                f"{key!r} says how a checkpoint is read, and model {spec.name!r} has no 'checkpoint'",
+                where=f"{where}, key {key!r}",
+            )
+        if not isinstance(value, str) or not value.strip("."):
+            raise ConfigError(
+                f"{key!r} must be a non-empty string such as {'model' if key == 'checkpoint_key' else 'module.'!r}, "
+                f"got {value!r}",
+                where=f"{where}, key {key!r}",
+            )
 
 
 def _task(registry: Registry, table: dict[str, Any], where: str, base_dir: Path | None = None) -> TaskSpec:
@@ -623,6 +701,35 @@ def _task(registry: Registry, table: dict[str, Any], where: str, base_dir: Path 
     if models is not None and not (isinstance(models, list) and all(isinstance(m, str) for m in models)):
         raise ConfigError(f"'models' must be a list of model names, got {models!r}", where=f"{where}, key 'models'")
     return TaskSpec(name, data, expert, restrict, models)
+
+
+def _check_applicable_keys(step: Step, kind: str, rules: StepKind, where: str) -> None:
+    """Refuse step keys that mean nothing for the step's kind, rather than ignore them."""
+    if step.allow_unaligned and not rules.compares_units:
+        takers = ", ".join(k for k in STEP_KINDS if step_kind(k).compares_units)
+        raise ConfigError(
+            f"'allow_unaligned' only applies to steps that compare unit j of one model with unit j of another "
+            f"({takers}); {step.use!r} is {article(kind)}: remove the key",
+            where=f"{where}, key 'allow_unaligned'",
+        )
+    if step.alignment is not None and not rules.takes_alignment:
+        takers = ", ".join(k for k in STEP_KINDS if step_kind(k).takes_alignment)
+        raise ConfigError(
+            f"'alignment' only applies to steps that apply an alignment ({takers} steps); {step.use!r} is "
+            f"{article(kind)}: to read aligned models, name them as '<model>@<aligner step>' in 'models'",
+            where=f"{where}, key 'alignment'",
+        )
+
+
+def _check_recording_needs(step: Step, activations: ActivationSpec, where: str) -> None:
+    """Let a component that reads recordings refuse ``[activations]`` it cannot use, before anything is recorded."""
+    check = getattr(step.component, "check_activations", None)
+    if not callable(check):
+        return
+    try:
+        check(activations)
+    except ConfigError as exc:
+        raise exc.located(where) from None
 
 
 def _check_own_data(kind: str, use: str, where: str) -> None:

@@ -50,6 +50,8 @@ import xarray as xr
 from markupsafe import Markup
 
 from .kinds import KINDS
+from .report_parts import CLASSES_SHOWN, alignment_table, endpoints_table, models_table
+from .report_parts import percent as _percent
 from .storage import atomic_path
 
 __all__ = [
@@ -199,9 +201,19 @@ def render_report(
         "report.html.j2",
         title=f"mergescope report: {run_dir.resolve().name}",
         pipeline=Markup(_pipeline_section(steps, info, pipeline_text, summary)),
+        models=Markup(_models_section(info)) if info.get("models") or info.get("data") else None,
         metrics=[(s, Markup(_metric_step(results.children[s["name"]]))) for s in present if _is_metric(s)],
         tasks=tasks,
-        results=[(s, Markup(_results_step(results.children[s["name"]]))) for s in present if _is_other_result(s)],
+        results=[
+            (
+                s,
+                Markup(
+                    _results_step(results.children[s["name"]], s, info.get("models") or {}, components.get(s["name"]))
+                ),
+            )
+            for s in present
+            if _is_other_result(s)
+        ],
         figures=panels,
         styles=[Markup(css) for css in dict.fromkeys(p.css for _, p in panels if p.css)],
         scripts=[Markup(js) for js in dict.fromkeys(p.js for _, p in panels if p.js)],
@@ -262,9 +274,32 @@ def _steps(results: xr.DataTree, info: Mapping[str, Any]) -> list[dict[str, Any]
                 "cached": meta.get("cached"),
                 "seconds": seconds.get(name),
                 "present": present,
+                "models": [str(m) for m in meta.get("models") or []],
+                "alignment": _alignment_of(meta),
+                "makes_alignment": _makes_alignment(kind, node),
             }
         )
     return steps
+
+
+def _alignment_of(meta: Mapping[str, Any]) -> str:
+    """The alignment a step used: its ``alignment``, else the aligner steps its ``"b@step"`` models name."""
+    if meta.get("alignment"):
+        return str(meta["alignment"])
+    named = dict.fromkeys(str(m).partition("@")[2] for m in meta.get("models") or [] if "@" in str(m))
+    return ", ".join(named)
+
+
+def _makes_alignment(kind: str, node: xr.DataTree | None) -> bool:
+    """Whether a step's node is an alignment: its kind makes one, or (kind unknown) it reads as one."""
+    known = KINDS.get(kind)
+    if known is not None and known.step is not None:
+        return bool(known.step.makes_alignment)
+    return (
+        node is not None
+        and "reference" in node.ds
+        and any("transform" in g.ds for m in node.children.values() for g in m.children.values())
+    )
 
 
 def _guess_section(node: xr.DataTree) -> str:
@@ -291,17 +326,40 @@ def _pipeline_section(steps: list[dict[str, Any]], info: Mapping[str, Any], pipe
     rows = []
     for i, s in enumerate(steps, 1):
         cache = {True: "cached", False: "run"}.get(s["cached"], "")
-        rows.append([i, s["name"], s["use"], s["kind"], _seconds(s["seconds"]), cache])
+        rows.append(
+            [i, s["name"], s["use"], s["kind"], ", ".join(s["models"]), s["alignment"], _seconds(s["seconds"]), cache]
+        )
     for extra in ("models", "tasks"):
         if extra in seconds:
             label = "models (build, train or load)" if extra == "models" else "tasks (evaluation)"
-            rows.append(["", label, "", "", _seconds(seconds[extra]), ""])
+            rows.append(["", label, "", "", "", "", _seconds(seconds[extra]), ""])
     texts = {"summary": summary, "pipeline_text": pipeline_text}
     return _render("pipeline.html.j2", about=about, has_steps=bool(steps), rows=rows, files=_RUN_FILES, **texts)
 
 
 def _seconds(value: Any) -> str:
     return "" if value is None else f"{float(value):.2f}"
+
+
+# ----------------------------------------------------------------------------- models, alignments, endpoints
+# Their tables are built in mergescope.report_parts; the templates lay them out.
+
+
+def _models_section(info: Mapping[str, Any]) -> str:
+    """Every declared and merged model (run.json ``models``) and the run's data (``data``)."""
+    rows, data = models_table(info)
+    return _render("models.html.j2", rows=rows, data=data, shown=CLASSES_SHOWN)
+
+
+def _alignment_step(node: xr.DataTree) -> str:
+    """One table of the alignment, a row per model and group (units, the map, the diagnostics), raw arrays folded."""
+    return _render("alignment.html.j2", **alignment_table(node))
+
+
+def _endpoints_note(ds: xr.Dataset, step: Mapping[str, Any], models: Mapping[str, Any], component: Any) -> str:
+    """The accuracies at a sweep's endpoints beside the models' own, and why they may differ."""
+    table = endpoints_table(ds, step, models, component)
+    return _render("endpoints.html.j2", **table) if table else ""
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -369,22 +427,32 @@ def _tasks_section(ds: xr.Dataset) -> str:
     return _render("tasks.html.j2", head=head, rows=rows, tasks=tasks, normalised=normalised, loss=loss)
 
 
-def _percent(value: Any) -> str:
-    v = float(value)
-    return "" if math.isnan(v) else f"{100 * v:.1f}"
-
-
 # ----------------------------------------------------------------------------- other results
 
 
-def _results_step(node: xr.DataTree) -> str:
+def _results_step(
+    node: xr.DataTree,
+    step: Mapping[str, Any] | None = None,
+    models: Mapping[str, Any] | None = None,
+    component: Any = None,
+) -> str:
+    """A step of the Results section: an alignment as one table, else every node summarised.
+
+    ``step`` (from :func:`_steps`) and ``models`` (run.json ``models``) add the note on a
+    sweep's endpoints, compared with the models' own accuracies; ``component`` (the step's)
+    may say why they differ (its ``endpoint_note``).
+    """
+    endpoints = _endpoints_note(node.to_dataset(inherit=False), step or {}, models or {}, component)
+    if step and step.get("makes_alignment"):
+        return endpoints + _alignment_step(node)
     nodes = [(sub.relative_to(node), Markup(_dataset_summary(sub.to_dataset(inherit=False)))) for sub in node.subtree]
-    return _render("results.html.j2", nodes=[(where, summary) for where, summary in nodes if summary])
+    return endpoints + _render("results.html.j2", nodes=[(where, summary) for where, summary in nodes if summary])
 
 
 def _dataset_summary(ds: xr.Dataset) -> str:
     """Scalars and short labelled values as tables, curves as charts, long arrays summarised."""
     scalars, charts, summaries, listed = [], [], [], []
+    matrices: list[tuple[str, list[str], list[list[Any]]]] = []  # small 2-D arrays as tables
     curves: dict[str, list[str]] = {}  # dim -> 1-D curves along it
     labelled: dict[str, list[str]] = {}  # dim -> short 1-D values along it
     for var, da in ds.data_vars.items():
@@ -399,6 +467,8 @@ def _dataset_summary(ds: xr.Dataset) -> str:
             labelled.setdefault(str(da.dims[0]), []).append(str(var))
         elif numeric and da.ndim == 1:
             summaries.append([var, str(da.dims[0]), *_stats(da.values)])
+        elif numeric and _is_small_matrix(da):
+            matrices.append((str(var), *_matrix(da)))
         else:
             shape = " x ".join(f"{d} {n}" for d, n in da.sizes.items())
             listed.append([var, shape, str(da.dtype)])
@@ -408,7 +478,34 @@ def _dataset_summary(ds: xr.Dataset) -> str:
         "labelled": [_by_dim(ds, dim, names) for dim, names in labelled.items()],
         "values": [_by_dim(ds, dim, names) for dim, names in curves.items()],  # of the charts
     }
-    return _render("dataset.html.j2", scalars=scalars, charts=charts, summaries=summaries, listed=listed, **by_dim)
+    return _render(
+        "dataset.html.j2",
+        scalars=scalars,
+        charts=charts,
+        summaries=summaries,
+        matrices=matrices,
+        listed=listed,
+        **by_dim,
+    )
+
+
+def _is_small_matrix(da: xr.DataArray) -> bool:
+    """A 2-D array with few rows and columns, neither per item (per unit, per sample): shown as a table."""
+    return (
+        da.ndim == 2
+        and not set(da.dims) & _PER_ITEM_DIMS
+        and da.shape[0] <= _LABELLED_MAX
+        and da.shape[1] <= len(_PALETTE)
+    )
+
+
+def _matrix(da: xr.DataArray) -> tuple[list[str], list[list[Any]]]:
+    rows_dim, cols_dim = (str(d) for d in da.dims)
+    labels = {
+        d: [str(v) for v in da[d].values] if d in da.coords else [str(i) for i in range(da.sizes[d])] for d in da.dims
+    }
+    head = [f"{rows_dim} / {cols_dim}", *labels[cols_dim]]
+    return head, [[label, *da.values[i]] for i, label in enumerate(labels[rows_dim])]
 
 
 def _curve_dim(da: xr.DataArray) -> str | None:

@@ -24,6 +24,7 @@ import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import attrs
 import numpy as np
@@ -32,18 +33,18 @@ import xarray as xr
 from torch import nn
 
 from ._version import __version__
-from .activations import resolve_layers
+from .activations import check_single_calls, resolve_layers
 from .checkpoints import load_into, load_state_dict, save_state_dict
 from .context import Context
 from .errors import CheckpointError, ConfigError, MergescopeError
 from .groups import align_to_reference, channel_groups, example_input
-from .keys import cache_key, core_digest, file_digest, source_digest, state_digest
+from .keys import cache_key, core_digest, file_digest, path_identity, source_digest, state_digest
 from .kinds import KINDS, StepCall, StepKind, step_kind
-from .options import unstructure_options
+from .options import path_options, unstructure_options
 from .pipeline import ALIGNED, ModelSpec, Pipeline, Step
 from .plugins import Registry, get_registry
 from .report import write_report
-from .storage import atomic_path, load_tree, save_tree
+from .storage import atomic_path, load_tree, locked_dir, save_tree
 from .store import Store, StoreSpec, collect_store, recording_key
 from .training import Training, trained_model, trained_model_key
 from .values import Alignment, DatasetSource, ImageDataset, evaluate
@@ -90,6 +91,7 @@ class _Run:
         self.models: dict[str, _Model] = {}
         self.alignments: dict[str, Alignment] = {}
         self.step_keys: dict[str, str] = {}
+        self.identities: dict[str, Any] = {}  # path_identity of every path option, by path
         self.stores: dict[str, Store] = {}
         self.step_datasets: dict[str, ImageDataset] = {}
         self.needed_layers = self._needed_layers()
@@ -118,12 +120,17 @@ class _Run:
             raise ConfigError("a checkpoint model needs [data] to know its input shape and classes", where=where)
         use = type(spec.architecture).name
         model = spec.architecture.build(self.data.input_shape, len(self.data.classes))
+        # How the file is read changes what is loaded: part of the fingerprint when given
+        # (and only then, so that the fingerprints of plain checkpoints stay as they were).
+        options = {k: getattr(spec, k) for k in ("checkpoint_key", "strip_prefix") if getattr(spec, k) is not None}
         try:
-            load_into(model, load_state_dict(path), source=str(path), architecture=use)
+            state = load_state_dict(path, **options)
+            _check_class_count(model, state, self.data, str(path), self.pipeline.data)
+            load_into(model, state, source=str(path), architecture=use)
         except CheckpointError as exc:
             raise CheckpointError(f"{where}, key 'checkpoint': {exc}") from exc
         model.eval()
-        return _Model(model, file_digest(path))
+        return _Model(model, cache_key(file_digest(path), options) if options else file_digest(path))
 
     def _trained(self, spec: ModelSpec, where: str) -> _Model:
         source = spec.train_data
@@ -171,6 +178,50 @@ class _Run:
                 aligned = align_to_reference({model: source.module}, alignment, groups)[model]
                 self.models[name] = _Model(aligned.eval(), cache_key(source.fingerprint, self.step_keys[aligner]))
         return self.models[name]
+
+    def _declared_base(self, name: str) -> str | None:
+        """The declared model whose modules ``name`` has: itself, ``b`` for ``"b@wm"``, a merger's first input."""
+        seen: set[str] = set()
+        model = name.partition(ALIGNED)[0]
+        while model not in self.models and model in self.names and model not in seen:
+            seen.add(model)
+            step = self.pipeline.steps[self.names.index(model)]
+            if not self.rules[model].makes_model:
+                return None
+            model = self._step_models(step)[0].partition(ALIGNED)[0]
+        return model if model in self.models else None
+
+    def check_layers(self) -> None:
+        """Before any step: every layer a step names exists, and each is one module call per forward pass.
+
+        An unknown layer is reported in the table it came from (the step's ``layers`` or
+        ``[activations] layers``); a module the network calls twice is refused with its
+        call sites (:func:`mergescope.activations.check_single_calls`).
+        """
+        if self.data is None:
+            return
+        example = example_input(self.data)
+        checked: set[tuple[str, tuple[str, ...]]] = set()
+        for index, (name, step) in enumerate(zip(self.names, self.pipeline.steps)):
+            rules, selectors = self.rules[name], self._step_selectors(step)
+            if not selectors or not rules.resolves_layers(step):
+                continue
+            if step.layers is not None:
+                where = f"{self.pipeline.source}, [[steps]] #{index + 1} (use = {step.use!r}), key 'layers'"
+            else:
+                where = f"{self.pipeline.source}, [activations], key 'layers'"
+            names = self._step_models(step) if rules.reads_recordings(step) else self._step_models(step)[:1]
+            for model in names:
+                base = self._declared_base(model)
+                if base is None or (base, tuple(selectors)) in checked:
+                    continue
+                checked.add((base, tuple(selectors)))
+                module = self.models[base].module
+                try:
+                    layers = resolve_layers(module, selectors, base, example_input=example)
+                    check_single_calls(module, list(layers), base, example)
+                except ConfigError as exc:
+                    raise ConfigError(exc.message, where=where) from None
 
     # -- activations ---------------------------------------------------------------
 
@@ -274,11 +325,23 @@ class _Run:
                 "options": unstructure_options(step.component),
                 "source": source_digest(component),
                 "core": core_digest(),
+                "paths": self._path_identities(step),
             },
             step.data if step.data is not None else self.pipeline.data,
             self.pipeline.seed,
             inputs,
         )
+
+    def _path_identities(self, step: Step) -> dict[str, Any]:
+        """What the files and folders named by path options of the step and its data hold (``path_identity``)."""
+        data = step.data if step.data is not None else self.pipeline.data
+        found: dict[str, Any] = {}
+        for role, component in (("data", data), ("step", step.component)):
+            for key, path in path_options(component, self.registry.get).items():
+                if path not in self.identities:  # one walk of a folder per run
+                    self.identities[path] = path_identity(path)
+                found[f"{role}.{key}"] = self.identities[path]
+        return found
 
     def run_step(self, index: int, results: dict[str, xr.Dataset]) -> dict[str, xr.Dataset]:
         step, name = self.pipeline.steps[index], self.names[index]
@@ -343,6 +406,7 @@ class _Run:
         timings: dict[str, float] = {}
         start = time.perf_counter()
         self.load_models()
+        self.check_layers()
         timings["models"] = time.perf_counter() - start
         results: dict[str, xr.Dataset] = {}
         lines = []
@@ -380,14 +444,112 @@ class _Run:
                     "kind": self.kinds[n],
                     "key": self.step_keys[n],
                     "cached": f"{n}-{self.step_keys[n][:16]}" in done_before,
+                    "models": self._used_models(n, s),
+                    "alignment": s.alignment,
                 }
                 for n, s in zip(self.names, self.pipeline.steps)
             },
+            "models": self.models_info(results),
+            "data": self.data_info(),
         }
         _write_text(self.out / "run.json", json.dumps(run_info, indent=2) + "\n")
         components = {n: s.component for n, s in zip(self.names, self.pipeline.steps)}
         write_report(self.out, tree, info=run_info, pipeline_text=pipeline_text, summary=summary, components=components)
         return RunResult(self.out, tree, summary, {n: m.module for n, m in self.models.items()})
+
+    # -- what the report says of the models and the data --------------------------------
+
+    def _used_models(self, name: str, step: Step) -> list[str]:
+        """The models a step used: its ``models``, else every declared model when its kind reads models."""
+        rules = self.rules[name]
+        if step.models or rules.reads_models(step) or rules.reads_recordings(step):
+            return self._step_models(step)
+        return []
+
+    def data_info(self) -> dict[str, object] | None:
+        """The run's data for run.json: its name, component, number of images and class list."""
+        if self.data is None:
+            return None
+        source = self.pipeline.data
+        return {
+            "name": self.data.name,
+            "use": type(source).name if source is not None else None,
+            "options": _plain(unstructure_options(source)) if source is not None else {},
+            "images": len(self.data),
+            "classes": [str(c) for c in self.data.classes],
+        }
+
+    def models_info(self, results: Mapping[str, xr.Dataset]) -> dict[str, dict[str, object]]:
+        """Every declared and merged model for run.json: source, architecture, parameters, loss and accuracy.
+
+        Declared models are evaluated on the run's data (cached in ``steps/models-<key>/``);
+        merged models keep the numbers their step measured (on the step's data).
+        """
+        info: dict[str, dict[str, object]] = {}
+        for spec in self.pipeline.models:
+            model = self.models[spec.name]
+            arch = spec.architecture
+            evaluation = self._own_evaluation(model)
+            info[spec.name] = {
+                "source": self._model_source(spec),
+                "architecture": {"use": type(arch).name, "options": _plain(unstructure_options(arch))}
+                if arch is not None
+                else {"use": None, "class": type(model.module).__name__},
+                "parameters": _parameters(model.module),
+                "loss": evaluation[0],
+                "accuracy": evaluation[1],
+                "evaluated_on": self.data.name if self.data is not None and evaluation[1] is not None else None,
+            }
+        for name, step in zip(self.names, self.pipeline.steps):
+            if not self.rules[name].makes_model or name not in self.models:
+                continue
+            inputs = self._step_models(step)
+            base = info.get(inputs[0].partition(ALIGNED)[0], {})
+            loss, accuracy = _step_evaluation(results.get(name))
+            data = self._step_data(step.data) if step.data is not None else self.data
+            info[name] = {
+                "source": {
+                    "kind": "merged",
+                    "step": name,
+                    "use": step.use,
+                    "models": inputs,
+                    "alignment": step.alignment,
+                },
+                "architecture": base.get("architecture"),
+                "parameters": _parameters(self.models[name].module),
+                "loss": loss,
+                "accuracy": accuracy,
+                "evaluated_on": data.name if data is not None and accuracy is not None else None,
+            }
+        return info
+
+    def _model_source(self, spec: ModelSpec) -> dict[str, object]:
+        if spec.module is not None:
+            return {"kind": "module", "class": type(spec.module).__name__}
+        if spec.checkpoint is not None:
+            return {"kind": "checkpoint", "path": str(spec.checkpoint)}
+        source = spec.train_data
+        data = self.pipeline.data
+        if source is None and data is not None and "split" in {f.name for f in attrs.fields(type(data))}:
+            source = attrs.evolve(data, split="train")
+        train_data = {"use": type(source).name, "options": _plain(unstructure_options(source))} if source else None
+        training = _plain(unstructure_options(spec.train or Training()))
+        return {"kind": "trained", "training": training, "train_data": train_data}
+
+    def _own_evaluation(self, model: _Model) -> tuple[float | None, float | None]:
+        """Loss and accuracy of a declared model on the run's data, cached by its fingerprint."""
+        if self.data is None:
+            return None, None
+        batch_size = self.pipeline.activations.batch_size
+        key = cache_key("model-evaluation", model.fingerprint, self.pipeline.data, batch_size)
+        path = self.out / "steps" / f"models-{key[:16]}" / "evaluation.json"
+        if path.exists() and not self.force:
+            cached = json.loads(path.read_text(encoding="utf-8"))
+            return cached["loss"], cached["accuracy"]
+        result = evaluate(model.module, self.data, batch_size)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_text(path, json.dumps({"loss": result.loss, "accuracy": result.accuracy}) + "\n")
+        return result.loss, result.accuracy
 
     def evaluate_tasks(self) -> xr.Dataset:
         """Loss and accuracy of every model on every task; normalised by each task's expert."""
@@ -445,6 +607,34 @@ def task_table(ds: xr.Dataset) -> str:
     return "tasks (accuracy %):\n" + "\n".join("  " + fmt(r) for r in [head, *rows])
 
 
+def _parameters(module: nn.Module) -> int:
+    return int(sum(p.numel() for p in module.parameters()))
+
+
+def _plain(value: object) -> object:
+    """``value`` as plain JSON (paths and other objects as strings)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def _step_evaluation(ds: xr.Dataset | None) -> tuple[float | None, float | None]:
+    """Loss and accuracy of a merger step's model, as its results say (the sweep's point at ``merged_alpha``)."""
+    if ds is None:
+        return None, None
+    for loss_var, accuracy_var in (("merged_loss", "merged_accuracy"), ("loss", "accuracy")):
+        if accuracy_var not in ds:
+            continue
+        accuracy, loss = ds[accuracy_var], ds.get(loss_var)
+        if accuracy.ndim == 1 and accuracy.dims == ("alpha",) and "merged_alpha" in ds:
+            where = {"alpha": float(ds["merged_alpha"])}
+            try:
+                accuracy, loss = accuracy.sel(where), loss.sel(where) if loss is not None else None
+            except KeyError:
+                continue
+        if accuracy.ndim == 0:
+            return (float(loss) if loss is not None and loss.ndim == 0 else None), float(accuracy)
+    return None, None
+
+
 def _as_toml(pipeline: Pipeline) -> str:
     """The pipeline as TOML, or a comment saying why it has none (models given as modules)."""
     try:
@@ -471,9 +661,12 @@ def run(
     Parameters
     ----------
     pipeline
-        A :class:`~mergescope.pipeline.Pipeline`, from TOML or built in Python.
+        A :class:`~mergescope.pipeline.Pipeline`, from TOML or built in Python. Relative
+        paths in it (checkpoints, path options) are taken from the working directory.
     out_dir
         The run directory; created when missing. Finished steps found there are reused.
+        It is locked while the run writes it (``run.lock``): a second run into it is
+        refused at once with a :class:`~mergescope.errors.ConfigError`.
     force
         Redo every step (and recording) even when a cached result exists.
     quiet
@@ -486,8 +679,16 @@ def run(
     RunResult
     """
     registry = registry or get_registry()
+    pipeline = pipeline.with_absolute_paths(registry=registry)  # relative paths: from the working directory
     pipeline.check(registry)
-    return _Run(pipeline, Path(out_dir), force=force, quiet=quiet, registry=registry).execute()
+    if not pipeline.steps and not pipeline.tasks:
+        raise ConfigError(
+            "this pipeline has nothing to do: it has no [[steps]] and no [[tasks]]; add a step (for example "
+            '[[steps]] use = "interpolation") — or, to record activations only, use `mergescope collect`',
+            where=f"{pipeline.source}, key 'steps'",
+        )
+    with locked_dir(out_dir) as out:  # one run at a time writes a run directory
+        return _Run(pipeline, out, force=force, quiet=quiet, registry=registry).execute()
 
 
 def collect_activations(
@@ -505,6 +706,7 @@ def collect_activations(
     machine) and :func:`mergescope.store.join_stores` to join the shards.
     """
     registry = registry or get_registry()
+    pipeline = pipeline.with_absolute_paths(registry=registry)
     pipeline.check(registry)
     if pipeline.data is None or not pipeline.activations.layers:
         raise ConfigError(
@@ -513,8 +715,15 @@ def collect_activations(
     job = _Run(pipeline, Path(out_dir), force=False, quiet=quiet, registry=registry)
     job.load_models()
     layers = {m.name: list(pipeline.activations.layers) for m in pipeline.models}
-    store_spec = _store_spec(pipeline, layers)
     assert job.data is not None
+    example = example_input(job.data)
+    for name, selectors in layers.items():  # unknown or twice-called layers, before recording
+        try:
+            names = resolve_layers(job.models[name].module, selectors, name, example_input=example)
+            check_single_calls(job.models[name].module, list(names), name, example)
+        except ConfigError as exc:
+            raise ConfigError(exc.message, where=f"{pipeline.source}, [activations], key 'layers'") from None
+    store_spec = _store_spec(pipeline, layers)
     key = recording_key([job.models[m].fingerprint for m in layers], job.data, store_spec)
     return collect_store(
         {m: job.models[m].module for m in layers},
@@ -537,4 +746,47 @@ def _store_spec(pipeline: Pipeline, layers: Mapping[str, list[str]]) -> StoreSpe
         chunk_size=spec.chunk_size,
         topk=spec.topk,
         workers=spec.workers,
+    )
+
+
+# Convolutions whose weight has its outputs first (a transposed convolution's has its inputs).
+_HEADS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _check_class_count(
+    model: nn.Module, state: Mapping[str, torch.Tensor], data: ImageDataset, source: str, data_source: object
+) -> None:
+    """Refuse a checkpoint whose classifier head has another number of outputs than ``data`` has classes.
+
+    The head is the built model's last ``Linear`` / ``Conv`` layer, when it has one output
+    per class of ``data``. Only a checkpoint that fits the model but for the number of
+    that layer's outputs is refused here, with the classes of both; any other mismatch
+    is left to :func:`~mergescope.checkpoints.load_into` to explain.
+    """
+    heads = [name for name, module in model.named_modules() if isinstance(module, _HEADS)]
+    if not heads:
+        return
+    prefix = f"{heads[-1]}." if heads[-1] else ""
+    expected = model.state_dict()
+    weight, classes = f"{prefix}weight", list(data.classes)
+    if weight not in expected or weight not in state or expected[weight].shape[0] != len(classes):
+        return
+    found = tuple(state[weight].shape)
+    if found[0] == len(classes) or found[1:] != tuple(expected[weight].shape[1:]):
+        return
+    head = {weight, f"{prefix}bias"}
+    if set(state) != set(expected) or any(
+        k not in head and tuple(state[k].shape) != tuple(expected[k].shape) for k in expected
+    ):
+        return
+    shown = ", ".join(classes[:10]) + (f", ... ({len(classes) - 10} more)" if len(classes) > 10 else "")
+    has_classes = any(f.name == "classes" for f in getattr(type(data_source), "__attrs_attrs__", ()))
+    fix = (
+        "give the classes the model was trained on, in its order, with `classes = [...]` in [data]"
+        if has_classes
+        else "point [data] at the classes the model was trained on"
+    )
+    raise CheckpointError(
+        f"checkpoint {source!r} has {found[0]} output classes ({weight} {'x'.join(map(str, found))}) "
+        f"but the data has {len(classes)} classes ({shown}); {fix}"
     )

@@ -53,7 +53,7 @@ import xarray as xr
 from torch import nn
 
 from mergescope.components import Context
-from mergescope.errors import ContractError
+from mergescope.errors import ConfigError, ContractError
 from mergescope.hookspecs import hookimpl
 from mergescope.storage import atomic_path
 from mergescope.validators import (
@@ -495,6 +495,20 @@ class Crosscoder:
     )  # fmt: skip
 
     # ------------------------------------------------------------------ public
+
+    def check_activations(self, activations: Any) -> None:
+        """Refuse, before anything is recorded, ``[activations]`` that cannot feed this crosscoder.
+
+        ``samples = "positions"`` reads every spatial position of a map, which only
+        recordings of full maps (``reduce = "none"``) hold.
+        """
+        if self.samples == "positions" and activations.reduce != "none":
+            raise ConfigError(
+                f"samples = 'positions' trains on every spatial position of a map, but [activations] "
+                f"reduce = {activations.reduce!r} keeps one summary per channel and image; set reduce = 'none' "
+                "in [activations] (or samples = 'pooled' here)",
+                where="key 'samples'",
+            )
 
     def fit(self, activations: Mapping[str, xr.DataArray], context: Context) -> xr.Dataset:
         """Train the crosscoder on the activations of N models at one layer and describe every latent.

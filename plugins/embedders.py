@@ -45,7 +45,7 @@ import mergescope
 from mergescope.errors import CheckpointError, ConfigError, closest
 from mergescope.extras import require
 from mergescope.hookspecs import hookimpl
-from mergescope.options import PATH, path_if
+from mergescope.options import CACHE_PATH, path_if
 from mergescope.validators import non_empty_str, one_of, optional, positive_int
 
 __all__ = ["OpenClip", "EfficientNetFeatures", "PIXELS", "to_unit_rgb", "resize_centre_crop", "register_embedders"]
@@ -248,7 +248,7 @@ class OpenClip:
     device: str = attrs.field(default="cpu", validator=_check_device)
     batch_size: int = attrs.field(default=64, validator=positive_int)
     pixels: str = attrs.field(default="minmax", validator=one_of(*PIXELS))
-    cache_dir: str | None = attrs.field(default=None, validator=optional(non_empty_str), metadata=PATH)
+    cache_dir: str | None = attrs.field(default=None, validator=optional(non_empty_str), metadata=CACHE_PATH)
     _network: Any = attrs.field(default=None, init=False, eq=False, repr=False)
 
     @classmethod

@@ -210,6 +210,14 @@ class Interpolation:
         results["alpha"].attrs["long_name"] = f"weight of {names[1]!r} (1 - alpha on {names[0]!r})"
         return MergeResult(merged, results)
 
+    def endpoint_note(self, result: xr.Dataset) -> str:
+        """Why the endpoints match the models' own accuracies (or may not)."""
+        return (
+            "Interpolation evaluates the endpoint models themselves at alpha 0 and 1 (weights 1 and 0), so with a "
+            "permutation alignment (or none) on the models' own data they match the models' own accuracies up to "
+            "float rounding; another data set or a non-permutation map makes them differ."
+        )
+
     def describe(self, result: xr.Dataset) -> str:
         """One line: accuracy along the path and the loss barrier, or the merge's score."""
         weights = "/".join(f"{w:.2f}" for w in np.atleast_1d(result["weights"].values)) if "weights" in result else ""

@@ -230,6 +230,24 @@ class Repair:
             results["accuracy_barrier"] = loss_barrier(points, [-x for x in accuracies])
         return MergeResult(merged, results)
 
+    def endpoint_note(self, result: xr.Dataset) -> str:
+        """Why the endpoints of the path are not exactly the models as trained."""
+        layers = (
+            [str(v) for v in np.atleast_1d(result["repaired_layers"].values)] if "repaired_layers" in result else []
+        )
+        if not layers:  # the reset-bn variant
+            return (
+                "REPAIR's reset-bn variant recomputes every BatchNorm's running statistics on the step's data at "
+                "every point of its path, the endpoints included, where the models' own come from their training; "
+                "so the endpoints are not exactly the models as trained."
+            )
+        return (
+            f"REPAIR repairs its endpoints too: at alpha 0 and 1 each corrected layer ({', '.join(layers)}) is "
+            "renormalised to that endpoint's own per-channel mean and std on the step's data, measured with the "
+            "corrected layers before it normalising each batch by its own statistics, then folded into the weights; "
+            "so the endpoints are not exactly the models as trained."
+        )
+
     def describe(self, result: xr.Dataset) -> str:
         """Accuracy of the repaired merge (and the barrier of the repaired path)."""
         line = f"{self.variant} at alpha {float(result['merged_alpha']):.2f}: accuracy {float(result['merged_accuracy']):.3f}"

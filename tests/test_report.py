@@ -36,6 +36,17 @@ REPORT_PIPELINE = (
     SMALL
     + """
 [[steps]]
+use = "weight-matching"
+name = "wm"
+models = ["a", "b"]
+
+[[steps]]
+use = "repair"
+models = ["a", "b"]
+alignment = "wm"
+alphas = [0.0, 0.5, 1.0]
+
+[[steps]]
 use = "test-unit-grids"
 name = "grids"
 
@@ -214,7 +225,7 @@ def test_report_is_self_contained(report_run):
     external = [u for u in links if re.match(r"^[a-z][a-z0-9+.-]*:", u, re.I) and not u.startswith("data:")]
     assert not external, f"the report links outside itself: {external}"
     assert "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "") and "https://" not in page
-    assert "<link rel=\"stylesheet\"" not in page and "<script src" not in page
+    assert '<link rel="stylesheet"' not in page and "<script src" not in page
     for url in links:
         if url.startswith(("#", "data:")):
             continue
@@ -241,8 +252,7 @@ def test_cached_steps_are_marked(tmp_path):
 
 
 def test_empty_pipeline_gets_a_valid_report(tmp_path):
-    result = run(Pipeline.from_toml("seed = 0\n"), tmp_path / "run", quiet=True)
-    page = (result.out_dir / REPORT_FILE).read_text(encoding="utf-8")
+    page = write_report(tmp_path, xr.DataTree(), info={"seed": 0, "steps": {}}).read_text(encoding="utf-8")
     assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
     assert "This pipeline has no steps." in page
 
@@ -267,12 +277,15 @@ def test_report_of_a_bare_tree_guesses_kinds(tmp_path):
     )
     path = write_report(tmp_path, tree)
     page = path.read_text(encoding="utf-8")
+
     def cells(row):
         return "".join(f'<td class="n">{c}</td>' if c[0].isdigit() else f"<td>{c}</td>" for c in row)
 
     assert cells(["l1", "tau", "b", "3", "0.375", "0.375", "0.125", "1"]) in page
     assert '<td>barrier</td><td class="n">0.5</td>' in page and '<svg class="chart"' in page
-    assert cells(["m", "90.0", "50.0", "70.0", "100.0"]) in page and "<td>m</td><td class=\"n\">100.0</td><td></td>" in page
+    assert (
+        cells(["m", "90.0", "50.0", "70.0", "100.0"]) in page and '<td>m</td><td class="n">100.0</td><td></td>' in page
+    )
     assert not list(tmp_path.glob(".*partial"))
 
 
@@ -285,6 +298,136 @@ def test_line_chart_handles_gaps_and_constants():
 def test_render_report_without_results_is_valid(tmp_path):
     page = render_report(tmp_path, xr.DataTree(), info={"seed": 3, "steps": {}})
     assert "This pipeline has no steps." in page and '<td>seed</td><td class="n">3</td>' in page
+
+
+# --------------------------------------------------------------------------- the essentials: models, steps, alignments
+
+
+def _step_html(page: str, name: str) -> str:
+    """The HTML of one step's block (its heading to the next step or section)."""
+    start = page.index(f'<h3 id="step-{name}">')
+    ends = [i for i in (page.find('<div class="step">', start), page.find("</section>", start)) if i >= 0]
+    return page[start : min(ends)]
+
+
+def test_models_section_lists_every_model_and_the_data(report_run):
+    page = (report_run / REPORT_FILE).read_text(encoding="utf-8")
+    info = json.loads((report_run / "run.json").read_text())
+    assert (
+        page.index('<section id="pipeline">')
+        < page.index('<section id="models">')
+        < page.index('<section id="metrics">')
+    )
+    models = page[page.index('<section id="models">') : page.index('<section id="metrics">')]
+    # Declared models, then merged ones; each with its source, architecture, parameters and its own accuracy.
+    assert list(info["models"]) == ["a", "b", "interpolation", "repair"]
+    for name, m in info["models"].items():
+        assert m["parameters"] > 0 and 0 <= m["accuracy"] <= 1 and m["loss"] > 0
+        assert f"<td>{name}</td>" in models and f'<td class="n">{100 * m["accuracy"]:.1f}</td>' in models
+    assert info["models"]["a"]["source"]["kind"] == "trained" and info["models"]["a"]["architecture"]["use"] == "mlp"
+    assert "trained here (seed = 0, epochs = 6" in models and "mlp (hidden = [32, 32]" in models
+    assert "merged by step repair (repair) from a, b, alignment wm" in models
+    # A merged model's numbers are its step's: REPAIR's merge at alpha 0.5.
+    repair = xr.open_datatree(report_run / "results.nc")["repair"].ds
+    assert info["models"]["repair"]["accuracy"] == float(repair["merged_accuracy"])
+    # The declared models' own numbers: evaluated once on the run's data, cached by fingerprint.
+    cached = sorted(report_run.glob("steps/models-*/evaluation.json"))
+    assert len(cached) == 2
+    assert sorted(json.loads(c.read_text())["accuracy"] for c in cached) == sorted(
+        info["models"][m]["accuracy"] for m in ("a", "b")
+    )
+    # The data: name, number of images and the class list.
+    data = info["data"]
+    assert data["images"] == 200 and data["classes"] == [str(c) for c in range(10)]
+    assert f"<b>{data['name']}</b>" in models and "200 images, 10 classes" in models
+    assert '<span class="classes">0, 1, 2, 3, 4, 5, 6, 7, 8, 9</span>' in models
+
+
+def test_steps_table_names_models_and_alignment(report_run):
+    page = (report_run / REPORT_FILE).read_text(encoding="utf-8")
+    steps = json.loads((report_run / "run.json").read_text())["steps"]
+    assert steps["repair"]["models"] == ["a", "b"] and steps["repair"]["alignment"] == "wm"
+    assert steps["wm"]["alignment"] is None and steps["grids"]["models"] == []
+    assert '<th scope="col">models</th><th scope="col">alignment</th>' in page
+    assert "<td>repair</td><td>repair</td><td>merger</td><td>a, b</td><td>wm</td>" in page
+    assert "<td>wm</td><td>weight-matching</td><td>aligner</td><td>a, b</td><td></td>" in page
+
+
+def test_aligner_diagnostics_are_one_table(report_run):
+    page = (report_run / REPORT_FILE).read_text(encoding="utf-8")
+    wm = _step_html(page, "wm")
+    table = re.search(r'<table class="num alignment">(.*?)</table>', wm, re.S).group(1)
+    head = re.findall(r'<th scope="col">([^<]*)</th>', table)
+    assert head[:5] == ["model", "group", "units", "map", "moved"] and "sweeps" in head
+    rows = re.findall(r"<tr><td>b</td><td>([^<]+)</td>", table)
+    assert len(rows) >= 2  # one row per channel group of the MLP
+    assert "Other arrays" not in wm and "<h4>" not in wm
+    assert wm.count("<details") == 1 and '<details class="raw"><summary>Raw arrays' in wm
+    assert (
+        "Other arrays"
+        not in page.split('<section id="figures">')[0]
+        .split('<section id="results">')[1]
+        .split('<h3 id="step-interpolation">')[0]
+    )
+
+
+def test_sweep_endpoints_are_explained(report_run):
+    page = (report_run / REPORT_FILE).read_text(encoding="utf-8")
+    info = json.loads((report_run / "run.json").read_text())
+    repair = _step_html(page, "repair")
+    assert "<caption>Endpoints</caption>" in repair
+    own = f"{100 * info['models']['a']['accuracy']:.1f}"  # the endpoint beside the model's own accuracy
+    assert re.search(rf'<td>a</td><td class="n">0</td><td class="n">[\d.]+</td><td class="n">{own}</td>', repair)
+    # The facts the report knows, then the merger's own reason (its endpoint_note).
+    assert "with b mapped onto a by alignment wm." in repair
+    assert "REPAIR repairs its endpoints too: at alpha 0 and 1 each corrected layer (" in repair
+    assert "not exactly the models as trained" in repair
+    interpolation = _step_html(page, "interpolation")
+    assert "evaluates the endpoint models themselves at alpha 0 and 1 (weights 1 and 0)" in interpolation
+
+
+def test_a_component_without_an_endpoint_note_gets_the_facts_only():
+    from mergescope.report_parts import endpoints_table
+
+    ds = xr.Dataset(
+        {"accuracy": ("alpha", [0.8, 0.5, 0.9]), "endpoints": ("end", ["a", "b"])}, coords={"alpha": [0.0, 0.5, 1.0]}
+    )
+    models = {"a": {"accuracy": 0.8, "evaluated_on": "d"}, "b": {"accuracy": 0.9, "evaluated_on": "d"}}
+    table = endpoints_table(ds, {"name": "m", "use": "mine"}, models, component=object())
+    assert table is not None and "The models' own are in the Models section." in table["note"]
+
+    class Says:
+        def endpoint_note(self, result):
+            return "Mine rescales its endpoints."
+
+    table = endpoints_table(ds, {"name": "m", "use": "mine"}, models, component=Says())
+    assert table is not None and table["note"].endswith("Mine rescales its endpoints.")
+
+
+def test_bare_alignment_tree_is_a_table(tmp_path):
+    """An aligner's node read from its contents: one table with the diagnostics, raw arrays folded once."""
+    perm = xr.DataArray(np.eye(3)[[1, 0, 2]], dims=("unit", "unit_ref"))
+    tree = xr.DataTree.from_dict(
+        {
+            "am": xr.Dataset(
+                {
+                    "matched_correlation": (("model", "group"), [[0.9, 0.8], [0.7, 0.6]]),
+                    "dead_units": (("model", "group"), [[0, 1], [2, 0]]),
+                    "reference": "a",
+                },
+                coords={"model": ["b", "c"], "group": ["g1", "g2"]},
+            ),
+            **{f"am/{m}/{g}": xr.Dataset({"transform": perm}) for m in ("b", "c") for g in ("g1", "g2")},
+        }
+    )
+    steps = {"am": {"use": "activation-matching", "kind": "aligner", "models": ["a", "b", "c"]}}
+    steps["tau"] = {"use": "kendall-tau", "kind": "metric", "models": ["a", "b@am"]}
+    page = render_report(tmp_path, tree, info={"steps": steps})
+    step = _step_html(page, "am")
+    assert "Other arrays" not in step and step.count("<details") == 1
+    cells = '<td>c</td><td>g1</td><td class="n">3</td><td>permutation</td><td class="n">2</td>'
+    assert cells + '<td class="n">0.7</td><td class="n">2</td>' in step
+    assert "<td>tau</td><td>kendall-tau</td><td>metric</td><td>a, b@am</td><td>am</td>" in page
 
 
 # --------------------------------------------------------------------------- panels and templates
@@ -479,6 +622,14 @@ def test_report_in_a_browser(chromium, report_run):
             value = cells[2]
             assert value == "NaN" if not np.isfinite(tau[unit]) else abs(float(value) - tau[unit]) < 1e-3
             assert rows.nth(UNITS - 1).get_attribute("class") == "sel"
+
+            # Every column of the unit list fits its container, also in a narrow window.
+            for width in (1280, 520):
+                page.set_viewport_size({"width": width, "height": 900})
+                last = browser_el.locator("table.ms-units thead th").last.bounding_box()
+                container = browser_el.locator(".ms-list").bounding_box()
+                assert last["x"] + last["width"] <= container["x"] + container["width"] + 0.5, width
+            page.set_viewport_size({"width": 1280, "height": 900})
 
             page.screenshot(path=str(_artifacts() / "report.png"), full_page=True)
         finally:

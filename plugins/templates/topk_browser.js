@@ -18,6 +18,14 @@
     return e;
   }
   function label(c) { return c.var + (c.model ? " [" + c.model + "]" : ""); }
+  // Text that may wrap after each "_" (a <wbr>): long score names fit narrow columns.
+  function breakable(e, text) {
+    text.split("_").forEach(function (part, i, parts) {
+      e.appendChild(document.createTextNode(part + (i < parts.length - 1 ? "_" : "")));
+      if (i < parts.length - 1) e.appendChild(make("wbr"));
+    });
+    return e;
+  }
 
   function Browser(root) {
     var data = JSON.parse(root.querySelector("script.ms-data").textContent);
@@ -54,7 +62,7 @@
       cols.forEach(function (c) {
         var th = make("th");
         th.scope = "col";
-        var b = make("button", c.top);
+        var b = breakable(make("button"), c.top);
         b.type = "button";
         if (c.sub) b.appendChild(make("small", c.sub));
         if (state.sort === c.key) {
@@ -96,6 +104,9 @@
         var img = make("img");
         img.src = L.files[i];
         img.alt = L.name + ", unit " + L.units[i];
+        img.addEventListener("load", function () {  // readable at normal zoom: up to twice its size
+          if (img.naturalWidth) img.style.width = Math.min(2 * img.naturalWidth, 1200) + "px";
+        });
         var a = make("a");
         a.href = L.files[i];
         a.appendChild(img);

@@ -14,6 +14,7 @@ from PIL import Image
 from mergescope import (
     ConfigError,
     Context,
+    DataError,
     Pipeline,
     TensorImageDataset,
     component_from_table,
@@ -222,8 +223,9 @@ def test_an_image_folder_part_stays_lazy(folder):
     # files are read when an item is used, not when the data is loaded
     Path(own.paths[4]).unlink()
     assert data[15][0].shape == (3, 8, 8)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(DataError, match=r"dataset 'imagefolder/shapes': cannot read image file .*1\.png") as info:
         data[14]
+    assert isinstance(info.value.__cause__, FileNotFoundError)
 
 
 def test_subset_and_context_images_find_items_by_concat_id(folder):
@@ -336,6 +338,15 @@ parts = [{ use = "skimage-photos", image_size = 16 }]
 name = "a"
 use = "mlp"
 hidden = [4]
+
+[[models]]
+name = "b"
+use = "mlp"
+hidden = [4]
+
+[[steps]]
+use = "interpolation"
+models = ["a", "b"]
 """
     with pytest.raises(ConfigError, match=r"'skimage-photos' has no 'split' option.*\[models.train_data\] table"):
         run(Pipeline.from_toml(text), tmp_path / "run", quiet=True)

@@ -12,7 +12,7 @@ from PIL import Image
 
 from mergescope import hookspecs
 from mergescope.components import DatasetSource, ImageDataset, TensorImageDataset
-from mergescope.errors import ConfigError
+from mergescope.errors import ConfigError, DataError
 from mergescope.options import structure_options
 from mergescope.testing import check_component
 from mergescope_plugins import images
@@ -106,8 +106,10 @@ def test_images_are_read_lazily(folder):
     data = small(folder).load()
     Path(data.paths[0]).unlink()
     assert data[1][0].shape == (3, 8, 8)
-    with pytest.raises(FileNotFoundError):
+    # A file gone since the listing is a data error naming it and the dataset.
+    with pytest.raises(DataError, match=r"dataset 'imagefolder/pets': cannot read image file .*img00\.jpg") as info:
         data[0]
+    assert isinstance(info.value.__cause__, FileNotFoundError)
 
 
 def test_a_data_loader_batches_the_images(folder):
