@@ -5,32 +5,9 @@ The public API a user or plugin author needs is importable from here.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from ._version import __version__
-from .activations import (
-    collect,
-    load_collection,
-    make_activation,
-    save_collection,
-    validate_activation,
-    validate_collection,
-)
-from .components import (
-    Aligner,
-    Alignment,
-    Architecture,
-    ComponentExtras,
-    Context,
-    DatasetSource,
-    Differ,
-    Embedder,
-    Evaluation,
-    ImageDataset,
-    Merger,
-    MergeResult,
-    Metric,
-    TensorImageDataset,
-    Visualizer,
-)
 from .errors import (
     CheckpointError,
     ConfigError,
@@ -42,12 +19,95 @@ from .errors import (
     UnknownComponentError,
 )
 from .hookspecs import hookimpl
-from .kinds import KINDS
-from .pipeline import ActivationSpec, ModelSpec, Pipeline, Step, component_from_table, load_pipeline
-from .plugins import get_registry, register_plugin
-from .progress import Progress
-from .runner import RunResult, run
-from .training import Training
+
+# Everything else is imported when first used (PEP 562), so that a plugin module's
+# `from mergescope import hookimpl` does not load the runner, the report and torch's
+# whole stack before the plugin is even registered.
+_LAZY = {
+    "collect": "activations",
+    "load_collection": "activations",
+    "make_activation": "activations",
+    "save_collection": "activations",
+    "validate_activation": "activations",
+    "validate_collection": "activations",
+    "Aligner": "components",
+    "Alignment": "components",
+    "Architecture": "components",
+    "ComponentExtras": "components",
+    "Context": "components",
+    "DatasetSource": "components",
+    "Differ": "components",
+    "Embedder": "components",
+    "Evaluation": "components",
+    "ImageDataset": "components",
+    "Merger": "components",
+    "MergeResult": "components",
+    "Metric": "components",
+    "TensorImageDataset": "components",
+    "Visualizer": "components",
+    "KINDS": "kinds",
+    "ActivationSpec": "pipeline",
+    "ModelSpec": "pipeline",
+    "Pipeline": "pipeline",
+    "Step": "pipeline",
+    "component_from_table": "pipeline",
+    "load_pipeline": "pipeline",
+    "get_registry": "plugins",
+    "register_plugin": "plugins",
+    "Progress": "progress",
+    "RunResult": "runner",
+    "run": "runner",
+    "Training": "training",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mergescope' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
+
+if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
+    from .activations import (
+        collect,
+        load_collection,
+        make_activation,
+        save_collection,
+        validate_activation,
+        validate_collection,
+    )
+    from .components import (
+        Aligner,
+        Alignment,
+        Architecture,
+        ComponentExtras,
+        Context,
+        DatasetSource,
+        Differ,
+        Embedder,
+        Evaluation,
+        ImageDataset,
+        Merger,
+        MergeResult,
+        Metric,
+        TensorImageDataset,
+        Visualizer,
+    )
+    from .kinds import KINDS
+    from .pipeline import ActivationSpec, ModelSpec, Pipeline, Step, component_from_table, load_pipeline
+    from .plugins import get_registry, register_plugin
+    from .progress import Progress
+    from .runner import RunResult, run
+    from .training import Training
 
 __all__ = [
     "__version__",

@@ -40,3 +40,28 @@ use = "kendall-tau"
 models = ["a", "b"]
 allow_unaligned = true
 """
+
+# Two one-epoch MLPs on sklearn's digits, no steps: a base for pipelines that only need to pass the check.
+DIGITS_PAIR = """
+[data]
+use = "digits"
+split = "test"
+
+[activations]
+layers = ["relu1"]
+
+[[models]]
+name = "a"
+use = "mlp"
+hidden = [16]
+[models.train]
+epochs = 1
+
+[[models]]
+name = "b"
+use = "mlp"
+hidden = [16]
+[models.train]
+epochs = 1
+seed = 1
+"""

@@ -110,3 +110,16 @@ def test_architecture_page_names_every_core_module():
         if f"`{relative}`" not in page:
             missing.append(relative)
     assert missing == []
+
+
+def test_importing_the_hook_marker_loads_neither_the_runner_nor_torch():
+    # A plugin module's first line, `from mergescope import hookimpl`, stays cheap.
+    code = (
+        "import sys\nfrom mergescope import hookimpl\n"
+        "heavy = [m for m in ('mergescope.runner', 'mergescope.report', 'mergescope.pipeline', 'torch') if m in sys.modules]\n"
+        "print(heavy)\n"
+        "import mergescope\nassert mergescope.run.__module__ == 'mergescope.runner'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

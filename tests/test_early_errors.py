@@ -9,31 +9,9 @@ from torch import nn
 from mergescope import ConfigError, ModelSpec, Pipeline, Step, run
 from mergescope.cli import main
 
-from pipelines import SMALL
+from pipelines import DIGITS_PAIR, SMALL
 
-DIGITS = """
-[data]
-use = "digits"
-split = "test"
-
-[activations]
-layers = ["relu1"]
-
-[[models]]
-name = "a"
-use = "mlp"
-hidden = [16]
-[models.train]
-epochs = 1
-
-[[models]]
-name = "b"
-use = "mlp"
-hidden = [16]
-[models.train]
-epochs = 1
-seed = 1
-"""
+DIGITS = DIGITS_PAIR
 
 
 def test_a_crosscoder_on_positions_over_channel_summaries_is_refused_at_check_time():

@@ -13,6 +13,8 @@ from mergescope.groups import permutation_matrix
 from mergescope.kinds import KINDS, STEP_KINDS, step_kind
 from mergescope.values import CHANNEL_GROUPS, LAYERS
 
+from pipelines import DIGITS_PAIR
+
 CORE = Path(__file__).resolve().parents[1] / "core"
 
 
@@ -103,26 +105,9 @@ def test_alignment_space_round_trips_and_old_trees_are_channel_groups():
         Alignment("a", space="units")
 
 
-LASSO_THEN_ALIGNED = """
-[data]
-use = "digits"
-split = "test"
-
-[[models]]
-name = "a"
-use = "mlp"
-hidden = [16]
-[models.train]
-epochs = 1
-
-[[models]]
-name = "b"
-use = "mlp"
-hidden = [16]
-[models.train]
-epochs = 1
-seed = 1
-
+LASSO_THEN_ALIGNED = (
+    DIGITS_PAIR
+    + """
 [[steps]]
 use = "lasso"
 name = "reg"
@@ -133,6 +118,7 @@ layers = ["relu1"]
 use = "interpolation"
 models = ["a", "b@reg"]
 """
+)
 
 
 def test_naming_a_model_through_a_layer_alignment_is_refused_at_check_time():
