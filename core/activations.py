@@ -30,7 +30,7 @@ from . import groups as _groups
 from .errors import ConfigError, ContractError, closest
 from .progress import Progress, silent
 from .storage import load_tree, save_tree
-from .values import ImageDataset
+from .values import ImageDataset, model_device
 
 __all__ = [
     "units_label",
@@ -105,7 +105,7 @@ def _guessed_inputs(model: nn.Module) -> list[torch.Tensor]:
 def _runs_on(model: nn.Module, x: torch.Tensor) -> bool:
     with _groups._eval_mode(model), torch.no_grad():
         try:
-            model(x)
+            model(x.to(model_device(model)))
         except Exception:  # any failure means: not this input shape
             return False
     return True
@@ -323,7 +323,7 @@ def check_single_calls(model: nn.Module, layers: Sequence[str], model_name: str,
             handles.append(module.register_forward_hook(lambda _m, _i, _out, _n=name: count(_n)))
     try:
         with _groups._eval_mode(model), torch.no_grad():
-            model(example_input)
+            model(example_input.to(model_device(model)))
     finally:
         for handle in handles:
             handle.remove()
@@ -633,11 +633,12 @@ def collect(
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
     progress = progress or silent
     was_training = model.training
+    device = model_device(model)
     model.eval()
     try:
         with torch.no_grad():
             for images, _labels in progress(loader, desc=f"activations {model_name}", total=len(loader)):
-                model(images)
+                model(images.to(device))
                 offset += len(images)
     finally:
         for h in handles:

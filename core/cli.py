@@ -21,9 +21,30 @@ __all__ = ["main", "DEMO_PIPELINE"]
 DEMO_PIPELINE = "demo.toml"
 
 
+#: mergescope.devices.PRECISIONS, written out so that parsing the command line does not import torch.
+_PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def _add_device_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--device",
+        default=None,
+        help="where models run: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps; "
+        "overrides the pipeline's 'device' (default: auto)",
+    )
+    p.add_argument(
+        "--precision",
+        default=None,
+        choices=_PRECISIONS,
+        help="precision of forward passes (recording, evaluation): fp32, bf16 or fp16 (not on the CPU); "
+        "overrides the pipeline's 'precision' (default: fp32)",
+    )
+
+
 def _add_run_flags(p: argparse.ArgumentParser, default_out: str | None) -> None:
     p.add_argument("--out", required=default_out is None, default=default_out, help="run directory")
     p.add_argument("--force", action="store_true", help="redo every step even when cached")
+    _add_device_flags(p)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -57,6 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("pipeline", type=Path, help="pipeline TOML file")
     p.add_argument("--out", required=True, type=Path, help="store directory")
     p.add_argument("--shard", default="0/1", help="i/n: record the i-th of n slices (default 0/1)")
+    _add_device_flags(p)
     p.set_defaults(func=_cmd_collect)
 
     p = sub.add_parser("plugins", help="list plugins and their components", description="List loaded plugins.")
@@ -136,7 +158,7 @@ def _run(pipeline, args: argparse.Namespace) -> int:
     from .report import REPORT_FILE
     from .runner import run
 
-    result = run(pipeline, args.out, force=args.force, quiet=args.quiet)
+    result = run(pipeline, args.out, force=args.force, quiet=args.quiet, device=args.device, precision=args.precision)
     if not args.quiet:
         print(result.summary, end="")
         print(f"results: {result.out_dir / 'results.nc'}")
@@ -171,7 +193,14 @@ def _cmd_collect(args: argparse.Namespace) -> int:
     except ValueError:
         raise ConfigError(f"--shard must look like i/n (e.g. 0/4), got {args.shard!r}") from None
     _logging(args, _out_dir(args.out))
-    store = collect_activations(load_pipeline(args.pipeline), args.out, shard=(i, n), quiet=args.quiet)
+    store = collect_activations(
+        load_pipeline(args.pipeline),
+        args.out,
+        shard=(i, n),
+        quiet=args.quiet,
+        device=args.device,
+        precision=args.precision,
+    )
     if not args.quiet:
         print(f"{store.info['samples']} samples of {', '.join(store.models)} recorded in {args.out}")
     return 0

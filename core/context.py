@@ -21,6 +21,7 @@ import torch
 import xarray as xr
 from torch import nn
 
+from .devices import autocast
 from .keys import state_digest
 from .progress import progress_bar
 from .statistics import TopK
@@ -54,6 +55,13 @@ class Context:
     stores
         ``model -> Store``: where the runner recorded each model over :attr:`data`
         (behind :meth:`activation` and :meth:`topk`); ``None`` outside a run.
+    device
+        Where the run's models are (the runner moves every model there). Components that
+        make tensors for a model make them on ``model``'s own device
+        (``next(model.parameters()).device``); :meth:`evaluate` and :meth:`record` do.
+    precision
+        ``"fp32"``, ``"bf16"`` or ``"fp16"``: the precision of the forward passes of
+        :meth:`evaluate` and :meth:`record` (see :func:`mergescope.devices.autocast`).
     """
 
     data: ImageDataset | None = None
@@ -64,12 +72,15 @@ class Context:
     models: list[str] = attrs.field(factory=list)
     layers: list[str] = attrs.field(factory=list)
     stores: Callable[[str], Store] | None = attrs.field(default=None, eq=False, repr=False)
+    device: torch.device = attrs.field(factory=lambda: torch.device("cpu"))
+    precision: str = "fp32"
 
     def evaluate(self, model: nn.Module) -> Evaluation:
         """Loss and accuracy of ``model`` on :attr:`data`."""
         if self.data is None:
             raise ValueError("this step needs data to evaluate models, but the pipeline has no [data]")
-        return evaluate(model, self.data, self.batch_size)
+        with autocast(self.device, self.precision):
+            return evaluate(model, self.data, self.batch_size)
 
     def record(
         self,
@@ -113,9 +124,10 @@ class Context:
             keep_activations=keep_activations,
             positions=positions,
         )
-        key = recording_key([state_digest(m) for m in models.values()], self.data, spec)
+        key = recording_key([state_digest(m) for m in models.values()], self.data, spec, self.precision)
         root = self.workdir if self.workdir is not None else Path(tempfile.gettempdir()) / "mergescope-records"
-        return collect_store(models, self.data, spec, root / key[:16], key=key, progress=self.progress)
+        with autocast(self.device, self.precision):
+            return collect_store(models, self.data, spec, root / key[:16], key=key, progress=self.progress)
 
     def _store(self, model: str) -> Store:
         if self.stores is None:

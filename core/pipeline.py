@@ -3,6 +3,8 @@
 A pipeline file::
 
     seed = 0
+    device = "auto"             # where models run: auto, cpu, cuda, cuda:N, mps
+    precision = "fp32"          # of forward passes: fp32, bf16, fp16
 
     [data]                      # a dataset component and its options
     use = "mnist5000"
@@ -35,6 +37,7 @@ from typing import Any
 
 import attrs
 
+from .devices import check_device_spec, check_precision
 from .errors import ConfigError, DuplicateComponentError, article, closest
 from .kinds import KINDS, STEP_KINDS, StepKind, step_kind
 from .options import canonical_path, resolve_paths, structure_options, unstructure_options
@@ -59,7 +62,7 @@ __all__ = [
     "STEP_KINDS",
 ]
 
-_TOP_KEYS = ("seed", "data", "activations", "models", "steps", "tasks")
+_TOP_KEYS = ("seed", "device", "precision", "data", "activations", "models", "steps", "tasks")
 _MODEL_KEYS = ("name", "use", "checkpoint", "checkpoint_key", "strip_prefix", "train", "train_data")
 # The keys of [[models]] that say how a checkpoint is read (ModelSpec fields of the same names).
 _CHECKPOINT_OPTIONS = ("checkpoint_key", "strip_prefix")
@@ -226,6 +229,10 @@ class Pipeline:
     activations: ActivationSpec = attrs.field(factory=ActivationSpec)
     seed: int = 0
     source: str = attrs.field(default="<pipeline>", eq=False)
+    #: Where models run: ``"auto"`` (CUDA, then MPS, then the CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"``.
+    device: str = attrs.field(default="auto", kw_only=True, validator=lambda _i, _a, v: check_device_spec(v))
+    #: Precision of forward passes (recording, evaluation): ``"fp32"``, ``"bf16"``, ``"fp16"``.
+    precision: str = attrs.field(default="fp32", kw_only=True, validator=lambda _i, _a, v: check_precision(v))
 
     # -- names ---------------------------------------------------------------
 
@@ -284,8 +291,18 @@ class Pipeline:
         seed = raw.get("seed", 0)
         if not isinstance(seed, int):
             raise ConfigError(f"'seed' must be an integer, got {seed!r}", where=f"{source}, key 'seed'")
+        device = check_device_spec(raw.get("device", "auto"), where=f"{source}, key 'device'")
+        precision = check_precision(raw.get("precision", "fp32"), where=f"{source}, key 'precision'")
         pipeline = cls(
-            models=models, steps=steps, tasks=tasks, data=data, activations=activations, seed=seed, source=source
+            models=models,
+            steps=steps,
+            tasks=tasks,
+            data=data,
+            activations=activations,
+            seed=seed,
+            source=source,
+            device=device,
+            precision=precision,
         )
         pipeline.check(registry)
         return pipeline
@@ -293,6 +310,11 @@ class Pipeline:
     def to_dict(self) -> dict[str, Any]:
         """The pipeline as TOML-ready nested dicts."""
         out: dict[str, Any] = {"seed": self.seed}
+        # Written only when not the defaults, so that the TOML of other pipelines stays as it was.
+        if self.device != "auto":
+            out["device"] = self.device
+        if self.precision != "fp32":
+            out["precision"] = self.precision
         if self.data is not None:
             out["data"] = {"use": _name_of(self.data), **unstructure_options(self.data)}
         out["activations"] = unstructure_options(self.activations)

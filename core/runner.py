@@ -36,6 +36,7 @@ from ._version import __version__
 from .activations import check_single_calls, resolve_layers
 from .checkpoints import load_into, load_state_dict, save_state_dict
 from .context import Context
+from .devices import autocast, resolve_device
 from .errors import CheckpointError, ConfigError, MergescopeError
 from .groups import align_to_reference, channel_groups, example_input
 from .keys import cache_key, core_digest, file_digest, path_identity, source_digest, state_digest
@@ -71,8 +72,19 @@ class _Model:
 
 
 class _Run:
-    def __init__(self, pipeline: Pipeline, out_dir: Path, *, force: bool, quiet: bool, registry: Registry):
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        out_dir: Path,
+        *,
+        force: bool,
+        quiet: bool,
+        registry: Registry,
+        device: torch.device | None = None,
+    ):
         self.pipeline = pipeline
+        self.device = device if device is not None else torch.device("cpu")
+        self.precision = pipeline.precision
         self.out = out_dir
         self.force = force
         self.quiet = quiet
@@ -87,6 +99,8 @@ class _Run:
             batch_size=pipeline.activations.batch_size,
             quiet=quiet,
             workdir=out_dir / "activations",
+            device=self.device,
+            precision=self.precision,
         )
         self.models: dict[str, _Model] = {}
         self.alignments: dict[str, Alignment] = {}
@@ -104,8 +118,8 @@ class _Run:
     def load_models(self) -> None:
         for i, spec in enumerate(self.pipeline.models):
             where = self._model_where(i, spec)
-            if spec.module is not None:
-                self.models[spec.name] = _Model(spec.module.eval(), state_digest(spec.module))
+            if spec.module is not None:  # moved to the run's device in place, as nn.Module.to does
+                self.models[spec.name] = _Model(spec.module.to(self.device).eval(), state_digest(spec.module))
             elif spec.checkpoint is not None:
                 self.models[spec.name] = self._from_checkpoint(spec, where)
             else:
@@ -129,7 +143,7 @@ class _Run:
             load_into(model, state, source=str(path), architecture=use)
         except CheckpointError as exc:
             raise CheckpointError(f"{where}, key 'checkpoint': {exc}") from exc
-        model.eval()
+        model.to(self.device).eval()
         return _Model(model, cache_key(file_digest(path), options) if options else file_digest(path))
 
     def _trained(self, spec: ModelSpec, where: str) -> _Model:
@@ -145,7 +159,7 @@ class _Run:
             source = attrs.evolve(data, split="train")
         training = spec.train or Training()
         log.info("model %s: training or loading from cache", spec.name)
-        model = trained_model(spec.architecture, source, training, progress=self.context.progress)
+        model = trained_model(spec.architecture, source, training, progress=self.context.progress, device=self.device)
         return _Model(model, trained_model_key(spec.architecture, source, training))
 
     def _available(self, name: str) -> bool:
@@ -175,7 +189,9 @@ class _Run:
             else:
                 reference = self.models[alignment.reference].module
                 groups = channel_groups(reference, example_input(self.data))
-                aligned = align_to_reference({model: source.module}, alignment, groups)[model]
+                # Alignments are applied on the CPU (their maps are host tensors), then moved to the run's device.
+                module = source.module if self.device.type == "cpu" else copy.deepcopy(source.module).cpu()
+                aligned = align_to_reference({model: module}, alignment, groups)[model].to(self.device)
                 self.models[name] = _Model(aligned.eval(), cache_key(source.fingerprint, self.step_keys[aligner]))
         return self.models[name]
 
@@ -286,18 +302,19 @@ class _Run:
         assert self.data is not None
         pending = sorted(m for m in self.needed_layers if self._available(m) and m not in self.stores)
         store_spec = _store_spec(self.pipeline, {m: self.needed_layers[m] for m in pending})
-        key = recording_key([self.model(m).fingerprint for m in pending], self.data, store_spec)
+        key = recording_key([self.model(m).fingerprint for m in pending], self.data, store_spec, self.precision)
         directory = self.out / "activations" / key[:16]
         if self.force:
             shutil.rmtree(directory, ignore_errors=True)
-        store = collect_store(
-            {m: self.model(m).module for m in pending},
-            self.data,
-            store_spec,
-            directory,
-            key=key,
-            progress=self.context.progress,
-        )
+        with autocast(self.device, self.precision):
+            store = collect_store(
+                {m: self.model(m).module for m in pending},
+                self.data,
+                store_spec,
+                directory,
+                key=key,
+                progress=self.context.progress,
+            )
         for m in pending:
             self.stores[m] = store
 
@@ -330,7 +347,12 @@ class _Run:
             step.data if step.data is not None else self.pipeline.data,
             self.pipeline.seed,
             inputs,
+            *self._precision_key(),
         )
+
+    def _precision_key(self) -> tuple[dict[str, str], ...]:
+        """What the precision adds to cache keys: nothing at fp32, so that full-precision keys stay as they were."""
+        return () if self.precision == "fp32" else ({"precision": self.precision},)
 
     def _path_identities(self, step: Step) -> dict[str, Any]:
         """What the files and folders named by path options of the step and its data hold (``path_identity``)."""
@@ -353,7 +375,7 @@ class _Run:
             log.info("step %s (%s): done before, loaded from %s", name, step.use, step_dir)
             output = rules.restore(load_tree(result_path))
             if rules.makes_model and model_path.exists():
-                self.models[name] = _Model(self._rebuild_merged(step, model_path), key)
+                self.models[name] = _Model(self._rebuild_merged(step, model_path).to(self.device), key)
             if output.alignment is not None:
                 self.alignments[name] = output.alignment
             return output.nodes
@@ -373,7 +395,7 @@ class _Run:
         if output.alignment is not None:
             self.alignments[name] = output.alignment
         if output.model is not None:
-            self.models[name] = _Model(output.model, key)
+            self.models[name] = _Model(output.model.to(self.device), key)
             save_state_dict(output.model, model_path)
         save_tree(xr.DataTree.from_dict(output.nodes), result_path)
         return output.nodes
@@ -437,6 +459,8 @@ class _Run:
             "xarray": xr.__version__,
             "python": platform.python_version(),
             "seed": self.pipeline.seed,
+            "device": str(self.device),
+            "precision": self.precision,
             "seconds": {k: round(v, 3) for k, v in timings.items()},
             "steps": {
                 n: {
@@ -541,12 +565,13 @@ class _Run:
         if self.data is None:
             return None, None
         batch_size = self.pipeline.activations.batch_size
-        key = cache_key("model-evaluation", model.fingerprint, self.pipeline.data, batch_size)
+        key = cache_key("model-evaluation", model.fingerprint, self.pipeline.data, batch_size, *self._precision_key())
         path = self.out / "steps" / f"models-{key[:16]}" / "evaluation.json"
         if path.exists() and not self.force:
             cached = json.loads(path.read_text(encoding="utf-8"))
             return cached["loss"], cached["accuracy"]
-        result = evaluate(model.module, self.data, batch_size)
+        with autocast(self.device, self.precision):
+            result = evaluate(model.module, self.data, batch_size)
         path.parent.mkdir(parents=True, exist_ok=True)
         _write_text(path, json.dumps({"loss": result.loss, "accuracy": result.accuracy}) + "\n")
         return result.loss, result.accuracy
@@ -558,6 +583,7 @@ class _Run:
         key = cache_key(
             [self.models[m].fingerprint for m in models],
             [[t.name, t.data, t.expert, t.restrict, t.models] for t in tasks],
+            *self._precision_key(),
         )
         path = self.out / "steps" / f"tasks-{key[:16]}" / "result.nc"
         if path.exists() and not self.force:
@@ -571,7 +597,8 @@ class _Run:
             for i, m in enumerate(models):
                 if task.models is not None and m not in task.models:
                     continue
-                result = evaluate(self.models[m].module, data, self.pipeline.activations.batch_size, classes)
+                with autocast(self.device, self.precision):
+                    result = evaluate(self.models[m].module, data, self.pipeline.activations.batch_size, classes)
                 accuracy[i, j], loss[i, j] = result.accuracy, result.loss
         ds = xr.Dataset(
             {"accuracy": (("model", "task"), accuracy), "loss": (("model", "task"), loss)},
@@ -655,6 +682,8 @@ def run(
     force: bool = False,
     quiet: bool = False,
     registry: Registry | None = None,
+    device: str | None = None,
+    precision: str | None = None,
 ) -> RunResult:
     """Run ``pipeline`` and write its results to ``out_dir``.
 
@@ -673,14 +702,25 @@ def run(
         Hide progress bars.
     registry
         The component registry; defaults to the entry-point plugins.
+    device, precision
+        Override the pipeline's ``device`` (``"auto"``, ``"cpu"``, ``"cuda"``,
+        ``"cuda:N"``, ``"mps"``) and ``precision`` (``"fp32"``, ``"bf16"``, ``"fp16"``);
+        see :mod:`mergescope.devices`.
 
     Returns
     -------
     RunResult
+
+    Raises
+    ------
+    ConfigError
+        Besides the pipeline's own errors: the device is not available here, or fp16 was
+        asked for on the CPU.
     """
     registry = registry or get_registry()
     pipeline = pipeline.with_absolute_paths(registry=registry)  # relative paths: from the working directory
     pipeline.check(registry)
+    pipeline, resolved = _with_device(pipeline, device, precision)
     if not pipeline.steps and not pipeline.tasks:
         raise ConfigError(
             "this pipeline has nothing to do: it has no [[steps]] and no [[tasks]]; add a step (for example "
@@ -688,7 +728,22 @@ def run(
             where=f"{pipeline.source}, key 'steps'",
         )
     with locked_dir(out_dir) as out:  # one run at a time writes a run directory
-        return _Run(pipeline, out, force=force, quiet=quiet, registry=registry).execute()
+        return _Run(pipeline, out, force=force, quiet=quiet, registry=registry, device=resolved).execute()
+
+
+def _with_device(pipeline: Pipeline, device: str | None, precision: str | None) -> tuple[Pipeline, torch.device]:
+    """``pipeline`` with the ``device`` and ``precision`` arguments that override its own, and its device resolved."""
+    if device is not None:
+        pipeline = attrs.evolve(pipeline, device=device)
+    if precision is not None:
+        pipeline = attrs.evolve(pipeline, precision=precision)
+    try:
+        resolved = resolve_device(pipeline.device)
+        autocast(resolved, pipeline.precision)  # refuses fp16 on the CPU before anything runs
+    except ConfigError as exc:
+        where = f"{pipeline.source}, key 'device'" if device is None else None
+        raise ConfigError(exc.message, where=where) from None
+    return pipeline, resolved
 
 
 def collect_activations(
@@ -698,21 +753,25 @@ def collect_activations(
     shard: tuple[int, int] = (0, 1),
     quiet: bool = False,
     registry: Registry | None = None,
+    device: str | None = None,
+    precision: str | None = None,
 ) -> Store:
     """Record ``[activations] layers`` of every pipeline model into an activation store.
 
     The models are loaded or trained as in :func:`run`; the steps are not run. Use
     ``shard=(i, n)`` to record one of ``n`` slices of the dataset (e.g. one per
-    machine) and :func:`mergescope.store.join_stores` to join the shards.
+    machine) and :func:`mergescope.store.join_stores` to join the shards. ``device`` and
+    ``precision`` override the pipeline's, as in :func:`run`.
     """
     registry = registry or get_registry()
     pipeline = pipeline.with_absolute_paths(registry=registry)
     pipeline.check(registry)
+    pipeline, resolved = _with_device(pipeline, device, precision)
     if pipeline.data is None or not pipeline.activations.layers:
         raise ConfigError(
             "collecting needs [data] and [activations] layers", where=f"{pipeline.source}, key 'activations'"
         )
-    job = _Run(pipeline, Path(out_dir), force=False, quiet=quiet, registry=registry)
+    job = _Run(pipeline, Path(out_dir), force=False, quiet=quiet, registry=registry, device=resolved)
     job.load_models()
     layers = {m.name: list(pipeline.activations.layers) for m in pipeline.models}
     assert job.data is not None
@@ -724,16 +783,17 @@ def collect_activations(
         except ConfigError as exc:
             raise ConfigError(exc.message, where=f"{pipeline.source}, [activations], key 'layers'") from None
     store_spec = _store_spec(pipeline, layers)
-    key = recording_key([job.models[m].fingerprint for m in layers], job.data, store_spec)
-    return collect_store(
-        {m: job.models[m].module for m in layers},
-        job.data,
-        store_spec,
-        out_dir,
-        key=key,
-        shard=shard,
-        progress=job.context.progress,
-    )
+    key = recording_key([job.models[m].fingerprint for m in layers], job.data, store_spec, pipeline.precision)
+    with autocast(resolved, pipeline.precision):
+        return collect_store(
+            {m: job.models[m].module for m in layers},
+            job.data,
+            store_spec,
+            out_dir,
+            key=key,
+            shard=shard,
+            progress=job.context.progress,
+        )
 
 
 def _store_spec(pipeline: Pipeline, layers: Mapping[str, list[str]]) -> StoreSpec:

@@ -63,7 +63,7 @@ from .keys import cache_key
 from .progress import Progress, silent
 from .statistics import CoMoments, Moments, TopK
 from .storage import atomic_path, load_tree, save_tree
-from .values import Evaluation, ImageDataset
+from .values import Evaluation, ImageDataset, model_device
 
 __all__ = [
     "StoreSpec",
@@ -179,7 +179,7 @@ class _Accumulators:
         # NumPy, float64: torch's cross_entropy spreads a (batch x classes) input over its
         # threads and costs 0.4-1 ms per batch, this about 0.2 ms. float64 keeps the sum
         # independent of where batches (and shards) start, to ~1e-12.
-        z = logits.detach().cpu().numpy().astype(np.float64)
+        z = logits.detach().float().cpu().numpy().astype(np.float64)
         y = labels.cpu().numpy()
         top = z.max(axis=1)
         log_norm = np.log(np.exp(z - top[:, None]).sum(axis=1)) + top
@@ -386,7 +386,7 @@ def _batches(
 
 def _forward(model: nn.Module, images: torch.Tensor, name: str, data: ImageDataset) -> torch.Tensor:
     try:
-        return model(images)
+        return model(images.to(model_device(model)))
     except RuntimeError as exc:  # almost always an input the architecture cannot take
         raise ConfigError(
             f"model {name!r} cannot run on images of shape {tuple(images.shape[1:])} from dataset "
@@ -454,8 +454,14 @@ def dataset_identity(data: ImageDataset) -> dict[str, str]:
     return {"name": data.name, "sample_ids": ids, "first_images": first.hexdigest()}
 
 
-def recording_key(fingerprints: Sequence[str], data: ImageDataset, spec: StoreSpec) -> str:
-    """The key of a recording: the models' fingerprints, the dataset's identity and what is recorded."""
+def recording_key(fingerprints: Sequence[str], data: ImageDataset, spec: StoreSpec, precision: str = "fp32") -> str:
+    """The key of a recording: the models' fingerprints, the dataset's identity and what is recorded.
+
+    A ``precision`` other than ``"fp32"`` (forward passes under autocast) is part of the
+    key; full-precision recordings keep the keys they always had.
+    """
+    if precision != "fp32":
+        return cache_key(list(fingerprints), dataset_identity(data), spec.identity(), {"precision": precision})
     return cache_key(list(fingerprints), dataset_identity(data), spec.identity())
 
 

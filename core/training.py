@@ -21,7 +21,7 @@ from .batchnorm import reset_batchnorm
 from .keys import OMIT_DEFAULT_FROM_KEY, cache_key
 from .progress import Progress, silent
 from .validators import boolean, non_negative, non_negative_int, one_of, positive, positive_int
-from .values import Architecture, DatasetSource, ImageDataset
+from .values import Architecture, DatasetSource, ImageDataset, model_device
 
 __all__ = [
     "Training",
@@ -124,10 +124,12 @@ def train_classifier(
         optimizer = _make_optimizer(model, training)
         progress = progress or silent
         epochs = progress(range(training.epochs), desc=f"training on {data.name}", total=training.epochs)
+        device = model_device(model)
         model.train()
         for _ in epochs:
             total, count = 0.0, 0
-            for images, labels in loader:
+            for cpu_images, cpu_labels in loader:
+                images, labels = cpu_images.to(device), cpu_labels.to(device)
                 optimizer.zero_grad(set_to_none=True)
                 loss = nn.functional.cross_entropy(model(images), labels)
                 loss.backward()
@@ -172,6 +174,7 @@ def trained_model(
     training: Training,
     progress: Progress | None = None,
     cache: Path | None = None,
+    device: torch.device | None = None,
 ) -> nn.Module:
     """Build a model of ``architecture`` trained on ``data_source``, from the cache if possible.
 
@@ -194,11 +197,16 @@ def trained_model(
         Passed to :func:`train_classifier` (see :mod:`mergescope.progress`).
     cache
         Cache directory; defaults to :func:`cache_dir`.
+    device
+        Where the model is trained and returned (default: the CPU). It is initialised on
+        the CPU from the seed either way. The cache key does not depend on the device:
+        weights trained on a GPU differ from the CPU's by floating-point rounding (which
+        training can amplify), and either is reused by the other.
 
     Returns
     -------
     torch.nn.Module
-        The trained model, in eval mode.
+        The trained model, in eval mode, on ``device``.
 
     Raises
     ------
@@ -210,6 +218,8 @@ def trained_model(
         # Seed the initialisation too: the weights depend only on the key's inputs.
         torch.manual_seed(training.seed)
         model = architecture.build(data.input_shape, len(data.classes))
+    if device is not None:
+        model = model.to(device)
     if training.epochs == 0:
         # The seed alone determines the model: there is nothing to train or cache.
         return model.eval()

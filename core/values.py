@@ -22,6 +22,7 @@ __all__ = [
     "TensorImageDataset",
     "Evaluation",
     "evaluate",
+    "model_device",
     "Alignment",
     "ALIGNMENT_SPACES",
     "CHANNEL_GROUPS",
@@ -226,6 +227,15 @@ class MergeResult:
 # -------------------------------------------------------------------- evaluation
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device of ``model``'s parameters (of its buffers when it has none; the CPU when it has neither)."""
+    for parameter in model.parameters():
+        return parameter.device
+    for buffer in model.buffers():
+        return buffer.device
+    return torch.device("cpu")
+
+
 def evaluate(
     model: nn.Module, data: ImageDataset, batch_size: int = 256, restrict_to: Sequence[int] | None = None
 ) -> Evaluation:
@@ -241,11 +251,13 @@ def evaluate(
     dataset = cast("torch.utils.data.Dataset[tuple[torch.Tensor, int]]", data)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
     model.eval()
+    device = model_device(model)
     total_loss, correct, count = 0.0, 0, 0
-    keep = None if restrict_to is None else torch.as_tensor(sorted(restrict_to), dtype=torch.long)
+    keep = None if restrict_to is None else torch.as_tensor(sorted(restrict_to), dtype=torch.long, device=device)
     with torch.no_grad():
-        for images, labels in loader:
-            logits = model(images)
+        for images, cpu_labels in loader:
+            labels = cpu_labels.to(device)
+            logits = model(images.to(device)).float()
             if int(labels.max()) >= logits.shape[1]:
                 raise ValueError(
                     f"{data.name!r} has labels up to {int(labels.max())} but the model outputs {logits.shape[1]} "

@@ -239,8 +239,8 @@ class Pcb(TaskVectorMerger):
         pcb = pcb_merge(flat, self.ratio)
         # The (N, D) matrices, the largest objects of the merge, go when this returns.
         return pcb.merged, {
-            "kept": ("model", pcb.kept().numpy()),
-            "share": ("model", pcb.share().numpy()),
+            "kept": ("model", pcb.kept().cpu().numpy()),
+            "share": ("model", pcb.share().cpu().numpy()),
             "sign_conflicts": sign_conflicts(flat * pcb.mask),
         }
 

@@ -92,7 +92,8 @@ def renormalise(
             shape = (1, -1) + (1,) * (out.ndim - 2)
             mu = rows.mean(0).float().view(shape)
             sd = rows.std(0, unbiased=False).float().view(shape)
-            return (out - mu) / (sd + eps) * std_t.view(shape) + mean_t.view(shape)
+            target_sd, target_mu = std_t.to(out.device).view(shape), mean_t.to(out.device).view(shape)
+            return (out - mu) / (sd + eps) * target_sd + target_mu
 
         return hook
 
@@ -108,9 +109,10 @@ def renormalise(
     try:
         # Each batch is normalised with its own statistics: it must sample the whole set.
         loader = statistics_batches(context.data, context.batch_size)
+        device = next(model.parameters()).device  # the run's device: the batches go where the model is
         with torch.no_grad():
             for images, _ in context.progress(loader, desc="REPAIR statistics", total=len(loader)):
-                model(images)
+                model(images.to(device))
     finally:
         for h in handles:
             h.remove()
@@ -119,8 +121,8 @@ def renormalise(
             total, squares, count = sums[layer]
             mean = total / count
             std = (squares / count - mean**2).clamp_min(0).sqrt()
-            scale = torch.as_tensor(target_std[layer], dtype=torch.float64) / (std + eps)
-            shift = torch.as_tensor(target_mean[layer], dtype=torch.float64) - mean * scale
+            scale = torch.as_tensor(target_std[layer], dtype=torch.float64, device=std.device) / (std + eps)
+            shift = torch.as_tensor(target_mean[layer], dtype=torch.float64, device=mean.device) - mean * scale
             module = modules[layer]
             weight_shape = (-1,) + (1,) * (module.weight.ndim - 1)
             # y' = scale * y + shift, folded into the layer's own affine parameters

@@ -169,8 +169,8 @@ class Ties(TaskVectorMerger):
         """
         ties = ties_merge(flat, self.density)
         return ties.merged, {
-            "kept": ("model", ties.kept().numpy()),
-            "agreeing": ("model", ties.agreeing().numpy()),
+            "kept": ("model", ties.kept().cpu().numpy()),
+            "agreeing": ("model", ties.agreeing().cpu().numpy()),
             "sign_conflicts": sign_conflicts(ties.trimmed),
         }
 

@@ -87,6 +87,9 @@ def channel_groups(model: nn.Module, example_input: torch.Tensor | Sequence[torc
 def _analyse(model: nn.Module, example_input: Any, tracer: fx.Tracer) -> _Analyzer:
     """Trace ``model`` with ``tracer`` and propagate shapes; the analyzer is ready to :meth:`~_Analyzer.run`."""
     inputs = tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
+    device = next((p.device for p in model.parameters()), None)
+    if device is not None:  # example images come from the dataset, on the CPU: run them where the model is
+        inputs = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs)
     with _eval_mode(model):
         try:
             graph = tracer.trace(model)

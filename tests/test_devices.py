@@ -1,0 +1,200 @@
+"""mergescope.devices: device specs, their resolution on this machine, and autocast."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mergescope.devices import DEVICE_SPECS, PRECISIONS, autocast, available_devices, resolve_device
+from mergescope.errors import ConfigError
+
+
+@pytest.fixture
+def no_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+
+
+@pytest.fixture
+def two_gpus(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+
+
+def test_constants():
+    assert PRECISIONS == ("fp32", "bf16", "fp16")
+    assert DEVICE_SPECS == ("auto", "cpu", "cuda", "cuda:N", "mps")
+
+
+def test_cpu_always_resolves():
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_auto_without_gpu_is_cpu(no_gpu):
+    assert resolve_device("auto") == torch.device("cpu")
+    assert available_devices() == ["cpu"]
+
+
+def test_auto_prefers_cuda(two_gpus):
+    assert resolve_device("auto") == torch.device("cuda", 0)
+    assert resolve_device("cuda") == torch.device("cuda", 0)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert available_devices() == ["cpu", "cuda:0", "cuda:1"]
+
+
+def test_auto_then_mps(monkeypatch, no_gpu):
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("mps")
+
+
+def test_missing_cuda_lists_available(no_gpu):
+    with pytest.raises(ConfigError, match=r"device 'cuda' is not available here; available: cpu$"):
+        resolve_device("cuda")
+    with pytest.raises(ConfigError, match="device 'mps' is not available here; available: cpu"):
+        resolve_device("mps")
+
+
+def test_missing_cuda_index_lists_available(two_gpus):
+    with pytest.raises(ConfigError, match=r"device 'cuda:2' is not available here; available: cpu, cuda:0, cuda:1"):
+        resolve_device("cuda:2")
+
+
+@pytest.mark.parametrize("spec", ["gpu", "CUDA", "cuda:", "cuda:x", "tpu", "", 0, None])
+def test_bad_specs(spec):
+    with pytest.raises(ConfigError, match="device must be one of auto, cpu, cuda, cuda:N, mps"):
+        resolve_device(spec)
+
+
+def test_fp32_changes_nothing():
+    layer = torch.nn.Linear(4, 3)
+    x = torch.randn(2, 4)
+    with autocast(torch.device("cpu"), "fp32"):
+        assert not torch.is_autocast_enabled("cpu")
+        assert layer(x).dtype == torch.float32
+
+
+def test_bf16_on_cpu_autocasts():
+    layer = torch.nn.Linear(4, 3)
+    with autocast("cpu", "bf16"):
+        assert layer(torch.randn(2, 4)).dtype == torch.bfloat16
+    assert layer(torch.randn(2, 4)).dtype == torch.float32  # left as it was
+
+
+def test_fp16_on_cpu_is_refused():
+    with pytest.raises(ConfigError, match="precision 'fp16' is not supported on the CPU; use 'bf16'"):
+        autocast(torch.device("cpu"), "fp16")
+
+
+def test_unknown_precision():
+    with pytest.raises(ConfigError, match="precision must be one of fp32, bf16, fp16, got 'fp8'"):
+        autocast("cpu", "fp8")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fp16_on_cuda():
+    layer = torch.nn.Linear(4, 3).cuda()
+    with autocast(resolve_device("cuda"), "fp16"):
+        assert layer(torch.randn(2, 4, device="cuda")).dtype == torch.float16
+
+
+# -- the pipeline keys, the run arguments and the CLI flags ---------------------------------------
+
+DIGITS_STEP = """
+[[steps]]
+use = "kendall-tau"
+models = ["a", "b"]
+allow_unaligned = true
+"""
+
+
+def _pipeline(text: str = ""):
+    from mergescope import Pipeline
+
+    from pipelines import DIGITS_PAIR
+
+    return Pipeline.from_toml(text + DIGITS_PAIR + DIGITS_STEP, source="p.toml")
+
+
+def test_pipeline_defaults_are_not_written():
+    pipeline = _pipeline()
+    assert (pipeline.device, pipeline.precision) == ("auto", "fp32")
+    text = pipeline.to_toml()
+    assert "device" not in text and "precision" not in text
+
+
+def test_pipeline_round_trip():
+    from mergescope import Pipeline
+
+    pipeline = _pipeline('device = "cuda:1"\nprecision = "bf16"\n')
+    assert (pipeline.device, pipeline.precision) == ("cuda:1", "bf16")
+    again = Pipeline.from_toml(pipeline.to_toml())
+    assert again == pipeline
+    assert (again.device, again.precision) == ("cuda:1", "bf16")
+
+
+def test_pipeline_keys_are_checked():
+    with pytest.raises(ConfigError, match=r"p.toml, key 'device': device must be one of .*got 'gpu'"):
+        _pipeline('device = "gpu"\n')
+    with pytest.raises(ConfigError, match=r"p.toml, key 'precision': precision must be one of .*got 'fp64'"):
+        _pipeline('precision = "fp64"\n')
+
+
+def test_run_refuses_a_missing_device_before_running(tmp_path, no_gpu):
+    from mergescope import run
+
+    with pytest.raises(ConfigError, match="p.toml, key 'device': device 'cuda' is not available here; available: cpu"):
+        run(_pipeline('device = "cuda"\n'), tmp_path / "run", quiet=True)
+    with pytest.raises(ConfigError, match="^device 'cuda:0' is not available here; available: cpu$"):
+        run(_pipeline(), tmp_path / "run", quiet=True, device="cuda:0")
+    with pytest.raises(ConfigError, match="precision 'fp16' is not supported on the CPU"):
+        run(_pipeline(), tmp_path / "run", quiet=True, precision="fp16")
+    assert not (tmp_path / "run" / "results.nc").exists()
+
+
+def test_collect_refuses_a_missing_device(tmp_path, no_gpu):
+    from mergescope.runner import collect_activations
+
+    with pytest.raises(ConfigError, match="device 'mps' is not available here; available: cpu"):
+        collect_activations(_pipeline(), tmp_path / "store", quiet=True, device="mps")
+
+
+def test_cli_flags(tmp_path, no_gpu, capsys):
+    from mergescope.cli import main
+
+    path = tmp_path / "p.toml"
+    path.write_text(_pipeline().to_toml(), encoding="utf-8")
+    assert main(["run", str(path), "--out", str(tmp_path / "run"), "--device", "cuda"]) != 0
+    assert "device 'cuda' is not available here; available: cpu" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["run", str(path), "--out", str(tmp_path / "run"), "--precision", "fp64"])
+    assert main(["collect", str(path), "--out", str(tmp_path / "store"), "--device", "tpu"]) != 0
+    assert "device must be one of auto, cpu, cuda, cuda:N, mps, got 'tpu'" in capsys.readouterr().err
+
+
+def test_cpu_bf16_run_is_close_to_fp32(tmp_path):
+    """A bf16 run (autocast on the CPU) records and evaluates; its results stay near fp32's, under other keys."""
+    import json
+
+    from mergescope import run
+
+    pipeline = _pipeline()
+    full = run(pipeline, tmp_path / "run", quiet=True, device="cpu")
+    half = run(pipeline, tmp_path / "run", quiet=True, device="cpu", precision="bf16")
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert (info["device"], info["precision"]) == ("cpu", "bf16")
+    assert not info["steps"]["kendall-tau"]["cached"]  # not the fp32 result
+    for layer in ("relu1",):
+        a = full.results[f"kendall-tau/{layer}"]["kendall_tau"].values
+        b = half.results[f"kendall-tau/{layer}"]["kendall_tau"].values
+        assert abs(a - b).max() < 0.05
+
+
+def test_context_defaults():
+    from mergescope.context import Context
+
+    context = Context()
+    assert context.device == torch.device("cpu")
+    assert context.precision == "fp32"
