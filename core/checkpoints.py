@@ -29,8 +29,17 @@ from torch import nn
 from .errors import CheckpointError, article
 from .keys import state_digest  # re-exported: fingerprints once lived here
 from .storage import atomic_path
+from .values import ImageDataset
 
-__all__ = ["LAYOUT_KEYS", "SAFE_GLOBALS", "load_state_dict", "load_into", "save_state_dict", "state_digest"]
+__all__ = [
+    "LAYOUT_KEYS",
+    "SAFE_GLOBALS",
+    "load_state_dict",
+    "load_into",
+    "check_class_count",
+    "save_state_dict",
+    "state_digest",
+]
 
 log = logging.getLogger("mergescope")
 
@@ -443,3 +452,46 @@ def save_state_dict(model_or_state: nn.Module | Mapping[str, torch.Tensor], path
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
     return Path(path)
+
+
+# Convolutions whose weight has its outputs first (a transposed convolution's has its inputs).
+_HEADS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def check_class_count(
+    model: nn.Module, state: Mapping[str, torch.Tensor], data: ImageDataset, source: str, data_source: object
+) -> None:
+    """Refuse a checkpoint whose classifier head has another number of outputs than ``data`` has classes.
+
+    The head is the built model's last ``Linear`` / ``Conv`` layer, when it has one output
+    per class of ``data``. Only a checkpoint that fits the model but for the number of
+    that layer's outputs is refused here, with the classes of both; any other mismatch
+    is left to :func:`~mergescope.checkpoints.load_into` to explain.
+    """
+    heads = [name for name, module in model.named_modules() if isinstance(module, _HEADS)]
+    if not heads:
+        return
+    prefix = f"{heads[-1]}." if heads[-1] else ""
+    expected = model.state_dict()
+    weight, classes = f"{prefix}weight", list(data.classes)
+    if weight not in expected or weight not in state or expected[weight].shape[0] != len(classes):
+        return
+    found = tuple(state[weight].shape)
+    if found[0] == len(classes) or found[1:] != tuple(expected[weight].shape[1:]):
+        return
+    head = {weight, f"{prefix}bias"}
+    if set(state) != set(expected) or any(
+        k not in head and tuple(state[k].shape) != tuple(expected[k].shape) for k in expected
+    ):
+        return
+    shown = ", ".join(classes[:10]) + (f", ... ({len(classes) - 10} more)" if len(classes) > 10 else "")
+    has_classes = any(f.name == "classes" for f in getattr(type(data_source), "__attrs_attrs__", ()))
+    fix = (
+        "give the classes the model was trained on, in its order, with `classes = [...]` in [data]"
+        if has_classes
+        else "point [data] at the classes the model was trained on"
+    )
+    raise CheckpointError(
+        f"checkpoint {source!r} has {found[0]} output classes ({weight} {'x'.join(map(str, found))}) "
+        f"but the data has {len(classes)} classes ({shown}); {fix}"
+    )

@@ -66,7 +66,7 @@ _TOP_KEYS = ("seed", "device", "precision", "data", "activations", "models", "st
 _MODEL_KEYS = ("name", "use", "checkpoint", "checkpoint_key", "strip_prefix", "train", "train_data")
 # The keys of [[models]] that say how a checkpoint is read (ModelSpec fields of the same names).
 _CHECKPOINT_OPTIONS = ("checkpoint_key", "strip_prefix")
-_STEP_KEYS = ("use", "name", "models", "layers", "alignment", "allow_unaligned", "data")
+_STEP_KEYS = ("use", "name", "models", "layers", "alignment", "allow_unaligned", "data", "device")
 # Model and step names become netCDF group names and are joined with "@" and "/".
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 #: Separates a model from the aligner step that maps it onto its reference: ``"b@wm"``.
@@ -172,6 +172,11 @@ class Step:
         pipeline's ``[data]``: the images it records statistics on, recomputes
         BatchNorm with and evaluates on (e.g. the models' own task, while the feature
         views look at other images).
+    device
+        Where this step runs, instead of the pipeline's ``device`` (``"cpu"``,
+        ``"cuda"``, ``"cuda:N"``, ``"mps"``, ``"auto"``): its models are moved there for
+        the step and its context's ``device`` is that device. Resolved when the run
+        starts (see :func:`mergescope.devices.resolve_device`); not part of the step's key.
     """
 
     component: Any
@@ -181,6 +186,9 @@ class Step:
     alignment: str | None = None
     allow_unaligned: bool = False
     data: Any | None = None
+    device: str | None = attrs.field(
+        default=None, validator=lambda _i, _a, v: v is None or bool(check_device_spec(v, where="key 'device'"))
+    )
 
     @property
     def use(self) -> str:
@@ -345,6 +353,8 @@ class Pipeline:
                     table[key] = getattr(s, key)
             if s.allow_unaligned:
                 table["allow_unaligned"] = True
+            if s.device is not None:
+                table["device"] = s.device
             table.update(unstructure_options(s.component))
             if s.data is not None:
                 table["data"] = {"use": _name_of(s.data), **unstructure_options(s.data)}
@@ -793,6 +803,8 @@ def _step(registry: Registry, table: dict[str, Any], where: str, base_dir: Path 
                 where=f"{where}, key 'allow_unaligned'",
             )
         fields["allow_unaligned"] = table["allow_unaligned"]
+    if "device" in table:
+        fields["device"] = check_device_spec(table["device"], where=f"{where}, key 'device'")
     if "data" in table:
         _check_own_data(kind, use, where)  # before the table, whose errors would be beside the point
         fields["data"] = _component(

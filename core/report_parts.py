@@ -14,14 +14,26 @@ templates (``models.html.j2``, ``alignment.html.j2``, ``endpoints.html.j2``).
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import xarray as xr
+from torch import nn
 
-__all__ = ["CLASSES_SHOWN", "models_table", "alignment_table", "endpoints_table", "percent"]
+__all__ = [
+    "CLASSES_SHOWN",
+    "models_table",
+    "alignment_table",
+    "endpoints_table",
+    "percent",
+    "task_table",
+    "parameter_count",
+    "plain_json",
+    "step_evaluation",
+]
 
 #: 1-D diagnostics up to this long along a further dim get a row per position.
 _LABELLED_MAX = 32
@@ -257,3 +269,52 @@ def endpoints_table(
         rows.append([name, alpha, percent(here), "" if own is None else percent(own), difference])
     head = ["endpoint", "alpha", "accuracy here (%)", "own accuracy (%)", "difference (points)"]
     return {"head": head, "rows": rows, "note": _endpoint_reason(ds, step, models, names, component)}
+
+
+# ----------------------------------------------------------------------------- run.json and summary.txt
+# What the runner writes of the models, the steps and the tasks, for the report to show.
+
+
+def task_table(ds: xr.Dataset) -> str:
+    """Models x tasks accuracy table (percent) with the average and normalised average."""
+    tasks = [str(t) for t in ds["task"].values]
+    head = ["model", *tasks, "avg"] + (["norm. avg"] if "average_normalized_accuracy" in ds else [])
+    rows = []
+    for m in ds["model"].values:
+        row = [str(m), *(f"{100 * v:.1f}" for v in ds["accuracy"].sel(model=m).values)]
+        row.append(f"{100 * float(ds['average_accuracy'].sel(model=m)):.1f}")
+        if "average_normalized_accuracy" in ds:
+            row.append(f"{100 * float(ds['average_normalized_accuracy'].sel(model=m)):.1f}")
+        rows.append(row)
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    return "tasks (accuracy %):\n" + "\n".join("  " + fmt(r) for r in [head, *rows])
+
+
+def parameter_count(module: nn.Module) -> int:
+    """How many numbers a module's parameters hold."""
+    return int(sum(p.numel() for p in module.parameters()))
+
+
+def plain_json(value: object) -> object:
+    """``value`` as plain JSON (paths and other objects as strings)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def step_evaluation(ds: xr.Dataset | None) -> tuple[float | None, float | None]:
+    """Loss and accuracy of a merger step's model, as its results say (the sweep's point at ``merged_alpha``)."""
+    if ds is None:
+        return None, None
+    for loss_var, accuracy_var in (("merged_loss", "merged_accuracy"), ("loss", "accuracy")):
+        if accuracy_var not in ds:
+            continue
+        accuracy, loss = ds[accuracy_var], ds.get(loss_var)
+        if accuracy.ndim == 1 and accuracy.dims == ("alpha",) and "merged_alpha" in ds:
+            where = {"alpha": float(ds["merged_alpha"])}
+            try:
+                accuracy, loss = accuracy.sel(where), loss.sel(where) if loss is not None else None
+            except KeyError:
+                continue
+        if accuracy.ndim == 0:
+            return (float(loss) if loss is not None and loss.ndim == 0 else None), float(accuracy)
+    return None, None

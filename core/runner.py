@@ -16,13 +16,14 @@ steps that are done and redoes the ones whose inputs changed.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import platform
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from torch import nn
 
 from ._version import __version__
 from .activations import check_single_calls, resolve_layers
-from .checkpoints import load_into, load_state_dict, save_state_dict
+from .checkpoints import check_class_count, load_into, load_state_dict, save_state_dict
 from .context import Context
 from .devices import autocast, resolve_device
 from .errors import CheckpointError, ConfigError, MergescopeError
@@ -45,10 +46,11 @@ from .options import path_options, unstructure_options
 from .pipeline import ALIGNED, ModelSpec, Pipeline, Step
 from .plugins import Registry, get_registry
 from .report import write_report
+from .report_parts import parameter_count, plain_json, step_evaluation, task_table
 from .storage import atomic_path, load_tree, locked_dir, save_tree
 from .store import Store, StoreSpec, collect_store, recording_key
 from .training import Training, trained_model, trained_model_key
-from .values import Alignment, DatasetSource, ImageDataset, evaluate
+from .values import Alignment, DatasetSource, ImageDataset, evaluate, model_device
 
 __all__ = ["RunResult", "run", "collect_activations"]
 
@@ -81,10 +83,13 @@ class _Run:
         quiet: bool,
         registry: Registry,
         device: torch.device | None = None,
+        step_devices: Mapping[str, torch.device] | None = None,
     ):
         self.pipeline = pipeline
         self.device = device if device is not None else torch.device("cpu")
         self.precision = pipeline.precision
+        # The steps that run elsewhere than the run's device (a step's own `device`), by step name.
+        self.step_devices = dict(step_devices) if step_devices is not None else _step_devices(pipeline)
         self.out = out_dir
         self.force = force
         self.quiet = quiet
@@ -139,7 +144,7 @@ class _Run:
         options = {k: getattr(spec, k) for k in ("checkpoint_key", "strip_prefix") if getattr(spec, k) is not None}
         try:
             state = load_state_dict(path, **options)
-            _check_class_count(model, state, self.data, str(path), self.pipeline.data)
+            check_class_count(model, state, self.data, str(path), self.pipeline.data)
             load_into(model, state, source=str(path), architecture=use)
         except CheckpointError as exc:
             raise CheckpointError(f"{where}, key 'checkpoint': {exc}") from exc
@@ -159,7 +164,16 @@ class _Run:
             source = attrs.evolve(data, split="train")
         training = spec.train or Training()
         log.info("model %s: training or loading from cache", spec.name)
-        model = trained_model(spec.architecture, source, training, progress=self.context.progress, device=self.device)
+        try:
+            model = trained_model(
+                spec.architecture, source, training, progress=self.context.progress, device=self.device
+            )
+        except torch.OutOfMemoryError as exc:
+            raise MergescopeError(
+                f"{where}: training model {spec.name!r} ran out of memory on {self.device} "
+                f"([models.train] batch_size = {training.batch_size}): lower [models.train] batch_size. "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
         return _Model(model, trained_model_key(spec.architecture, source, training))
 
     def _available(self, name: str) -> bool:
@@ -190,7 +204,8 @@ class _Run:
                 reference = self.models[alignment.reference].module
                 groups = channel_groups(reference, example_input(self.data))
                 # Alignments are applied on the CPU (their maps are host tensors), then moved to the run's device.
-                module = source.module if self.device.type == "cpu" else copy.deepcopy(source.module).cpu()
+                on_cpu = model_device(source.module).type == "cpu"
+                module = source.module if on_cpu else copy.deepcopy(source.module).cpu()
                 aligned = align_to_reference({model: module}, alignment, groups)[model].to(self.device)
                 self.models[name] = _Model(aligned.eval(), cache_key(source.fingerprint, self.step_keys[aligner]))
         return self.models[name]
@@ -282,11 +297,12 @@ class _Run:
             self._record()
         return self.stores[model]
 
-    def step_context(self, step: Step, rules: StepKind) -> Context:
-        """The run's context narrowed to one step: its models, its layers, the stores."""
+    def step_context(self, step: Step, rules: StepKind, device: torch.device | None = None) -> Context:
+        """The run's context narrowed to one step: its models, its layers, the stores, its device."""
         models = self._step_models(step)
         layers = self._step_layers(step) if rules.resolves_layers(step) and self._step_selectors(step) else []
-        context = attrs.evolve(self.context, models=models, layers=layers, stores=self.store_of)
+        device = device if device is not None else self.device
+        context = attrs.evolve(self.context, models=models, layers=layers, stores=self.store_of, device=device)
         if step.data is not None:  # its own images: statistics, BatchNorm and evaluation on them
             context = attrs.evolve(context, data=self._step_data(step.data))
         return context
@@ -306,15 +322,23 @@ class _Run:
         directory = self.out / "activations" / key[:16]
         if self.force:
             shutil.rmtree(directory, ignore_errors=True)
-        with autocast(self.device, self.precision):
-            store = collect_store(
-                {m: self.model(m).module for m in pending},
-                self.data,
-                store_spec,
-                directory,
-                key=key,
-                progress=self.context.progress,
-            )
+        modules = {m: self.model(m).module for m in pending}
+        # Models are recorded where they are: on the run's device, or on a step's own while that step runs.
+        devices = {self.device, *(model_device(module) for module in modules.values())}
+        try:
+            with contextlib.ExitStack() as stack:
+                for device in sorted(devices, key=str):
+                    stack.enter_context(autocast(device, self.precision))
+                store = collect_store(
+                    modules,
+                    self.data,
+                    store_spec,
+                    directory,
+                    key=key,
+                    progress=self.context.progress,
+                )
+        except torch.OutOfMemoryError as exc:
+            raise self._out_of_memory(f"recording activations of {', '.join(pending)}", exc) from exc
         for m in pending:
             self.stores[m] = store
 
@@ -354,6 +378,21 @@ class _Run:
         """What the precision adds to cache keys: nothing at fp32, so that full-precision keys stay as they were."""
         return () if self.precision == "fp32" else ({"precision": self.precision},)
 
+    def _out_of_memory(
+        self, what: str, exc: BaseException, step: Step | None = None, device: torch.device | None = None
+    ) -> MergescopeError:
+        """The error of ``what`` running out of device memory: the device, the batch sizes in force, what to lower."""
+        sizes = [f"[activations] batch_size = {self.pipeline.activations.batch_size}"]
+        own = getattr(step.component, "batch_size", None) if step is not None else None
+        if isinstance(own, int):
+            sizes.append(f"the step's batch_size = {own}")
+        advice = "lower [activations] batch_size, or the step's batch_size"
+        advice += ", or use precision = 'bf16'" if self.precision == "fp32" else ""
+        return MergescopeError(
+            f"{what} ran out of memory on {device or self.device} ({', '.join(sizes)}): {advice}. "
+            f"{type(exc).__name__}: {exc}"
+        )
+
     def _path_identities(self, step: Step) -> dict[str, Any]:
         """What the files and folders named by path options of the step and its data hold (``path_identity``)."""
         data = step.data if step.data is not None else self.pipeline.data
@@ -381,10 +420,15 @@ class _Run:
             return output.nodes
         log.info("step %s (%s): running", name, step.use)
         where = f"{self.pipeline.source}, [[steps]] #{index + 1} (use = {step.use!r})"
+        device = self.step_devices.get(name, self.device)
         try:
-            output = rules.execute(self._call(name, step, rules, results))
+            with self._models_on(device, self._step_modules(step, rules)):
+                output = rules.execute(self._call(name, step, rules, results, device))
         except MergescopeError as exc:
             raise type(exc)(f"{where}: {exc}") from exc
+        except torch.OutOfMemoryError as exc:  # not a bug: too much at once for the device
+            what = f"{where}: step {name!r} ({kind} {step.use!r})"
+            raise self._out_of_memory(what, exc, step, device) from exc
         except Exception as exc:  # a bug in a component: say which one, keep the traceback as __cause__
             cls = type(step.component)
             plugins = [e.plugin for e in self.registry.entries(kind) if e.cls is cls] or ["?"]
@@ -406,7 +450,33 @@ class _Run:
         load_into(model, load_state_dict(model_path), source=str(model_path), architecture=step.use)
         return model.eval()
 
-    def _call(self, name: str, step: Step, rules: StepKind, results: dict[str, xr.Dataset]) -> StepCall:
+    def _step_modules(self, step: Step, rules: StepKind) -> list[nn.Module]:
+        """The modules a step receives (built now: aligned views, merged models of earlier steps)."""
+        return [self.model(m).module for m in self._step_models(step)] if rules.reads_models(step) else []
+
+    @contextlib.contextmanager
+    def _models_on(self, device: torch.device, modules: list[nn.Module]) -> Iterator[None]:
+        """``modules`` moved to ``device`` (in place) for a step that runs there, and back afterwards."""
+        if device == self.device:
+            yield
+            return
+        unique = list({id(m): m for m in modules}.values())
+        for module in unique:
+            module.to(device)
+        try:
+            yield
+        finally:
+            for module in unique:
+                module.to(self.device)
+
+    def _call(
+        self,
+        name: str,
+        step: Step,
+        rules: StepKind,
+        results: dict[str, xr.Dataset],
+        device: torch.device | None = None,
+    ) -> StepCall:
         model_names = self._step_models(step)
         return StepCall(
             name=name,
@@ -414,7 +484,7 @@ class _Run:
             component=step.component,
             model_names=model_names,
             models={m: self.model(m).module for m in model_names} if rules.reads_models(step) else {},
-            context=self.step_context(step, rules),
+            context=self.step_context(step, rules, device),
             alignment=self.alignments.get(step.alignment) if step.alignment else None,
             results=dict(results),
             run_dir=self.out,
@@ -470,6 +540,7 @@ class _Run:
                     "cached": f"{n}-{self.step_keys[n][:16]}" in done_before,
                     "models": self._used_models(n, s),
                     "alignment": s.alignment,
+                    **({"device": str(self.step_devices[n])} if n in self.step_devices else {}),
                 }
                 for n, s in zip(self.names, self.pipeline.steps)
             },
@@ -498,7 +569,7 @@ class _Run:
         return {
             "name": self.data.name,
             "use": type(source).name if source is not None else None,
-            "options": _plain(unstructure_options(source)) if source is not None else {},
+            "options": plain_json(unstructure_options(source)) if source is not None else {},
             "images": len(self.data),
             "classes": [str(c) for c in self.data.classes],
         }
@@ -513,13 +584,13 @@ class _Run:
         for spec in self.pipeline.models:
             model = self.models[spec.name]
             arch = spec.architecture
-            evaluation = self._own_evaluation(model)
+            evaluation = self._own_evaluation(model, spec.name)
             info[spec.name] = {
                 "source": self._model_source(spec),
-                "architecture": {"use": type(arch).name, "options": _plain(unstructure_options(arch))}
+                "architecture": {"use": type(arch).name, "options": plain_json(unstructure_options(arch))}
                 if arch is not None
                 else {"use": None, "class": type(model.module).__name__},
-                "parameters": _parameters(model.module),
+                "parameters": parameter_count(model.module),
                 "loss": evaluation[0],
                 "accuracy": evaluation[1],
                 "evaluated_on": self.data.name if self.data is not None and evaluation[1] is not None else None,
@@ -529,7 +600,7 @@ class _Run:
                 continue
             inputs = self._step_models(step)
             base = info.get(inputs[0].partition(ALIGNED)[0], {})
-            loss, accuracy = _step_evaluation(results.get(name))
+            loss, accuracy = step_evaluation(results.get(name))
             data = self._step_data(step.data) if step.data is not None else self.data
             info[name] = {
                 "source": {
@@ -540,7 +611,7 @@ class _Run:
                     "alignment": step.alignment,
                 },
                 "architecture": base.get("architecture"),
-                "parameters": _parameters(self.models[name].module),
+                "parameters": parameter_count(self.models[name].module),
                 "loss": loss,
                 "accuracy": accuracy,
                 "evaluated_on": data.name if data is not None and accuracy is not None else None,
@@ -556,11 +627,11 @@ class _Run:
         data = self.pipeline.data
         if source is None and data is not None and "split" in {f.name for f in attrs.fields(type(data))}:
             source = attrs.evolve(data, split="train")
-        train_data = {"use": type(source).name, "options": _plain(unstructure_options(source))} if source else None
-        training = _plain(unstructure_options(spec.train or Training()))
+        train_data = {"use": type(source).name, "options": plain_json(unstructure_options(source))} if source else None
+        training = plain_json(unstructure_options(spec.train or Training()))
         return {"kind": "trained", "training": training, "train_data": train_data}
 
-    def _own_evaluation(self, model: _Model) -> tuple[float | None, float | None]:
+    def _own_evaluation(self, model: _Model, name: str) -> tuple[float | None, float | None]:
         """Loss and accuracy of a declared model on the run's data, cached by its fingerprint."""
         if self.data is None:
             return None, None
@@ -570,8 +641,11 @@ class _Run:
         if path.exists() and not self.force:
             cached = json.loads(path.read_text(encoding="utf-8"))
             return cached["loss"], cached["accuracy"]
-        with autocast(self.device, self.precision):
-            result = evaluate(model.module, self.data, batch_size)
+        try:
+            with autocast(self.device, self.precision):
+                result = evaluate(model.module, self.data, batch_size)
+        except torch.OutOfMemoryError as exc:
+            raise self._out_of_memory(f"evaluating {name!r} on [data]", exc) from exc
         path.parent.mkdir(parents=True, exist_ok=True)
         _write_text(path, json.dumps({"loss": result.loss, "accuracy": result.accuracy}) + "\n")
         return result.loss, result.accuracy
@@ -597,8 +671,11 @@ class _Run:
             for i, m in enumerate(models):
                 if task.models is not None and m not in task.models:
                     continue
-                with autocast(self.device, self.precision):
-                    result = evaluate(self.models[m].module, data, self.pipeline.activations.batch_size, classes)
+                try:
+                    with autocast(self.device, self.precision):
+                        result = evaluate(self.models[m].module, data, self.pipeline.activations.batch_size, classes)
+                except torch.OutOfMemoryError as exc:
+                    raise self._out_of_memory(f"evaluating {m!r} on task {task.name!r}", exc) from exc
                 accuracy[i, j], loss[i, j] = result.accuracy, result.loss
         ds = xr.Dataset(
             {"accuracy": (("model", "task"), accuracy), "loss": (("model", "task"), loss)},
@@ -616,50 +693,6 @@ class _Run:
     def _summary_line(self, name: str, nodes: Mapping[str, xr.Dataset]) -> str:
         step = self.pipeline.steps[self.names.index(name)]
         return self.rules[name].summary(name, step.use, step.component, nodes)
-
-
-def task_table(ds: xr.Dataset) -> str:
-    """Models x tasks accuracy table (percent) with the average and normalised average."""
-    tasks = [str(t) for t in ds["task"].values]
-    head = ["model", *tasks, "avg"] + (["norm. avg"] if "average_normalized_accuracy" in ds else [])
-    rows = []
-    for m in ds["model"].values:
-        row = [str(m), *(f"{100 * v:.1f}" for v in ds["accuracy"].sel(model=m).values)]
-        row.append(f"{100 * float(ds['average_accuracy'].sel(model=m)):.1f}")
-        if "average_normalized_accuracy" in ds:
-            row.append(f"{100 * float(ds['average_normalized_accuracy'].sel(model=m)):.1f}")
-        rows.append(row)
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
-    return "tasks (accuracy %):\n" + "\n".join("  " + fmt(r) for r in [head, *rows])
-
-
-def _parameters(module: nn.Module) -> int:
-    return int(sum(p.numel() for p in module.parameters()))
-
-
-def _plain(value: object) -> object:
-    """``value`` as plain JSON (paths and other objects as strings)."""
-    return json.loads(json.dumps(value, default=str))
-
-
-def _step_evaluation(ds: xr.Dataset | None) -> tuple[float | None, float | None]:
-    """Loss and accuracy of a merger step's model, as its results say (the sweep's point at ``merged_alpha``)."""
-    if ds is None:
-        return None, None
-    for loss_var, accuracy_var in (("merged_loss", "merged_accuracy"), ("loss", "accuracy")):
-        if accuracy_var not in ds:
-            continue
-        accuracy, loss = ds[accuracy_var], ds.get(loss_var)
-        if accuracy.ndim == 1 and accuracy.dims == ("alpha",) and "merged_alpha" in ds:
-            where = {"alpha": float(ds["merged_alpha"])}
-            try:
-                accuracy, loss = accuracy.sel(where), loss.sel(where) if loss is not None else None
-            except KeyError:
-                continue
-        if accuracy.ndim == 0:
-            return (float(loss) if loss is not None and loss.ndim == 0 else None), float(accuracy)
-    return None, None
 
 
 def _as_toml(pipeline: Pipeline) -> str:
@@ -721,6 +754,7 @@ def run(
     pipeline = pipeline.with_absolute_paths(registry=registry)  # relative paths: from the working directory
     pipeline.check(registry)
     pipeline, resolved = _with_device(pipeline, device, precision)
+    step_devices = _step_devices(pipeline)
     if not pipeline.steps and not pipeline.tasks:
         raise ConfigError(
             "this pipeline has nothing to do: it has no [[steps]] and no [[tasks]]; add a step (for example "
@@ -728,7 +762,10 @@ def run(
             where=f"{pipeline.source}, key 'steps'",
         )
     with locked_dir(out_dir) as out:  # one run at a time writes a run directory
-        return _Run(pipeline, out, force=force, quiet=quiet, registry=registry, device=resolved).execute()
+        job = _Run(
+            pipeline, out, force=force, quiet=quiet, registry=registry, device=resolved, step_devices=step_devices
+        )
+        return job.execute()
 
 
 def _with_device(pipeline: Pipeline, device: str | None, precision: str | None) -> tuple[Pipeline, torch.device]:
@@ -744,6 +781,21 @@ def _with_device(pipeline: Pipeline, device: str | None, precision: str | None) 
         where = f"{pipeline.source}, key 'device'" if device is None else None
         raise ConfigError(exc.message, where=where) from None
     return pipeline, resolved
+
+
+def _step_devices(pipeline: Pipeline) -> dict[str, torch.device]:
+    """The resolved ``device`` of every step that names one, by step name; a missing device is refused here."""
+    found: dict[str, torch.device] = {}
+    for index, (name, step) in enumerate(zip(pipeline.step_names(), pipeline.steps)):
+        if step.device is None:
+            continue
+        try:
+            found[name] = resolve_device(step.device)
+            autocast(found[name], pipeline.precision)  # refuses fp16 on a CPU step
+        except ConfigError as exc:
+            where = f"{pipeline.source}, [[steps]] #{index + 1} (use = {step.use!r}), key 'device'"
+            raise ConfigError(f"step {name!r}: {exc.message}", where=where) from None
+    return found
 
 
 def collect_activations(
@@ -806,47 +858,4 @@ def _store_spec(pipeline: Pipeline, layers: Mapping[str, list[str]]) -> StoreSpe
         chunk_size=spec.chunk_size,
         topk=spec.topk,
         workers=spec.workers,
-    )
-
-
-# Convolutions whose weight has its outputs first (a transposed convolution's has its inputs).
-_HEADS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-def _check_class_count(
-    model: nn.Module, state: Mapping[str, torch.Tensor], data: ImageDataset, source: str, data_source: object
-) -> None:
-    """Refuse a checkpoint whose classifier head has another number of outputs than ``data`` has classes.
-
-    The head is the built model's last ``Linear`` / ``Conv`` layer, when it has one output
-    per class of ``data``. Only a checkpoint that fits the model but for the number of
-    that layer's outputs is refused here, with the classes of both; any other mismatch
-    is left to :func:`~mergescope.checkpoints.load_into` to explain.
-    """
-    heads = [name for name, module in model.named_modules() if isinstance(module, _HEADS)]
-    if not heads:
-        return
-    prefix = f"{heads[-1]}." if heads[-1] else ""
-    expected = model.state_dict()
-    weight, classes = f"{prefix}weight", list(data.classes)
-    if weight not in expected or weight not in state or expected[weight].shape[0] != len(classes):
-        return
-    found = tuple(state[weight].shape)
-    if found[0] == len(classes) or found[1:] != tuple(expected[weight].shape[1:]):
-        return
-    head = {weight, f"{prefix}bias"}
-    if set(state) != set(expected) or any(
-        k not in head and tuple(state[k].shape) != tuple(expected[k].shape) for k in expected
-    ):
-        return
-    shown = ", ".join(classes[:10]) + (f", ... ({len(classes) - 10} more)" if len(classes) > 10 else "")
-    has_classes = any(f.name == "classes" for f in getattr(type(data_source), "__attrs_attrs__", ()))
-    fix = (
-        "give the classes the model was trained on, in its order, with `classes = [...]` in [data]"
-        if has_classes
-        else "point [data] at the classes the model was trained on"
-    )
-    raise CheckpointError(
-        f"checkpoint {source!r} has {found[0]} output classes ({weight} {'x'.join(map(str, found))}) "
-        f"but the data has {len(classes)} classes ({shown}); {fix}"
     )

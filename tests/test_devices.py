@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
+import attrs
 import pytest
 import torch
 
@@ -198,3 +201,176 @@ def test_context_defaults():
     context = Context()
     assert context.device == torch.device("cpu")
     assert context.precision == "fp32"
+
+
+# -- running out of device memory ----------------------------------------------------------
+
+
+def _tiny_net(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 8), torch.nn.ReLU(), torch.nn.Linear(8, 10))
+
+
+def test_out_of_memory_in_a_step_is_a_clear_error_and_keeps_earlier_steps(tmp_path, fresh_registry):
+    from mergescope import ActivationSpec, MergescopeError, ModelSpec, Pipeline, Step, get_registry, hookimpl, run
+
+    assert issubclass(torch.cuda.OutOfMemoryError, torch.OutOfMemoryError)
+
+    @attrs.define
+    class Hungry:
+        name: ClassVar[str] = "test-hungry"
+        batch_size: int = 64
+
+        def score(self, a, b, context=None):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    class Plugin:
+        @hookimpl
+        def register_metrics(register):
+            register(Hungry)
+
+    fresh_registry.register_plugin(Plugin, name="hungry-plugin")
+    reg = get_registry()
+    models = [ModelSpec("x", module=_tiny_net(0)), ModelSpec("y", module=_tiny_net(1))]
+    good = Step(reg.get("metric", "kendall-tau")(), models=["x", "y"], allow_unaligned=True)
+    pipeline = Pipeline(
+        data=reg.get("dataset", "mnist5000")(split="test", per_class=5),
+        activations=ActivationSpec(layers=["2"], batch_size=32),
+        models=models,
+        steps=[good, Step(Hungry(), models=["x", "y"], allow_unaligned=True)],
+    )
+    out = tmp_path / "run"
+    with pytest.raises(MergescopeError) as info:
+        run(pipeline, out, quiet=True, device="cpu")
+    message = str(info.value)
+    assert "[[steps]] #2 (use = 'test-hungry')" in message
+    assert "step 'test-hungry' (metric 'test-hungry') ran out of memory on cpu" in message
+    assert "[activations] batch_size = 32, the step's batch_size = 64" in message
+    assert "lower [activations] batch_size, or the step's batch_size, or use precision = 'bf16'" in message
+    assert "OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 GiB" in message
+    assert "failed in metric" not in message  # not reported as a bug of the component
+    assert isinstance(info.value.__cause__, torch.OutOfMemoryError)
+    cached = list((out / "steps").glob("kendall-tau-*/result.nc"))
+    assert len(cached) == 1 and not list((out / "steps").glob("test-hungry-*"))
+
+
+def test_out_of_memory_while_recording_is_a_clear_error(tmp_path, monkeypatch):
+    from mergescope import MergescopeError, run
+    from mergescope import runner as runner_module
+
+    def hungry(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+
+    monkeypatch.setattr(runner_module, "collect_store", hungry)
+    with pytest.raises(MergescopeError) as info:
+        run(_pipeline(), tmp_path / "run", quiet=True, device="cpu")
+    message = str(info.value)
+    assert "[[steps]] #1 (use = 'kendall-tau')" in message
+    assert "recording activations of a, b ran out of memory on cpu ([activations] batch_size = " in message
+    assert "lower [activations] batch_size, or the step's batch_size, or use precision = 'bf16'" in message
+
+
+# -- a step's own device -------------------------------------------------------------------
+
+
+def test_step_device_round_trips_and_is_written_only_when_set():
+    from mergescope import Pipeline, Step, get_registry
+
+    pipeline = _pipeline()
+    assert pipeline.steps[0].device is None and "device" not in pipeline.to_toml()
+    own = Pipeline.from_toml(DIGITS_PAIR_WITH_STEP_DEVICE("cuda:1"), source="p.toml")
+    assert own.steps[0].device == "cuda:1"
+    assert 'device = "cuda:1"' in own.to_toml()
+    assert Pipeline.from_toml(own.to_toml()) == own
+    with pytest.raises(ConfigError, match=r"\[\[steps\]\] #1 \(use = 'kendall-tau'\), key 'device': .*got 'gpu'"):
+        Pipeline.from_toml(DIGITS_PAIR_WITH_STEP_DEVICE("gpu"), source="p.toml")
+    with pytest.raises(ConfigError, match="device must be one of"):
+        Step(get_registry().get("metric", "kendall-tau")(), device="tpu")
+
+
+def DIGITS_PAIR_WITH_STEP_DEVICE(device: str) -> str:
+    from pipelines import DIGITS_PAIR
+
+    return DIGITS_PAIR + DIGITS_STEP + f'device = "{device}"\n'
+
+
+def test_step_on_the_cpu_gives_the_same_results(tmp_path):
+    import json
+
+    import numpy as np
+
+    from mergescope import Pipeline, run
+
+    plain = run(_pipeline(), tmp_path / "plain", quiet=True)
+    pipeline = Pipeline.from_toml(DIGITS_PAIR_WITH_STEP_DEVICE("cpu"), source="p.toml")
+    own = run(pipeline, tmp_path / "own", quiet=True)
+    for layer in ("relu1",):
+        a = plain.results[f"kendall-tau/{layer}"]["kendall_tau"].values
+        b = own.results[f"kendall-tau/{layer}"]["kendall_tau"].values
+        np.testing.assert_array_equal(a, b)
+    info = json.loads((tmp_path / "own" / "run.json").read_text())
+    assert info["steps"]["kendall-tau"]["device"] == "cpu"
+    plain_info = json.loads((tmp_path / "plain" / "run.json").read_text())
+    assert info["steps"]["kendall-tau"]["key"] == plain_info["steps"]["kendall-tau"]["key"]  # not in the key
+
+
+def test_step_device_reaches_the_context_and_models(tmp_path, fresh_registry, monkeypatch):
+    from mergescope import ActivationSpec, ModelSpec, Pipeline, Step, get_registry, hookimpl, run
+    from mergescope import runner as runner_module
+
+    seen = {}
+
+    @attrs.define
+    class Looks:
+        name: ClassVar[str] = "test-looks"
+
+        def merge(self, models, context=None, alignment=None):
+            seen["context"] = context.device
+            seen["during"] = [list(moves) for moves in moved.values()]
+            raise RuntimeError("seen")
+
+    class Plugin:
+        @hookimpl
+        def register_mergers(register):
+            register(Looks)
+
+    fresh_registry.register_plugin(Plugin, name="looks-plugin")
+    reg = get_registry()
+    other = torch.device("cpu", 0)  # a device that is not the run's (torch.device("cpu")), without a GPU
+    monkeypatch.setattr(runner_module, "resolve_device", lambda spec: other if spec == "mps" else torch.device(spec))
+    models = [ModelSpec("x", module=_tiny_net(0)), ModelSpec("y", module=_tiny_net(1))]
+    moved: dict[str, list[torch.device]] = {}
+
+    def spy(module: torch.nn.Module, moves: list[torch.device]):
+        def to(device):
+            moves.append(torch.device(device))
+            return torch.nn.Module.to(module, device)
+
+        return to
+
+    for spec in models:  # record where each model is moved
+        spec.module.to = spy(spec.module, moved.setdefault(spec.name, []))
+    pipeline = Pipeline(
+        data=reg.get("dataset", "mnist5000")(split="test", per_class=5),
+        activations=ActivationSpec(layers=["2"]),
+        models=models,
+        steps=[Step(Looks(), models=["x", "y"], device="mps")],
+    )
+    with pytest.raises(Exception, match="seen"):
+        run(pipeline, tmp_path / "run", quiet=True, device="cpu")
+    cpu = torch.device("cpu")
+    assert seen == {"context": other, "during": [[cpu, other], [cpu, other]]}  # loaded on the run's, then the step's
+    assert moved == {"x": [cpu, other, cpu], "y": [cpu, other, cpu]}  # and back after the step
+
+
+def test_a_missing_step_device_is_refused_at_run_start(tmp_path, no_gpu):
+    from mergescope import Pipeline, run
+
+    pipeline = Pipeline.from_toml(DIGITS_PAIR_WITH_STEP_DEVICE("cuda"), source="p.toml")
+    with pytest.raises(
+        ConfigError,
+        match=r"p.toml, \[\[steps\]\] #1 \(use = 'kendall-tau'\), key 'device': step 'kendall-tau': "
+        r"device 'cuda' is not available here; available: cpu",
+    ):
+        run(pipeline, tmp_path / "run", quiet=True, device="cpu")
+    assert not (tmp_path / "run").exists()
