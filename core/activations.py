@@ -28,6 +28,7 @@ from torch import nn
 
 from . import groups as _groups
 from .errors import ConfigError, ContractError, closest
+from .loading import make_loader, to_device
 from .progress import Progress, silent
 from .storage import load_tree, save_tree
 from .values import ImageDataset, model_device
@@ -527,14 +528,15 @@ def describe_scores(result: xr.DataArray, symbol: str, undefined: str = "") -> s
 
 
 def paired_chunks(
-    a: xr.DataArray, b: xr.DataArray, elements: int = 1 << 22
+    a: xr.DataArray, b: xr.DataArray, elements: int = 1 << 22, read_bytes: int = 64 * 2**20
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """``(sample_ids, a_part, b_part)`` over consecutive sample ranges of two activations.
 
     Parts are NumPy arrays ordered ``(sample, *spatial, unit)``. Dask-backed inputs are
-    read along their own sample chunks (a's, else b's), one range at a time, so a
-    recording larger than memory is never loaded whole; in-memory inputs are cut into
-    ranges of about ``elements`` values.
+    read along their own sample chunks (a's, else b's), one range at a time and at most
+    ``read_bytes`` of either input per range (a chunk may be a whole shard of a joined
+    store), so a recording larger than memory is never loaded whole; in-memory inputs
+    are cut into ranges of about ``elements`` values.
     """
     space = [d for d in a.dims if d not in _SUMMARY_DIMS]
     order = ("sample", *space, "unit")
@@ -542,11 +544,19 @@ def paired_chunks(
     n = a.sizes["sample"]
     lazy = a.chunks is not None or b.chunks is not None
     if lazy:
-        stops = np.cumsum((a if a.chunks is not None else b).chunksizes["sample"])
+        per_sample = max(x.dtype.itemsize * x.size // max(1, n) for x in (a, b))
+        rows = max(1, read_bytes // max(1, per_sample))
+        chunk_stops = np.cumsum((a if a.chunks is not None else b).chunksizes["sample"])
+        starts = np.concatenate([[0], chunk_stops[:-1]])
+        stops: Sequence[int] = [
+            s
+            for first, last in zip(starts, chunk_stops)
+            for s in [*range(int(first) + rows, int(last), rows), int(last)]
+        ]
     else:
         per_sample = int(np.prod([a.sizes[d] for d in (*space, "unit")], dtype=np.int64))
         step = max(1, elements // max(1, per_sample))
-        stops = np.arange(step, n + step, step).clip(max=n)
+        stops = np.arange(step, n + step, step).clip(max=n).tolist()
     ids = np.asarray(a["sample"].values) if "sample" in a.coords else np.arange(n)
     start = 0
     for stop in (int(s) for s in stops):
@@ -630,15 +640,15 @@ def collect(
     handles = attach_recorders(model, names, sink, model_name)
     # An ImageDataset is a map-style dataset of (image, label) pairs, as the loader expects.
     dataset = cast("torch.utils.data.Dataset[tuple[torch.Tensor, int]]", data)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
     progress = progress or silent
     was_training = model.training
     device = model_device(model)
+    loader = make_loader(dataset, batch_size, device=device)
     model.eval()
     try:
         with torch.no_grad():
             for images, _labels in progress(loader, desc=f"activations {model_name}", total=len(loader)):
-                model(images.to(device))
+                model(to_device(images, device))
                 offset += len(images)
     finally:
         for h in handles:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .loading import make_loader, to_device
 from .progress import Progress, silent
 
 __all__ = ["batchnorm_layers", "running_stat_keys", "reset_batchnorm", "statistics_batches", "STATISTICS_ORDER_SEED"]
@@ -58,7 +59,9 @@ def _images(batch: Any) -> torch.Tensor:
     return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
-def statistics_batches(data: Any, batch_size: int) -> torch.utils.data.DataLoader:
+def statistics_batches(
+    data: Any, batch_size: int, device: torch.device | str | None = None
+) -> torch.utils.data.DataLoader:
     """Batches of ``data`` in a fixed pseudo-random order, for passes that normalise per batch.
 
     A BatchNorm layer in training mode (and REPAIR's measuring pass) normalises every
@@ -75,6 +78,9 @@ def statistics_batches(data: Any, batch_size: int) -> torch.utils.data.DataLoade
         A map-style dataset (random access by position).
     batch_size
         Items per batch; the last batch may be smaller.
+    device
+        Where the batches go (decides whether they are pinned, see
+        :class:`~mergescope.loading.LoaderOptions`).
 
     Returns
     -------
@@ -82,7 +88,7 @@ def statistics_batches(data: Any, batch_size: int) -> torch.utils.data.DataLoade
         A loader over every item once.
     """
     order = torch.Generator().manual_seed(STATISTICS_ORDER_SEED)
-    return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True, generator=order)
+    return make_loader(data, batch_size, device=device, shuffle=True, generator=order)
 
 
 def reset_batchnorm(
@@ -148,7 +154,7 @@ def reset_batchnorm(
     assert running_mean is not None  # batchnorm_layers keeps only layers with running statistics
     device = next((p.device for p in model.parameters()), running_mean.device)
     momenta = [layer.momentum for layer in layers]
-    loader = statistics_batches(data, batch_size)
+    loader = statistics_batches(data, batch_size, device)
     total = len(loader) if max_batches is None else min(len(loader), max_batches)
     batches = (progress or silent)(loader, desc="BatchNorm statistics", total=total)
     try:
@@ -159,7 +165,7 @@ def reset_batchnorm(
             layer.train()
         with torch.no_grad():
             for i, batch in enumerate(batches, start=1):
-                model(_images(batch).to(device))
+                model(to_device(_images(batch), device))
                 if i >= total:
                     break
     finally:

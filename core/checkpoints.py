@@ -447,8 +447,10 @@ def save_state_dict(model_or_state: nn.Module | Mapping[str, torch.Tensor], path
         ``path``.
     """
     state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
-    if any(isinstance(v, torch.Tensor) and v.device.type != "cpu" for v in state.values()):
-        state = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in state.items()}  # files hold CPU tensors
+    # Files hold contiguous CPU tensors: the same bytes whatever device or memory layout
+    # (channels-last on the CPU, see mergescope.devices.place) the model ran in.
+    if any(isinstance(v, torch.Tensor) and (v.device.type != "cpu" or not v.is_contiguous()) for v in state.values()):
+        state = {k: v.cpu().contiguous() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
     return Path(path)

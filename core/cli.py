@@ -39,6 +39,19 @@ def _add_device_flags(p: argparse.ArgumentParser) -> None:
         help="precision of forward passes (recording, evaluation): fp32, bf16 or fp16 (not on the CPU); "
         "overrides the pipeline's 'precision' (default: fp32)",
     )
+    p.add_argument(
+        "--workers",
+        default=None,
+        type=_whole_number,
+        help="data-loading worker processes (image decoding in parallel with the models); "
+        "overrides the pipeline's [loader] workers (default: 0)",
+    )
+
+
+def _whole_number(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return int(text)
 
 
 def _add_run_flags(p: argparse.ArgumentParser, default_out: str | None) -> None:
@@ -158,7 +171,15 @@ def _run(pipeline, args: argparse.Namespace) -> int:
     from .report import REPORT_FILE
     from .runner import run
 
-    result = run(pipeline, args.out, force=args.force, quiet=args.quiet, device=args.device, precision=args.precision)
+    result = run(
+        pipeline,
+        args.out,
+        force=args.force,
+        quiet=args.quiet,
+        device=args.device,
+        precision=args.precision,
+        workers=args.workers,
+    )
     if not args.quiet:
         print(result.summary, end="")
         print(f"results: {result.out_dir / 'results.nc'}")
@@ -200,6 +221,7 @@ def _cmd_collect(args: argparse.Namespace) -> int:
         quiet=args.quiet,
         device=args.device,
         precision=args.precision,
+        workers=args.workers,
     )
     if not args.quiet:
         print(f"{store.info['samples']} samples of {', '.join(store.models)} recorded in {args.out}")

@@ -135,7 +135,9 @@ class Differ(Protocol):
 
     name: ClassVar[str]
 
-    def fit(self, activations: Mapping[str, xr.DataArray], context: Context) -> xr.Dataset: ...
+    def fit(
+        self, activations: Mapping[str, xr.DataArray] | Mapping[str, Mapping[str, xr.DataArray]], context: Context
+    ) -> xr.Dataset: ...
 
 
 # ------------------------------------------------------------------ extras
@@ -159,6 +161,10 @@ class ComponentExtras(Protocol):
     example_input_shape : tuple of int
         Architectures and embedders: the input shape the conformance kit feeds them
         (default ``(1, 8, 8)`` and ``(3, 32, 32)``).
+    joint_layers : bool
+        Differs only: when true, one ``fit`` reads every layer of the step at once (per
+        model, a mapping layer -> activations) instead of one ``fit`` per layer; the
+        step's result is one node named ``"layer_a+layer_b"``.
     """
 
     paper: ClassVar[str]

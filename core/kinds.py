@@ -313,7 +313,12 @@ class MetricStep(StepKind):
 
 @attrs.frozen
 class DifferStep(StepKind):
-    """Differs fit one dictionary over the recordings of all their models, per layer."""
+    """Differs fit one dictionary over the recordings of all their models, per layer.
+
+    A differ whose ``joint_layers`` is true fits one dictionary over every layer of the
+    step at once: ``fit`` receives, per model, a mapping layer -> activations, and the
+    step's one node is named by the layers joined with ``+``.
+    """
 
     layers_pick_recordings: ClassVar[bool] = True
     needs_layers: ClassVar[bool] = True
@@ -323,12 +328,14 @@ class DifferStep(StepKind):
         return True
 
     def execute(self, call: StepCall) -> StepOutput:
+        layers = list(call.context.layers)
+        if getattr(call.component, "joint_layers", False):
+            activations = {m: {layer: call.activation(m, layer) for layer in layers} for m in call.model_names}
+            return StepOutput({"+".join(layers): call.component.fit(activations, call.context)})
         return StepOutput(
-            {
-                layer: call.component.fit({m: call.activation(m, layer) for m in call.model_names}, call.context)
-                for layer in call.context.layers
-            }
-        )
+            {layer: call.component.fit({m: call.activation(m, layer) for m in call.model_names}, call.context)
+             for layer in layers}
+        )  # fmt: skip
 
     def summary(self, name: str, use: str, component: Any, nodes: Mapping[str, xr.Dataset]) -> str:
         parts = [f"  {layer}: {describe_result(component, ds)}" for layer, ds in nodes.items() if layer != "/"]

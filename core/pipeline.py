@@ -15,6 +15,9 @@ A pipeline file::
     reduce = "mean"
     batch_size = 500
 
+    [loader]                    # how batches are loaded (every pass of the run)
+    workers = 4                 # decoding processes; pin_memory, persistent_workers, prefetch_factor
+
     [[models]]                  # an architecture component and its options
     name = "a"
     use = "mlp"
@@ -40,6 +43,7 @@ import attrs
 from .devices import check_device_spec, check_precision
 from .errors import ConfigError, DuplicateComponentError, article, closest
 from .kinds import KINDS, STEP_KINDS, StepKind, step_kind
+from .loading import LoaderOptions
 from .options import canonical_path, resolve_paths, structure_options, unstructure_options
 from .plugins import Registry, get_registry
 from .training import Training
@@ -62,7 +66,7 @@ __all__ = [
     "STEP_KINDS",
 ]
 
-_TOP_KEYS = ("seed", "device", "precision", "data", "activations", "models", "steps", "tasks")
+_TOP_KEYS = ("seed", "device", "precision", "data", "activations", "loader", "models", "steps", "tasks")
 _MODEL_KEYS = ("name", "use", "checkpoint", "checkpoint_key", "strip_prefix", "train", "train_data")
 # The keys of [[models]] that say how a checkpoint is read (ModelSpec fields of the same names).
 _CHECKPOINT_OPTIONS = ("checkpoint_key", "strip_prefix")
@@ -94,8 +98,9 @@ class ActivationSpec:
         Samples written (and checkpointed) at a time while recording.
     topk
         Top-k samples kept per unit while recording.
-    workers
-        Data-loading worker processes while recording.
+
+    An ``[activations]`` table may also hold ``workers``, the older spelling of
+    ``[loader] workers`` (see :class:`~mergescope.loading.LoaderOptions`).
     """
 
     layers: list[str] = attrs.field(factory=list)
@@ -103,7 +108,6 @@ class ActivationSpec:
     batch_size: int = attrs.field(default=256, validator=attrs.validators.gt(0))
     chunk_size: int = attrs.field(default=4096, validator=attrs.validators.gt(0))
     topk: int = attrs.field(default=10, validator=attrs.validators.ge(0))
-    workers: int = attrs.field(default=0, validator=attrs.validators.ge(0))
 
 
 @attrs.define
@@ -241,6 +245,8 @@ class Pipeline:
     device: str = attrs.field(default="auto", kw_only=True, validator=lambda _i, _a, v: check_device_spec(v))
     #: Precision of forward passes (recording, evaluation): ``"fp32"``, ``"bf16"``, ``"fp16"``.
     precision: str = attrs.field(default="fp32", kw_only=True, validator=lambda _i, _a, v: check_precision(v))
+    #: How batches are loaded in every pass of the run (``[loader]``); never part of a cache key.
+    loader: LoaderOptions = attrs.field(factory=LoaderOptions, kw_only=True)
 
     # -- names ---------------------------------------------------------------
 
@@ -283,7 +289,11 @@ class Pipeline:
             data = _component(
                 registry, "dataset", _table(raw["data"], "[data]", source), f"{source}, [data]", base_dir=base_dir
             )
-        activations = _structure(ActivationSpec, raw.get("activations", {}), f"{source}, [activations]")
+        activations_table = _table(raw.get("activations", {}), "[activations]", source)
+        loader = _loader(raw.get("loader", {}), activations_table, source)
+        activations = _structure(
+            ActivationSpec, {k: v for k, v in activations_table.items() if k != "workers"}, f"{source}, [activations]"
+        )
         models = [
             _model(registry, _table(m, f"[[models]] #{i + 1}", source), f"{source}, [[models]] #{i + 1}", base_dir)
             for i, m in enumerate(_list(raw.get("models", []), "models", source))
@@ -311,6 +321,7 @@ class Pipeline:
             source=source,
             device=device,
             precision=precision,
+            loader=loader,
         )
         pipeline.check(registry)
         return pipeline
@@ -326,6 +337,8 @@ class Pipeline:
         if self.data is not None:
             out["data"] = {"use": _name_of(self.data), **unstructure_options(self.data)}
         out["activations"] = unstructure_options(self.activations)
+        if self.loader.to_table():
+            out["loader"] = self.loader.to_table()
         out["models"] = []
         for m in self.models:
             if m.module is not None:
@@ -620,6 +633,24 @@ def _list(value: Any, key: str, source: str) -> list[Any]:
     if not isinstance(value, list):
         raise ConfigError(f"'{key}' must be an array of tables ([[{key}]])", where=f"{source}, key {key!r}")
     return value
+
+
+def _loader(table: Any, activations: Mapping[str, Any], source: str) -> LoaderOptions:
+    """The ``[loader]`` table; ``[activations] workers`` is its older spelling of ``workers``."""
+    table = dict(_table(table, "[loader]", source))
+    _reject_unknown(table, tuple(f.name for f in attrs.fields(LoaderOptions)), "[loader]", f"{source}, [loader]")
+    if "workers" in activations:
+        if "workers" in table and table["workers"] != activations["workers"]:
+            raise ConfigError(
+                f"[activations] workers = {activations['workers']!r} and [loader] workers = {table['workers']!r} "
+                "disagree; keep only [loader] workers",
+                where=f"{source}, [activations], key 'workers'",
+            )
+        table["workers"] = activations["workers"]
+    try:
+        return LoaderOptions(**table)
+    except ConfigError as exc:
+        raise exc.located(f"{source}, [loader]") from exc
 
 
 def _structure(cls: type, table: Any, where: str) -> Any:

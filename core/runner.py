@@ -37,11 +37,12 @@ from ._version import __version__
 from .activations import check_single_calls, resolve_layers
 from .checkpoints import check_class_count, load_into, load_state_dict, save_state_dict
 from .context import Context
-from .devices import autocast, resolve_device
+from .devices import autocast, explain_device_mix, place, resolve_device
 from .errors import CheckpointError, ConfigError, MergescopeError
 from .groups import align_to_reference, channel_groups, example_input
 from .keys import cache_key, core_digest, file_digest, path_identity, source_digest, state_digest
 from .kinds import KINDS, StepCall, StepKind, step_kind
+from .loading import loader_options
 from .options import path_options, unstructure_options
 from .pipeline import ALIGNED, ModelSpec, Pipeline, Step
 from .plugins import Registry, get_registry
@@ -50,7 +51,7 @@ from .report_parts import parameter_count, plain_json, step_evaluation, task_tab
 from .storage import atomic_path, load_tree, locked_dir, save_tree
 from .store import Store, StoreSpec, collect_store, recording_key
 from .training import Training, trained_model, trained_model_key
-from .values import Alignment, DatasetSource, ImageDataset, evaluate, model_device
+from .values import Alignment, DatasetSource, Evaluation, ImageDataset, evaluate, model_device
 
 __all__ = ["RunResult", "run", "collect_activations"]
 
@@ -124,7 +125,7 @@ class _Run:
         for i, spec in enumerate(self.pipeline.models):
             where = self._model_where(i, spec)
             if spec.module is not None:  # moved to the run's device in place, as nn.Module.to does
-                self.models[spec.name] = _Model(spec.module.to(self.device).eval(), state_digest(spec.module))
+                self.models[spec.name] = _Model(place(spec.module, self.device).eval(), state_digest(spec.module))
             elif spec.checkpoint is not None:
                 self.models[spec.name] = self._from_checkpoint(spec, where)
             else:
@@ -148,7 +149,7 @@ class _Run:
             load_into(model, state, source=str(path), architecture=use)
         except CheckpointError as exc:
             raise CheckpointError(f"{where}, key 'checkpoint': {exc}") from exc
-        model.to(self.device).eval()
+        place(model, self.device).eval()
         return _Model(model, cache_key(file_digest(path), options) if options else file_digest(path))
 
     def _trained(self, spec: ModelSpec, where: str) -> _Model:
@@ -174,7 +175,7 @@ class _Run:
                 f"([models.train] batch_size = {training.batch_size}): lower [models.train] batch_size. "
                 f"{type(exc).__name__}: {exc}"
             ) from exc
-        return _Model(model, trained_model_key(spec.architecture, source, training))
+        return _Model(place(model, self.device), trained_model_key(spec.architecture, source, training))
 
     def _available(self, name: str) -> bool:
         model, _, aligner = name.partition(ALIGNED)
@@ -203,10 +204,10 @@ class _Run:
             else:
                 reference = self.models[alignment.reference].module
                 groups = channel_groups(reference, example_input(self.data))
-                # Alignments are applied on the CPU (their maps are host tensors), then moved to the run's device.
-                on_cpu = model_device(source.module).type == "cpu"
+                # Alignments are applied on the host (their maps are host tensors), then moved to the run's device.
+                on_cpu = model_device(source.module) == torch.device("cpu")
                 module = source.module if on_cpu else copy.deepcopy(source.module).cpu()
-                aligned = align_to_reference({model: module}, alignment, groups)[model].to(self.device)
+                aligned = place(align_to_reference({model: module}, alignment, groups)[model], self.device)
                 self.models[name] = _Model(aligned.eval(), cache_key(source.fingerprint, self.step_keys[aligner]))
         return self.models[name]
 
@@ -253,6 +254,10 @@ class _Run:
                     check_single_calls(module, list(layers), base, example)
                 except ConfigError as exc:
                     raise ConfigError(exc.message, where=where) from None
+                except RuntimeError as exc:  # before any step: the layer check runs the model once
+                    at = f"{self.pipeline.source}, [[steps]] #{index + 1} (use = {step.use!r}): step {name!r}"
+                    self._raise_device_fault(at, exc)
+                    raise
 
     # -- activations ---------------------------------------------------------------
 
@@ -393,6 +398,25 @@ class _Run:
             f"{type(exc).__name__}: {exc}"
         )
 
+    def _raise_device_fault(self, where: str, exc: BaseException, device: torch.device | None = None) -> None:
+        """Raise the error of a model whose own forward pass mixed devices (see ``explain_device_mix``), if it did."""
+        explained = explain_device_mix(exc, {n: m.module for n, m in self.models.items()}, device or self.device)
+        if explained:
+            raise MergescopeError(f"{where}: {explained}") from exc
+
+    def _evaluate(
+        self, what: str, module: nn.Module, data: ImageDataset, classes: list[int] | None = None
+    ) -> Evaluation:
+        """Evaluate at the run's precision; running out of memory or a model mixing devices is reported as ``what``."""
+        try:
+            with autocast(self.device, self.precision):
+                return evaluate(module, data, self.pipeline.activations.batch_size, classes)
+        except torch.OutOfMemoryError as exc:
+            raise self._out_of_memory(what, exc) from exc
+        except RuntimeError as exc:
+            self._raise_device_fault(what, exc)
+            raise
+
     def _path_identities(self, step: Step) -> dict[str, Any]:
         """What the files and folders named by path options of the step and its data hold (``path_identity``)."""
         data = step.data if step.data is not None else self.pipeline.data
@@ -414,7 +438,7 @@ class _Run:
             log.info("step %s (%s): done before, loaded from %s", name, step.use, step_dir)
             output = rules.restore(load_tree(result_path))
             if rules.makes_model and model_path.exists():
-                self.models[name] = _Model(self._rebuild_merged(step, model_path).to(self.device), key)
+                self.models[name] = _Model(place(self._rebuild_merged(step, model_path), self.device), key)
             if output.alignment is not None:
                 self.alignments[name] = output.alignment
             return output.nodes
@@ -430,6 +454,7 @@ class _Run:
             what = f"{where}: step {name!r} ({kind} {step.use!r})"
             raise self._out_of_memory(what, exc, step, device) from exc
         except Exception as exc:  # a bug in a component: say which one, keep the traceback as __cause__
+            self._raise_device_fault(f"{where}: step {name!r}", exc, device)  # not the component's bug, if so
             cls = type(step.component)
             plugins = [e.plugin for e in self.registry.entries(kind) if e.cls is cls] or ["?"]
             raise MergescopeError(
@@ -439,7 +464,7 @@ class _Run:
         if output.alignment is not None:
             self.alignments[name] = output.alignment
         if output.model is not None:
-            self.models[name] = _Model(output.model.to(self.device), key)
+            self.models[name] = _Model(place(output.model, self.device), key)
             save_state_dict(output.model, model_path)
         save_tree(xr.DataTree.from_dict(output.nodes), result_path)
         return output.nodes
@@ -641,11 +666,7 @@ class _Run:
         if path.exists() and not self.force:
             cached = json.loads(path.read_text(encoding="utf-8"))
             return cached["loss"], cached["accuracy"]
-        try:
-            with autocast(self.device, self.precision):
-                result = evaluate(model.module, self.data, batch_size)
-        except torch.OutOfMemoryError as exc:
-            raise self._out_of_memory(f"evaluating {name!r} on [data]", exc) from exc
+        result = self._evaluate(f"evaluating {name!r} on [data]", model.module, self.data)
         path.parent.mkdir(parents=True, exist_ok=True)
         _write_text(path, json.dumps({"loss": result.loss, "accuracy": result.accuracy}) + "\n")
         return result.loss, result.accuracy
@@ -671,11 +692,7 @@ class _Run:
             for i, m in enumerate(models):
                 if task.models is not None and m not in task.models:
                     continue
-                try:
-                    with autocast(self.device, self.precision):
-                        result = evaluate(self.models[m].module, data, self.pipeline.activations.batch_size, classes)
-                except torch.OutOfMemoryError as exc:
-                    raise self._out_of_memory(f"evaluating {m!r} on task {task.name!r}", exc) from exc
+                result = self._evaluate(f"evaluating {m!r} on task {task.name!r}", self.models[m].module, data, classes)
                 accuracy[i, j], loss[i, j] = result.accuracy, result.loss
         ds = xr.Dataset(
             {"accuracy": (("model", "task"), accuracy), "loss": (("model", "task"), loss)},
@@ -717,6 +734,7 @@ def run(
     registry: Registry | None = None,
     device: str | None = None,
     precision: str | None = None,
+    workers: int | None = None,
 ) -> RunResult:
     """Run ``pipeline`` and write its results to ``out_dir``.
 
@@ -739,6 +757,9 @@ def run(
         Override the pipeline's ``device`` (``"auto"``, ``"cpu"``, ``"cuda"``,
         ``"cuda:N"``, ``"mps"``) and ``precision`` (``"fp32"``, ``"bf16"``, ``"fp16"``);
         see :mod:`mergescope.devices`.
+    workers
+        Override the pipeline's ``[loader] workers`` (data-loading processes; see
+        :mod:`mergescope.loading`).
 
     Returns
     -------
@@ -753,7 +774,7 @@ def run(
     registry = registry or get_registry()
     pipeline = pipeline.with_absolute_paths(registry=registry)  # relative paths: from the working directory
     pipeline.check(registry)
-    pipeline, resolved = _with_device(pipeline, device, precision)
+    pipeline, resolved = _with_device(pipeline, device, precision, workers)
     step_devices = _step_devices(pipeline)
     if not pipeline.steps and not pipeline.tasks:
         raise ConfigError(
@@ -765,11 +786,16 @@ def run(
         job = _Run(
             pipeline, out, force=force, quiet=quiet, registry=registry, device=resolved, step_devices=step_devices
         )
-        return job.execute()
+        with loader_options(pipeline.loader):
+            return job.execute()
 
 
-def _with_device(pipeline: Pipeline, device: str | None, precision: str | None) -> tuple[Pipeline, torch.device]:
-    """``pipeline`` with the ``device`` and ``precision`` arguments that override its own, and its device resolved."""
+def _with_device(
+    pipeline: Pipeline, device: str | None, precision: str | None, workers: int | None = None
+) -> tuple[Pipeline, torch.device]:
+    """``pipeline`` with the arguments that override its own, and its device resolved."""
+    if workers is not None:
+        pipeline = attrs.evolve(pipeline, loader=attrs.evolve(pipeline.loader, workers=workers))
     if device is not None:
         pipeline = attrs.evolve(pipeline, device=device)
     if precision is not None:
@@ -807,18 +833,19 @@ def collect_activations(
     registry: Registry | None = None,
     device: str | None = None,
     precision: str | None = None,
+    workers: int | None = None,
 ) -> Store:
     """Record ``[activations] layers`` of every pipeline model into an activation store.
 
     The models are loaded or trained as in :func:`run`; the steps are not run. Use
     ``shard=(i, n)`` to record one of ``n`` slices of the dataset (e.g. one per
-    machine) and :func:`mergescope.store.join_stores` to join the shards. ``device`` and
-    ``precision`` override the pipeline's, as in :func:`run`.
+    machine) and :func:`mergescope.store.join_stores` to join the shards. ``device``,
+    ``precision`` and ``workers`` override the pipeline's, as in :func:`run`.
     """
     registry = registry or get_registry()
     pipeline = pipeline.with_absolute_paths(registry=registry)
     pipeline.check(registry)
-    pipeline, resolved = _with_device(pipeline, device, precision)
+    pipeline, resolved = _with_device(pipeline, device, precision, workers)
     if pipeline.data is None or not pipeline.activations.layers:
         raise ConfigError(
             "collecting needs [data] and [activations] layers", where=f"{pipeline.source}, key 'activations'"
@@ -836,7 +863,7 @@ def collect_activations(
             raise ConfigError(exc.message, where=f"{pipeline.source}, [activations], key 'layers'") from None
     store_spec = _store_spec(pipeline, layers)
     key = recording_key([job.models[m].fingerprint for m in layers], job.data, store_spec, pipeline.precision)
-    with autocast(resolved, pipeline.precision):
+    with autocast(resolved, pipeline.precision), loader_options(pipeline.loader):
         return collect_store(
             {m: job.models[m].module for m in layers},
             job.data,
@@ -857,5 +884,4 @@ def _store_spec(pipeline: Pipeline, layers: Mapping[str, list[str]]) -> StoreSpe
         batch_size=spec.batch_size,
         chunk_size=spec.chunk_size,
         topk=spec.topk,
-        workers=spec.workers,
     )

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .batchnorm import reset_batchnorm
+from .devices import float64_device
 
 if TYPE_CHECKING:
     from .context import Context
@@ -176,10 +177,11 @@ def average_states(
         if key not in floating:
             out[key] = tensor.detach().clone()
             continue
-        total = torch.zeros(tensor.shape, dtype=torch.float64, device=tensor.device)
+        wide = float64_device(tensor.device)
+        total = torch.zeros(tensor.shape, dtype=torch.float64, device=wide)
         for state, weight in zip(states, weights):
-            total += float(weight) * state[key].detach().to(device=tensor.device, dtype=torch.float64)
-        out[key] = total.to(tensor.dtype)
+            total += float(weight) * state[key].detach().to(device=wide, dtype=torch.float64)
+        out[key] = total.to(device=tensor.device, dtype=tensor.dtype)
     return out
 
 

@@ -25,6 +25,7 @@ The accumulators have no ``__eq__``: compare their arrays.
 
 from __future__ import annotations
 
+import logging
 import operator
 from typing import Any
 
@@ -34,6 +35,8 @@ import xarray as xr
 from .errors import ContractError
 
 __all__ = ["Moments", "CoMoments", "TopK"]
+
+log = logging.getLogger(__name__)
 
 _ID_MAX = np.iinfo(np.int64).max
 _ID_LIMIT = 2**62  # ranks above this mark empty slots in TopK's tie cut
@@ -96,6 +99,47 @@ def _batch(values: Any, units: int, name: str = "values", sample_ids: np.ndarray
             f"{name}: {int(bad.sum())} non-finite value(s) (NaN or inf) in the batch; the first at {where}, unit {unit}"
         )
     return array
+
+
+# A batch may be a torch tensor on the device that computed it (the activation store
+# passes them on a GPU): its centring and products then run there, in float64, and only
+# the per-unit results cross to the host. Devices without float64 (Apple's MPS) hand the
+# batch to the host instead.
+_HOST_ONLY_DEVICES = ("mps",)
+_said_host: set[str] = set()
+
+
+def _is_tensor(values: Any) -> bool:
+    return type(values).__module__.startswith("torch") and hasattr(values, "device")
+
+
+def _device_batch(values: Any, units: int, name: str) -> Any:
+    """A torch batch checked and widened to float64 on its own device, or ``None`` for the host path."""
+    device = values.device.type
+    if device in _HOST_ONLY_DEVICES:
+        if device not in _said_host:
+            _said_host.add(device)
+            log.info("statistics: %s has no float64; batches are accumulated on the host", device)
+        return None
+    if values.ndim != 2 or values.shape[1] != units:
+        raise ValueError(f"{name}: expected shape (n, {units}) (sample, unit), got {tuple(values.shape)}")
+    wide = values.detach().double()
+    if not bool(wide.isfinite().all()):
+        return None  # the host path names the first bad value
+    return wide
+
+
+def _device_centred(batch: Any) -> tuple[Any, Any]:
+    """:func:`_centred` of a float64 torch batch, on its device."""
+    shift = batch[0]
+    shifted = batch - shift
+    offset = shifted.mean(dim=0)
+    shifted -= offset
+    return shift + offset, shifted
+
+
+def _host(values: Any) -> np.ndarray:
+    return values.detach().cpu().numpy()
 
 
 def _centred(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -175,11 +219,21 @@ class Moments:
     def update(self, values: Any) -> None:
         """Add a batch ``(n, units)``; an empty batch is a no-op.
 
+        A torch tensor is reduced on its own device in float64 (see :meth:`CoMoments.update`).
+
         Raises
         ------
         ValueError
             On a wrong shape or non-finite values.
         """
+        if _is_tensor(values):
+            batch = _device_batch(values, self.units, "values")
+            if batch is None:
+                values = _host(values)
+            elif len(batch):
+                mean, centred = _device_centred(batch)
+                self._absorb(len(batch), _host(mean), _host((centred * centred).sum(dim=0)))
+                return
         array = _batch(values, self.units)
         if len(array) == 0:
             return
@@ -341,13 +395,19 @@ class CoMoments:
     def update(self, x: Any, y: Any = None) -> None:
         """Add a batch: ``x`` ``(n, units_x)`` and ``y`` ``(n, units_y)`` for the same n samples.
 
-        For an accumulator made by :meth:`within`, pass only ``x``.
+        For an accumulator made by :meth:`within`, pass only ``x``. Torch tensors are
+        centred and multiplied on their own device, in float64 (on the host where the
+        device has no float64, as MPS); only the per-unit results cross to the host.
 
         Raises
         ------
         ValueError
             On wrong shapes, different sample counts, or non-finite values.
         """
+        if _is_tensor(x) and self._update_on_device(x, y):
+            return
+        if _is_tensor(x):
+            x, y = _host(x), (None if y is None else _host(y))
         xs = _batch(x, self.units_x, "x")
         if self.is_within:
             if y is not None:
@@ -367,6 +427,23 @@ class CoMoments:
         else:
             mean_y, cy = _centred(ys)
             self._absorb(len(xs), mean_x, mean_y, m2_x, np.einsum("ij,ij->j", cy, cy), cx.T @ cy)
+
+    def _update_on_device(self, x: Any, y: Any) -> bool:
+        """:meth:`update` with the products on the tensors' device; False when the host must do it."""
+        if (y is None) != self.is_within or (y is not None and not _is_tensor(y)):
+            return False  # the host path explains the misuse
+        xs = _device_batch(x, self.units_x, "x")
+        ys = xs if y is None else _device_batch(y, self.units_y, "y")
+        if xs is None or ys is None or len(xs) != len(ys):
+            return False
+        if len(xs) == 0:
+            return True
+        mean_x, cx = _device_centred(xs)
+        mean_y, cy = (mean_x, cx) if y is None else _device_centred(ys)
+        m2_x = _host((cx * cx).sum(dim=0))
+        m2_y = m2_x if y is None else _host((cy * cy).sum(dim=0))
+        self._absorb(len(xs), _host(mean_x), _host(mean_y), m2_x, m2_y, _host(cx.T @ cy))
+        return True
 
     def _absorb(
         self, n: int, mean_x: np.ndarray, mean_y: np.ndarray, m2_x: np.ndarray, m2_y: np.ndarray, c: np.ndarray

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
@@ -56,14 +57,18 @@ from .activations import (
     uses_groups,
     validate_activation,
 )
+from .devices import device_mix
 from .errors import ConfigError, ContractError
 from .extras import require
 from .groups import example_input
 from .keys import cache_key
+from .loading import TimedBatches, make_loader, to_device
 from .progress import Progress, silent
 from .statistics import CoMoments, Moments, TopK
 from .storage import atomic_path, load_tree, save_tree
 from .values import Evaluation, ImageDataset, model_device
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "StoreSpec",
@@ -78,6 +83,14 @@ __all__ = [
 ]
 
 MARKER = "COMPLETE"
+
+#: Most bytes of activations a collection holds in memory before writing them (one
+#: chunk): full feature maps of large layers reach this long before ``chunk_size`` samples.
+CHUNK_BYTES = 512 * 2**20
+#: Most bytes per storage chunk of a joined activation file: what one read decompresses.
+STORAGE_CHUNK_BYTES = 64 * 2**20
+#: Activation arrays larger than this are opened lazily (dask) rather than loaded.
+EAGER_BYTES = 256 * 2**20
 
 #: Part of every recording's identity. Raise it when recording changes what a store
 #: holds for the same models, data and options (2: outputs changed in place by a later
@@ -102,7 +115,9 @@ class StoreSpec:
     batch_size
         Images per forward pass.
     chunk_size
-        Samples per written chunk and checkpoint (rounded up to whole batches).
+        Samples per written chunk and checkpoint (rounded up to whole batches), fewer
+        where that many would hold more than :data:`CHUNK_BYTES` of activations (full
+        maps of large layers): the memory of a collection does not grow with the data.
     topk
         Top-k samples kept per unit (0: none).
     covariance
@@ -113,7 +128,9 @@ class StoreSpec:
     keep_activations
         Write the activations; ``False`` keeps only the statistics.
     workers
-        Data-loading worker processes (image decoding in parallel with the models).
+        Data-loading worker processes (image decoding in parallel with the models);
+        ``None`` (default) takes the options in force (a pipeline's ``[loader]``, see
+        :mod:`mergescope.loading`).
     positions
         Take the moments and covariances of conv maps over every spatial position
         (samples x positions rows), as activation matching and REPAIR do; top-k stays
@@ -128,7 +145,7 @@ class StoreSpec:
     covariance: bool = False
     pairs: list[tuple[str, str]] = attrs.field(factory=list)
     keep_activations: bool = True
-    workers: int = 0
+    workers: int | None = None
     positions: bool = False
 
     def identity(self) -> dict[str, Any]:
@@ -200,7 +217,9 @@ class _Accumulators:
         # (rows and summaries are the same arrays unless spec.positions).
         wide: dict[int, np.ndarray] = {}
 
-        def f64(values: np.ndarray) -> np.ndarray:
+        def f64(values: Any) -> Any:
+            if isinstance(values, torch.Tensor):
+                return values  # on an accelerator: the accumulators reduce it there
             if id(values) not in wide:
                 wide[id(values)] = np.asarray(values, dtype=np.float64)
             return wide[id(values)]
@@ -323,10 +342,16 @@ class Store:
         files = [d / f"{model}.nc" for d in self.directories]
         if len(files) == 1:
             with xr.open_dataset(files[0], group=layer, engine="netcdf4") as ds:
-                return validate_activation(ds[VARIABLE].load(), where=f"{files[0]}:/{layer}")
+                size = ds[VARIABLE].size * ds[VARIABLE].dtype.itemsize
+                if size <= EAGER_BYTES or not _has_dask():
+                    return validate_activation(ds[VARIABLE].load(), where=f"{files[0]}:/{layer}")
+            # Large: read on demand, chunk by chunk, so that memory does not grow with the samples.
+            ds = xr.open_dataset(files[0], group=layer, engine="netcdf4", chunks={})
+            return validate_activation(ds[VARIABLE], where=f"{files[0]}:/{layer}")
         # Several shards are opened lazily as one dask-backed array (the 'dask' extra).
         require("dask.array", "dask", f"reading {model!r} at {layer!r} from a store of {len(files)} shards")
-        ds = xr.open_mfdataset(files, group=layer, engine="netcdf4", combine="nested", concat_dim="sample")
+        # chunks={}: one dask chunk per storage chunk of a file, not one per shard.
+        ds = xr.open_mfdataset(files, group=layer, engine="netcdf4", combine="nested", concat_dim="sample", chunks={})
         return validate_activation(ds[VARIABLE], where=f"{files[0].name} (+{len(files) - 1} shards):/{layer}")
 
     def moments(self, model: str, layer: str) -> Moments:
@@ -372,22 +397,50 @@ def _checkpoint_samples(directory: Path) -> int | None:
 
 
 def _batches(
-    data: ImageDataset, positions: np.ndarray, batch_size: int, workers: int = 0
+    data: ImageDataset,
+    positions: np.ndarray,
+    batch_size: int,
+    workers: int | None = None,
+    device: torch.device | None = None,
 ) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
     # An ImageDataset is a map-style dataset of (image, label) pairs, as the loader expects.
     dataset = cast("torch.utils.data.Dataset[tuple[torch.Tensor, int]]", data)
     subset = torch.utils.data.Subset(dataset, positions.tolist())
-    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=workers)
+    loader = make_loader(subset, batch_size, device=device, workers=workers)
     start = 0
     for images, labels in loader:
         yield positions[start : start + len(images)], images, labels
         start += len(images)
 
 
+def _has_dask() -> bool:
+    try:
+        import dask.array  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _statistics_on_device(device: torch.device) -> bool:
+    """Whether the statistics' products of a model on ``device`` run there (CUDA) or on the host."""
+    # The host (the CPU device itself, compared as a device) takes NumPy's BLAS; MPS has no float64.
+    return device != torch.device("cpu") and device.type != "mps"
+
+
+def _statistics_rows(output: torch.Tensor, reduce: str) -> torch.Tensor:
+    """The per-sample rows of the statistics, on the output's device: a map's spatial mean (max for ``"max"``)."""
+    out = output.detach().float()
+    if out.ndim > 2:
+        out = out.flatten(2).amax(dim=2) if reduce == "max" else out.flatten(2).mean(dim=2)
+    return out.clone()  # a later in-place op must not change it
+
+
 def _forward(model: nn.Module, images: torch.Tensor, name: str, data: ImageDataset) -> torch.Tensor:
     try:
-        return model(images.to(model_device(model)))
+        return model(to_device(images, model_device(model)))
     except RuntimeError as exc:  # almost always an input the architecture cannot take
+        if device_mix(exc) is not None:
+            raise  # the model itself keeps a tensor on another device: the runner says which
         raise ConfigError(
             f"model {name!r} cannot run on images of shape {tuple(images.shape[1:])} from dataset "
             f"{data.name!r}: {str(exc).splitlines()[0]}"
@@ -431,9 +484,9 @@ def _join_chunks(path: Path, chunk_files: Sequence[Path], model: str, layers: Se
                         for dim, size in zip(dims[1:], values.shape[1:]):
                             g.createDimension(dim, size)
                             g.createVariable(dim, "i8", (dim,))[:] = np.arange(size)
-                        var = g.createVariable(
-                            VARIABLE, "f4", dims, zlib=False, chunksizes=(min(n, 1024), *values.shape[1:])
-                        )
+                        per_sample = 4 * int(np.prod(values.shape[1:]))
+                        rows = max(1, min(n, 1024, STORAGE_CHUNK_BYTES // per_sample))
+                        var = g.createVariable(VARIABLE, "f4", dims, zlib=False, chunksizes=(rows, *values.shape[1:]))
                         var.coordinates = "label model layer"
                     g[VARIABLE][offset : offset + n] = values
                     g["sample"][offset : offset + n] = ids
@@ -531,15 +584,20 @@ def collect_store(
     work.mkdir(parents=True, exist_ok=True)
 
     captured: dict[str, dict[str, np.ndarray]] = {m: {} for m in models}
-    captured_rows: dict[str, dict[str, np.ndarray]] = {m: {} for m in models}
+    # The rows the moments and co-moments read: host arrays, or on an accelerator tensors
+    # that stay there (the products of every batch run on the device, see CoMoments.update).
+    captured_rows: dict[str, dict[str, Any]] = {m: {} for m in models}
     handles = []
     for m in models:
+        on_device = _statistics_on_device(model_device(models[m]))
 
-        def sink(layer: str, output: torch.Tensor, _m: str = m) -> None:
+        def sink(layer: str, output: torch.Tensor, _m: str = m, _on_device: bool = on_device) -> None:
             if spec.positions and output.ndim > 2:
                 # channels last, then one row per (sample, position)
                 rows = output.detach().movedim(1, -1).reshape(-1, output.shape[1])
-                captured_rows[_m][layer] = owned_array(rows, output)
+                captured_rows[_m][layer] = rows.float().clone() if _on_device else owned_array(rows, output)
+            elif _on_device:
+                captured_rows[_m][layer] = _statistics_rows(output, spec.reduce)
             captured[_m][layer] = summarise(output, spec.reduce)
 
         handles += attach_recorders(models[m], spec.layers[m], sink, m)
@@ -552,11 +610,9 @@ def collect_store(
             model.eval()
         remaining = positions[done:]
         total_batches = -(-len(remaining) // spec.batch_size)
-        batches = progress(
-            _batches(data, remaining, spec.batch_size, spec.workers),
-            desc=f"collecting {', '.join(models)}",
-            total=total_batches,
-        )
+        first_device = model_device(next(iter(models.values())))
+        timed = TimedBatches(_batches(data, remaining, spec.batch_size, spec.workers, first_device))
+        batches = progress(timed, desc=f"collecting {', '.join(models)}", total=total_batches)
         # NumPy's BLAS (the covariance products) single-threaded: its idle threads spin
         # after each product and take the cores from torch's threads in the next forward
         # pass. Only BLAS libraries are limited; torch's OpenMP pool keeps its size.
@@ -583,6 +639,8 @@ def collect_store(
                     done = _flush(work, data, spec, chunk, acc, done, full_key, len(positions))
             if chunk.size:
                 done = _flush(work, data, spec, chunk, acc, done, full_key, len(positions))
+        # Whether more loader workers would help: the share of the pass spent waiting for batches.
+        log.info("collecting: %.0f%% of %.1f s waiting for data", 100 * timed.share, timed.elapsed)
     finally:
         for h in handles:
             h.remove()
@@ -626,6 +684,8 @@ class _Chunk:
         return self.size >= self.capacity
 
     def add(self, positions: np.ndarray, summaries: Mapping[str, Mapping[str, np.ndarray]]) -> None:
+        if not any(self.arrays.values()):
+            self._bound(len(positions), summaries)
         start, stop = self.size, self.size + len(positions)
         self.positions[start:stop] = positions
         for m, layers in self.layers.items():
@@ -639,6 +699,14 @@ class _Chunk:
 
     def clear(self) -> None:
         self.size = 0
+
+    def _bound(self, batch: int, summaries: Mapping[str, Mapping[str, np.ndarray]]) -> None:
+        """Fewer samples per chunk when ``capacity`` of them would pass :data:`CHUNK_BYTES` (whole batches)."""
+        per_sample = sum(
+            4 * int(np.prod(summaries[m][layer].shape[1:])) for m, layers in self.layers.items() for layer in layers
+        )
+        if per_sample * self.capacity > CHUNK_BYTES:
+            self.capacity = max(batch, CHUNK_BYTES // per_sample // batch * batch)
 
 
 def _flush(

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from .batchnorm import running_stat_keys
 from .components import Context, MergeResult
+from .devices import float64_device
 from .errors import ConfigError
 
 # check_compatible, check_finite, average_states and build_model moved to mergescope.states; they stay
@@ -150,7 +151,8 @@ def task_vectors(
                     f"parameter {key!r} has shape {tuple(base.shape)} in the base model "
                     f"but {tuple(tuned.shape)} in model {label!r}"
                 )
-            tau[key] = tuned.detach().to(device=base.device, dtype=torch.float64) - base.detach().to(torch.float64)
+            wide = float64_device(base.device)
+            tau[key] = tuned.detach().to(device=wide, dtype=torch.float64) - base.detach().to(wide, torch.float64)
         out.append(tau)
     return out
 
@@ -299,10 +301,9 @@ def add_to_base(
         if key in overrides:
             out[key] = overrides[key].detach().to(device=tensor.device, dtype=tensor.dtype).clone()
         elif key in delta:
-            total = tensor.detach().to(torch.float64) + float(scaling) * delta[key].to(
-                device=tensor.device, dtype=torch.float64
-            )
-            out[key] = total.to(tensor.dtype)
+            wide = float64_device(tensor.device)
+            total = tensor.detach().to(wide, torch.float64) + float(scaling) * delta[key].to(wide, torch.float64)
+            out[key] = total.to(device=tensor.device, dtype=tensor.dtype)
         else:
             out[key] = tensor.detach().clone()
     return out

@@ -19,6 +19,7 @@ from torch import nn
 from . import checkpoints
 from .batchnorm import reset_batchnorm
 from .keys import OMIT_DEFAULT_FROM_KEY, cache_key
+from .loading import make_loader, to_device
 from .progress import Progress, silent
 from .validators import boolean, non_negative, non_negative_int, one_of, positive, positive_int
 from .values import Architecture, DatasetSource, ImageDataset, model_device
@@ -120,16 +121,16 @@ def train_classifier(
         shuffle = torch.Generator().manual_seed(training.seed)
         # An ImageDataset is a map-style dataset of (image, label) pairs, as the loader expects.
         dataset = cast("torch.utils.data.Dataset[tuple[torch.Tensor, int]]", data)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=training.batch_size, shuffle=True, generator=shuffle)
+        device = model_device(model)
+        loader = make_loader(dataset, training.batch_size, device=device, shuffle=True, generator=shuffle)
         optimizer = _make_optimizer(model, training)
         progress = progress or silent
         epochs = progress(range(training.epochs), desc=f"training on {data.name}", total=training.epochs)
-        device = model_device(model)
         model.train()
         for _ in epochs:
             total, count = 0.0, 0
             for cpu_images, cpu_labels in loader:
-                images, labels = cpu_images.to(device), cpu_labels.to(device)
+                images, labels = to_device(cpu_images, device), to_device(cpu_labels, device)
                 optimizer.zero_grad(set_to_none=True)
                 loss = nn.functional.cross_entropy(model(images), labels)
                 loss.backward()

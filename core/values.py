@@ -17,6 +17,8 @@ import torch
 import xarray as xr
 from torch import nn
 
+from .loading import make_loader, to_device
+
 __all__ = [
     "ImageDataset",
     "TensorImageDataset",
@@ -249,15 +251,15 @@ def evaluate(
     """
     # An ImageDataset is a map-style dataset of (image, label) pairs, as the loader expects.
     dataset = cast("torch.utils.data.Dataset[tuple[torch.Tensor, int]]", data)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
     model.eval()
     device = model_device(model)
+    loader = make_loader(dataset, batch_size, device=device)
     total_loss, correct, count = 0.0, 0, 0
     keep = None if restrict_to is None else torch.as_tensor(sorted(restrict_to), dtype=torch.long, device=device)
     with torch.no_grad():
         for images, cpu_labels in loader:
-            labels = cpu_labels.to(device)
-            logits = model(images.to(device)).float()
+            labels = to_device(cpu_labels, device)
+            logits = model(to_device(images, device)).float()
             if int(labels.max()) >= logits.shape[1]:
                 raise ValueError(
                     f"{data.name!r} has labels up to {int(labels.max())} but the model outputs {logits.shape[1]} "

@@ -38,6 +38,9 @@ __all__ = ["clip_delta", "set_similarities", "ClipDelta", "register_metrics"]
 
 # Elements of one (sample, unit) chunk read at a time from in-memory activations.
 _CHUNK_ELEMENTS = 1 << 22
+# Most bytes of one dask-backed input read by one computation (a stored chunk may be a
+# whole shard of a joined store).
+_READ_BYTES = 64 * 2**20
 # Images fetched and embedded per call of the embedder (bounds image memory).
 _IMAGES_PER_CALL = 256
 
@@ -162,7 +165,7 @@ def _top_sets(a: xr.DataArray, b: xr.DataArray, k: int) -> tuple[np.ndarray, np.
     top_a, top_b = TopK(units, k), TopK(units, k)
     low = np.full((2, units), np.inf)
     high = np.full((2, units), -np.inf)
-    for ids, xa, xb in paired_chunks(a, b):
+    for ids, xa, xb in paired_chunks(a, b, read_bytes=_READ_BYTES):
         for which, (top, values) in enumerate(((top_a, xa), (top_b, xb))):
             try:
                 top.update(values, ids)
@@ -225,7 +228,9 @@ class ClipDelta:
         ``"efficientnet-lite0-features"`` by default, ``"open-clip"`` for CLIP as in the
         study (needs its weights; see that embedder).
     embedder_options
-        The embedder's options, a table (e.g. ``{pretrained = "/path/model.bin"}``).
+        The embedder's options, a table (e.g. ``{pretrained = "/path/model.bin"}``). An
+        embedder with a ``device`` option runs on the step's device (where the models
+        are) unless this table names another.
     """
 
     name: ClassVar[str] = "clip-delta"
@@ -244,11 +249,17 @@ class ClipDelta:
     # Embeddings by sample id of the dataset last scored on: a step scores many layers and
     # model pairs over one dataset, and their top-k sets share most images.
     _embedded: dict[str, Any] = attrs.field(factory=dict, init=False, eq=False, repr=False)
-    # ((embedder, options), instance): built once, rebuilt only if those options change.
+    # ((embedder, options, device), instance): built once, rebuilt only if those change.
     _embedder_instance: Any = attrs.field(default=None, init=False, eq=False, repr=False)
 
-    def make_embedder(self) -> Any:
+    def make_embedder(self, device: Any = None) -> Any:
         """The embedder named by ``embedder`` with ``embedder_options``, created once per metric.
+
+        Parameters
+        ----------
+        device
+            Where the step runs (its context's ``device``): an embedder with a
+            ``device`` option runs there unless ``embedder_options`` names one.
 
         Raises
         ------
@@ -257,11 +268,14 @@ class ClipDelta:
         mergescope.errors.ConfigError
             An embedder option is unknown or has a bad value.
         """
-        key = (self.embedder, repr(self.embedder_options))
+        key = (self.embedder, repr(self.embedder_options), None if device is None else str(device))
         if self._embedder_instance is None or self._embedder_instance[0] != key:
             cls = mergescope.get_registry().get("embedder", self.embedder)
             label = f"embedder {self.embedder!r} (option 'embedder_options' of metric {self.name!r})"
-            self._embedder_instance = (key, structure_options(cls, self.embedder_options, label=label))
+            options = dict(self.embedder_options)
+            if device is not None and "device" not in options and attrs.has(cls) and "device" in attrs.fields_dict(cls):
+                options["device"] = str(device)  # the step's device, where the models are
+            self._embedder_instance = (key, structure_options(cls, options, label=label))
         return self._embedder_instance[1]
 
     def score(self, a: xr.DataArray, b: xr.DataArray, context: Context | None = None) -> xr.DataArray:
@@ -324,7 +338,9 @@ class ClipDelta:
                 RuntimeWarning,
                 stacklevel=2,
             )
-        return self._label(_delta(within, between, others), within, between, others, a, b)
+        return self._label(
+            _delta(within, between, others), within, between, others, a, b, getattr(context, "device", None)
+        )
 
     def _embed(self, ids: np.ndarray, context: Context) -> np.ndarray:
         """Embeddings ``(len(ids), d)`` of the images with these sample ids, each embedded once."""
@@ -334,7 +350,7 @@ class ClipDelta:
             self._embedded.update(source=source, vectors={})
         known: dict[int, np.ndarray] = self._embedded["vectors"]
         missing = np.asarray([i for i in ids.tolist() if i not in known], dtype=np.int64)
-        embedder = self.make_embedder() if len(missing) else None
+        embedder = self.make_embedder(getattr(context, "device", None)) if len(missing) else None
         for start in range(0, len(missing), _IMAGES_PER_CALL):
             chunk = missing[start : start + _IMAGES_PER_CALL]
             out = np.asarray(embedder.embed(context.images(chunk)))
@@ -346,12 +362,14 @@ class ClipDelta:
             known.update(zip(chunk.tolist(), out.astype(np.float64, copy=False)))
         return np.stack([known[i] for i in ids.tolist()])
 
-    def _identity(self) -> str:
-        embedder = self.make_embedder()
+    def _identity(self, device: Any = None) -> str:
+        embedder = self.make_embedder(device)
         identity = getattr(embedder, "identity", None)
         if callable(identity):
             return str(identity())
         options = unstructure_options(embedder)
+        if "device" not in self.embedder_options:
+            options.pop("device", None)  # where it ran (the step's device) does not change what it is
         return f"{self.embedder} {options}" if options else self.embedder
 
     def _label(
@@ -362,6 +380,7 @@ class ClipDelta:
         others: np.ndarray,
         a: xr.DataArray,
         b: xr.DataArray,
+        device: Any = None,
     ) -> xr.DataArray:
         coords = score_coords(a, b)
         if "unit" not in coords:
@@ -369,7 +388,7 @@ class ClipDelta:
         coords["similarity_within"] = ("unit", within)
         coords["similarity_between"] = ("unit", between)
         coords["similarity_others"] = ("unit", others)
-        coords["embedder"] = ((), self._identity())
+        coords["embedder"] = ((), self._identity(device))
         return xr.DataArray(np.asarray(delta, dtype=np.float64), dims=("unit",), coords=coords, name="clip_delta")
 
     def describe(self, result: xr.DataArray) -> str:

@@ -27,14 +27,18 @@ keeps its ``k * batch`` largest values of ``f_i * sum_m ||d_i^m||`` and zeroes t
 after training, a latent fires when that value exceeds a threshold estimated during
 training (the mean over the last epoch's batches of the smallest value kept).
 
+A model may also give several layers at once: every (model, layer) pair then has its
+own decoder block and its own scale, the sparsity term sums the norms of all blocks,
+and a model's decoder norm (which the classes read) is the norm over all its blocks.
+
 Training streams the activations chunk by chunk (they may be dask-backed, opened
-lazily from netCDF), so memory does not grow with the dataset; it checkpoints to disk,
-resumes an interrupted run, and stops cleanly when the loss diverges.
+lazily from netCDF), so memory does not grow with the dataset; it runs on the step's
+device at its precision, checkpoints to disk (device-independent), resumes an
+interrupted run on any device, and stops cleanly when the loss diverges.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import itertools
 import json
@@ -53,8 +57,10 @@ import xarray as xr
 from torch import nn
 
 from mergescope.components import Context
+from mergescope.devices import autocast
 from mergescope.errors import ConfigError, ContractError
 from mergescope.hookspecs import hookimpl
+from mergescope.keys import OMIT_DEFAULT_FROM_KEY
 from mergescope.storage import atomic_path
 from mergescope.validators import (
     as_float,
@@ -137,15 +143,20 @@ def _class_order(label: str) -> tuple[int, str]:
 
 @attrs.define
 class _Inputs:
-    """The activations of every model, checked, as readers of row chunks."""
+    """The activations of every source (one layer of one model), checked, as readers of row chunks.
+
+    A model gives one source per layer; its sources are adjacent, in the order given,
+    and the encoder reads the units of all sources side by side in that order.
+    """
 
     models: list[str]
-    arrays: list[xr.DataArray]  # dims ("sample", "unit"[, "y", "x"])
-    units: list[int]
+    sources: list[tuple[str, str | None]]  # (model, layer) of every source
+    arrays: list[xr.DataArray]  # per source, dims ("sample", "unit"[, "y", "x"])
+    units: list[int]  # per source
     sample_ids: np.ndarray
-    layers: list[str | None]  # each model's scalar 'layer' coord
     positions: int  # rows per sample: 1 when pooled, y * x for positions
     pool: bool  # maps averaged over space into one row per sample
+    multi: bool  # some model gives more than one layer
     _whole: np.ndarray | None = attrs.field(default=None, init=False, repr=False)
 
     @property
@@ -157,16 +168,39 @@ class _Inputs:
         return self.samples * self.positions
 
     @property
-    def layer(self) -> str | None:
-        """The layer of the first model that names one."""
-        return next((layer for layer in self.layers if layer is not None), None)
+    def owner(self) -> np.ndarray:
+        """The model index of every source."""
+        return np.array([self.models.index(m) for m, _ in self.sources], dtype=np.int64)
 
-    def where(self, model: str) -> str:
-        layer = self.layers[self.models.index(model)]
+    @property
+    def layer(self) -> str | None:
+        """The layer of the first source that names one."""
+        return next((layer for _, layer in self.sources if layer is not None), None)
+
+    @property
+    def source_names(self) -> list[str]:
+        """``"<model>/<layer>"`` for every source (the model alone when it gives no layer name)."""
+        return [m if layer is None else f"{m}/{layer}" for m, layer in self.sources]
+
+    def label(self, source: int) -> str:
+        """A source's name in messages: its model's, unless that model gives several layers."""
+        return self.source_names[source] if self.multi else self.sources[source][0]
+
+    def at(self) -> str:
+        """`` at layer 'x'`` (or the list of layers) for messages; empty when no layer is named."""
+        layers = list(dict.fromkeys(layer for _, layer in self.sources if layer is not None))
+        if not layers:
+            return ""
+        if len(layers) == 1:
+            return f" at layer {layers[0]!r}"
+        return " at layers " + ", ".join(repr(layer) for layer in layers)
+
+    def where(self, source: int) -> str:
+        model, layer = self.sources[source]
         return f"model {model!r}" + (f" at layer {layer!r}" if layer is not None else " (no 'layer' coord)")
 
     def read(self, start: int, stop: int) -> np.ndarray:
-        """Rows of samples ``start:stop``, every model's units side by side: ``(rows, sum of units)`` float32."""
+        """Rows of samples ``start:stop``, every source's units side by side: ``(rows, sum of units)`` float32."""
         if (start, stop) == (0, self.samples):
             return self.whole()
         return self.gather([(start, stop)])
@@ -183,87 +217,148 @@ class _Inputs:
         out = np.empty((samples * self.positions, sum(self.units)), dtype=np.float32)
         offset = 0
         for a, units in zip(self.arrays, self.units):
-            if a.chunks is not None:
-                # Every dask computation has a fixed cost: one per model for all the ranges.
-                parts = [a.data[start:stop] for start, stop in ranges]
-                values = (parts[0] if len(parts) == 1 else _dask_concatenate(parts)).compute()
-            else:
-                parts = [a.isel(sample=slice(start, stop)).values for start, stop in ranges]
-                values = parts[0] if len(parts) == 1 else np.concatenate(parts)
-            values = np.asarray(values, dtype=np.float32)
-            if values.ndim == 4:
-                if self.pool:
-                    values = values.mean(axis=(2, 3), dtype=np.float32)
-                else:  # every spatial position is a row, images stay contiguous
-                    values = values.transpose(0, 2, 3, 1).reshape(-1, units)
-            out[:, offset : offset + units] = values
+            row = 0
+            for start, stop in ranges:
+                if a.chunks is not None:
+                    # One computation per range: dask then reads only the range from a stored
+                    # chunk, while ranges computed together read their whole chunks (and a file
+                    # opened with open_mfdataset is a single chunk).
+                    values = np.asarray(a.data[start:stop].compute(), dtype=np.float32)
+                else:
+                    values = np.asarray(a.isel(sample=slice(start, stop)).values, dtype=np.float32)
+                if values.ndim == 4:
+                    if self.pool:
+                        values = values.mean(axis=(2, 3), dtype=np.float32)
+                    else:  # every spatial position is a row, images stay contiguous
+                        values = values.transpose(0, 2, 3, 1).reshape(-1, units)
+                out[row : row + len(values), offset : offset + units] = values
+                row += len(values)
+                del values  # one range of one source at a time besides the output
             offset += units
-            del values  # one model's block at a time besides the output
         return out
 
 
-def _dask_concatenate(arrays: Sequence[Any]) -> Any:
-    import dask.array
-
-    return dask.array.concatenate(arrays, axis=0)
+_DIMS = ({"sample", "unit"}, {"sample", "unit", "y", "x"})
 
 
-def _check_inputs(activations: Mapping[str, xr.DataArray], samples: str) -> _Inputs:
+def _layers_of(model: str, given: Any) -> list[tuple[str | None, Any]]:
+    """``(layer, array)`` of every layer a model gives: one DataArray, a mapping layer -> DataArray, or a list."""
+    if isinstance(given, xr.DataArray):
+        return [(_layer_coord(given), given)]
+    if isinstance(given, Mapping):
+        pairs = [(str(layer), a) for layer, a in given.items()]
+        what = "mapping"
+    elif isinstance(given, Sequence) and not isinstance(given, (str, bytes)):
+        pairs = [(_layer_coord(a) if isinstance(a, xr.DataArray) else None, a) for a in given]
+        what = "list"
+    else:
+        raise ContractError(
+            f"crosscoder: activations of model {model!r} must be an xarray.DataArray, a mapping layer -> DataArray "
+            f"or a list of DataArrays, got {type(given).__name__}"
+        )
+    if not pairs:
+        raise ContractError(f"crosscoder: model {model!r} gives an empty {what} of layers; give at least one")
+    for i, (layer, a) in enumerate(pairs):
+        name = repr(layer) if what == "mapping" else f"#{i}"
+        if not isinstance(a, xr.DataArray):
+            raise ContractError(
+                f"crosscoder: activations of model {model!r}, layer {name}, must be an xarray.DataArray, "
+                f"got {type(a).__name__}"
+            )
+    if what == "list" and len(pairs) > 1:
+        unnamed = [i for i, (layer, _) in enumerate(pairs) if layer is None]
+        if unnamed:
+            raise ContractError(
+                f"crosscoder: the activations of model {model!r} are a list of {len(pairs)} layers, but #{unnamed[0]} "
+                "has no scalar 'layer' coord to name it; give a mapping layer -> DataArray instead"
+            )
+    names = [layer for layer, _ in pairs]
+    repeated = sorted({layer for layer in names if names.count(layer) > 1})
+    if repeated:
+        raise ContractError(f"crosscoder: model {model!r} gives layer {repeated[0]!r} more than once")
+    return pairs
+
+
+def _layer_coord(a: xr.DataArray) -> str | None:
+    return str(a.coords["layer"].values) if "layer" in a.coords and a.coords["layer"].ndim == 0 else None
+
+
+def _check_inputs(activations: Mapping[str, Any], samples: str) -> _Inputs:
+    """Check the activations and make the readers; every message names the model and layer at fault.
+
+    ``activations`` maps each model to one DataArray (one layer), to a mapping
+    layer -> DataArray, or to a list of DataArrays named by their ``layer`` coord.
+    """
     if not isinstance(activations, Mapping) or len(activations) < 2:
         got = len(activations) if isinstance(activations, Mapping) else type(activations).__name__
         raise ContractError(f"crosscoder: needs the activations of at least 2 models, got {got}")
     models = [str(m) for m in activations]
-    arrays, layers = [], []
-    for name, a in activations.items():
-        if not isinstance(a, xr.DataArray):
-            raise ContractError(
-                f"crosscoder: activations of model {name!r} must be an xarray.DataArray, got {type(a).__name__}"
-            )
-        has_layer = "layer" in a.coords and a.coords["layer"].ndim == 0
-        layers.append(str(a.coords["layer"].values) if has_layer else None)
+    if len(set(models)) != len(models):
+        raise ContractError(f"crosscoder: model names must be distinct as strings, got {models}")
+    sources: list[tuple[str, str | None]] = []
+    arrays = []
+    for model, given in zip(models, activations.values()):
+        for layer, a in _layers_of(model, given):
+            sources.append((model, layer))
+            arrays.append(a)
+    multi = len(sources) > len(models)
+    inputs = _Inputs(models, sources, [], [], np.arange(0), 1, pool=samples == "pooled", multi=multi)
+    checked = []
+    for i, a in enumerate(arrays):
+        where = inputs.where(i)
         dims = set(a.dims)
-        if dims not in ({"sample", "unit"}, {"sample", "unit", "y", "x"}):
+        if dims not in _DIMS or len(a.dims) != len(dims):
             raise ContractError(
-                f"crosscoder: activations of model {name!r} have dims {a.dims}; expected ('sample', 'unit') "
+                f"crosscoder: activations of {where} have dims {a.dims}; expected ('sample', 'unit') "
                 "or ('sample', 'unit', 'y', 'x')"
             )
-        arrays.append(a.transpose("sample", "unit", *(("y", "x") if "y" in dims else ())))
+        if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer) or a.dtype == bool):
+            raise ContractError(f"crosscoder: activations of {where} have dtype {a.dtype}; expected real numbers")
+        if a.sizes["unit"] == 0:
+            raise ContractError(f"crosscoder: activations of {where} have no units")
+        checked.append(a.transpose("sample", "unit", *(("y", "x") if "y" in dims else ())))
+    arrays = checked
+    first = inputs.label(0)
     n = arrays[0].sizes["sample"]
-    for name, a in zip(models, arrays):
+    for i, a in enumerate(arrays):
         if a.sizes["sample"] != n:
             raise ContractError(
-                f"crosscoder: model {models[0]!r} has {n} samples but {name!r} has {a.sizes['sample']}; "
+                f"crosscoder: {first!r} has {n} samples but {inputs.label(i)!r} has {a.sizes['sample']}; "
                 "every model must be recorded on the same samples"
             )
     ids = np.asarray(arrays[0]["sample"].values) if "sample" in arrays[0].coords else np.arange(n)
-    for name, a in zip(models[1:], arrays[1:]):
+    for i, a in enumerate(arrays[1:], start=1):
         other = np.asarray(a["sample"].values) if "sample" in a.coords else np.arange(n)
         differ = int(np.count_nonzero(ids != other))
         if differ:
             raise ContractError(
-                f"crosscoder: the 'sample' coords of {models[0]!r} and {name!r} differ at {differ} of {n} positions; "
-                "every model must be recorded on the same samples in the same order"
+                f"crosscoder: the 'sample' coords of {first!r} and {inputs.label(i)!r} differ at {differ} of {n} "
+                "positions; every model must be recorded on the same samples in the same order"
             )
     if n == 0:
         raise ContractError("crosscoder: the activations hold no samples")
-    maps = ["y" in a.dims for a in arrays]
     positions = 1
     if samples == "positions":
-        if not all(maps):
-            flat = [m for m, is_map in zip(models, maps) if not is_map]
+        flat = [inputs.label(i) for i, a in enumerate(arrays) if "y" not in a.dims]
+        if flat:
             raise ContractError(
                 f"crosscoder: samples = 'positions' needs spatial maps (sample, unit, y, x), but {flat} hold "
                 "channel summaries (sample, unit); record with reduce = 'none' or use samples = 'pooled'"
             )
-        shapes = {(a.sizes["y"], a.sizes["x"]) for a in arrays}
-        if len(shapes) != 1:
+        shapes = [(a.sizes["y"], a.sizes["x"]) for a in arrays]
+        if len(set(shapes)) != 1:
+            sizes = ", ".join(f"{inputs.where(i)}: {y}x{x}" for i, (y, x) in enumerate(shapes))
             raise ContractError(
-                f"crosscoder: samples = 'positions' needs maps of one spatial size in every model, got {sorted(shapes)}"
+                "crosscoder: samples = 'positions' makes every spatial position a row, so the maps of every model "
+                f"and layer need one spatial size, got {sizes}; use samples = 'pooled' for layers of different sizes"
             )
-        y, x = shapes.pop()
+        y, x = shapes[0]
         positions = y * x
-    units = [a.sizes["unit"] for a in arrays]
-    return _Inputs(models, arrays, units, ids, layers, positions, pool=samples == "pooled")
+    inputs.arrays = arrays
+    inputs.units = [a.sizes["unit"] for a in arrays]
+    inputs.sample_ids = ids
+    inputs.positions = positions
+    return inputs
 
 
 # Blocks per training chunk: more mixes the data better, fewer reads faster.
@@ -281,33 +376,40 @@ class _Survey:
     """What one pass over the inputs learns before training."""
 
     digest: str
-    scale: np.ndarray  # (models,)
+    scale: np.ndarray  # (sources,)
     mean: np.ndarray  # (sum of units,) of the scaled rows
 
 
 def _survey(inputs: _Inputs, chunks: Sequence[tuple[int, int]], context: Context) -> _Survey:
-    """Check for NaN, hash the contents and measure each model's scale, in one pass."""
+    """Check for NaN, hash the contents and measure each source's scale, in one pass.
+
+    This pass stays on the host in NumPy: it is bound by reading the data, and its
+    float64 sums need no device.
+    """
     h = hashlib.sha256()
-    h.update(json.dumps([inputs.models, inputs.units, inputs.positions, inputs.pool]).encode())
+    described: list[Any] = [inputs.models, inputs.units, inputs.positions, inputs.pool]
+    if inputs.multi:  # which units belong to which layer of which model
+        described.append([list(s) for s in inputs.sources])
+    h.update(json.dumps(described).encode())
     h.update(np.ascontiguousarray(inputs.sample_ids).tobytes())
-    sq = np.zeros(len(inputs.models))
+    n_sources = len(inputs.sources)
+    sq = np.zeros(n_sources)
     sums = [np.zeros(u) for u in inputs.units]
     offsets = np.cumsum([0, *inputs.units])
     for start, stop in context.progress(chunks, desc="crosscoder: reading activations", total=len(chunks)):
         rows = inputs.read(start, stop)
         h.update(memoryview(rows).cast("B"))
-        for m in range(len(inputs.models)):
-            values = rows[:, offsets[m] : offsets[m + 1]]
+        for s in range(n_sources):
+            values = rows[:, offsets[s] : offsets[s + 1]]
             if not np.isfinite(values).all():
                 bad = ~np.isfinite(values).all(axis=1)
                 first = inputs.sample_ids[start + int(np.argmax(bad)) // inputs.positions].item()
                 what = "NaN" if np.isnan(values).any() else "infinite values"
                 raise ContractError(
-                    f"crosscoder: the activations of {inputs.where(inputs.models[m])} contain {what} "
-                    f"(first at sample {first!r})"
+                    f"crosscoder: the activations of {inputs.where(s)} contain {what} (first at sample {first!r})"
                 )
-            sq[m] += float(np.einsum("ij,ij->", values, values, dtype=np.float64))
-            sums[m] += values.sum(axis=0, dtype=np.float64)
+            sq[s] += float(np.einsum("ij,ij->", values, values, dtype=np.float64))
+            sums[s] += values.sum(axis=0, dtype=np.float64)
         del rows, values  # before the next chunk is read
     rows = inputs.rows
     mean_sq = sq / rows
@@ -321,9 +423,9 @@ def _survey(inputs: _Inputs, chunks: Sequence[tuple[int, int]], context: Context
 
 
 class _Coder(nn.Module):
-    """Shared encoder over the concatenated inputs, one decoder block per model."""
+    """Shared encoder over the concatenated inputs, one decoder block per source."""
 
-    def __init__(self, units: Sequence[int], latents: int) -> None:
+    def __init__(self, units: Sequence[int], latents: int, owner: Sequence[int] | None = None) -> None:
         super().__init__()
         width = int(sum(units))
         self.encoder = nn.Parameter(torch.empty(width, latents))
@@ -332,14 +434,24 @@ class _Coder(nn.Module):
         self.decoder_bias = nn.Parameter(torch.zeros(width))
         member = torch.zeros(width, len(units))
         offsets = np.cumsum([0, *units])
-        for m in range(len(units)):
-            member[offsets[m] : offsets[m + 1], m] = 1.0
+        for s in range(len(units)):
+            member[offsets[s] : offsets[s + 1], s] = 1.0
         self.register_buffer("membership", member)
+        # Which model owns each unit; derived, so not part of the saved state.
+        owner = np.arange(len(units)) if owner is None else np.asarray(owner)
+        models = torch.zeros(width, int(owner.max()) + 1)
+        for s in range(len(units)):
+            models[offsets[s] : offsets[s + 1], int(owner[s])] = 1.0
+        self.register_buffer("model_membership", models, persistent=False)
 
     def decoder_norms(self) -> torch.Tensor:
-        """``(latents, models)``: norm of each latent's decoder vector in each model."""
+        """``(latents, sources)``: norm of each latent's decoder vector in each source."""
         # clamp: sqrt has an infinite gradient at 0 (a decoder block exactly zero).
         return ((self.decoder**2) @ self.membership).clamp_min(1e-20).sqrt()
+
+    def model_norms(self) -> torch.Tensor:
+        """``(latents, models)``: norm of each latent's decoder vector over all the layers of each model."""
+        return ((self.decoder**2) @ self.model_membership).clamp_min(1e-20).sqrt()
 
     def activations(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu((x - self.decoder_bias) @ self.encoder + self.encoder_bias)
@@ -349,16 +461,17 @@ class _Coder(nn.Module):
 
 
 def _initialise(coder: _Coder, init: str, units: Sequence[int], norm: float, mean: np.ndarray, seed: int) -> None:
+    """Seeded initial parameters, drawn on the host: the same on every device."""
     g = torch.Generator().manual_seed(seed)
     latents, width = coder.decoder.shape
     with torch.no_grad():
         if init == "transpose":
-            # Random directions with a small norm in every model's block; the encoder
+            # Random directions with a small norm in every source's block; the encoder
             # starts as the decoder's transpose (Anthropic's crosscoder setup).
             w = torch.randn(latents, width, generator=g)
             offsets = np.cumsum([0, *units])
-            for m in range(len(units)):
-                block = w[:, offsets[m] : offsets[m + 1]]
+            for s in range(len(units)):
+                block = w[:, offsets[s] : offsets[s + 1]]
                 block *= norm / block.norm(dim=1, keepdim=True).clamp_min(1e-12)
             coder.decoder.copy_(w)
             coder.encoder.copy_(w.T)
@@ -370,18 +483,80 @@ def _initialise(coder: _Coder, init: str, units: Sequence[int], norm: float, mea
         coder.decoder_bias.copy_(torch.as_tensor(mean, dtype=torch.float32))
 
 
-def _batchtopk(f: torch.Tensor, weight: torch.Tensor, k: int) -> tuple[torch.Tensor, float | None]:
-    """Keep the ``k * batch`` largest ``f * weight`` of the batch; also the smallest positive value kept."""
+def _batchtopk(f: torch.Tensor, weight: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep the ``k * batch`` largest ``f * weight`` of the batch; also the smallest positive value kept.
+
+    The smallest value is a 0-d tensor on ``f``'s device (infinite when nothing positive
+    was kept), so that reading it does not wait for the device.
+    """
     score = f * weight
     keep = min(k * f.shape[0], score.numel())
     top = torch.topk(score.flatten(), keep, sorted=False)
-    mask = torch.zeros(score.numel(), dtype=f.dtype).scatter_(0, top.indices, 1.0).view_as(f)
+    mask = torch.zeros(score.numel(), dtype=f.dtype, device=f.device).scatter_(0, top.indices, 1.0).view_as(f)
     kept = top.values.detach()
-    positive = kept[kept > 0]
-    return f * mask, (float(positive.min()) if positive.numel() else None)
+    smallest = torch.where(kept > 0, kept, torch.full_like(kept, math.inf)).min()
+    return f * mask, smallest
+
+
+def _to_device(x: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host batch on ``device``; to CUDA through pinned memory, without waiting for the copy."""
+    t = torch.from_numpy(x) if isinstance(x, np.ndarray) else x
+    if device.type != "cuda":
+        # No copy on the CPU. Elsewhere the copy waits: only CUDA's pinned-memory
+        # allocator keeps a host buffer alive until an asynchronous copy is done.
+        return t.to(device)
+    if not t.is_pinned():
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
+def _pinned_take(rows: np.ndarray, index: np.ndarray) -> torch.Tensor:
+    """``rows[index]`` gathered straight into pinned memory (one copy, ready for an asynchronous transfer)."""
+    out = torch.empty((len(index), rows.shape[1]), dtype=torch.float32, pin_memory=True)
+    torch.index_select(torch.from_numpy(rows), 0, torch.from_numpy(np.ascontiguousarray(index)), out=out)
+    return out
+
+
+def _host_float64(t: torch.Tensor) -> np.ndarray:
+    """A device reduction as a float64 host array (MPS reduces in float32: no float64 there)."""
+    return t.detach().cpu().numpy().astype(np.float64, copy=False)
+
+
+def _on_host(obj: Any) -> Any:
+    """``obj`` with every tensor on the host, for device-independent checkpoints (no copy on the CPU)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _on_host(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_on_host(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_on_host(v) for v in obj)
+    return obj
 
 
 # --------------------------------------------------------------------- component
+
+# Training steps between checks of the loss for NaN: each check waits for the device.
+_CHECK_EVERY = 16
+# Latents per block when comparing decoder vectors (bounds the float64 copies).
+_COSINE_ROWS = 1024
+
+
+@attrs.define
+class _Good:
+    """The parameters training falls back to when the loss diverges.
+
+    ``where`` is ``"initial"`` (made again from the seed), ``"checkpoint"`` (the
+    checkpoint file holds them) or ``"host"`` (``params``, a copy in host memory,
+    kept only for epochs that wrote no checkpoint).
+    """
+
+    where: str
+    epoch: int
+    history: list[float]
+    threshold: float
+    params: dict[str, torch.Tensor] | None = None
 
 
 @attrs.define
@@ -403,6 +578,30 @@ class Crosscoder:
     ``dead_density`` (``"none"`` for a live latent whose decoder vectors are all
     zero, which has no relative norm).
 
+    **Several layers at once.** A model may give several layers (see :meth:`fit`).
+    Every (model, layer) pair is then a *source*: its units join the encoder's input,
+    it has its own decoder block ``d_i^{m,l}`` and its own ``normalise`` scale, and the
+    sparsity term sums the norms of all blocks, ``sum_{m,l} ||d_i^{m,l}||``, so a
+    latent can drop the layers it does not use. Classes stay per model: a model's
+    decoder norm is the norm over all its blocks, ``||d^m|| = sqrt(sum_l ||d^{m,l}||^2)``,
+    and the result also holds every block's norm, showing at which layers a latent lives.
+
+    **Devices and precision.** The crosscoder trains and analyses on the step's
+    ``context.device``: host batches go there asynchronously (through pinned memory
+    on CUDA), the parameters and Adam's state stay float32. Under ``context.precision``
+    (``"bf16"`` or ``"fp16"``) only the two large matrix products of training (encoder
+    and decoder) run under autocast; the loss, the decoder norms, the sparsity term and
+    BatchTopK's selection are computed in float32, and fp16 training uses a gradient
+    scaler. The analysis always runs in float32, so its statistics depend on the
+    trained parameters alone. Every statistic is accumulated in float64 (int64 for
+    counts) on the host; per-batch reductions run on the device in float64, or in
+    float32 where the device has no float64 (MPS); the running top-k of every latent
+    (exact float32 activations) stays on the device. A precision other than ``"fp32"``
+    trains other parameters, so it is part of the checkpoint key; the device is not:
+    checkpoints hold host tensors and a run resumes on any device. With
+    ``precision = "fp32"`` a device gives the CPU's results up to floating-point
+    rounding (a different order of summation in the matrix products).
+
     Parameters
     ----------
     dictionary_size
@@ -419,7 +618,8 @@ class Crosscoder:
     l1_warmup
         Fraction of the training steps over which ``l1`` ramps up.
     k
-        Mean number of active latents per row (``"batchtopk"`` only).
+        Mean number of active latents per row (``"batchtopk"`` only); at most
+        ``dictionary_size``.
     learning_rate
         Adam's learning rate; it decays linearly to 0 over the last 20 % of the steps.
     epochs
@@ -438,13 +638,15 @@ class Crosscoder:
         give identical results.
     samples
         ``"pooled"``: one row per sample; spatial maps ``(sample, unit, y, x)`` are
-        averaged over space. ``"positions"``: every spatial position of a map is a row
-        (the maps of all models must have one spatial size).
+        averaged over space (layers of any spatial size mix). ``"positions"``: every
+        spatial position of a map is a row (the maps of all models and layers must have
+        one spatial size).
     normalise
         Scale each model's activations by one scalar so that their mean squared norm
         over the rows equals the model's unit count (the mean squared unit is 1), so no
-        model dominates the loss by its scale. Decoder norms, FVU and the relative norms
-        are measured in this normalised space.
+        model dominates the loss by its scale (with several layers: one scalar per
+        layer of each model). Decoder norms, FVU and the relative norms are measured in
+        this normalised space.
     exclusive_threshold
         Relative-norm threshold of the classes (see above); at most ``1 / N``.
     dead_density
@@ -460,6 +662,31 @@ class Crosscoder:
         Data that fit in one chunk are read once and kept for every epoch.
     checkpoint_every
         Write a checkpoint every this many epochs (and after the last).
+    joint_layers
+        In a pipeline step with several layers: one crosscoder over all of them at once
+        (every (model, layer) pair a source with its own decoder block; classes per
+        model) instead of one crosscoder per layer. The step's node is named
+        ``"layer_a+layer_b"``.
+
+    Notes
+    -----
+    Memory. With ``W`` input units in all (the sum over models and layers), ``L``
+    latents and batches of ``B`` rows, the device holds the float32 encoder and
+    decoder (``8 W L`` bytes), their gradients (``8 W L``) and Adam's two moments
+    (``16 W L``): ``32 W L`` bytes. A step adds passing temporaries: the backward
+    pass of the decoder norms and Adam's update (one tensor at a time) about
+    ``14 W L``, and the batch about ``12 B L + 8 B W``. Measured on the CPU
+    (W = 1536, L = 4096 and 8192) the peak of a step is ``46 W L + 12 B L + 8 B W``
+    bytes within a few percent. For three ResNet-50s at layer4 (``W = 3 * 2048``),
+    ``L = 16384`` and ``B = 4096``: parameters 0.8 GB, with gradients and Adam 3.2 GB,
+    a peak near 5.6 GB (bf16 autocast adds its half-precision copies of the two
+    matrices, ``4 W L``, 0.4 GB). The analysis holds the parameters, no gradients
+    and no Adam state, and ``(2048, L)`` temporaries; its top-k stays
+    ``(2 * topk, L)``. On the host: one chunk of ``chunk_size`` rows (``4 W chunk_size``
+    bytes, 0.4 GB at the default 16384 rows), and a copy of the last good parameters
+    only after an epoch that wrote no checkpoint (never with the default
+    ``checkpoint_every = 1``); writing a checkpoint from another device copies the
+    parameters and Adam's state to the host for the time of the write.
     """
 
     name: ClassVar[str] = "crosscoder"
@@ -486,6 +713,7 @@ class Crosscoder:
     topk: int = attrs.field(default=10, validator=positive_int)
     chunk_size: int = attrs.field(default=16384, validator=positive_int)
     checkpoint_every: int = attrs.field(default=1, validator=positive_int)
+    joint_layers: bool = attrs.field(default=False, validator=boolean, metadata={OMIT_DEFAULT_FROM_KEY: True})
 
     # Options that change the trained parameters (the checkpoint key); the others only
     # change the analysis of a trained crosscoder.
@@ -493,6 +721,14 @@ class Crosscoder:
         "dictionary_size", "sparsity", "l1", "l1_warmup", "k", "learning_rate", "epochs", "batch_size",
         "init", "decoder_init_norm", "seed", "samples", "normalise", "chunk_size",
     )  # fmt: skip
+
+    def __attrs_post_init__(self) -> None:
+        if self.sparsity == "batchtopk" and self.k > self.dictionary_size:
+            raise ConfigError(
+                f"k = {self.k} active latents per row is more than the dictionary_size = {self.dictionary_size} "
+                "latents; choose k <= dictionary_size",
+                where="key 'k'",
+            )
 
     # ------------------------------------------------------------------ public
 
@@ -510,28 +746,34 @@ class Crosscoder:
                 where="key 'samples'",
             )
 
-    def fit(self, activations: Mapping[str, xr.DataArray], context: Context) -> xr.Dataset:
-        """Train the crosscoder on the activations of N models at one layer and describe every latent.
+    def fit(self, activations: Mapping[str, Any], context: Context) -> xr.Dataset:
+        """Train the crosscoder on the activations of N models and describe every latent.
 
         Parameters
         ----------
         activations
-            Model name -> DataArray with dims ``("sample", "unit")`` or
-            ``("sample", "unit", "y", "x")`` over the same samples (same ``sample``
-            coord in the same order); may be dask-backed. Unit counts may differ. The
-            scalar coord ``layer``, when present, names the layer in messages.
+            Model name -> its activations at one layer: a DataArray with dims
+            ``("sample", "unit")`` or ``("sample", "unit", "y", "x")``; every model
+            over the same samples (same ``sample`` coord in the same order); may be
+            dask-backed. Unit counts may differ. The scalar coord ``layer``, when
+            present, names the layer in messages. For several layers at once, a model
+            maps to a mapping layer name -> DataArray, or to a list of DataArrays named
+            by their ``layer`` coords (see the class docstring); models may give
+            different layers.
         context
-            ``progress`` shows the training; checkpoints go to
+            ``progress`` shows the training; ``device`` and ``precision`` say where
+            and how it runs (see the class docstring); checkpoints go to
             ``<workdir>/crosscoder/<key>/`` (the system temp directory when
-            ``workdir`` is ``None``), keyed by the training options and a hash of
-            the activations, and an interrupted fit resumes from the last one.
+            ``workdir`` is ``None``), keyed by the training options, the precision and
+            a hash of the activations, and an interrupted fit resumes from the last
+            one, on any device.
 
         Returns
         -------
         xarray.Dataset
             Dims ``latent``, ``model``, ``pair`` (``"a~b"`` for every pair of models),
-            ``k`` (top samples), ``epoch`` and ``input`` (the concatenated units of all
-            models; coords ``input_model``, ``input_unit``):
+            ``rank`` (top samples), ``epoch`` and ``input`` (the concatenated units of
+            all models; coords ``input_model``, ``input_unit``):
 
             - ``decoder_norm (latent, model)``, ``relative_norm (latent, model)``,
               ``latent_class (latent)`` (see the class docstring),
@@ -555,11 +797,25 @@ class Crosscoder:
               ``decoder (latent, input)``, ``decoder_bias (input)``: the fitted
               crosscoder, applied to ``scale``-multiplied activations.
 
+            When some model gives several layers the result also has the dim
+            ``source`` (one per model and layer, named ``"<model>/<layer>"``, with
+            coords ``source_model`` and ``source_layer``) and the coord
+            ``input_layer``; ``scale`` and ``units`` are per source, and it adds
+            ``source_norm (latent, source)`` (every decoder block's norm: at which
+            layers a latent lives) and ``source_fvu (source)``. ``decoder_norm``,
+            ``fvu`` and ``cosine`` (over the concatenated layers, for models with the
+            same layers' unit counts) stay per model. With one layer per model the
+            result has the scalar coord ``layer`` instead.
+
         Raises
         ------
         mergescope.errors.ContractError
-            (a ``ValueError``) fewer than 2 models, wrong dims, different samples,
-            NaN or infinite activations (naming the model and layer).
+            (a ``ValueError``) fewer than 2 models, wrong dims or dtype, no units,
+            different samples, NaN or infinite activations, layers of different
+            spatial sizes with ``samples = "positions"`` (naming the model and layer).
+        mergescope.errors.ConfigError
+            ``context.precision`` is unknown or not supported on ``context.device``
+            (fp16 on the CPU).
 
         Warns
         -----
@@ -576,10 +832,10 @@ class Crosscoder:
                 f"crosscoder: exclusive_threshold = {self.exclusive_threshold} is above 1/N = {1 / n_models:.3g} for "
                 f"{n_models} models, so a latent could be used by no model; choose at most {1 / n_models:.3g}"
             )
-        where = f" at layer {inputs.layer!r}" if inputs.layer is not None else ""
+        _device_of(context)  # an unsupported precision fails here, before any data is read
         if self.dictionary_size > inputs.rows:
             warnings.warn(
-                f"crosscoder{where}: dictionary_size = {self.dictionary_size} latents for only {inputs.rows} "
+                f"crosscoder{inputs.at()}: dictionary_size = {self.dictionary_size} latents for only {inputs.rows} "
                 "rows; most latents will stay dead or duplicate each other",
                 UserWarning,
                 stacklevel=2,
@@ -607,9 +863,11 @@ class Crosscoder:
 
     # ---------------------------------------------------------------- training
 
-    def _key(self, survey: _Survey) -> str:
+    def _key(self, survey: _Survey, precision: str = "fp32") -> str:
         unused = ("l1", "l1_warmup") if self.sparsity == "batchtopk" else ("k",)
-        options = {k: getattr(self, k) for k in self._TRAINING if k not in unused}
+        options: dict[str, Any] = {k: getattr(self, k) for k in self._TRAINING if k not in unused}
+        if precision != "fp32":  # fp32 keys stay those of checkpoints written before precisions existed
+            options["precision"] = precision
         payload = json.dumps({"format": _FORMAT, "options": options, "data": survey.digest}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()
 
@@ -617,11 +875,21 @@ class Crosscoder:
         root = context.workdir if context.workdir is not None else Path(tempfile.gettempdir()) / "mergescope-crosscoder"
         return Path(root) / "crosscoder" / key[:16]
 
-    def _train(self, inputs: _Inputs, survey: _Survey, context: Context) -> dict:
-        coder = _Coder(inputs.units, self.dictionary_size)
+    def _initial(self, inputs: _Inputs, survey: _Survey) -> _Coder:
+        """The seeded initial crosscoder, on the host."""
+        coder = _Coder(inputs.units, self.dictionary_size, inputs.owner)
         _initialise(coder, self.init, inputs.units, self.decoder_init_norm, survey.mean, self.seed)
-        optimiser = torch.optim.Adam(coder.parameters(), lr=self.learning_rate)
-        key = self._key(survey)
+        return coder
+
+    def _train(self, inputs: _Inputs, survey: _Survey, context: Context) -> dict:
+        device, precision = _device_of(context)
+        coder = self._initial(inputs, survey).to(device)
+        # One tensor at a time: the multi-tensor (foreach) Adam keeps temporaries as
+        # large as all the parameters together.
+        optimiser = torch.optim.Adam(coder.parameters(), lr=self.learning_rate, foreach=False)
+        # fp16 gradients underflow without scaling; bf16 has float32's range.
+        scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        key = self._key(survey, precision)
         path = self._directory(context, key) / _CHECKPOINT
         steps_per_epoch = math.ceil(inputs.rows / self.batch_size)
         total_steps = steps_per_epoch * self.epochs
@@ -629,75 +897,135 @@ class Crosscoder:
         resumed = _load_checkpoint(path, key)
         if resumed is not None:
             coder.load_state_dict(resumed["model"])
-            optimiser.load_state_dict(resumed["optimiser"])
+            optimiser.load_state_dict(resumed["optimiser"])  # moves Adam's moments to the device
+            for group in optimiser.param_groups:
+                group["foreach"] = False  # whatever the writer of the checkpoint used
+            if scaler.is_enabled() and "scaler" in resumed:
+                scaler.load_state_dict(resumed["scaler"])
             state.update(
                 epoch=int(resumed["epoch"]),
                 loss_history=[float(v) for v in resumed["loss_history"]],
                 threshold=float(resumed["threshold"]),
             )
             log.info("crosscoder: resumed from %s after epoch %d", path, state["epoch"])
-        good = (copy.deepcopy(coder.state_dict()), state["epoch"], list(state["loss_history"]), state["threshold"])
-        scale = torch.as_tensor(np.repeat(survey.scale, inputs.units), dtype=torch.float32)
+        good = _Good(
+            "checkpoint" if resumed is not None else "initial",
+            state["epoch"],
+            list(state["loss_history"]),
+            state["threshold"],
+        )
+        del resumed
+        scale = torch.as_tensor(np.repeat(survey.scale, inputs.units), dtype=torch.float32).to(device)
+        take = _pinned_take if device.type == "cuda" else None
         epochs = range(state["epoch"] + 1, self.epochs + 1)
-        where = f" at layer {inputs.layer!r}" if inputs.layer is not None else ""
+        where = inputs.at()
         for epoch in context.progress(epochs, desc=f"crosscoder{where}: training", total=len(epochs)):
-            losses, minima = [], []
-            step = (epoch - 1) * steps_per_epoch
-            bad = None
-            for x in self._batches(inputs, epoch):
-                x = torch.from_numpy(x) * scale
+            losses: list[torch.Tensor] = []
+            minima: list[torch.Tensor] = []
+            first = step = (epoch - 1) * steps_per_epoch
+            for x in self._batches(inputs, epoch, take):
+                x = _to_device(x, device) * scale
                 self._schedule(optimiser, step, total_steps)
-                f = coder.activations(x)
-                norms = coder.decoder_norms().sum(dim=1)
-                if self.sparsity == "batchtopk":
-                    f, smallest = _batchtopk(f, norms, self.k)
-                    if smallest is not None:
-                        minima.append(smallest)
-                    loss = ((coder.decode(f) - x) ** 2).sum(dim=1).mean()
-                else:
-                    coefficient = self.l1 * self._warmup(step, total_steps)
-                    recon = ((coder.decode(f) - x) ** 2).sum(dim=1).mean()
-                    loss = recon + coefficient * (f * norms).sum(dim=1).mean()
-                value = float(loss.detach())
+                loss, smallest = self._loss(coder, x, step, total_steps, device, precision)
+                if smallest is not None:
+                    minima.append(smallest)
+                losses.append(loss.detach())
                 step += 1
-                if not math.isfinite(value):
-                    bad = (value, step)
-                    break
                 optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                optimiser.step()
-                losses.append(value)
-            if bad is None and not all(torch.isfinite(p).all() for p in coder.parameters()):
+                scaler.scale(loss).backward()
+                scaler.step(optimiser)
+                scaler.update()
+                # Looking at the loss waits for the device: only every few steps.
+                if len(losses) % _CHECK_EVERY == 0 and not _finite(losses[-_CHECK_EVERY:]):
+                    break  # diverged: the rest of the epoch is wasted work
+            values = torch.stack(losses).cpu().numpy() if losses else np.zeros(0, dtype=np.float32)
+            bad = None
+            nonfinite = ~np.isfinite(values)
+            if nonfinite.any():
+                i = int(np.argmax(nonfinite))
+                bad = (float(values[i]), first + i + 1)
+            elif not all(torch.isfinite(p).all() for p in coder.parameters()):
                 bad = (float("nan"), step)
             if bad is not None:
-                params, kept, history, threshold = good
-                coder.load_state_dict(params)
-                state.update(epoch=kept, loss_history=history, threshold=threshold, diverged=True)
+                self._restore(coder, good, path, key, inputs, survey)
+                state.update(epoch=good.epoch, loss_history=good.history, threshold=good.threshold, diverged=True)
                 warnings.warn(
                     f"crosscoder{where}: the loss became {bad[0]} at epoch {epoch} (step {bad[1]}); training "
-                    f"stopped and the parameters after epoch {kept} are kept (lower learning_rate?)",
+                    f"stopped and the parameters after epoch {good.epoch} are kept (lower learning_rate?)",
                     RuntimeWarning,
                     stacklevel=3,
                 )
                 break
             state["epoch"] = epoch
-            state["loss_history"].append(float(np.mean(losses)))
-            if minima:
-                state["threshold"] = float(np.mean(minima))
+            state["loss_history"].append(float(np.mean(values.astype(np.float64))))
+            kept = torch.stack(minima).cpu().numpy().astype(np.float64) if minima else np.zeros(0)
+            kept = kept[np.isfinite(kept)]
+            if len(kept):
+                state["threshold"] = float(np.mean(kept))
             log.info("crosscoder%s: epoch %d/%d loss %.5g", where, epoch, self.epochs, state["loss_history"][-1])
-            good = (copy.deepcopy(coder.state_dict()), epoch, list(state["loss_history"]), state["threshold"])
-            if epoch % self.checkpoint_every == 0 or epoch == self.epochs:
-                _save_checkpoint(path, key, coder, optimiser, state)
+            saved = epoch % self.checkpoint_every == 0 or epoch == self.epochs
+            if saved:
+                _save_checkpoint(path, key, coder, optimiser, scaler, state)
+            good = _Good("checkpoint", epoch, list(state["loss_history"]), state["threshold"])
+            if not saved:  # a copy on the host, never a second one on the device
+                good.where = "host"
+                good.params = {k: v.detach().to("cpu", copy=True) for k, v in coder.state_dict().items()}
+        for p in coder.parameters():
+            p.grad = None  # the analysis needs no gradients: free their memory
         state["coder"] = coder
         return state
 
-    def _batches(self, inputs: _Inputs, epoch: int) -> Iterator[np.ndarray]:
+    def _loss(
+        self, coder: _Coder, x: torch.Tensor, step: int, total: int, device: torch.device, precision: str
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The loss of one batch and, for BatchTopK, the smallest value kept.
+
+        Only the encoder's and the decoder's matrix products run under autocast; the
+        rest is float32 (a no-op at ``"fp32"``).
+        """
+        with autocast(device, precision):
+            f = coder.activations(x)
+        f = f.float()
+        norms = coder.decoder_norms().sum(dim=1)
+        if self.sparsity == "batchtopk":
+            f, smallest = _batchtopk(f, norms, self.k)
+            with autocast(device, precision):
+                x_hat = coder.decode(f)
+            return ((x_hat.float() - x) ** 2).sum(dim=1).mean(), smallest
+        coefficient = self.l1 * self._warmup(step, total)
+        with autocast(device, precision):
+            x_hat = coder.decode(f)
+        recon = ((x_hat.float() - x) ** 2).sum(dim=1).mean()
+        return recon + coefficient * (f * norms).sum(dim=1).mean(), None
+
+    def _restore(self, coder: _Coder, good: _Good, path: Path, key: str, inputs: _Inputs, survey: _Survey) -> None:
+        """Put the last good parameters back into ``coder``."""
+        if good.where == "initial":
+            params = self._initial(inputs, survey).state_dict()
+        elif good.where == "checkpoint":
+            payload = _load_checkpoint(path, key)
+            if payload is None or int(payload["epoch"]) != good.epoch:
+                raise RuntimeError(
+                    f"crosscoder: training diverged and the checkpoint {path} that held the parameters after epoch "
+                    f"{good.epoch} is gone or was replaced; run the step again"
+                )
+            params = payload["model"]
+        else:
+            assert good.params is not None
+            params = good.params
+        coder.load_state_dict(params)
+
+    def _batches(self, inputs: _Inputs, epoch: int, take: Any = None) -> Iterator[Any]:
         """Shuffled batches of concatenated rows, one chunk in memory at a time.
 
         Every epoch the samples are cut into contiguous blocks of about
         ``chunk_size / 8`` rows; each chunk reads 8 random blocks and shuffles their rows.
         The shuffle depends on ``(seed, epoch)`` only, so a resumed run sees the same batches.
+        ``take(rows, index)`` gathers a batch (default ``rows[index]``; for CUDA, into
+        pinned memory).
         """
+        if take is None:
+            take = _take
         rng = np.random.default_rng([self.seed, epoch])
         size = self.batch_size
         # A chunk gathers a few random blocks from anywhere in the data, so a batch mixes
@@ -720,7 +1048,7 @@ class Crosscoder:
             # Batches index the chunk: no shuffled copy of it.
             full = first + (len(order) - first) // size * size
             for start in range(first, full, size):
-                yield rows[order[start : start + size]]
+                yield take(rows, order[start : start + size])
             carry = rows[order[full:]]
             del rows  # before the next chunk is read: one chunk in memory at a time
         if len(carry):
@@ -741,45 +1069,56 @@ class Crosscoder:
     def _analyse(
         self, inputs: _Inputs, chunks: Sequence[tuple[int, int]], survey: _Survey, state: dict, context: Context
     ) -> xr.Dataset:
+        device, _ = _device_of(context)
         coder: _Coder = state["coder"]
         models, units = inputs.models, inputs.units
         n_models, latents = len(models), self.dictionary_size
+        owner = inputs.owner
         offsets = np.cumsum([0, *units])
-        scale = torch.as_tensor(np.repeat(survey.scale, units), dtype=torch.float32)
+        scale = torch.as_tensor(np.repeat(survey.scale, units), dtype=torch.float32).to(device)
         threshold = state["threshold"] if self.sparsity == "batchtopk" else float("nan")
+        reduce_dtype = torch.float32 if device.type == "mps" else torch.float64
         fired = np.zeros(latents, dtype=np.int64)
-        sse = np.zeros(n_models)
+        sse = np.zeros(len(units))
         sums = np.zeros(offsets[-1])
         squares = np.zeros(offsets[-1])
         k = min(self.topk, inputs.samples)
-        best_values = np.zeros((latents, 0), dtype=np.float32)
-        best_ids = np.zeros((latents, 0), dtype=inputs.sample_ids.dtype)
+        best_values = torch.zeros((0, latents), dtype=torch.float32, device=device)
+        best_samples = torch.zeros((0, latents), dtype=torch.int64, device=device)
         with torch.no_grad():
             weight = coder.decoder_norms().sum(dim=1)
             for start, stop in context.progress(chunks, desc="crosscoder: analysing", total=len(chunks)):
                 rows = inputs.read(start, stop)
                 step = max(inputs.positions, _EVAL_ROWS // inputs.positions * inputs.positions)
                 for i in range(0, len(rows), step):
-                    x = torch.from_numpy(rows[i : i + step]) * scale
+                    x = _to_device(rows[i : i + step], device) * scale
                     f = coder.activations(x)
                     if self.sparsity == "batchtopk":
                         f = f * (f * weight > threshold)
-                    error = ((coder.decode(f) - x) ** 2).sum(dim=0, dtype=torch.float64)
-                    sse += np.add.reduceat(error.numpy(), offsets[:-1])
-                    fired += (f > 0).sum(dim=0).numpy()
-                    sums += x.sum(dim=0, dtype=torch.float64).numpy()
-                    squares += (x * x).sum(dim=0, dtype=torch.float64).numpy()
+                    error = ((coder.decode(f) - x) ** 2).sum(dim=0, dtype=reduce_dtype)
+                    sse += np.add.reduceat(_host_float64(error), offsets[:-1])
+                    fired += (f > 0).sum(dim=0).cpu().numpy()
+                    sums += _host_float64(x.sum(dim=0, dtype=reduce_dtype))
+                    squares += _host_float64((x * x).sum(dim=0, dtype=reduce_dtype))
                     # Per sample: the largest activation over its positions.
-                    per_sample = f.view(-1, inputs.positions, latents).amax(dim=1).numpy()
-                    first = start + i // inputs.positions
-                    ids = inputs.sample_ids[first : first + len(per_sample)]
-                    best_values, best_ids = _merge_topk(best_values, best_ids, per_sample, ids, k)
+                    per_sample = f.view(-1, inputs.positions, latents).amax(dim=1)
+                    best_values, best_samples = _merge_topk(
+                        best_values, best_samples, per_sample, start + i // inputs.positions, k
+                    )
                 del rows  # before the next chunk is read
-            norms = coder.decoder_norms().numpy().astype(np.float64)
-            decoder = coder.decoder.detach().numpy().copy()
+            source_norms = _host_float64(coder.decoder_norms())
+            norms = _host_float64(coder.model_norms()) if inputs.multi else source_norms
+        # Host views of the parameters, not copies: the crosscoder is not used after this.
+        encoder, encoder_bias, decoder, decoder_bias = (
+            p.detach().cpu().numpy() for p in (coder.encoder, coder.encoder_bias, coder.decoder, coder.decoder_bias)
+        )
+        best_ids = inputs.sample_ids[best_samples.cpu().numpy()]
+        best_values = best_values.cpu().numpy()
         rows_total = inputs.rows
         sst = np.add.reduceat(squares - sums**2 / rows_total, offsets[:-1])
-        fvu = np.where(sst > 0, sse / np.where(sst > 0, sst, 1.0), np.nan)
+        model_sse = np.array([sse[owner == m].sum() for m in range(n_models)])
+        model_sst = np.array([sst[owner == m].sum() for m in range(n_models)])
+        fvu = np.where(model_sst > 0, model_sse / np.where(model_sst > 0, model_sst, 1.0), np.nan)
         total = norms.sum(axis=1, keepdims=True)
         relative = np.divide(norms, total, out=np.full_like(norms, np.nan), where=total > 0)
         density = fired / rows_total
@@ -788,76 +1127,125 @@ class Crosscoder:
         labels = np.where(dead, "dead", labels)
         pairs = list(itertools.combinations(range(n_models), 2))
         cosine = np.full((latents, len(pairs)), np.nan)
+        columns = [np.flatnonzero(np.repeat(owner, units) == m) for m in range(n_models)]
+        shapes = [[u for u, o in zip(units, owner) if o == m] for m in range(n_models)]
         for j, (a, b) in enumerate(pairs):
-            if units[a] == units[b]:
-                da = decoder[:, offsets[a] : offsets[a + 1]].astype(np.float64)
-                db = decoder[:, offsets[b] : offsets[b + 1]].astype(np.float64)
-                cosine[:, j] = (da * db).sum(axis=1) / (norms[:, a] * norms[:, b])
+            if shapes[a] == shapes[b]:
+                ca = slice(columns[a][0], columns[a][-1] + 1)  # a model's sources are adjacent
+                cb = slice(columns[b][0], columns[b][-1] + 1)
+                for lo in range(0, latents, _COSINE_ROWS):  # float64 copies of a block of latents only
+                    hi = min(lo + _COSINE_ROWS, latents)
+                    da = decoder[lo:hi, ca].astype(np.float64)
+                    db = decoder[lo:hi, cb].astype(np.float64)
+                    cosine[lo:hi, j] = (da * db).sum(axis=1) / (norms[lo:hi, a] * norms[lo:hi, b])
         unit_coords = np.concatenate([np.asarray(arr["unit"].values) if "unit" in arr.coords else np.arange(u)
                                       for arr, u in zip(inputs.arrays, units)])  # fmt: skip
         history = np.asarray(state["loss_history"], dtype=float)
-        ds = xr.Dataset(
-            {
-                "decoder_norm": (("latent", "model"), norms),
-                "relative_norm": (("latent", "model"), relative),
-                "latent_class": ("latent", labels.astype(str)),
-                "cosine": (("latent", "pair"), cosine),
-                "density": ("latent", density),
-                "dead": ("latent", dead),
-                "fvu": ("model", fvu),
-                "l0": ((), float(fired.sum() / rows_total)),
-                # (rank, latent), as top-k rows read them: top-k grids show each latent's images.
-                "topk_sample": (("rank", "latent"), np.ascontiguousarray(best_ids.T)),
-                "topk_value": (("rank", "latent"), np.ascontiguousarray(best_values.T.astype(np.float64))),
-                "loss_history": ("epoch", history),
-                "diverged": ((), bool(state["diverged"])),
-                "epochs_trained": ((), int(state["epoch"])),
-                "scale": ("model", survey.scale.astype(np.float64)),
-                "units": ("model", np.asarray(units, dtype=np.int64)),
-                "threshold": ((), float(threshold)),
-                "encoder": (("input", "latent"), coder.encoder.detach().numpy().copy()),
-                "encoder_bias": ("latent", coder.encoder_bias.detach().numpy().copy()),
-                "decoder": (("latent", "input"), decoder),
-                "decoder_bias": ("input", coder.decoder_bias.detach().numpy().copy()),
-            },
-            coords={
-                "latent": np.arange(latents),
-                "model": models,
-                "pair": [f"{models[a]}~{models[b]}" for a, b in pairs],
-                "rank": np.arange(k),
-                "epoch": np.arange(1, len(history) + 1),
-                "input_model": ("input", np.repeat(models, units)),
-                "input_unit": ("input", unit_coords),
-            },
-        )
-        if inputs.layer is not None:
+        per = "source" if inputs.multi else "model"
+        variables: dict[str, Any] = {
+            "decoder_norm": (("latent", "model"), norms),
+            "relative_norm": (("latent", "model"), relative),
+            "latent_class": ("latent", labels.astype(str)),
+            "cosine": (("latent", "pair"), cosine),
+            "density": ("latent", density),
+            "dead": ("latent", dead),
+            "fvu": ("model", fvu),
+            "l0": ((), float(fired.sum() / rows_total)),
+            # (rank, latent), as top-k rows read them: top-k grids show each latent's images.
+            "topk_sample": (("rank", "latent"), np.ascontiguousarray(best_ids)),
+            "topk_value": (("rank", "latent"), np.ascontiguousarray(best_values.astype(np.float64))),
+            "loss_history": ("epoch", history),
+            "diverged": ((), bool(state["diverged"])),
+            "epochs_trained": ((), int(state["epoch"])),
+            "scale": (per, survey.scale.astype(np.float64)),
+            "units": (per, np.asarray(units, dtype=np.int64)),
+            "threshold": ((), float(threshold)),
+            "encoder": (("input", "latent"), encoder),
+            "encoder_bias": ("latent", encoder_bias),
+            "decoder": (("latent", "input"), decoder),
+            "decoder_bias": ("input", decoder_bias),
+        }
+        coords: dict[str, Any] = {
+            "latent": np.arange(latents),
+            "model": models,
+            "pair": [f"{models[a]}~{models[b]}" for a, b in pairs],
+            "rank": np.arange(k),
+            "epoch": np.arange(1, len(history) + 1),
+            "input_model": ("input", np.repeat([m for m, _ in inputs.sources], units)),
+            "input_unit": ("input", unit_coords),
+        }
+        if inputs.multi:
+            source_fvu = np.where(sst > 0, sse / np.where(sst > 0, sst, 1.0), np.nan)
+            variables["source_norm"] = (("latent", "source"), source_norms)
+            variables["source_fvu"] = ("source", source_fvu)
+            layers = [layer if layer is not None else "" for _, layer in inputs.sources]
+            coords["source"] = inputs.source_names
+            coords["source_model"] = ("source", [m for m, _ in inputs.sources])
+            coords["source_layer"] = ("source", layers)
+            coords["input_layer"] = ("input", np.repeat(layers, units))
+        ds = xr.Dataset(variables, coords=coords)
+        if not inputs.multi and inputs.layer is not None:
             ds = ds.assign_coords(layer=inputs.layer)
         return ds
 
 
+def _take(rows: np.ndarray, index: np.ndarray) -> np.ndarray:
+    return rows[index]
+
+
+def _finite(losses: Sequence[torch.Tensor]) -> bool:
+    return bool(torch.isfinite(torch.stack(list(losses))).all())
+
+
+def _device_of(context: Context) -> tuple[torch.device, str]:
+    """The step's device and precision; an unknown precision, or fp16 on the CPU, is a ConfigError."""
+    device = torch.device(getattr(context, "device", "cpu"))
+    precision = getattr(context, "precision", "fp32")
+    try:
+        autocast(device, precision)
+    except ConfigError as exc:
+        raise ConfigError(f"crosscoder: {exc.message}", where=exc.where) from exc
+    return device, precision
+
+
 def _merge_topk(
-    values: np.ndarray, ids: np.ndarray, new: np.ndarray, new_ids: np.ndarray, k: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Merge a chunk's ``(samples, latents)`` activations into the running ``(latents, k)`` top-k.
+    values: torch.Tensor, samples: torch.Tensor, new: torch.Tensor, first: int, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge a batch's ``(samples, latents)`` activations into the running ``(k, latents)`` top-k.
 
-    Ties keep the earlier sample, so the result does not depend on the chunking.
+    ``first`` is the index of the batch's first sample; the top-k holds sample indices.
+    Ties keep the earlier sample, so the result does not depend on the chunking. Only
+    the batch's own top k join the merge, so it never holds more than ``(2 k, latents)``.
     """
-    cand = np.concatenate([values, new.T], axis=1)
-    cand_ids = np.concatenate([ids, np.broadcast_to(new_ids, (new.shape[1], len(new_ids)))], axis=1)
-    order = np.argsort(-cand, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(cand, order, axis=1), np.take_along_axis(cand_ids, order, axis=1)
+    new = new + 0.0  # -0.0 becomes 0.0: equal values must tie whatever their sign
+    order = torch.sort(new, dim=0, descending=True, stable=True)
+    top = min(k, new.shape[0])
+    candidates = torch.cat([values, order.values[:top]])
+    indices = torch.cat([samples, order.indices[:top] + first])
+    keep = torch.sort(candidates, dim=0, descending=True, stable=True).indices[:k]
+    return candidates.gather(0, keep), indices.gather(0, keep)
 
 
-def _save_checkpoint(path: Path, key: str, coder: _Coder, optimiser: torch.optim.Optimizer, state: dict) -> None:
+def _save_checkpoint(
+    path: Path,
+    key: str,
+    coder: _Coder,
+    optimiser: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    state: dict,
+) -> None:
     payload = {
         "format": _FORMAT,
         "key": key,
         "epoch": int(state["epoch"]),
         "loss_history": torch.tensor(state["loss_history"], dtype=torch.float64),
         "threshold": float(state["threshold"]),
-        "model": coder.state_dict(),
-        "optimiser": optimiser.state_dict(),
+        # Host tensors: a checkpoint written on one device resumes on another.
+        "model": _on_host(coder.state_dict()),
+        "optimiser": _on_host(optimiser.state_dict()),
     }
+    if scaler.is_enabled():
+        payload["scaler"] = scaler.state_dict()
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
 
@@ -897,8 +1285,10 @@ class CrosscoderPlots:
     (histogram of ``r_B`` for two models, one histogram per model for more),
     ``<node>-ternary.png`` (three models: every latent's relative norms on a
     triangle, coloured by class), ``<node>-cosine.png`` (decoder cosine similarity
-    per pair of models of equal width), ``<node>-classes.png`` (latents per class)
-    and ``<node>-density.png`` (log10 density of shared and exclusive latents).
+    per pair of models of equal width), ``<node>-classes.png`` (latents per class),
+    ``<node>-density.png`` (log10 density of shared and exclusive latents) and, for a
+    crosscoder over several layers, ``<node>-layers.png`` (for every model, its latents
+    by the layer holding most of their decoder norm in that model).
     Dead latents are left out of every plot but the class counts.
 
     Parameters
@@ -935,6 +1325,7 @@ class CrosscoderPlots:
                 ("cosine", self._cosine),
                 ("classes", self._classes),
                 ("density", self._density),
+                ("layers", self._layers),
             ):
                 fig = draw(plt, ds, label)
                 if fig is None:
@@ -1040,6 +1431,30 @@ class CrosscoderPlots:
         ax.set(xlabel="log10 density (fraction of rows where the latent fires)", ylabel="share of latents")
         ax.legend(fontsize="small")
         ax.set_title(f"{label}: feature density")
+        return fig
+
+    def _layers(self, plt: Any, ds: xr.Dataset, label: str) -> Any:
+        if "source_norm" not in ds:
+            return None
+        models = [str(m) for m in ds["model"].values]
+        owners = np.asarray(ds["source_model"].values).astype(str)
+        layers = np.asarray(ds["source_layer"].values).astype(str)
+        alive = self._alive(ds)
+        norms = np.asarray(ds["source_norm"].values)[alive]
+        model_norms = np.asarray(ds["decoder_norm"].values)[alive]
+        fig, axes = plt.subplots(1, len(models), figsize=(3.4 * len(models), 3.4), squeeze=False)
+        for ax, (m, model) in zip(axes[0], enumerate(models)):
+            mine = np.flatnonzero(owners == model)
+            # Latents this model holds at all (a dropped decoder is clamped to ~1e-10).
+            used = model_norms[:, m] > 1e-6
+            top = np.argmax(norms[used][:, mine], axis=1) if used.any() else np.zeros(0, dtype=int)
+            counts = np.bincount(top, minlength=len(mine))
+            bars = ax.bar(layers[mine], counts, color="tab:orange")
+            ax.bar_label(bars)
+            ax.set(title=model, xlabel="layer with the largest decoder norm")
+            ax.tick_params(axis="x", labelrotation=30)
+        axes[0, 0].set_ylabel("latents")
+        fig.suptitle(f"{label}: where each model's latents live")
         return fig
 
 

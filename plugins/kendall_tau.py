@@ -4,6 +4,11 @@ The kernel :func:`kendall_tau_b` is pure NumPy and vectorised across units: ever
 (ranking, counting ties, counting discordant pairs) works on a ``(units, samples)``
 array, so there is no Python loop over units. It gives the same value as
 :func:`scipy.stats.kendalltau` (tau-b, ties included) for every column.
+
+Tau-b ranks every sample of a unit against every other, so the samples it scores are
+held in memory at once. Dask-backed recordings (a large or sharded activation store) are
+never loaded whole: the subset D' is picked first and only its rows are read, in bounded
+ranges; without a subset the units are scored a block at a time (see :class:`KendallTau`).
 """
 
 from __future__ import annotations
@@ -34,6 +39,11 @@ _COMPILED_FROM = 1024
 # Elements per chunk of units: keeps the handful of (units, samples) int64 work arrays
 # at a few tens of MB each, so peak memory stays around a few hundred MB.
 _CHUNK_ELEMENTS = 1 << 21
+
+# Dask-backed inputs: most bytes of one input read by one computation, and most bytes of
+# the (samples, units) block of both inputs scored at once when every sample is scored.
+_READ_BYTES = 64 * 2**20
+_BLOCK_BYTES = 256 * 2**20
 
 
 def _rank_and_ties(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -211,6 +221,55 @@ def kendall_tau_b(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return _tau_rows_chunked(np.ascontiguousarray(x.T), np.ascontiguousarray(y.T))
 
 
+def _ranges(positions: np.ndarray, rows: int) -> list[tuple[int, int, int, int]]:
+    """Cut sorted ``positions`` into runs that each span at most ``rows`` samples.
+
+    Returns ``(first, stop, lo, hi)`` per run: the samples ``first:stop`` hold
+    ``positions[lo:hi]``.
+    """
+    runs = []
+    lo = 0
+    while lo < len(positions):
+        first = int(positions[lo])
+        hi = int(np.searchsorted(positions, first + rows, side="left"))
+        runs.append((first, int(positions[hi - 1]) + 1, lo, hi))
+        lo = hi
+    return runs
+
+
+def _gather(a: xr.DataArray, positions: np.ndarray, units: slice) -> np.ndarray:
+    """Rows ``positions`` (sorted) and columns ``units`` of a ``(sample, unit)`` array, read in bounded ranges.
+
+    Each range is one computation and one indexing of the array (dask passes only the
+    first indexing of a stored chunk on to its reader), so a dask-backed array reads just
+    that range; at most :data:`_READ_BYTES` are read at a time besides the result.
+    """
+    data = a.data
+    count = len(range(*units.indices(data.shape[1])))
+    out = np.empty((len(positions), count), dtype=data.dtype)
+    for first, stop, lo, hi in _ranges(positions, max(1, _READ_BYTES // max(1, count * data.dtype.itemsize))):
+        block = data[first:stop, units]
+        block = np.asarray(block.compute() if hasattr(block, "compute") else block)
+        out[lo:hi] = block[positions[lo:hi] - first]
+        del block
+    return out
+
+
+def _tau_streamed(a: xr.DataArray, b: xr.DataArray, positions: np.ndarray) -> np.ndarray:
+    """Tau-b of every unit over the samples ``positions``, reading ``a`` and ``b`` a block of units at a time."""
+    a, b = a.transpose("sample", "unit"), b.transpose("sample", "unit")
+    units = a.sizes["unit"]
+    itemsize = max(a.dtype.itemsize, b.dtype.itemsize)
+    block = max(1, _BLOCK_BYTES // max(1, 2 * len(positions) * itemsize))
+    tau = np.full(units, np.nan)
+    for start in range(0, units, block):
+        columns = slice(start, min(start + block, units))
+        x, y = _gather(a, positions, columns), _gather(b, positions, columns)
+        tau[columns] = _tau_rows_chunked(np.ascontiguousarray(x.T), np.ascontiguousarray(y.T))
+        del x, y
+    return tau
+
+
 def _tau_last_axis(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """apply_ufunc kernel: tau-b along the last axis (samples), any leading dims."""
     lead = x.shape[:-1]
@@ -226,6 +285,14 @@ class KendallTau:
     Compares units position by position (unit ``j`` of ``a`` with unit ``j`` of ``b``),
     so it measures how well two models' units already match, or how well an alignment
     matched them. Ties (e.g. the many zeros after a ReLU) are handled by tau-b.
+
+    Memory. Tau-b needs every scored sample of a unit at once. With ``classes`` or
+    ``per_class`` only the subset D' is read (its size, not the recording's, bounds the
+    memory; from a dask-backed recording its rows are read range by range). Without
+    them every sample is scored, and memory grows with the samples: from a dask-backed
+    recording the units are scored a block at a time (about 256 MiB of both inputs, at
+    least one unit, plus the ranking's int64 work arrays), each block one pass over the
+    recording; in-memory inputs are scored as given.
 
     Parameters
     ----------
@@ -302,6 +369,16 @@ class KendallTau:
         """
         check_metric_inputs(a, b, "kendall-tau")
         positions = self.subset(a)
+        if a.chunks is not None or b.chunks is not None:
+            # Dask-backed: only the subset's rows are read, a bounded range at a time.
+            tau = _tau_streamed(a, b, positions)
+            return xr.DataArray(
+                tau,
+                dims=("unit",),
+                coords=score_coords(a, b),
+                name="kendall_tau",
+                attrs={"long_name": "Kendall's tau-b"},
+            )
         if len(positions) < a.sizes["sample"]:
             a, b = a.isel(sample=positions), b.isel(sample=positions)
         # Variables carry no indexes, so xarray cannot re-align the two models' unit

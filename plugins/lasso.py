@@ -86,6 +86,8 @@ __all__ = [
 METHODS = ("lasso", "ols")
 REDUCTIONS = ("mean", "max")
 _CHUNK = 4096  # samples per streamed block when applying the maps to the whole dataset
+# Most samples spanned by one read of the fit subset from a dask-backed recording.
+_SPAN = 4096
 
 
 # ------------------------------------------------------------------------- kernels
@@ -291,6 +293,14 @@ class RegressionAlignment:
     group of the reference (the layers the other aligners match: each Linear / Conv output
     that feeds the next layer) is used; a model the tracer cannot follow then needs ``layers``.
 
+    Memory. The fit reads only its subset (``per_class`` images of every class; from a
+    dask-backed recording, a bounded range around those samples at a time) and holds it
+    in float64; the maps are then applied to the whole dataset in blocks of 4096 samples,
+    so memory does not grow with the recording. ``per_class = 0`` fits on every sample:
+    the regression needs its whole design matrix, so the fit then holds both layers'
+    activations of every sample, ``8 * (units + units_ref)`` bytes per sample, plus the
+    solver's copies.
+
     Parameters
     ----------
     method
@@ -467,8 +477,8 @@ class RegressionAlignment:
         layer: str,
     ) -> xr.Dataset:
         """Fit one (model, layer), sweep the sparsity levels and stream the maps over the data."""
-        x_fit = np.asarray(x_act.sel(sample=fit_ids).values, dtype=np.float64)
-        y_fit = np.asarray(y_act.sel(sample=fit_ids).values, dtype=np.float64)
+        x_fit = np.asarray(_select(x_act, fit_ids), dtype=np.float64)
+        y_fit = np.asarray(_select(y_act, fit_ids), dtype=np.float64)
         try:
             fit = fit_regression(
                 x_fit,
@@ -564,6 +574,38 @@ class RegressionAlignment:
                 f"{float(r['mean_overlap'].sel(sparsity=last).mean()):.2f} ({last})"
             )
         return "; ".join(parts)
+
+
+def _select(act: xr.DataArray, ids: np.ndarray) -> np.ndarray:
+    """The rows of ``act`` with sample ids ``ids``, in that order.
+
+    A dask-backed recording is read only where the ids are: their sorted positions are
+    cut into runs spanning at most :data:`_SPAN` samples, each run read by one
+    computation (which reads only that range of a stored chunk).
+    """
+    if act.chunks is None:
+        return act.sel(sample=ids).values
+    index = act.get_index("sample")
+    if len(index) and index.is_monotonic_increasing:
+        # A binary search: pandas' lookup would build a hash table of every sample id.
+        values = index.to_numpy()
+        positions = np.minimum(np.searchsorted(values, ids), len(values) - 1)
+        positions[values[positions] != ids] = -1
+    else:
+        positions = index.get_indexer(ids)
+    if (positions < 0).any():
+        act.sel(sample=ids[positions < 0][:1])  # the KeyError naming the first missing id
+    order = np.argsort(positions, kind="stable")
+    ordered = positions[order]
+    out = np.empty((len(ids), *act.shape[1:]), dtype=act.dtype)
+    lo = 0
+    while lo < len(ordered):
+        first = int(ordered[lo])
+        hi = int(np.searchsorted(ordered, first + _SPAN, side="left"))
+        block = act.data[first : int(ordered[hi - 1]) + 1].compute()
+        out[order[lo:hi]] = block[ordered[lo:hi] - first]
+        lo = hi
+    return out
 
 
 def _activation(store: Any, model: str, layer: str) -> xr.DataArray:

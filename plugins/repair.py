@@ -34,6 +34,7 @@ from mergescope.components import Alignment, Context, MergeResult
 from mergescope.errors import ConfigError
 from mergescope.groups import ChannelGroup, align_to_reference, channel_groups, example_input
 from mergescope.hookspecs import hookimpl
+from mergescope.loading import to_device
 from mergescope.states import average_states, build_model, check_compatible
 from mergescope.sweeps import default_alphas, loss_barrier
 from mergescope.validators import as_float, float_list, list_of, one_of, optional, probability
@@ -108,11 +109,11 @@ def renormalise(
     model.eval()
     try:
         # Each batch is normalised with its own statistics: it must sample the whole set.
-        loader = statistics_batches(context.data, context.batch_size)
         device = next(model.parameters()).device  # the run's device: the batches go where the model is
+        loader = statistics_batches(context.data, context.batch_size, device)
         with torch.no_grad():
             for images, _ in context.progress(loader, desc="REPAIR statistics", total=len(loader)):
-                model(images.to(device))
+                model(to_device(images, device))
     finally:
         for h in handles:
             h.remove()

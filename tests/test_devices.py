@@ -374,3 +374,31 @@ def test_a_missing_step_device_is_refused_at_run_start(tmp_path, no_gpu):
     ):
         run(pipeline, tmp_path / "run", quiet=True, device="cpu")
     assert not (tmp_path / "run").exists()
+
+
+def test_float64_arithmetic_stays_where_the_device_has_it():
+    from mergescope.devices import float64_device
+
+    assert float64_device("cpu") == torch.device("cpu")
+    assert float64_device(torch.device("cuda", 1)) == torch.device("cuda", 1)
+    assert float64_device("mps") == torch.device("cpu")  # MPS has no float64
+
+
+def test_place_stores_cpu_convolutions_channels_last_with_the_same_outputs(tmp_path):
+    from mergescope.checkpoints import save_state_dict
+    from mergescope.devices import place
+    from mergescope.keys import state_digest
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.LazyLinear(4))
+    x = torch.randn(5, 3, 10, 10)
+    expected = net(x)
+    digest = state_digest(net)
+    assert place(net, "cpu") is net
+    assert net[0].weight.is_contiguous(memory_format=torch.channels_last) and not net[0].weight.is_contiguous()
+    torch.testing.assert_close(net(x), expected, rtol=1e-5, atol=1e-6)
+    assert state_digest(net) == digest  # values, not layout, identify a model
+    saved = torch.load(save_state_dict(net, tmp_path / "net.pt"))
+    assert all(t.is_contiguous() for t in saved.values())  # files do not depend on the layout
+    mlp = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    assert place(mlp, "cpu")[0].weight.is_contiguous()
