@@ -33,7 +33,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import shlex
 import shutil
 import statistics
@@ -53,6 +52,8 @@ import xarray as xr
 from mergescope.components import Context
 from mergescope.store import Store, StoreSpec, collect_store
 from mergescope_plugins.crosscoder import Crosscoder
+
+from _common import current_rss_kib, peak_rss_kib, reset_peak_rss
 
 S1_TARGET = 1.10
 S2_TARGET = 1.2
@@ -96,29 +97,6 @@ SMOKE = Sizes("smoke", small=4, large=8, batch=4, chunk=4, reps=1, s3_latents=64
 
 
 # ---------------------------------------------------------------------- memory probes
-
-
-def peak_rss_kib() -> int:
-    """The process's peak resident memory in KiB (Linux units)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
-def current_rss_kib() -> int:
-    """The process's resident memory now, in KiB; 0 where /proc is missing."""
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-    except OSError:
-        return 0
-    return pages * os.sysconf("SC_PAGE_SIZE") // 1024
-
-
-def reset_peak_rss() -> bool:
-    """Reset the process's peak RSS (Linux >= 4.0); False where that is not possible."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
 
 
 def gib(kib: float) -> float:

@@ -54,6 +54,7 @@ __all__ = [
     "validate_collection",
     "check_metric_inputs",
     "paired_chunks",
+    "read_rows",
     "to_tree",
     "save_collection",
     "load_collection",
@@ -568,6 +569,30 @@ def paired_chunks(
             xa, xb = dask.compute(xa, xb)
         yield ids[part], np.asarray(xa), np.asarray(xb)
         start = stop
+
+
+def read_rows(data: Any, positions: np.ndarray, span: int, columns: slice = slice(None)) -> np.ndarray:
+    """Rows ``positions`` (in that order; any order, repeats allowed) of a NumPy or dask array.
+
+    The sorted positions are cut into runs that each span fewer than ``span`` samples;
+    each run is one indexing (rows and ``columns`` together) and one computation, so a
+    dask-backed recording reads only those ranges: dask hands only the first indexing of
+    a stored chunk on to its reader (``x[rows, cols]`` reads the rows, ``x[:, cols][rows]``
+    reads them all). At most ``span`` rows are read at a time besides the result.
+    """
+    positions = np.asarray(positions, dtype=np.int64)
+    order = np.argsort(positions, kind="stable")
+    ordered = positions[order]
+    out = np.empty((len(positions), *data[0:0, columns].shape[1:]), dtype=data.dtype)
+    lo = 0
+    while lo < len(ordered):
+        first = int(ordered[lo])
+        hi = int(np.searchsorted(ordered, first + max(1, span), side="left"))
+        block = data[first : int(ordered[hi - 1]) + 1, columns]
+        block = np.asarray(block.compute() if hasattr(block, "compute") else block)
+        out[order[lo:hi]] = block[ordered[lo:hi] - first]
+        lo = hi
+    return out
 
 
 def validate_collection(tree: xr.DataTree) -> xr.DataTree:

@@ -19,7 +19,7 @@ import attrs
 import numpy as np
 import xarray as xr
 
-from mergescope.activations import check_metric_inputs, describe_scores, score_coords
+from mergescope.activations import check_metric_inputs, describe_scores, read_rows, score_coords
 from mergescope.components import Context
 from mergescope.errors import ContractError
 from mergescope.hookspecs import hookimpl
@@ -221,38 +221,10 @@ def kendall_tau_b(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return _tau_rows_chunked(np.ascontiguousarray(x.T), np.ascontiguousarray(y.T))
 
 
-def _ranges(positions: np.ndarray, rows: int) -> list[tuple[int, int, int, int]]:
-    """Cut sorted ``positions`` into runs that each span at most ``rows`` samples.
-
-    Returns ``(first, stop, lo, hi)`` per run: the samples ``first:stop`` hold
-    ``positions[lo:hi]``.
-    """
-    runs = []
-    lo = 0
-    while lo < len(positions):
-        first = int(positions[lo])
-        hi = int(np.searchsorted(positions, first + rows, side="left"))
-        runs.append((first, int(positions[hi - 1]) + 1, lo, hi))
-        lo = hi
-    return runs
-
-
 def _gather(a: xr.DataArray, positions: np.ndarray, units: slice) -> np.ndarray:
-    """Rows ``positions`` (sorted) and columns ``units`` of a ``(sample, unit)`` array, read in bounded ranges.
-
-    Each range is one computation and one indexing of the array (dask passes only the
-    first indexing of a stored chunk on to its reader), so a dask-backed array reads just
-    that range; at most :data:`_READ_BYTES` are read at a time besides the result.
-    """
-    data = a.data
-    count = len(range(*units.indices(data.shape[1])))
-    out = np.empty((len(positions), count), dtype=data.dtype)
-    for first, stop, lo, hi in _ranges(positions, max(1, _READ_BYTES // max(1, count * data.dtype.itemsize))):
-        block = data[first:stop, units]
-        block = np.asarray(block.compute() if hasattr(block, "compute") else block)
-        out[lo:hi] = block[positions[lo:hi] - first]
-        del block
-    return out
+    """Rows ``positions`` and columns ``units`` of a ``(sample, unit)`` array, at most :data:`_READ_BYTES` at a time."""
+    count = len(range(*units.indices(a.shape[1])))
+    return read_rows(a.data, positions, _READ_BYTES // max(1, count * a.dtype.itemsize), units)
 
 
 def _tau_streamed(a: xr.DataArray, b: xr.DataArray, positions: np.ndarray) -> np.ndarray:

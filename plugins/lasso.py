@@ -51,6 +51,7 @@ import numpy as np
 import xarray as xr
 from torch import nn
 
+from mergescope.activations import read_rows
 from mergescope.components import LAYERS, Alignment, Context
 from mergescope.datasets import per_class_subset
 from mergescope.errors import ConfigError
@@ -595,17 +596,7 @@ def _select(act: xr.DataArray, ids: np.ndarray) -> np.ndarray:
         positions = index.get_indexer(ids)
     if (positions < 0).any():
         act.sel(sample=ids[positions < 0][:1])  # the KeyError naming the first missing id
-    order = np.argsort(positions, kind="stable")
-    ordered = positions[order]
-    out = np.empty((len(ids), *act.shape[1:]), dtype=act.dtype)
-    lo = 0
-    while lo < len(ordered):
-        first = int(ordered[lo])
-        hi = int(np.searchsorted(ordered, first + _SPAN, side="left"))
-        block = act.data[first : int(ordered[hi - 1]) + 1].compute()
-        out[order[lo:hi]] = block[ordered[lo:hi] - first]
-        lo = hi
-    return out
+    return read_rows(act.data, positions, _SPAN)
 
 
 def _activation(store: Any, model: str, layer: str) -> xr.DataArray:

@@ -24,6 +24,7 @@ pytest.importorskip("dask.array")
 import dask.array  # noqa: E402
 
 from mergescope import make_activation  # noqa: E402
+from mergescope.activations import read_rows  # noqa: E402
 from mergescope.statistics import TopK  # noqa: E402
 from mergescope_plugins import clip_delta as cd  # noqa: E402
 from mergescope_plugins import correlation as corr  # noqa: E402
@@ -93,11 +94,27 @@ def test_kendall_tau_reads_only_around_the_subset():
     assert sum(reads) == 2 * (metric.subset(a)[-1] - metric.subset(a)[0] + 1)  # one range holds the 3 samples
 
 
-def test_kendall_ranges_span_at_most_the_budget():
-    positions = np.array([0, 1, 5, 9, 10, 30, 31, 100])
-    runs = kt._ranges(positions, 10)
-    assert runs == [(0, 10, 0, 4), (10, 11, 4, 5), (30, 32, 5, 7), (100, 101, 7, 8)]
-    assert all(stop - first <= 10 for first, stop, _, _ in runs)
+def test_read_rows_reads_bounded_ranges_in_the_asked_order():
+    """The reader Kendall-tau's D' and the regression's fit subset go through."""
+    values = np.arange(120.0).reshape(40, 3)
+    lazy = dask.array.from_array(values, chunks=(40, 3))  # one stored chunk, as a joined shard
+    positions = np.array([31, 0, 9, 5, 1, 31, 10, 30])
+    reads: list[tuple[int, int]] = []
+    original = lazy.__getitem__
+
+    class Recording:
+        shape, dtype = lazy.shape, lazy.dtype
+
+        def __getitem__(self, key):
+            rows = key[0] if isinstance(key, tuple) else key
+            if rows.stop - rows.start:
+                reads.append((rows.start, rows.stop))
+            return original(key)
+
+    rows = read_rows(Recording(), positions, 10)
+    np.testing.assert_array_equal(rows, values[positions])
+    assert reads == [(0, 10), (10, 11), (30, 32)]  # each run spans fewer than 10 samples
+    np.testing.assert_array_equal(read_rows(values, positions, 4, slice(1, 3)), values[positions, 1:3])
 
 
 # ------------------------------------------------------------------ correlation
