@@ -91,6 +91,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("pipeline", type=Path, help="pipeline TOML file")
     p.add_argument("--out", required=True, type=Path, help="store directory")
     p.add_argument("--shard", default="0/1", help="i/n: record the i-th of n slices (default 0/1)")
+    p.add_argument(
+        "--pairs",
+        default="",
+        help="model:reference pairs, comma-separated (e.g. b:a,c:a): also record their cross co-moments at "
+        "every layer, what activation matching and CCA read",
+    )
+    p.add_argument(
+        "--positions", action="store_true", help="moments and co-moments over every spatial position of a map"
+    )
+    p.add_argument(
+        "--statistics-only", action="store_true", help="keep the statistics only, not the activations themselves"
+    )
     _add_device_flags(p)
     p.set_defaults(func=_cmd_collect)
 
@@ -213,6 +225,9 @@ def _cmd_collect(args: argparse.Namespace) -> int:
         i, n = (int(part) for part in args.shard.split("/"))
     except ValueError:
         raise ConfigError(f"--shard must look like i/n (e.g. 0/4), got {args.shard!r}") from None
+    pairs = [tuple(pair.split(":")) for pair in args.pairs.split(",") if pair]
+    if any(len(pair) != 2 or not all(pair) for pair in pairs):
+        raise ConfigError(f"--pairs must look like model:reference[,model:reference...], got {args.pairs!r}")
     _logging(args, _out_dir(args.out))
     store = collect_activations(
         load_pipeline(args.pipeline),
@@ -222,6 +237,9 @@ def _cmd_collect(args: argparse.Namespace) -> int:
         device=args.device,
         precision=args.precision,
         workers=args.workers,
+        pairs=[(a, b) for a, b in pairs],
+        positions=args.positions,
+        keep_activations=not args.statistics_only,
     )
     if not args.quiet:
         print(f"{store.info['samples']} samples of {', '.join(store.models)} recorded in {args.out}")

@@ -23,7 +23,7 @@ import logging
 import platform
 import shutil
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -834,13 +834,18 @@ def collect_activations(
     device: str | None = None,
     precision: str | None = None,
     workers: int | None = None,
+    pairs: Sequence[tuple[str, str]] = (),
+    positions: bool = False,
+    keep_activations: bool = True,
 ) -> Store:
     """Record ``[activations] layers`` of every pipeline model into an activation store.
 
     The models are loaded or trained as in :func:`run`; the steps are not run. Use
     ``shard=(i, n)`` to record one of ``n`` slices of the dataset (e.g. one per
     machine) and :func:`mergescope.store.join_stores` to join the shards. ``device``,
-    ``precision`` and ``workers`` override the pipeline's, as in :func:`run`.
+    ``precision`` and ``workers`` override the pipeline's, as in :func:`run`. ``pairs``
+    (model, reference), ``positions`` and ``keep_activations`` are those of
+    :class:`~mergescope.store.StoreSpec`: the co-moments activation matching and CCA read.
     """
     registry = registry or get_registry()
     pipeline = pipeline.with_absolute_paths(registry=registry)
@@ -861,7 +866,11 @@ def collect_activations(
             check_single_calls(job.models[name].module, list(names), name, example)
         except ConfigError as exc:
             raise ConfigError(exc.message, where=f"{pipeline.source}, [activations], key 'layers'") from None
+    unknown = sorted({m for pair in pairs for m in pair} - set(layers))
+    if unknown:
+        raise ConfigError(f"pairs name models the pipeline does not have: {unknown}; it has {sorted(layers)}")
     store_spec = _store_spec(pipeline, layers)
+    store_spec = attrs.evolve(store_spec, pairs=list(pairs), positions=positions, keep_activations=keep_activations)
     key = recording_key([job.models[m].fingerprint for m in layers], job.data, store_spec, pipeline.precision)
     with autocast(resolved, pipeline.precision), loader_options(pipeline.loader):
         return collect_store(

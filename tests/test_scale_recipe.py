@@ -79,3 +79,27 @@ def test_the_recipe_on_a_local_cluster_equals_one_process(tmp_path):
     for model in single.models:
         for layer in single.layers(model):
             xr.testing.assert_equal(joined.activation(model, layer).compute(), single.activation(model, layer))
+
+
+def test_shards_collected_with_pairs_join_to_the_statistics_of_one_pass(tmp_path, capsys):
+    """`collect --pairs b:a --positions`: what activation matching reads, recorded shard by shard."""
+    from mergescope.cli import main
+    from mergescope.errors import ConfigError
+    from mergescope.store import join_stores
+
+    pipeline_file = tmp_path / "pairs.toml"
+    pipeline_file.write_text(DIGITS_PAIR, encoding="utf-8")
+    pipeline = load_pipeline(pipeline_file)
+    single = collect_activations(pipeline, tmp_path / "single", quiet=True, pairs=[("b", "a")], positions=True)
+    for i in range(2):
+        args = ["-q", "collect", str(pipeline_file), "--out", str(tmp_path / f"shard-{i}"), "--shard", f"{i}/2"]
+        assert main([*args, "--pairs", "b:a", "--positions", "--statistics-only"]) == 0
+    joined = join_stores([tmp_path / f"shard-{i}" for i in range(2)])
+    expected = single.cross("b", "a", "relu1")
+    np.testing.assert_allclose(joined.cross("b", "a", "relu1").correlation, expected.correlation, atol=1e-9)
+    assert joined.cross("b", "a", "relu1").count == expected.count == single.info["samples"]
+    assert not joined.info["keep_activations"]
+    with pytest.raises(ConfigError, match=r"pairs name models the pipeline does not have: \['z'\]"):
+        collect_activations(pipeline, tmp_path / "bad", quiet=True, pairs=[("b", "z")])
+    assert main(["-q", "collect", str(pipeline_file), "--out", str(tmp_path / "bad"), "--pairs", "b-a"]) != 0
+    assert "--pairs must look like model:reference" in capsys.readouterr().err
