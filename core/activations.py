@@ -55,6 +55,8 @@ __all__ = [
     "check_metric_inputs",
     "paired_chunks",
     "read_rows",
+    "READ_BYTES",
+    "spatial_summary",
     "to_tree",
     "save_collection",
     "load_collection",
@@ -62,6 +64,9 @@ __all__ = [
 
 VARIABLE = "activation"
 REDUCTIONS = ("mean", "max")
+#: Most bytes of one input read by one computation from a dask-backed recording (a stored
+#: chunk may be a whole shard of a joined store): the readers' bound on memory.
+READ_BYTES = 64 * 2**20
 _SUMMARY_DIMS = ("sample", "unit")
 _MAP_DIMS = ("sample", "unit", "y", "x")
 
@@ -356,16 +361,21 @@ def owned_array(values: torch.Tensor, output: torch.Tensor) -> np.ndarray:
     return array
 
 
+def spatial_summary(output: torch.Tensor, reduce: str) -> torch.Tensor:
+    """A layer output with conv maps reduced over space (``"mean"`` or ``"max"``), on its device; others as they are."""
+    out = output.detach()
+    if out.ndim > 2:
+        flat = out.flatten(2)
+        out = flat.mean(dim=2) if reduce == "mean" else flat.amax(dim=2)
+    return out
+
+
 def summarise(output: torch.Tensor, reduce: str) -> np.ndarray:
     """A layer output as float32 NumPy: conv maps reduced over space (``"none"`` keeps them).
 
     The array never shares memory with ``output`` (see :func:`owned_array`).
     """
-    out = output.detach()
-    if out.ndim > 2 and reduce != "none":
-        flat = out.flatten(2)
-        out = flat.mean(dim=2) if reduce == "mean" else flat.amax(dim=2)
-    return owned_array(out, output)
+    return owned_array(output.detach() if reduce == "none" else spatial_summary(output, reduce), output)
 
 
 def make_activation(
@@ -529,15 +539,15 @@ def describe_scores(result: xr.DataArray, symbol: str, undefined: str = "") -> s
 
 
 def paired_chunks(
-    a: xr.DataArray, b: xr.DataArray, elements: int = 1 << 22, read_bytes: int = 64 * 2**20
+    a: xr.DataArray, b: xr.DataArray, elements: int = 1 << 22
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """``(sample_ids, a_part, b_part)`` over consecutive sample ranges of two activations.
 
     Parts are NumPy arrays ordered ``(sample, *spatial, unit)``. Dask-backed inputs are
     read along their own sample chunks (a's, else b's), one range at a time and at most
-    ``read_bytes`` of either input per range (a chunk may be a whole shard of a joined
-    store), so a recording larger than memory is never loaded whole; in-memory inputs
-    are cut into ranges of about ``elements`` values.
+    :data:`READ_BYTES` of either input per range (a chunk may be a whole shard of a
+    joined store), so a recording larger than memory is never loaded whole; in-memory
+    inputs are cut into ranges of about ``elements`` values.
     """
     space = [d for d in a.dims if d not in _SUMMARY_DIMS]
     order = ("sample", *space, "unit")
@@ -546,7 +556,7 @@ def paired_chunks(
     lazy = a.chunks is not None or b.chunks is not None
     if lazy:
         per_sample = max(x.dtype.itemsize * x.size // max(1, n) for x in (a, b))
-        rows = max(1, read_bytes // max(1, per_sample))
+        rows = max(1, READ_BYTES // max(1, per_sample))
         chunk_stops = np.cumsum((a if a.chunks is not None else b).chunksizes["sample"])
         starts = np.concatenate([[0], chunk_stops[:-1]])
         stops: Sequence[int] = [

@@ -332,10 +332,11 @@ class DifferStep(StepKind):
         if getattr(call.component, "joint_layers", False):
             activations = {m: {layer: call.activation(m, layer) for layer in layers} for m in call.model_names}
             return StepOutput({"+".join(layers): call.component.fit(activations, call.context)})
-        return StepOutput(
-            {layer: call.component.fit({m: call.activation(m, layer) for m in call.model_names}, call.context)
-             for layer in layers}
-        )  # fmt: skip
+        return StepOutput({layer: self._fit(call, layer) for layer in layers})
+
+    @staticmethod
+    def _fit(call: StepCall, layer: str) -> xr.Dataset:
+        return call.component.fit({m: call.activation(m, layer) for m in call.model_names}, call.context)
 
     def summary(self, name: str, use: str, component: Any, nodes: Mapping[str, xr.Dataset]) -> str:
         parts = [f"  {layer}: {describe_result(component, ds)}" for layer, ds in nodes.items() if layer != "/"]

@@ -173,8 +173,13 @@ def make_loader(
 
 
 def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """``tensor`` on ``device``; asynchronous when the host tensor is pinned."""
-    return tensor.to(device, non_blocking=tensor.device.type == "cpu" and tensor.is_pinned())
+    """``tensor`` on ``device``; asynchronous when a pinned host tensor goes to CUDA.
+
+    Only CUDA's pinned-memory allocator keeps a host buffer alive until an asynchronous
+    copy is done, so copies to other devices wait.
+    """
+    to_cuda = torch.device(device).type == "cuda"
+    return tensor.to(device, non_blocking=to_cuda and tensor.device.type == "cpu" and tensor.is_pinned())
 
 
 class TimedBatches(Generic[T]):

@@ -53,11 +53,12 @@ from .activations import (
     attach_recorders,
     owned_array,
     resolve_layers,
+    spatial_summary,
     summarise,
     uses_groups,
     validate_activation,
 )
-from .devices import device_mix
+from .devices import device_mix, float64_device
 from .errors import ConfigError, ContractError
 from .extras import require
 from .groups import example_input
@@ -424,15 +425,7 @@ def _has_dask() -> bool:
 def _statistics_on_device(device: torch.device) -> bool:
     """Whether the statistics' products of a model on ``device`` run there (CUDA) or on the host."""
     # The host (the CPU device itself, compared as a device) takes NumPy's BLAS; MPS has no float64.
-    return device != torch.device("cpu") and device.type != "mps"
-
-
-def _statistics_rows(output: torch.Tensor, reduce: str) -> torch.Tensor:
-    """The per-sample rows of the statistics, on the output's device: a map's spatial mean (max for ``"max"``)."""
-    out = output.detach().float()
-    if out.ndim > 2:
-        out = out.flatten(2).amax(dim=2) if reduce == "max" else out.flatten(2).mean(dim=2)
-    return out.clone()  # a later in-place op must not change it
+    return float64_device(device) != torch.device("cpu")
 
 
 def _forward(model: nn.Module, images: torch.Tensor, name: str, data: ImageDataset) -> torch.Tensor:
@@ -597,7 +590,10 @@ def collect_store(
                 rows = output.detach().movedim(1, -1).reshape(-1, output.shape[1])
                 captured_rows[_m][layer] = rows.float().clone() if _on_device else owned_array(rows, output)
             elif _on_device:
-                captured_rows[_m][layer] = _statistics_rows(output, spec.reduce)
+                # The per-sample rows: a map's spatial mean (its max for "max"); cloned, as a
+                # later in-place op of the forward pass must not change them.
+                rows = spatial_summary(output, "max" if spec.reduce == "max" else "mean")
+                captured_rows[_m][layer] = rows.float().clone()
             captured[_m][layer] = summarise(output, spec.reduce)
 
         handles += attach_recorders(models[m], spec.layers[m], sink, m)

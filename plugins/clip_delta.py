@@ -38,9 +38,6 @@ __all__ = ["clip_delta", "set_similarities", "ClipDelta", "register_metrics"]
 
 # Elements of one (sample, unit) chunk read at a time from in-memory activations.
 _CHUNK_ELEMENTS = 1 << 22
-# Most bytes of one dask-backed input read by one computation (a stored chunk may be a
-# whole shard of a joined store).
-_READ_BYTES = 64 * 2**20
 # Images fetched and embedded per call of the embedder (bounds image memory).
 _IMAGES_PER_CALL = 256
 
@@ -165,7 +162,7 @@ def _top_sets(a: xr.DataArray, b: xr.DataArray, k: int) -> tuple[np.ndarray, np.
     top_a, top_b = TopK(units, k), TopK(units, k)
     low = np.full((2, units), np.inf)
     high = np.full((2, units), -np.inf)
-    for ids, xa, xb in paired_chunks(a, b, read_bytes=_READ_BYTES):
+    for ids, xa, xb in paired_chunks(a, b):
         for which, (top, values) in enumerate(((top_a, xa), (top_b, xb))):
             try:
                 top.update(values, ids)

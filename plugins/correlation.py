@@ -25,10 +25,6 @@ from mergescope.statistics import Moments
 
 __all__ = ["PairedMoments", "Correlation", "register_metrics"]
 
-# Most bytes of one dask-backed input read by one computation (a stored chunk may be a
-# whole shard of a joined store).
-_READ_BYTES = 64 * 2**20
-
 
 def _batch_mean(values: np.ndarray) -> np.ndarray:
     """Column means, shifted by the first row so a constant column gets exactly its value."""
@@ -160,7 +156,7 @@ class Correlation:
         moments = PairedMoments(units)
         # With spatial dims every position of every sample is one observation.
         observations = int(np.prod([a.sizes[d] for d in a.dims if d not in ("sample", "unit")], dtype=np.int64))
-        for ids, x, y in paired_chunks(a, b, read_bytes=_READ_BYTES):
+        for ids, x, y in paired_chunks(a, b):
             x, y = x.reshape(-1, units), y.reshape(-1, units)
             for which, values in (("a", x), ("b", y)):
                 if not np.isfinite(values).all():

@@ -61,6 +61,7 @@ from mergescope.devices import autocast
 from mergescope.errors import ConfigError, ContractError
 from mergescope.hookspecs import hookimpl
 from mergescope.keys import OMIT_DEFAULT_FROM_KEY
+from mergescope.loading import to_device
 from mergescope.storage import atomic_path
 from mergescope.validators import (
     as_float,
@@ -499,15 +500,8 @@ def _batchtopk(f: torch.Tensor, weight: torch.Tensor, k: int) -> tuple[torch.Ten
 
 
 def _to_device(x: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host batch on ``device``; to CUDA through pinned memory, without waiting for the copy."""
-    t = torch.from_numpy(x) if isinstance(x, np.ndarray) else x
-    if device.type != "cuda":
-        # No copy on the CPU. Elsewhere the copy waits: only CUDA's pinned-memory
-        # allocator keeps a host buffer alive until an asynchronous copy is done.
-        return t.to(device)
-    if not t.is_pinned():
-        t = t.pin_memory()
-    return t.to(device, non_blocking=True)
+    """A host batch on ``device`` (no copy on the CPU; asynchronous to CUDA when pinned, see ``_pinned_take``)."""
+    return to_device(torch.from_numpy(x) if isinstance(x, np.ndarray) else x, device)
 
 
 def _pinned_take(rows: np.ndarray, index: np.ndarray) -> torch.Tensor:

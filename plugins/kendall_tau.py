@@ -19,6 +19,7 @@ import attrs
 import numpy as np
 import xarray as xr
 
+from mergescope import activations
 from mergescope.activations import check_metric_inputs, describe_scores, read_rows, score_coords
 from mergescope.components import Context
 from mergescope.errors import ContractError
@@ -40,9 +41,8 @@ _COMPILED_FROM = 1024
 # at a few tens of MB each, so peak memory stays around a few hundred MB.
 _CHUNK_ELEMENTS = 1 << 21
 
-# Dask-backed inputs: most bytes of one input read by one computation, and most bytes of
-# the (samples, units) block of both inputs scored at once when every sample is scored.
-_READ_BYTES = 64 * 2**20
+# Dask-backed inputs: most bytes of the (samples, units) block of both inputs scored at
+# once when every sample is scored (each read is bounded by activations.READ_BYTES).
 _BLOCK_BYTES = 256 * 2**20
 
 
@@ -222,9 +222,9 @@ def kendall_tau_b(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def _gather(a: xr.DataArray, positions: np.ndarray, units: slice) -> np.ndarray:
-    """Rows ``positions`` and columns ``units`` of a ``(sample, unit)`` array, at most :data:`_READ_BYTES` at a time."""
+    """Rows ``positions`` and columns ``units`` of a ``(sample, unit)`` array, at most ``READ_BYTES`` at a time."""
     count = len(range(*units.indices(a.shape[1])))
-    return read_rows(a.data, positions, _READ_BYTES // max(1, count * a.dtype.itemsize), units)
+    return read_rows(a.data, positions, activations.READ_BYTES // max(1, count * a.dtype.itemsize), units)
 
 
 def _tau_streamed(a: xr.DataArray, b: xr.DataArray, positions: np.ndarray) -> np.ndarray:

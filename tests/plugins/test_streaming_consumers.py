@@ -23,7 +23,10 @@ pytest.importorskip("dask.array")
 
 import dask.array  # noqa: E402
 
-from mergescope import make_activation  # noqa: E402
+from mergescope import (
+    activations,  # noqa: E402
+    make_activation,  # noqa: E402
+)
 from mergescope.activations import read_rows  # noqa: E402
 from mergescope.statistics import TopK  # noqa: E402
 from mergescope_plugins import clip_delta as cd  # noqa: E402
@@ -75,7 +78,7 @@ def test_kendall_tau_on_a_lazy_recording_equals_the_in_memory_score(monkeypatch,
     metric = kt.KendallTau(**options)
     expected = metric.score(a, b)
     # Reads of at most 10 rows of the 6 float32 units; every sample scored 2 units at a time.
-    monkeypatch.setattr(kt, "_READ_BYTES", 24 * 10)
+    monkeypatch.setattr(activations, "READ_BYTES", 24 * 10)
     monkeypatch.setattr(kt, "_BLOCK_BYTES", 2 * 4 * 2 * 500)
     reads: list[int] = []
     sizes: list[int] = []
@@ -123,7 +126,7 @@ def test_read_rows_reads_bounded_ranges_in_the_asked_order():
 def test_correlation_reads_a_one_chunk_recording_in_bounded_ranges(monkeypatch):
     a, b = _pair(samples=700, units=5)
     expected = corr.Correlation().score(a, b)
-    monkeypatch.setattr(corr, "_READ_BYTES", 20 * 64)  # 64 rows of 5 float32 units
+    monkeypatch.setattr(activations, "READ_BYTES", 20 * 64)  # 64 rows of 5 float32 units
     reads: list[int] = []
     result = corr.Correlation().score(_one_chunk(a, reads), _one_chunk(b, reads))
     assert reads and max(reads) <= 64 and sum(reads) == 2 * 700
@@ -135,7 +138,7 @@ def test_correlation_of_small_lazy_chunks_is_unchanged(monkeypatch):
     # Chunks under the budget are read as they are, as before: the same sums, bit for bit.
     a, b = _pair(samples=300, units=4, seed=2)
     before = corr.Correlation().score(a.chunk(sample=37), b.chunk(sample=50))
-    monkeypatch.setattr(corr, "_READ_BYTES", 16 * 37)
+    monkeypatch.setattr(activations, "READ_BYTES", 16 * 37)
     xr.testing.assert_identical(corr.Correlation().score(a.chunk(sample=37), b.chunk(sample=50)), before)
 
 
@@ -145,7 +148,7 @@ def test_correlation_of_small_lazy_chunks_is_unchanged(monkeypatch):
 def test_clip_delta_top_sets_read_a_one_chunk_recording_in_bounded_ranges(monkeypatch):
     a, b = _pair(samples=600, units=6, seed=4)
     expected = cd._top_sets(a, b, 5)
-    monkeypatch.setattr(cd, "_READ_BYTES", 24 * 50)
+    monkeypatch.setattr(activations, "READ_BYTES", 24 * 50)
     reads: list[int] = []
     result = cd._top_sets(_one_chunk(a, reads), _one_chunk(b, reads), 5)
     assert reads and max(reads) <= 50 and sum(reads) == 2 * 600
@@ -200,8 +203,7 @@ _CHILD = textwrap.dedent(
     dask.config.set(scheduler="synchronous")
     warnings.simplefilter("ignore")
     UNITS, BUDGET = 32, 2**20
-    for module in (clip_delta, correlation, kendall_tau):
-        module._READ_BYTES = BUDGET  # below the smaller size's 2.6 MB, so both sizes are read in pieces
+    mergescope.activations.READ_BYTES = BUDGET  # below the smaller size's 2.6 MB, so both sizes are read in pieces
 
     def status(key):
         with open("/proc/self/status") as f:
