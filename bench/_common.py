@@ -1,9 +1,12 @@
-"""Pieces the benches share: workloads and memory probes (Linux)."""
+"""Pieces the benches share: workloads, memory probes (Linux) and interleaved timing."""
 
 from __future__ import annotations
 
 import os
 import resource
+import statistics
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -49,3 +52,31 @@ def reset_peak_rss() -> bool:
     except OSError:
         return False
     return True
+
+
+def interleaved(
+    ours: Callable[[], object], base: Callable[[], object], reps: int, after: Callable[[], None] = lambda: None
+) -> dict:
+    """Time ``ours`` and ``base`` alternately ``reps`` times; per-repetition ratios and their median.
+
+    Wall-clock time is the figure; the process CPU time (all threads) is kept beside
+    it because other jobs on the machine disturb it less.
+    """
+    times: dict[str, list[tuple[float, float]]] = {"ours": [], "base": []}
+    for rep in range(reps):
+        # Alternate who goes first, so a trend in machine load favours neither side.
+        order = [("ours", ours), ("base", base)] if rep % 2 else [("base", base), ("ours", ours)]
+        for name, fn in order:
+            wall, cpu = time.perf_counter(), time.process_time()
+            fn()
+            times[name].append((time.perf_counter() - wall, time.process_time() - cpu))
+            after()
+    ratios = [o[0] / b[0] for o, b in zip(times["ours"], times["base"])]
+    cpu_ratios = [o[1] / b[1] for o, b in zip(times["ours"], times["base"])]
+    return {
+        "ratio": statistics.median(ratios),
+        "ratios": ratios,
+        "cpu_ratio": statistics.median(cpu_ratios),
+        "ours": [t[0] for t in times["ours"]],
+        "base": [t[0] for t in times["base"]],
+    }

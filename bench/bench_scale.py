@@ -53,7 +53,7 @@ from mergescope.components import Context
 from mergescope.store import Store, StoreSpec, collect_store
 from mergescope_plugins.crosscoder import Crosscoder
 
-from _common import current_rss_kib, peak_rss_kib, reset_peak_rss
+from _common import current_rss_kib, interleaved, peak_rss_kib, reset_peak_rss
 
 S1_TARGET = 1.10
 S2_TARGET = 1.2
@@ -173,34 +173,6 @@ def store_bytes(directory: Path) -> int:
 
 
 # ------------------------------------------------------------------------ measuring
-
-
-def interleaved(
-    ours: Callable[[], object], base: Callable[[], object], reps: int, after: Callable[[], None] = lambda: None
-) -> dict:
-    """Time ``ours`` and ``base`` alternately ``reps`` times: per-repetition ratios and their medians.
-
-    Wall-clock time is the target figure; the process CPU time (all threads) is kept
-    beside it because other jobs on the machine disturb it less.
-    """
-    times: dict[str, list[tuple[float, float]]] = {"ours": [], "base": []}
-    for rep in range(reps):
-        # Alternate who goes first, so a trend in the machine's load favours neither side.
-        order = [("ours", ours), ("base", base)] if rep % 2 else [("base", base), ("ours", ours)]
-        for name, fn in order:
-            wall, cpu = time.perf_counter(), time.process_time()
-            fn()
-            times[name].append((time.perf_counter() - wall, time.process_time() - cpu))
-            after()
-    ratios = [o[0] / b[0] for o, b in zip(times["ours"], times["base"])]
-    cpu_ratios = [o[1] / b[1] for o, b in zip(times["ours"], times["base"])]
-    return {
-        "ratio": statistics.median(ratios),
-        "ratios": ratios,
-        "cpu_ratio": statistics.median(cpu_ratios),
-        "ours": [t[0] for t in times["ours"]],
-        "base": [t[0] for t in times["base"]],
-    }
 
 
 def verdict(met: bool) -> str:

@@ -43,7 +43,7 @@ import xarray as xr
 from mergescope.components import TensorImageDataset
 from mergescope.store import StoreSpec, collect_store, join_stores
 
-from _common import current_rss_kib, peak_rss_kib, reset_peak_rss, resnet18, synthetic_images
+from _common import current_rss_kib, interleaved, peak_rss_kib, reset_peak_rss, resnet18, synthetic_images
 
 P1_TARGET = 1.10
 P2_TARGET = 1.2
@@ -129,34 +129,6 @@ def p1_spec(layers: dict[str, list[str]]) -> StoreSpec:
 
 
 # ---------------------------------------------------------------------- measuring
-
-
-def interleaved(
-    ours: Callable[[], object], base: Callable[[], object], reps: int, after: Callable[[], None] = lambda: None
-) -> dict:
-    """Time ``ours`` and ``base`` alternately ``reps`` times; per-repetition ratios and their median.
-
-    Wall-clock time is the figure; the process CPU time (all threads) is kept beside
-    it because other jobs on the machine disturb it less.
-    """
-    times: dict[str, list[tuple[float, float]]] = {"ours": [], "base": []}
-    for rep in range(reps):
-        # Alternate who goes first, so a trend in machine load favours neither side.
-        order = [("ours", ours), ("base", base)] if rep % 2 else [("base", base), ("ours", ours)]
-        for name, fn in order:
-            wall, cpu = time.perf_counter(), time.process_time()
-            fn()
-            times[name].append((time.perf_counter() - wall, time.process_time() - cpu))
-            after()
-    ratios = [o[0] / b[0] for o, b in zip(times["ours"], times["base"])]
-    cpu_ratios = [o[1] / b[1] for o, b in zip(times["ours"], times["base"])]
-    return {
-        "ratio": statistics.median(ratios),
-        "ratios": ratios,
-        "cpu_ratio": statistics.median(cpu_ratios),
-        "ours": [t[0] for t in times["ours"]],
-        "base": [t[0] for t in times["base"]],
-    }
 
 
 def report_ratio(label: str, result: dict, target: float) -> None:
