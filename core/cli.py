@@ -106,6 +106,19 @@ def _parser() -> argparse.ArgumentParser:
     _add_device_flags(p)
     p.set_defaults(func=_cmd_collect)
 
+    p = sub.add_parser(
+        "claims",
+        help="list pipelines' claims and, where a run exists, their state",
+        description=(
+            "List the [[claims]] of pipeline files (default: examples/*.toml) with the state each records and, "
+            "where RUNS/<file stem>/results.nc exists, the state and value that run measured. Exits 1 when a "
+            "run disagrees with a recorded state."
+        ),
+    )
+    p.add_argument("pipelines", nargs="*", type=Path, metavar="PIPELINE", help="pipeline TOML files")
+    p.add_argument("--runs", type=Path, default=Path("runs"), help="folder of run directories (default: ./runs)")
+    p.set_defaults(func=_cmd_claims)
+
     p = sub.add_parser("plugins", help="list plugins and their components", description="List loaded plugins.")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_plugins)
@@ -244,6 +257,36 @@ def _cmd_collect(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(f"{store.info['samples']} samples of {', '.join(store.models)} recorded in {args.out}")
     return 0
+
+
+def _cmd_claims(args: argparse.Namespace) -> int:
+    from .claims import claims_of_file, format_number, run_verdicts
+
+    paths = args.pipelines or sorted(Path("examples").glob("*.toml"))
+    if not paths:
+        raise ConfigError("no pipeline files given and none under ./examples; name them: mergescope claims FILE ...")
+    disagree = 0
+    for path in paths:
+        claims = claims_of_file(path)
+        run_dir = args.runs / path.stem
+        measured = {row["name"]: row for row in run_verdicts(run_dir) or []}
+        ran = f"run: {run_dir}" if (run_dir / "results.nc").is_file() else f"no run at {run_dir}"
+        print(f"{path} ({len(claims)} claims; {ran})")
+        for claim in claims:
+            row = measured.get(claim.name)
+            if row is None:
+                now = "not measured"
+            else:
+                now = f"this run: {row['state']}, measured {format_number(row['measured'])}"
+                if row["problem"]:
+                    now = f"this run: cannot be evaluated: {row['problem']}"
+                if row["state"] != claim.state or row["problem"]:
+                    disagree += 1
+                    now += "  <-- differs from the recorded state"
+            print(f"  {claim.name} [{claim.source}]")
+            print(f"      {claim.says}")
+            print(f"      {claim.quantity.value} {claim.expect}; recorded: {claim.state}; {now}")
+    return 1 if disagree else 0
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:

@@ -40,6 +40,7 @@ from typing import Any
 
 import attrs
 
+from .claims import CLAIMS_GROUP, Claim, claims_to_tables, parse_claims
 from .devices import check_device_spec, check_precision
 from .errors import ConfigError, DuplicateComponentError, article, closest
 from .kinds import KINDS, STEP_KINDS, StepKind, step_kind
@@ -66,7 +67,7 @@ __all__ = [
     "STEP_KINDS",
 ]
 
-_TOP_KEYS = ("seed", "device", "precision", "data", "activations", "loader", "models", "steps", "tasks")
+_TOP_KEYS = ("seed", "device", "precision", "data", "activations", "loader", "models", "steps", "tasks", "claims")
 _MODEL_KEYS = ("name", "use", "checkpoint", "checkpoint_key", "strip_prefix", "train", "train_data")
 # The keys of [[models]] that say how a checkpoint is read (ModelSpec fields of the same names).
 _CHECKPOINT_OPTIONS = ("checkpoint_key", "strip_prefix")
@@ -247,6 +248,8 @@ class Pipeline:
     precision: str = attrs.field(default="fp32", kw_only=True, validator=lambda _i, _a, v: check_precision(v))
     #: How batches are loaded in every pass of the run (``[loader]``); never part of a cache key.
     loader: LoaderOptions = attrs.field(factory=LoaderOptions, kw_only=True)
+    #: What papers say the run should show (``[[claims]]``), checked after the steps; never part of a cache key.
+    claims: list[Claim] = attrs.field(factory=list, kw_only=True)
 
     # -- names ---------------------------------------------------------------
 
@@ -323,6 +326,8 @@ class Pipeline:
             precision=precision,
             loader=loader,
         )
+        if "claims" in raw:
+            pipeline.claims = parse_claims(raw["claims"], source, steps=pipeline.step_names())
         pipeline.check(registry)
         return pipeline
 
@@ -381,6 +386,8 @@ class Pipeline:
             if t.models is not None:
                 table["models"] = t.models
             out["tasks"].append(table)
+        if self.claims:
+            out["claims"] = claims_to_tables(self.claims)
         return out
 
     def to_toml(self) -> str:
@@ -466,6 +473,11 @@ class Pipeline:
                 raise ConfigError(
                     f"step name {name!r} must start with a letter or digit and hold only letters, digits and "
                     "'_', '-', '.', '+' (it names a group in results.nc and, for a merger, a model)",
+                    where=f"{where}, key 'name'",
+                )
+            if name == CLAIMS_GROUP:
+                raise ConfigError(
+                    f"a step cannot be named {CLAIMS_GROUP!r}: results.nc keeps the pipeline's claims under that name",
                     where=f"{where}, key 'name'",
                 )
             if name in available or name in kinds:

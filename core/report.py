@@ -49,6 +49,7 @@ import numpy as np
 import xarray as xr
 from markupsafe import Markup
 
+from .claims import CLAIMS_GROUP, HOLDS, format_number, verdicts_from_dataset
 from .kinds import KINDS
 from .report_parts import CLASSES_SHOWN, alignment_table, endpoints_table, models_table
 from .report_parts import percent as _percent
@@ -197,9 +198,11 @@ def render_report(
         for s in present
         if _is_visualizer(s)
     ]
+    claims = results.children.get(CLAIMS_GROUP)
     return _render(
         "report.html.j2",
         title=f"mergescope report: {run_dir.resolve().name}",
+        claims=Markup(_claims_section(claims.to_dataset(inherit=False))) if claims is not None else None,
         pipeline=Markup(_pipeline_section(steps, info, pipeline_text, summary)),
         models=Markup(_models_section(info)) if info.get("models") or info.get("data") else None,
         metrics=[(s, Markup(_metric_step(results.children[s["name"]]))) for s in present if _is_metric(s)],
@@ -257,7 +260,7 @@ def _steps(results: xr.DataTree, info: Mapping[str, Any]) -> list[dict[str, Any]
     """Every step, in order, with its use, kind, time and cache state."""
     declared = info.get("steps") or {}
     seconds = info.get("seconds") or {}
-    names = list(declared) or [n for n in results.children if n != "tasks"]
+    names = list(declared) or [n for n in results.children if n not in ("tasks", CLAIMS_GROUP)]
     steps = []
     for name in names:
         meta = declared.get(name) or {}
@@ -425,6 +428,14 @@ def _tasks_section(ds: xr.Dataset) -> str:
 
     normalised, loss = per_task("normalized_accuracy", _percent), per_task("loss", float)
     return _render("tasks.html.j2", head=head, rows=rows, tasks=tasks, normalised=normalised, loss=loss)
+
+
+def _claims_section(ds: xr.Dataset) -> str:
+    """What the pipeline's papers say and whether this run shows it, one row per claim."""
+    rows = verdicts_from_dataset(ds)
+    return _render(
+        "claims.html.j2", rows=rows, format_number=format_number, holding=sum(r["state"] == HOLDS for r in rows)
+    )
 
 
 # ----------------------------------------------------------------------------- other results

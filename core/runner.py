@@ -4,7 +4,7 @@ The run directory holds::
 
     results.nc        every step's labelled results, one group per step
     pipeline.toml     the pipeline as run
-    summary.txt       one paragraph per step
+    summary.txt       one paragraph per step, then the claims checked
     run.json          versions, seed, and the time of each step
     report.html       the self-contained report (see mergescope.report)
     activations/<key>/    activation stores (see mergescope.store), one per recording pass
@@ -36,6 +36,7 @@ from torch import nn
 from ._version import __version__
 from .activations import check_single_calls, resolve_layers
 from .checkpoints import check_class_count, load_into, load_state_dict, save_state_dict
+from .claims import attach_verdicts
 from .context import Context
 from .devices import autocast, explain_device_mix, place, resolve_device
 from .errors import CheckpointError, ConfigError, MergescopeError
@@ -541,7 +542,8 @@ class _Run:
             results["tasks"] = self.evaluate_tasks()
             timings["tasks"] = time.perf_counter() - t0
             lines.append(task_table(results["tasks"]))
-        tree = xr.DataTree.from_dict(results)
+        tree, claim_lines = attach_verdicts(xr.DataTree.from_dict(results), self.pipeline.claims)
+        lines.extend(claim_lines)
         pipeline_text = _as_toml(self.pipeline)
         tree.attrs.update({"mergescope_version": __version__, "pipeline": pipeline_text})
         save_tree(tree, self.out / "results.nc")
@@ -549,9 +551,7 @@ class _Run:
         _write_text(self.out / "summary.txt", summary)
         _write_text(self.out / "pipeline.toml", pipeline_text)
         run_info = {
-            "mergescope": __version__,
-            "torch": torch.__version__,
-            "xarray": xr.__version__,
+            **{"mergescope": __version__, "torch": torch.__version__, "xarray": xr.__version__},
             "python": platform.python_version(),
             "seed": self.pipeline.seed,
             "device": str(self.device),

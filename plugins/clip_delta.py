@@ -10,7 +10,8 @@ mean cosine similarities:
 
     delta_j = (C(S1_j, S1_j) - C(S1_j, S2_j)) / ((1 / (N - 1)) sum_{p != j} C(S1_j, S1_p))
 
-The exact reading is documented on :class:`ClipDelta`. The kernel :func:`clip_delta`
+The exact reading, and the ``self_pairs`` option that changes what ``C(S1_j, S1_j)``
+averages over, are documented on :class:`ClipDelta`. The kernel :func:`clip_delta`
 works on embeddings alone; :class:`ClipDelta` finds the top-k sets (streaming over the
 samples, so dask-backed activations are never loaded whole), fetches and embeds each
 needed image once and labels the result.
@@ -32,7 +33,7 @@ from mergescope.errors import ContractError
 from mergescope.hookspecs import hookimpl
 from mergescope.options import component_options, structure_options, unstructure_options
 from mergescope.statistics import TopK
-from mergescope.validators import Check, int_range, non_empty_str, table_of
+from mergescope.validators import Check, boolean, int_range, non_empty_str, table_of
 
 __all__ = ["clip_delta", "set_similarities", "ClipDelta", "register_metrics"]
 
@@ -46,7 +47,7 @@ _IMAGES_PER_CALL = 256
 
 
 def set_similarities(
-    sets_1: np.ndarray, sets_2: np.ndarray, embeddings: np.ndarray
+    sets_1: np.ndarray, sets_2: np.ndarray, embeddings: np.ndarray, *, self_pairs: bool = False
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The three mean cosine similarities CLIP-δ is made of, for every unit.
 
@@ -57,12 +58,15 @@ def set_similarities(
         of model 1 (the reference) and of model 2.
     embeddings
         ``(images, d)`` embeddings; each row is L2-normalised here.
+    self_pairs
+        Whether the within-set mean counts each image paired with itself.
 
     Returns
     -------
     within
         ``C(S1_j, S1_j)``: mean cosine over the ``k (k - 1)`` ordered pairs of *distinct*
-        positions of ``S1_j`` (an image is not compared with itself).
+        positions of ``S1_j`` (an image is not compared with itself); with
+        ``self_pairs``, over all ``k * k`` ordered pairs, the ``k`` self-pairs included.
     between
         ``C(S1_j, S2_j)``: mean cosine over all ``k * k`` pairs, one image from each set;
         an image in both sets contributes a pair of cosine 1.
@@ -82,7 +86,10 @@ def set_similarities(
     of their mean embeddings ``m``, so everything is ``O(units * k * d)``:
     ``between_j = m1_j . m2_j``, ``others_j = m1_j . (sum_p m1_p - m1_j) / (N - 1)`` and,
     removing the ``k`` self-pairs of cosine 1 from ``k^2 |m1_j|^2``,
-    ``within_j = (k |m1_j|^2 - 1) / (k - 1)``.
+    ``within_j = (k |m1_j|^2 - 1) / (k - 1)``; with ``self_pairs``, ``within_j = |m1_j|^2``.
+    Each set's mean is taken over its images in sorted order, so two sets holding the
+    same images have the same mean to the last bit, whatever their order: with
+    ``self_pairs`` identical sets then give ``within_j == between_j`` exactly.
     """
     sets_1 = np.asarray(sets_1)
     sets_2 = np.asarray(sets_2)
@@ -102,7 +109,8 @@ def set_similarities(
         raise ValueError(f"{int(bad.sum())} embedding(s) are zero or not finite (first: row {int(np.argmax(bad))})")
     e = e / norms[:, None]
     m1, m2 = _set_means(sets_1, e), _set_means(sets_2, e)  # (units, d)
-    within = (k * np.einsum("jd,jd->j", m1, m1) - 1.0) / (k - 1)
+    squared = np.einsum("jd,jd->j", m1, m1)
+    within = squared if self_pairs else (k * squared - 1.0) / (k - 1)
     between = np.einsum("jd,jd->j", m1, m2)
     others = np.einsum("jd,jd->j", m1, m1.sum(axis=0) - m1) / (units - 1)
     return within, between, others
@@ -111,6 +119,7 @@ def set_similarities(
 def _set_means(sets: np.ndarray, e: np.ndarray) -> np.ndarray:
     """Mean embedding of every set, over blocks of units so ``(units, k, d)`` is never formed whole."""
     units, k = sets.shape
+    sets = np.sort(sets, axis=1)  # the sum's order: equal sets give bit-equal means
     out = np.empty((units, e.shape[1]))
     block = max(1, _CHUNK_ELEMENTS // max(1, k * e.shape[1]))
     for start in range(0, units, block):
@@ -118,12 +127,14 @@ def _set_means(sets: np.ndarray, e: np.ndarray) -> np.ndarray:
     return out
 
 
-def clip_delta(sets_1: np.ndarray, sets_2: np.ndarray, embeddings: np.ndarray) -> np.ndarray:
+def clip_delta(
+    sets_1: np.ndarray, sets_2: np.ndarray, embeddings: np.ndarray, *, self_pairs: bool = False
+) -> np.ndarray:
     """CLIP-δ of every unit from its two top-k sets and the image embeddings.
 
     Parameters
     ----------
-    sets_1, sets_2, embeddings
+    sets_1, sets_2, embeddings, self_pairs
         As in :func:`set_similarities`.
 
     Returns
@@ -132,7 +143,7 @@ def clip_delta(sets_1: np.ndarray, sets_2: np.ndarray, embeddings: np.ndarray) -
         ``(units,)`` float64 ``(within - between) / others``; NaN where ``others`` is not
         positive (the baseline is then no scale to divide by).
     """
-    return _delta(*set_similarities(sets_1, sets_2, embeddings))
+    return _delta(*set_similarities(sets_1, sets_2, embeddings, self_pairs=self_pairs))
 
 
 def _delta(within: np.ndarray, between: np.ndarray, others: np.ndarray) -> np.ndarray:
@@ -192,13 +203,21 @@ class ClipDelta:
     unit ``j`` in ``a`` (the reference model) and ``S2_j`` the ``k`` largest in ``b``;
     equal activations are ordered by sample id, so the sets are deterministic. Every
     image in any set is embedded once by the embedder and L2-normalised; ``cos`` is the
-    dot product of two embeddings. With ``N`` units:
+    dot product of two embeddings. With ``N`` units and ``S1_j = {x_1, ..., x_k}``:
 
-    - ``C(S1_j, S1_j)``, the *within* similarity: the mean ``cos`` over the
-      ``k (k - 1)`` ordered pairs of **distinct** members of ``S1_j``. Self-pairs are
-      left out: their cosine is 1 whatever the images, so they would make up a fixed
-      ``1 / k`` share of the mean and say nothing about how coherent the set is. (Two
-      different samples whose images happen to be identical do count.)
+    - ``C(S1_j, S1_j)``, the *within* similarity, has two readings (option
+      ``self_pairs``):
+
+      - ``self_pairs = false`` (the default): the mean ``cos`` over the ``k (k - 1)``
+        ordered pairs of **distinct** members of ``S1_j``,
+        ``within_j = (1 / (k (k - 1))) sum_{a != b} cos(x_a, x_b)``. Self-pairs are
+        left out: their cosine is 1 whatever the images, so they would make up a fixed
+        ``1 / k`` share of the mean and say nothing about how coherent the set is. (Two
+        different samples whose images happen to be identical do count.)
+      - ``self_pairs = true``: the mean over all ``k * k`` ordered pairs, each image
+        with itself included, ``within_j = (1 / k^2) sum_{a, b} cos(x_a, x_b)``, which
+        is ``w + (1 - w) / k`` for the default reading's ``w``. This is the same mean as
+        the *between* similarity takes, so a set compared with itself scores exactly 0.
     - ``C(S1_j, S2_j)``, the *between* similarity: the mean ``cos`` over all ``k * k``
       pairs of one image from each set. An image in both sets forms a pair with itself
       of ``cos`` 1, and that pair counts: sharing images is what makes two units alike.
@@ -210,9 +229,11 @@ class ClipDelta:
     ``CLIP-δ_j = (within_j - between_j) / others_j``: lower is more similar. It is about
     0 when ``b``'s images are as alike to ``a``'s set as that set is to itself, and
     grows as they drift apart, in units of how alike the images of two different units
-    of ``a`` are. Because shared images count in ``between`` but self-pairs do not in
-    ``within``, identical sets (``S2_j = S1_j``) score slightly below 0:
-    ``-(1 - within_j) / (k * others_j)``. It is NaN where the baseline is not positive.
+    of ``a`` are. In the default reading shared images count in ``between`` but
+    self-pairs do not in ``within``, so identical sets (``S2_j = S1_j``) score slightly
+    below 0: ``-(1 - within_j) / (k * others_j)``; with ``self_pairs = true`` they score
+    exactly 0, and every unit's CLIP-δ is the default one plus
+    ``(1 - w_j) / (k * others_j)``. It is NaN where the baseline is not positive.
     Units are compared position by position (unit ``j`` with unit ``j``): score ``b``
     after it was permuted onto ``a`` to compare matched units.
 
@@ -228,6 +249,12 @@ class ClipDelta:
         The embedder's options, a table (e.g. ``{pretrained = "/path/model.bin"}``). An
         embedder with a ``device`` option runs on the step's device (where the models
         are) unless this table names another.
+    self_pairs
+        Count each image paired with itself in the within-set similarity (mean over
+        all ``k * k`` pairs, so identical top-k sets score exactly 0) instead of leaving
+        self-pairs out (mean over the ``k (k - 1)`` pairs of distinct members, the
+        default, so identical sets score ``-(1 - within_j) / (k * others_j)``, slightly
+        below 0). The between-set and baseline similarities count every pair either way.
     """
 
     name: ClassVar[str] = "clip-delta"
@@ -243,6 +270,7 @@ class ClipDelta:
         validator=table_of("the embedder's options"),
         metadata=component_options("embedder", use="embedder"),
     )
+    self_pairs: bool = attrs.field(default=False, validator=boolean)
     # Embeddings by sample id of the dataset last scored on: a step scores many layers and
     # model pairs over one dataset, and their top-k sets share most images.
     _embedded: dict[str, Any] = attrs.field(factory=dict, init=False, eq=False, repr=False)
@@ -294,9 +322,9 @@ class ClipDelta:
         xarray.DataArray
             Named ``"clip_delta"``, float64, dims ``("unit",)`` with ``b``'s ``unit``
             coords; per-unit coords ``similarity_within``, ``similarity_between`` and
-            ``similarity_others`` (the three terms); scalar coords ``embedder`` (what
-            made the embeddings), ``model``, ``reference`` and ``layer`` when the inputs
-            carry them.
+            ``similarity_others`` (the three terms, ``within`` as ``self_pairs``
+            reads it); scalar coords ``embedder`` (what made the embeddings),
+            ``model``, ``reference`` and ``layer`` when the inputs carry them.
 
         Raises
         ------
@@ -324,7 +352,9 @@ class ClipDelta:
         embeddings = self._embed(ids, context)
         positions = inverse.reshape(2, *sets_a.shape)
         try:
-            within, between, others = set_similarities(positions[0], positions[1], embeddings)
+            within, between, others = set_similarities(
+                positions[0], positions[1], embeddings, self_pairs=self.self_pairs
+            )
         except ValueError as exc:
             raise ValueError(f"clip-delta with embedder {self.embedder!r}: {exc}") from None
         bad = ~(others > 0)

@@ -101,21 +101,25 @@ def test_thesis_steps_run_unchanged_on_torchvision_checkpoints_and_an_image_fold
     data = pipeline.data.load()
     images = torch.stack([data[i][0] for i in range(len(data))])
 
-    # wm: a permutation for every channel group of ResNet-18 (the stem, each residual
-    # stream, each block's inner activation), and the permuted model 2 computes what model 2 does
-    groups = tree["wm/model2"].children
-    assert {"conv1", "layer2", "layer3", "layer4", "layer1.0.conv1", "layer4.1.conv1"} <= set(groups)
-    for group in groups.values():
-        matrix = group.ds["transform"].values
-        assert set(np.unique(matrix)) <= {0.0, 1.0}
-        assert (matrix.sum(0) == 1).all() and (matrix.sum(1) == 1).all()
+    # am (and the compared wm): a permutation for every channel group of ResNet-18 (the stem,
+    # each residual stream, each block's inner activation), and the permuted model 2 the
+    # feature views read computes what model 2 does
+    for aligner in ("am", "wm"):
+        groups = tree[f"{aligner}/model2"].children
+        assert {"conv1", "layer2", "layer3", "layer4", "layer1.0.conv1", "layer4.1.conv1"} <= set(groups)
+        for group in groups.values():
+            matrix = group.ds["transform"].values
+            assert set(np.unique(matrix)) <= {0.0, 1.0}
+            assert (matrix.sum(0) == 1).all() and (matrix.sum(1) == 1).all()
     with torch.no_grad():
-        torch.testing.assert_close(result.models["model2@wm"](images), result.models["model2"](images))
+        torch.testing.assert_close(result.models["model2@am"](images), result.models["model2"](images))
 
-    # the two merges, evaluated on the image folder
-    for merge in ("permuted-merge", "direct-merge"):
-        assert 0.0 <= float(tree[merge].ds["accuracy"]) <= 1.0
-        assert np.isfinite(float(tree[merge].ds["loss"]))
+    # the merges, evaluated on the image folder (REPAIR names its merge's scores merged_*)
+    for merge, prefix in (
+        ("permuted-merge", ""), ("repaired-merge", "merged_"), ("direct-merge", ""), ("permuted-merge-wm", "")
+    ):
+        assert 0.0 <= float(tree[merge].ds[f"{prefix}accuracy"]) <= 1.0
+        assert np.isfinite(float(tree[merge].ds[f"{prefix}loss"]))
 
     # regression: every layer; R² defined on all data at every sparsity level
     regression = tree["regression"].ds
@@ -127,7 +131,7 @@ def test_thesis_steps_run_unchanged_on_torchvision_checkpoints_and_an_image_fold
     # metrics: one score per channel, in range, NaN exactly where a channel is constant
     activations = {
         model: collect(result.models[model], data, layers, model_name=model)
-        for model in ("model1", "model2@wm", "permuted-merge", "direct-merge")
+        for model in ("model1", "model2@am", "permuted-merge", "repaired-merge", "direct-merge")
     }
 
     def constant(model: str, layer: str) -> np.ndarray:
@@ -135,10 +139,11 @@ def test_thesis_steps_run_unchanged_on_torchvision_checkpoints_and_an_image_fold
         return (values == values[:1]).all(axis=0)
 
     for step, variable, models in (
-        ("kendall-tau", "kendall_tau", ["model2@wm", "permuted-merge", "direct-merge"]),
-        ("correlation", "correlation", ["model2@wm", "permuted-merge", "direct-merge"]),
-        ("clip-delta", "clip_delta", ["model2@wm", "permuted-merge"]),
-        ("merge-vs-parents", "kendall_tau", ["model1", "model2@wm"]),
+        ("kendall-tau", "kendall_tau", ["model2@am", "permuted-merge", "repaired-merge", "direct-merge"]),
+        ("kendall-tau-dprime", "kendall_tau", ["model2@am", "permuted-merge", "repaired-merge", "direct-merge"]),
+        ("correlation", "correlation", ["model2@am", "permuted-merge", "repaired-merge", "direct-merge"]),
+        ("clip-delta", "clip_delta", ["model2@am", "permuted-merge"]),
+        ("merge-vs-parents", "kendall_tau", ["model1", "model2@am"]),
     ):
         reference = "permuted-merge" if step == "merge-vs-parents" else "model1"
         for layer, width in zip(layers, widths):
@@ -162,11 +167,11 @@ def test_thesis_steps_run_unchanged_on_torchvision_checkpoints_and_an_image_fold
     assert list(categories["category_count"].sum("category").values) == widths
     assert (out / "figures" / "categories" / "categories.png").is_file()
 
-    # top-k: one grid per channel of every layer, six rows (five models and the regression at 100 %)
+    # top-k: one grid per channel of every layer, seven rows (six models and the regression at 100 %)
     index = tree["top-k"].ds
     assert index.sizes["entry"] == sum(widths)
     assert list(index["row"].values) == [
-        "model1", "model2", "model2@wm", "permuted-merge", "direct-merge", "regression:100%"
+        "model1", "model2", "model2@am", "permuted-merge", "repaired-merge", "direct-merge", "regression:100%"
     ]
     grids = [out / "figures" / "top-k" / str(f) for f in index["grid_file"].values]
     assert len(set(grids)) == sum(widths)

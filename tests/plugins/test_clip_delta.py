@@ -83,8 +83,8 @@ def table_case(members_a, members_b, n_images, ids_offset=100):
     return da, db, context
 
 
-def brute_force(sets_1, sets_2, e):
-    """CLIP-δ by explicit loops over image pairs (the documented reading)."""
+def brute_force(sets_1, sets_2, e, self_pairs=False):
+    """CLIP-δ by explicit loops over image pairs (the documented readings)."""
     e = e / np.linalg.norm(e, axis=1, keepdims=True)
     n = len(sets_1)
 
@@ -92,7 +92,7 @@ def brute_force(sets_1, sets_2, e):
         pairs = [(i, j) for i, j in itertools.product(range(len(s)), range(len(t))) if not (distinct and i == j)]
         return np.mean([e[s[i]] @ e[t[j]] for i, j in pairs])
 
-    within = np.array([mean_cos(sets_1[j], sets_1[j], distinct=True) for j in range(n)])
+    within = np.array([mean_cos(sets_1[j], sets_1[j], distinct=not self_pairs) for j in range(n)])
     between = np.array([mean_cos(sets_1[j], sets_2[j]) for j in range(n)])
     others = np.array([np.mean([mean_cos(sets_1[j], sets_1[p]) for p in range(n) if p != j]) for j in range(n)])
     return within, between, others
@@ -101,19 +101,22 @@ def brute_force(sets_1, sets_2, e):
 # ------------------------------------------------------------------------------ kernel
 
 
-def test_kernel_matches_pairwise_definition():
+@pytest.mark.parametrize("self_pairs", [False, True])
+def test_kernel_matches_pairwise_definition(self_pairs):
     rng = np.random.default_rng(0)
     e = rng.normal(size=(30, 8))
     for k, units in ((2, 2), (3, 5), (10, 3)):
         sets_1 = rng.integers(0, 30, size=(units, k))
         sets_2 = rng.integers(0, 30, size=(units, k))
-        ours = set_similarities(sets_1, sets_2, e)
-        ref = brute_force(sets_1, sets_2, e)
+        ours = set_similarities(sets_1, sets_2, e, self_pairs=self_pairs)
+        ref = brute_force(sets_1, sets_2, e, self_pairs=self_pairs)
         for got, want in zip(ours, ref):
             np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
         with np.errstate(divide="ignore", invalid="ignore"):
             expected = (ref[0] - ref[1]) / ref[2]
-        np.testing.assert_allclose(clip_delta(sets_1, sets_2, e), np.where(ref[2] > 0, expected, np.nan), atol=1e-12)
+        np.testing.assert_allclose(
+            clip_delta(sets_1, sets_2, e, self_pairs=self_pairs), np.where(ref[2] > 0, expected, np.nan), atol=1e-12
+        )
 
 
 def test_kernel_in_blocks_of_units_agrees(monkeypatch):
@@ -133,6 +136,52 @@ def test_kernel_leaves_self_pairs_out_of_the_within_similarity():
     within, _, _ = set_similarities(np.array([[0, 1], [1, 2]]), np.array([[0, 1], [1, 2]]), e)
     # Only the pair (0, 1): cos 0.6, not (1 + 1 + 0.6 + 0.6) / 4.
     np.testing.assert_allclose(within, [0.6, 0.8], atol=1e-15)
+
+
+# Three unit vectors: cos(e0, e1) = 0.6, cos(e1, e2) = 0.8, cos(e0, e2) = 0.
+_THREE = np.array([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]])
+
+
+@pytest.mark.parametrize("listed", [[[0, 1], [1, 2]], [[1, 0], [2, 1]]], ids=["same-order", "other-order"])
+def test_identical_sets_by_hand_with_and_without_self_pairs(listed):
+    sets_1, sets_2 = np.array([[0, 1], [1, 2]]), np.array(listed)
+    # Between (all 4 pairs): unit 0 (1 + 0.6 + 0.6 + 1) / 4 = 0.8, unit 1 (1 + 0.8 + 0.8 + 1) / 4 = 0.9.
+    # Others: {0, 1} x {1, 2} -> (0.6 + 0 + 1 + 0.8) / 4 = 0.6 for both units.
+    # Without self-pairs, within is the one distinct pair: 0.6 and 0.8, so
+    # delta = (0.6 - 0.8) / 0.6 = -1/3 and (0.8 - 0.9) / 0.6 = -1/6.
+    within, between, others = set_similarities(sets_1, sets_2, _THREE)
+    np.testing.assert_allclose(within, [0.6, 0.8], rtol=0, atol=1e-15)
+    np.testing.assert_allclose(between, [0.8, 0.9], rtol=0, atol=1e-15)
+    np.testing.assert_allclose(others, [0.6, 0.6], rtol=0, atol=1e-15)
+    np.testing.assert_allclose(clip_delta(sets_1, sets_2, _THREE), [-1 / 3, -1 / 6], rtol=0, atol=1e-15)
+    # With self-pairs within is the mean over all 4 pairs, the same mean as between: exactly 0,
+    # whatever order the sets are listed in.
+    within, between, _ = set_similarities(sets_1, sets_2, _THREE, self_pairs=True)
+    np.testing.assert_allclose(within, [0.8, 0.9], rtol=0, atol=1e-15)
+    np.testing.assert_array_equal(within, between)
+    np.testing.assert_array_equal(clip_delta(sets_1, sets_2, _THREE, self_pairs=True), [0.0, 0.0])
+
+
+def test_identical_sets_in_any_order_give_exactly_zero_with_self_pairs():
+    rng = np.random.default_rng(6)
+    e = np.abs(rng.normal(size=(50, 16)))  # positive: a positive baseline
+    for _ in range(20):
+        sets_1 = np.stack([rng.choice(50, 10, replace=False) for _ in range(5)])
+        sets_2 = np.stack([rng.permutation(row) for row in sets_1])
+        np.testing.assert_array_equal(clip_delta(sets_1, sets_2, e, self_pairs=True), np.zeros(5))
+
+
+def test_different_sets_by_hand_with_and_without_self_pairs():
+    sets_1, sets_2 = np.array([[0, 1], [1, 2]]), np.array([[0, 2], [2, 0]])
+    # Between: {0, 1} x {0, 2} -> (1 + 0 + 0.6 + 0.8) / 4 = 0.6; {1, 2} x {2, 0} -> (0.8 + 0.6 + 1 + 0) / 4 = 0.6.
+    # Others 0.6 as above. Within 0.6, 0.8 without self-pairs; 0.8, 0.9 with them.
+    _, between, others = set_similarities(sets_1, sets_2, _THREE)
+    np.testing.assert_allclose(between, [0.6, 0.6], rtol=0, atol=1e-15)
+    np.testing.assert_allclose(others, [0.6, 0.6], rtol=0, atol=1e-15)
+    # (0.6 - 0.6) / 0.6 = 0 and (0.8 - 0.6) / 0.6 = 1/3.
+    np.testing.assert_allclose(clip_delta(sets_1, sets_2, _THREE), [0.0, 1 / 3], rtol=0, atol=1e-15)
+    # (0.8 - 0.6) / 0.6 = 1/3 and (0.9 - 0.6) / 0.6 = 1/2: each the default plus (1 - w) / (k * others).
+    np.testing.assert_allclose(clip_delta(sets_1, sets_2, _THREE, self_pairs=True), [1 / 3, 1 / 2], rtol=0, atol=1e-15)
 
 
 @pytest.mark.parametrize(
@@ -199,6 +248,25 @@ def test_identical_sets_of_distinct_images_score_slightly_below_zero(registry):
     assert np.all(result.values < 0)
 
 
+def test_identical_sets_score_exactly_zero_with_self_pairs(registry):
+    rng = np.random.default_rng(1)
+    vectors = np.abs(rng.normal(size=(9, 4))).tolist()
+    members = [{0, 1, 2}, {3, 4, 5}, {6, 7, 8}]
+    a, b, context = table_case(members, members, n_images=9)
+    # The same sets, ranked the other way round in b (activations 1, 2, 3 become 3, 2, 1).
+    b = b.copy(data=np.where(b.values > 0, 4 - b.values, 0).astype(b.dtype))
+    default = ClipDelta(k=3, embedder="test-table", embedder_options={"vectors": vectors})
+    counted = ClipDelta(k=3, embedder="test-table", embedder_options={"vectors": vectors}, self_pairs=True)
+    first, second = default.score(a, b, context=context), counted.score(a, b, context=context)
+    np.testing.assert_array_equal(second.values, np.zeros(3))
+    np.testing.assert_array_equal(second["similarity_within"], second["similarity_between"])
+    # The two readings differ by (1 - w) / (k * others), w the default within similarity.
+    w, others = first["similarity_within"].values, first["similarity_others"].values
+    np.testing.assert_allclose(second - first, (1 - w) / (3 * others), rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(second["similarity_between"], first["similarity_between"])
+    np.testing.assert_array_equal(second["similarity_others"], first["similarity_others"])
+
+
 def test_each_needed_image_is_embedded_once(registry):
     vectors = np.abs(np.random.default_rng(2).normal(size=(20, 3))).tolist()
     members_a = [{0, 1, 2}, {2, 3, 4}, {4, 5, 0}]
@@ -243,8 +311,11 @@ def test_zero_baseline_gives_nan_with_a_warning(registry):
 def test_dask_backed_inputs_give_the_same_result(registry):
     rng = np.random.default_rng(4)
     vectors = np.abs(rng.normal(size=(40, 6))).tolist()
-    a, b, context = table_case([set(rng.choice(40, 4, replace=False)) for _ in range(5)],
-                               [set(rng.choice(40, 4, replace=False)) for _ in range(5)], n_images=40)
+    a, b, context = table_case(
+        [set(rng.choice(40, 4, replace=False)) for _ in range(5)],
+        [set(rng.choice(40, 4, replace=False)) for _ in range(5)],
+        n_images=40,
+    )
     a = a + xr.DataArray(rng.random(a.shape) * 0.1, dims=a.dims)  # distinct values everywhere
     metric = ClipDelta(k=4, embedder="test-table", embedder_options={"vectors": vectors})
     eager = metric.score(a, b, context=context)
@@ -317,6 +388,8 @@ def test_bad_embedder_option_names_key_and_embedder(registry):
         ({"k": 2.5}, "k"),
         ({"embedder": ""}, "embedder"),
         ({"embedder_options": "fast"}, "embedder_options"),
+        ({"self_pairs": "yes"}, "self_pairs"),
+        ({"self_pairs": 1}, "self_pairs"),
     ],
 )
 def test_bad_options_name_the_key(options, key):
@@ -334,7 +407,7 @@ def test_conformance_with_the_offline_default_embedder(registry):
 
 def test_default_embedder_is_the_offline_efficientnet(registry):
     metric = ClipDelta()
-    assert metric.k == 10
+    assert metric.k == 10 and metric.self_pairs is False
     assert isinstance(metric.make_embedder(), embedders.EfficientNetFeatures)
     assert metric.make_embedder() is metric.make_embedder()  # created once
     metric.embedder_options = {"image_size": 32}
