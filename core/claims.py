@@ -60,6 +60,7 @@ __all__ = [
     "Claim",
     "Verdict",
     "parse_claims",
+    "check_steps",
     "claims_to_tables",
     "evaluate",
     "verdicts_dataset",
@@ -389,15 +390,7 @@ def _quantity(table: Any, where: str, steps: Sequence[str] | None, accepted: Seq
     if not isinstance(value, str) or "/" not in value.strip("/"):
         raise ConfigError(f"'value' must be '<group path>/<variable>' in results.nc, got {value!r}", where=where)
     if steps is not None:
-        first = value.strip("/").split("/", 1)[0]
-        known = [*steps, "tasks"]
-        if first not in known:
-            hint = closest(first, known)
-            raise ConfigError(
-                f"'value' = {value!r} starts with {first!r}, which is not a step of the pipeline"
-                + (f"; did you mean {hint!r}?" if hint else f"; steps: {', '.join(steps)}"),
-                where=where,
-            )
+        _check_step(value, steps, where)
     select = table.get("select", {})
     if not isinstance(select, dict):
         raise ConfigError("'select' must be a table: coordinate = value (or list of values)", where=where)
@@ -405,6 +398,27 @@ def _quantity(table: Any, where: str, steps: Sequence[str] | None, accepted: Seq
     if reduce is not None and reduce not in _REDUCTIONS:
         raise ConfigError(f"'reduce' must be one of {', '.join(_REDUCTIONS)}, got {reduce!r}", where=where)
     return Quantity(value=value.strip("/"), select=dict(select), equals=table.get("equals"), reduce=reduce)
+
+
+def _check_step(value: str, steps: Sequence[str], where: str) -> None:
+    first = value.strip("/").split("/", 1)[0]
+    known = [*steps, "tasks"]
+    if first not in known:
+        hint = closest(first, known)
+        raise ConfigError(
+            f"'value' = {value!r} starts with {first!r}, which is not a step of the pipeline"
+            + (f"; did you mean {hint!r}?" if hint else f"; steps: {', '.join(steps)}"),
+            where=where,
+        )
+
+
+def check_steps(claims: Sequence[Claim], steps: Sequence[str], source: str = "<pipeline>") -> None:
+    """Refuse a claim whose quantity reads a step the pipeline does not have (a ``ConfigError``)."""
+    for i, claim in enumerate(claims):
+        where = f"{source}, [[claims]] #{i + 1} ({claim.name!r})"
+        _check_step(claim.quantity.value, steps, where)
+        for name, quantity in claim.against.items():
+            _check_step(quantity.value, steps, f"{where}, against.{name}")
 
 
 def _known_keys(table: Mapping[str, Any], accepted: Sequence[str], where: str) -> None:
@@ -502,6 +516,7 @@ def verdicts_from_dataset(ds: xr.Dataset) -> list[dict[str, Any]]:
                 "says": str(ds["says"].values[i]),
                 "expect": str(ds["expect"].values[i]),
                 "measured": float(ds["measured"].values[i]),
+                "bound": float(ds["bound"].values[i]),
                 "state": HOLDS if holds else DOES_NOT_HOLD,
                 "recorded": HOLDS if bool(ds["recorded_holds"].values[i]) else DOES_NOT_HOLD,
                 "why": str(ds["why"].values[i]),
@@ -550,7 +565,10 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
         state = row["state"]
         if state == DOES_NOT_HOLD and row.get("why"):
             state = f"{state}: {row['why']}"
-        cells = [row["name"], row["source"], row["says"], row["expect"], format_number(row["measured"]), state]
+        expected = row["expect"]
+        if Expectation.parse(expected).names() and not math.isnan(row.get("bound", math.nan)):
+            expected += f" (= {format_number(row['bound'])})"  # what the compared quantity came to
+        cells = [row["name"], row["source"], row["says"], expected, format_number(row["measured"]), state]
         lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + "\n"
 

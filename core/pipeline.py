@@ -40,7 +40,7 @@ from typing import Any
 
 import attrs
 
-from .claims import CLAIMS_GROUP, Claim, claims_to_tables, parse_claims
+from .claims import CLAIMS_GROUP, Claim, check_steps, claims_to_tables, parse_claims
 from .devices import check_device_spec, check_precision
 from .errors import ConfigError, DuplicateComponentError, article, closest
 from .kinds import KINDS, STEP_KINDS, StepKind, step_kind
@@ -551,6 +551,7 @@ class Pipeline:
                             f"unknown model {ref!r}.{hint} Models and merged models: {', '.join(available)}.",
                             where=f"{where}, key {key!r}",
                         )
+        check_steps(self.claims, step_names, self.source)
         if (
             any(m.checkpoint is None and m.module is None for m in self.models)
             or any(kinds[n].needs_data for n in step_names)

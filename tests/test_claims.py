@@ -217,7 +217,7 @@ def test_verdicts_go_to_results_summary_and_report(tmp_path):
     ]
     assert np.isnan(rows[2]["measured"])
     table = markdown_table(rows)
-    assert "| mid | P, Table 2 | midpoint keeps accuracy | >= ends - 0.01 | 0.7 | does not hold: too few epochs |" in table
+    assert "| mid | P, Table 2 | midpoint keeps accuracy | >= ends - 0.01 (= 0.89) | 0.7 | does not hold: too few epochs |" in table
     page = render_report(tmp_path, tree)
     assert re.findall(r'<section id="(\w+)"', page)[0] == "claims"  # the first thing the report shows
     assert "2 of 3" not in page and "1 of 3 claims hold on this run" in page
@@ -240,3 +240,10 @@ def test_the_claims_command_lists_claims_and_flags_a_run_that_disagrees(tmp_path
     save_tree(attach_verdicts(tree, claims)[0], tmp_path / "runs" / "ex" / "results.nc")
     assert main(["claims", str(example), "--runs", str(tmp_path / "runs")]) == 1
     assert "this run: holds, measured 0  <-- differs from the recorded state" in capsys.readouterr().out
+
+
+def test_a_pipeline_composed_in_python_checks_its_claims_steps_too():
+    pipeline = Pipeline.from_toml(PIPELINE, source="p.toml")
+    wrong = parse_claims([{"name": "x", "source": "s", "says": "s", "value": "mrege/loss_barrier", "expect": "< 1"}])
+    with pytest.raises(ConfigError, match="\\[\\[claims\\]\\] #1 \\('x'\\).*did you mean 'merge'"):
+        Pipeline(models=pipeline.models, steps=pipeline.steps, data=pipeline.data, claims=wrong).check()

@@ -45,11 +45,13 @@ def test_the_pages_show_the_recorded_runs():
     assert generate.render_pages() == {}, "run: python docs/generate_claims.py"
 
 
-def test_every_recorded_run_within_a_minute_is_run_here():
-    for record in sorted((ROOT / "docs" / "claims").glob("*.json")):
-        saved = generate.load_record(record.stem)
-        if saved["seconds"] <= 60 and not saved["cached_steps"]:
-            assert record.stem in generate.CI_EXAMPLES, f"{record.stem} runs in {saved['seconds']} s: check it here"
+@pytest.mark.parametrize("stem", generate.CI_EXAMPLES)
+def test_an_example_run_here_was_recorded_within_a_minute_from_an_empty_cache(stem):
+    # Its record comes from a run that trained its models too: steps and models together
+    # took at most a minute on two cores, so the suite can afford it.
+    saved = generate.load_record(stem)
+    assert saved is not None, f"no record of {stem}: python docs/generate_claims.py --record runs"
+    assert not saved["cached_steps"] and saved["seconds"] + saved["model_seconds"] <= 60
 
 
 @pytest.fixture(scope="module")
