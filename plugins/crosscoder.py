@@ -27,9 +27,28 @@ keeps its ``k * batch`` largest values of ``f_i * sum_m ||d_i^m||`` and zeroes t
 after training, a latent fires when that value exceeds a threshold estimated during
 training (the mean over the last epoch's batches of the smallest value kept).
 
+A latent that never wins a place in the top-k gets no gradient and stays dead. With
+``aux_k > 0`` BatchTopK adds the AuxK loss of Gao et al. 2024 (appendix A.2): a latent
+is dead once it has not fired for ``dead_after`` training rows, and every row's
+``aux_k`` largest dead activations must reconstruct the residual the live latents
+leave, ``e = x - x'`` (detached, no decoder bias), normalised by the residual's spread:
+
+.. code-block:: text
+
+    loss += aux_coefficient * sum_s u_s ||e_s - e'_s||^2 / ||e_s - mean(e_s)||^2
+
+(norms over the batch's rows; ``s`` runs over the models, or over every model's layers
+when it gives several, and the unit count ``u_s`` puts the term in the units of the main
+loss), so dead latents learn directions the live ones miss and come back to life.
+
 A model may also give several layers at once: every (model, layer) pair then has its
 own decoder block and its own scale, the sparsity term sums the norms of all blocks,
 and a model's decoder norm (which the classes read) is the norm over all its blocks.
+
+:func:`ablate_latents` removes chosen latents (a class, say) from one model's
+activations: ``x^m - sum_{i chosen} f_i(x) d_i^m / s_m``, the other latents' share and the
+crosscoder's error left as they were, to test what a class of features does when the
+model's forward pass goes on from the edited layer.
 
 Training streams the activations chunk by chunk (they may be dask-backed, opened
 lazily from netCDF), so memory does not grow with the dataset; it runs on the step's
@@ -69,13 +88,22 @@ from mergescope.validators import (
     in_range,
     integer,
     non_negative,
+    non_negative_int,
     one_of,
+    optional,
     positive,
     positive_int,
     probability,
 )
 
-__all__ = ["Crosscoder", "CrosscoderPlots", "classify", "register_differs", "register_visualizers"]
+__all__ = [
+    "Crosscoder",
+    "CrosscoderPlots",
+    "ablate_latents",
+    "classify",
+    "register_differs",
+    "register_visualizers",
+]
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +115,9 @@ _CHECKPOINT = "checkpoint.pt"
 _EVAL_ROWS = 2048
 # Fraction of the steps at the end over which the learning rate decays linearly to 0.
 _LR_DECAY = 0.2
+# Most training rows without firing before a latent counts as dead for AuxK: the
+# 10M tokens of Gao et al. 2024 (fewer when one epoch has fewer rows, see dead_after).
+_DEAD_AFTER_MAX = 10_000_000
 
 # The relative-norm threshold of the classes: at most 1/2 (and at most 1/N, checked in fit()).
 _threshold = in_range(0, 0.5, lo_open=True)
@@ -426,7 +457,9 @@ def _survey(inputs: _Inputs, chunks: Sequence[tuple[int, int]], context: Context
 class _Coder(nn.Module):
     """Shared encoder over the concatenated inputs, one decoder block per source."""
 
-    def __init__(self, units: Sequence[int], latents: int, owner: Sequence[int] | None = None) -> None:
+    def __init__(
+        self, units: Sequence[int], latents: int, owner: Sequence[int] | None = None, track_dead: bool = False
+    ) -> None:
         super().__init__()
         width = int(sum(units))
         self.encoder = nn.Parameter(torch.empty(width, latents))
@@ -444,6 +477,10 @@ class _Coder(nn.Module):
         for s in range(len(units)):
             models[offsets[s] : offsets[s + 1], int(owner[s])] = 1.0
         self.register_buffer("model_membership", models, persistent=False)
+        if track_dead:
+            # Training rows since each latent last fired (AuxK). A buffer, so checkpoints,
+            # resumption and the fallback after a divergence carry it with the weights.
+            self.register_buffer("since_fired", torch.zeros(latents, dtype=torch.int64))
 
     def decoder_norms(self) -> torch.Tensor:
         """``(latents, sources)``: norm of each latent's decoder vector in each source."""
@@ -497,6 +534,65 @@ def _batchtopk(f: torch.Tensor, weight: torch.Tensor, k: int) -> tuple[torch.Ten
     kept = top.values.detach()
     smallest = torch.where(kept > 0, kept, torch.full_like(kept, math.inf)).min()
     return f * mask, smallest
+
+
+def _auxk_loss(
+    f: torch.Tensor,
+    residual: torch.Tensor,
+    decoder: torch.Tensor,
+    dead: torch.Tensor,
+    k: int,
+    membership: torch.Tensor,
+    precision: str = "fp32",
+) -> torch.Tensor:
+    """The AuxK loss of Gao et al. 2024 (appendix A.2): the residual explained by dead latents alone.
+
+    Every row keeps its ``k`` largest activations among the dead latents; their decoded
+    sum ``e'`` (no decoder bias) estimates the main reconstruction's residual ``e``. For
+    every source ``s`` (the units of one model at one layer) the squared error is
+    normalised by the residual's own spread over the batch, as the paper does, and
+    multiplied by the source's unit count ``u_s``, which puts it in the units of the
+    main loss (a sum over units of values whose mean square is 1):
+
+    .. code-block:: text
+
+        loss = sum_s u_s * sum_rows ||e_s - e'_s||^2 / sum_rows ||e_s - mean_rows(e_s)||^2
+
+    Parameters
+    ----------
+    f
+        ``(rows, latents)`` latent activations before any top-k selection, i.e. the ReLU of
+        the pre-activations (the top ``k`` of those are the paper's top pre-activations).
+    residual
+        ``(rows, width)`` target minus reconstruction, detached.
+    decoder
+        ``(latents, width)`` decoder vectors, every source's block side by side.
+    dead
+        ``(latents,)`` bool: the latents that may take part.
+    k
+        Dead latents per row (``aux_k``); at most all latents.
+    membership
+        ``(width, sources)``: 1 where a unit belongs to a source.
+    precision
+        The decoding product runs under autocast at this precision; the rest in float32.
+
+    Returns
+    -------
+    torch.Tensor
+        0-d. A source whose residual is constant over the batch adds 0; with no dead
+        latent firing, ``e' = 0`` and the loss has no gradient.
+    """
+    k = min(int(k), f.shape[1])
+    candidates = torch.where(dead, f, torch.zeros_like(f))
+    top = torch.topk(candidates, k, dim=1, sorted=False)
+    chosen = torch.zeros_like(f).scatter(1, top.indices, top.values)
+    with autocast(f.device, precision):
+        estimate = chosen @ decoder
+    error = ((residual - estimate.float()) ** 2).sum(dim=0) @ membership
+    spread = ((residual - residual.mean(dim=0)) ** 2).sum(dim=0) @ membership
+    # A where on the denominator too: dividing by 0 would give NaN gradients.
+    safe = torch.where(spread > 0, spread, torch.ones_like(spread))
+    return torch.where(spread > 0, membership.sum(dim=0) * error / safe, torch.zeros_like(spread)).sum()
 
 
 def _to_device(x: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -561,7 +657,8 @@ class Crosscoder:
     every model has its own decoder (models may have different unit counts). The loss
     is the summed squared reconstruction error of every model plus
     ``l1 * sum_i f_i * sum_m ||d_i^m||`` (or, with ``sparsity = "batchtopk"``, a
-    batch-level top-k of ``f_i * sum_m ||d_i^m||`` and no L1 term).
+    batch-level top-k of ``f_i * sum_m ||d_i^m||`` and no L1 term, optionally with the
+    AuxK loss that revives dead latents, see ``aux_k``).
 
     Latent classes use the relative decoder norm ``r_m = ||d^m|| / sum_n ||d^n||``
     (for two models ``r_A = ||d_A|| / (||d_A|| + ||d_B||)``): a model *uses* a latent
@@ -661,6 +758,21 @@ class Crosscoder:
         (every (model, layer) pair a source with its own decoder block; classes per
         model) instead of one crosscoder per layer. The step's node is named
         ``"layer_a+layer_b"``.
+    aux_k
+        ``"batchtopk"`` only: dead latents per row that the AuxK loss of Gao et al.
+        2024 (appendix A.2) trains to reconstruct the residual of the live ones (see
+        the module docstring); 0 (default) turns it off. The paper takes half the
+        input width (``d_model / 2``); at most ``dictionary_size``. Dead latents have
+        no other gradient: AuxK lowers the fraction of ``dead`` latents in the result.
+    aux_coefficient
+        Weight of the AuxK loss (the paper's ``1 / 32``).
+    dead_after
+        Training rows (``batch_size`` per step) without firing after which a latent
+        counts as dead for AuxK. Default: the rows of one epoch, at most 10 million
+        (the paper's 10M tokens): a latent silent for a whole epoch fired on no row of
+        the data, which is what the result's ``dead`` means at ``dead_density = 0``.
+        A latent fires in training when it wins a place in its batch's top-k. The count
+        is kept in the checkpoints, so a resumed run continues it.
 
     Notes
     -----
@@ -671,7 +783,8 @@ class Crosscoder:
     pass of the decoder norms and Adam's update (one tensor at a time) about
     ``14 W L``, and the batch about ``12 B L + 8 B W``. Measured on the CPU
     (W = 1536, L = 4096 and 8192) the peak of a step is ``46 W L + 12 B L + 8 B W``
-    bytes within a few percent. For three ResNet-50s at layer4 (``W = 3 * 2048``),
+    bytes within a few percent (without AuxK, whose step adds a few more ``(B, L)`` and
+    ``(B, W)`` temporaries, not measured). For three ResNet-50s at layer4 (``W = 3 * 2048``),
     ``L = 16384`` and ``B = 4096``: parameters 0.8 GB, with gradients and Adam 3.2 GB,
     a peak near 5.6 GB (bf16 autocast adds its half-precision copies of the two
     matrices, ``4 W L``, 0.4 GB). The analysis holds the parameters, no gradients
@@ -708,13 +821,22 @@ class Crosscoder:
     chunk_size: int = attrs.field(default=16384, validator=positive_int)
     checkpoint_every: int = attrs.field(default=1, validator=positive_int)
     joint_layers: bool = attrs.field(default=False, validator=boolean, metadata={OMIT_DEFAULT_FROM_KEY: True})
+    aux_k: int = attrs.field(default=0, validator=non_negative_int, metadata={OMIT_DEFAULT_FROM_KEY: True})
+    aux_coefficient: float = attrs.field(
+        default=1 / 32, converter=as_float, validator=non_negative, metadata={OMIT_DEFAULT_FROM_KEY: True}
+    )
+    dead_after: int | None = attrs.field(
+        default=None, validator=optional(positive_int), metadata={OMIT_DEFAULT_FROM_KEY: True}
+    )
 
     # Options that change the trained parameters (the checkpoint key); the others only
     # change the analysis of a trained crosscoder.
     _TRAINING: ClassVar[tuple[str, ...]] = (
         "dictionary_size", "sparsity", "l1", "l1_warmup", "k", "learning_rate", "epochs", "batch_size",
         "init", "decoder_init_norm", "seed", "samples", "normalise", "chunk_size",
+        "aux_k", "aux_coefficient", "dead_after",
     )  # fmt: skip
+    _AUXILIARY: ClassVar[tuple[str, ...]] = ("aux_k", "aux_coefficient", "dead_after")
 
     def __attrs_post_init__(self) -> None:
         if self.sparsity == "batchtopk" and self.k > self.dictionary_size:
@@ -722,6 +844,18 @@ class Crosscoder:
                 f"k = {self.k} active latents per row is more than the dictionary_size = {self.dictionary_size} "
                 "latents; choose k <= dictionary_size",
                 where="key 'k'",
+            )
+        if self.aux_k > 0 and self.sparsity != "batchtopk":
+            raise ConfigError(
+                f"aux_k = {self.aux_k} asks for the AuxK loss, which only sparsity = 'batchtopk' trains with "
+                f"(sparsity = {self.sparsity!r} here); set sparsity = 'batchtopk' or aux_k = 0",
+                where="key 'aux_k'",
+            )
+        if self.aux_k > self.dictionary_size:
+            raise ConfigError(
+                f"aux_k = {self.aux_k} dead latents per row is more than the dictionary_size = "
+                f"{self.dictionary_size} latents; choose aux_k <= dictionary_size",
+                where="key 'aux_k'",
             )
 
     # ------------------------------------------------------------------ public
@@ -783,7 +917,8 @@ class Crosscoder:
               (``sample`` coord values; in positions mode the image of the position)
               with the largest activation of each latent (maximum over an image's
               positions), largest first; a value of 0 means the latent did not fire,
-            - ``loss_history (epoch)``: mean training loss of every epoch,
+            - ``loss_history (epoch)``: mean training loss of every epoch (with
+              ``aux_k``, including the weighted AuxK term),
             - ``diverged``, ``epochs_trained``: whether training stopped on a
               non-finite loss and how many epochs the returned parameters had,
             - ``scale (model)``, ``units (model)``, ``threshold`` (BatchTopK; NaN
@@ -859,6 +994,8 @@ class Crosscoder:
 
     def _key(self, survey: _Survey, precision: str = "fp32") -> str:
         unused = ("l1", "l1_warmup") if self.sparsity == "batchtopk" else ("k",)
+        if self.aux_k == 0:  # keys without AuxK stay those written before it existed
+            unused += self._AUXILIARY
         options: dict[str, Any] = {k: getattr(self, k) for k in self._TRAINING if k not in unused}
         if precision != "fp32":  # fp32 keys stay those of checkpoints written before precisions existed
             options["precision"] = precision
@@ -871,7 +1008,7 @@ class Crosscoder:
 
     def _initial(self, inputs: _Inputs, survey: _Survey) -> _Coder:
         """The seeded initial crosscoder, on the host."""
-        coder = _Coder(inputs.units, self.dictionary_size, inputs.owner)
+        coder = _Coder(inputs.units, self.dictionary_size, inputs.owner, track_dead=self.aux_k > 0)
         _initialise(coder, self.init, inputs.units, self.decoder_init_norm, survey.mean, self.seed)
         return coder
 
@@ -911,6 +1048,7 @@ class Crosscoder:
         del resumed
         scale = torch.as_tensor(np.repeat(survey.scale, inputs.units), dtype=torch.float32).to(device)
         take = _pinned_take if device.type == "cuda" else None
+        dead_after = self._dead_rows(inputs.rows)
         epochs = range(state["epoch"] + 1, self.epochs + 1)
         where = inputs.at()
         for epoch in context.progress(epochs, desc=f"crosscoder{where}: training", total=len(epochs)):
@@ -920,7 +1058,7 @@ class Crosscoder:
             for x in self._batches(inputs, epoch, take):
                 x = _to_device(x, device) * scale
                 self._schedule(optimiser, step, total_steps)
-                loss, smallest = self._loss(coder, x, step, total_steps, device, precision)
+                loss, smallest = self._loss(coder, x, step, total_steps, device, precision, dead_after)
                 if smallest is not None:
                     minima.append(smallest)
                 losses.append(loss.detach())
@@ -969,23 +1107,46 @@ class Crosscoder:
         state["coder"] = coder
         return state
 
+    def _dead_rows(self, rows: int) -> int:
+        """Training rows without firing after which a latent counts as dead (AuxK)."""
+        return self.dead_after if self.dead_after is not None else min(rows, _DEAD_AFTER_MAX)
+
     def _loss(
-        self, coder: _Coder, x: torch.Tensor, step: int, total: int, device: torch.device, precision: str
+        self,
+        coder: _Coder,
+        x: torch.Tensor,
+        step: int,
+        total: int,
+        device: torch.device,
+        precision: str,
+        dead_after: int = _DEAD_AFTER_MAX,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The loss of one batch and, for BatchTopK, the smallest value kept.
 
         Only the encoder's and the decoder's matrix products run under autocast; the
-        rest is float32 (a no-op at ``"fp32"``).
+        rest is float32 (a no-op at ``"fp32"``). With ``aux_k`` it adds the AuxK term
+        and counts the rows since every latent last fired (``dead_after`` rows make it dead).
         """
         with autocast(device, precision):
             f = coder.activations(x)
         f = f.float()
         norms = coder.decoder_norms().sum(dim=1)
         if self.sparsity == "batchtopk":
-            f, smallest = _batchtopk(f, norms, self.k)
+            kept, smallest = _batchtopk(f, norms, self.k)
             with autocast(device, precision):
-                x_hat = coder.decode(f)
-            return ((x_hat.float() - x) ** 2).sum(dim=1).mean(), smallest
+                x_hat = coder.decode(kept)
+            x_hat = x_hat.float()
+            loss = ((x_hat - x) ** 2).sum(dim=1).mean()
+            if self.aux_k > 0:
+                since = coder.since_fired
+                dead = since >= dead_after  # from the batches before this one
+                residual = (x - x_hat).detach()
+                aux = _auxk_loss(f, residual, coder.decoder, dead, self.aux_k, coder.membership, precision)
+                loss = loss + self.aux_coefficient * aux
+                with torch.no_grad():  # on the device: no wait for it
+                    fired = (kept > 0).any(dim=0)
+                    since.copy_(torch.where(fired, torch.zeros_like(since), since + x.shape[0]))
+            return loss, smallest
         coefficient = self.l1 * self._warmup(step, total)
         with autocast(device, precision):
             x_hat = coder.decode(f)
@@ -1256,6 +1417,166 @@ def _load_checkpoint(path: Path, key: str) -> dict | None:
     if not isinstance(payload, dict) or payload.get("format") != _FORMAT or payload.get("key") != key:
         return None
     return payload
+
+
+# ---------------------------------------------------------------------- ablation
+
+
+def ablate_latents(
+    result: xr.Dataset | xr.DataTree,
+    activations: Mapping[str, Any],
+    model: str,
+    latents: str | Sequence[int] | np.ndarray,
+    *,
+    samples: str = "pooled",
+) -> xr.DataArray | dict[str, xr.DataArray] | list[xr.DataArray]:
+    """Remove chosen latents' decoded contribution from one model's activations.
+
+    For every row, the fitted crosscoder's latent activations ``f(x)`` are computed as in
+    the analysis (ReLU, then, for BatchTopK, only values with ``f_i * sum ||d_i|| >
+    threshold`` fire) and ``sum_{i in latents} f_i(x) d_i^m / s_m`` is subtracted from
+    model ``m``'s activations (``s_m`` its ``normalise`` scale), in the units they were
+    recorded in. Only the directions of the chosen latents change: what the crosscoder
+    does not explain (its error) and every other latent's contribution stay. This is
+    how a class of latents, e.g. features shared by two models but not the third, is
+    tested causally: finish the forward pass from the edited layer and compare.
+
+    Parameters
+    ----------
+    result
+        What :meth:`Crosscoder.fit` returned (or its result node): the fitted
+        ``encoder``, ``encoder_bias``, ``decoder``, ``decoder_bias``, ``scale``,
+        ``threshold`` and, to choose latents by class, ``latent_class``.
+    activations
+        The activations of *every* model the crosscoder read, as :meth:`Crosscoder.fit`
+        takes them (model -> DataArray, or -> layers for a crosscoder over several
+        layers), over the same samples: the encoder reads all models at once, so one
+        model's activations do not determine ``f(x)``. They need not be the activations
+        it was trained on.
+    model
+        The model whose activations are edited.
+    latents
+        Latent indices, a boolean mask over the latents, or a class label of
+        ``latent_class`` (``"shared"``, ``"exclusive:a"``, ``"shared:a+b"``, ...).
+    samples
+        The crosscoder's ``samples`` option: with ``"positions"`` every position of a
+        map is a row; with ``"pooled"`` a map's rows are its spatial means and the
+        contribution, computed from the means, is removed at every position (the
+        means then change by exactly that contribution).
+
+    Returns
+    -------
+    xarray.DataArray, dict or list
+        ``model``'s activations with the latents removed, float32, with the dims,
+        coords and name of the input, in the form it was given (one DataArray, or its
+        mapping or list of layers). They are held in memory (dask input is read).
+
+    Raises
+    ------
+    mergescope.errors.ContractError
+        (a ``ValueError``) the activations do not fit the result (other models,
+        layers or unit counts; see :meth:`Crosscoder.fit` for the rest), an unknown
+        ``model``, a latent index out of range, or a class no latent has.
+    """
+    ds = result.to_dataset() if isinstance(result, xr.DataTree) else result
+    missing = [v for v in ("encoder", "encoder_bias", "decoder", "decoder_bias", "scale", "threshold") if v not in ds]
+    if missing:
+        raise ContractError(f"ablate_latents: the result holds no {missing}; give what Crosscoder.fit returned")
+    models = [str(m) for m in ds["model"].values]
+    if model not in models:
+        raise ContractError(f"ablate_latents: model {model!r} is not one of the crosscoder's models {models}")
+    unknown = sorted(set(map(str, activations)) - set(models))
+    absent = [m for m in models if m not in {str(k) for k in activations}]
+    if unknown or absent:
+        raise ContractError(
+            f"ablate_latents: the crosscoder read the models {models}; the activations "
+            + (f"lack {absent}" if absent else f"also hold {unknown}")
+            + " (the encoder reads every model's activations together)"
+        )
+    given = {str(k): v for k, v in activations.items()}
+    if samples not in ("pooled", "positions"):
+        raise ValueError(f"ablate_latents: samples must be 'pooled' or 'positions', got {samples!r}")
+    inputs = _check_inputs({m: given[m] for m in models}, samples)
+    if "source" in ds.dims:
+        expected = [str(s) for s in ds["source"].values]
+        named = inputs.source_names
+    else:
+        expected = models
+        named = [m for m, _ in inputs.sources]
+    units = [int(u) for u in np.atleast_1d(ds["units"].values)]
+    if named != expected or inputs.units != units:
+        got = ", ".join(f"{n}: {u}" for n, u in zip(named, inputs.units))
+        want = ", ".join(f"{n}: {u}" for n, u in zip(expected, units))
+        raise ContractError(f"ablate_latents: the crosscoder read ({want}) units, the activations give ({got})")
+    chosen = _chosen_latents(ds, latents)
+    coder = _Coder(units, ds.sizes["latent"], inputs.owner)
+    with torch.no_grad():
+        for name in ("encoder", "encoder_bias", "decoder", "decoder_bias"):
+            getattr(coder, name).copy_(torch.as_tensor(np.asarray(ds[name].values, dtype=np.float32)))
+    scale = np.asarray(ds["scale"].values, dtype=np.float32)
+    threshold = float(ds["threshold"])
+    mine = np.flatnonzero(inputs.owner == models.index(model))  # this model's sources
+    offsets = np.cumsum([0, *units])
+    columns = np.concatenate([np.arange(offsets[s], offsets[s + 1]) for s in mine])
+    # The removed contribution in recorded units: decoder columns of this model over its scales.
+    unscale = torch.as_tensor(np.repeat(1.0 / scale[mine], [units[s] for s in mine]), dtype=torch.float32)
+    removal = torch.as_tensor(np.asarray(ds["decoder"].values, dtype=np.float32)[chosen][:, columns]) * unscale
+    removed = np.empty((inputs.rows, len(columns)), dtype=np.float32)
+    with torch.no_grad():
+        weight = coder.decoder_norms().sum(dim=1)
+        x_scale = torch.as_tensor(np.repeat(scale, units), dtype=torch.float32)
+        for start, stop in _chunks(inputs, _EVAL_ROWS):
+            rows = torch.from_numpy(inputs.read(start, stop)) * x_scale
+            f = coder.activations(rows)
+            if math.isfinite(threshold):  # BatchTopK's rule after training, as in the analysis
+                f = f * (f * weight > threshold)
+            first = start * inputs.positions
+            removed[first : first + len(rows)] = (f[:, chosen] @ removal).numpy()
+    out: list[xr.DataArray] = []  # this model's sources, in the order it gave them
+    col = 0
+    for s in mine:
+        a, u = inputs.arrays[s], units[s]
+        values = np.asarray(a.values, dtype=np.float32)
+        part = removed[:, col : col + u]
+        col += u
+        if values.ndim == 4:
+            n, _, y, x = values.shape
+            # Pooled: the same vector at every position, so the mean moves by it. Positions:
+            # one row per position, images contiguous (as _Inputs.gather lays them out).
+            part = part[:, :, None, None] if inputs.pool else part.reshape(n, y, x, u).transpose(0, 3, 1, 2)
+        out.append(a.copy(data=values - part))
+    layers = [a for _, a in _layers_of(model, given[model])]
+    out = [edited.transpose(*a.dims) for edited, a in zip(out, layers)]  # the dims as given
+    if isinstance(given[model], xr.DataArray):
+        return out[0]
+    if isinstance(given[model], Mapping):
+        return dict(zip(given[model], out))
+    return out
+
+
+def _chosen_latents(ds: xr.Dataset, latents: str | Sequence[int] | np.ndarray) -> np.ndarray:
+    """Indices of the latents named by indices, a boolean mask or a class label."""
+    n = ds.sizes["latent"]
+    if isinstance(latents, str):
+        if "latent_class" not in ds:
+            raise ContractError("ablate_latents: the result has no 'latent_class' to choose latents by class")
+        classes = np.asarray(ds["latent_class"].values).astype(str)
+        chosen = np.flatnonzero(classes == latents)
+        if not len(chosen):
+            raise ContractError(
+                f"ablate_latents: no latent has the class {latents!r}; the classes are {sorted(set(classes))}"
+            )
+        return chosen
+    index = np.asarray(latents)
+    if index.dtype == bool:
+        if index.shape != (n,):
+            raise ContractError(f"ablate_latents: a mask of latents needs {n} values, got shape {index.shape}")
+        return np.flatnonzero(index)
+    index = index.astype(np.int64).ravel()
+    bad = index[(index < 0) | (index >= n)]
+    if len(bad):
+        raise ContractError(f"ablate_latents: latent {int(bad[0])} is out of range; the crosscoder has {n} latents")
+    return np.unique(index)
 
 
 # -------------------------------------------------------------------- visualizer
