@@ -19,7 +19,9 @@ the sum of its decoder norms over models: a latent can lower it by dropping the
 decoder vector of a model it does not help, so features used by only some models
 end up with near-zero decoder norms in the others. That is what the analysis reads:
 the relative decoder norm ``r_m = ||d^m|| / sum_n ||d^n||`` of every latent classifies
-it as shared by all models, exclusive to one, or shared by a subset.
+it as shared by all models, exclusive to one, or shared by a subset. With three models
+or more, the relative norm within each pair, ``||d^b|| / (||d^a|| + ||d^b||)``, shows how
+two of them split every latent, whatever the others hold.
 
 ``sparsity = "batchtopk"`` (Bussmann et al. 2024; for crosscoders Minder et al. 2025)
 drops the L1 term, whose shrinkage can create spurious exclusive latents: every batch
@@ -100,6 +102,7 @@ __all__ = [
     "Crosscoder",
     "CrosscoderPlots",
     "ablate_latents",
+    "class_order",
     "classify",
     "register_differs",
     "register_visualizers",
@@ -164,8 +167,8 @@ def classify(relative_norm: np.ndarray, models: Sequence[str], threshold: float)
     return np.array(labels, dtype=str)
 
 
-def _class_order(label: str) -> tuple[int, str]:
-    """Shared first, then subsets, exclusive, and dead last."""
+def class_order(label: str) -> tuple[int, str]:
+    """Sort key of latent classes: shared first, then subsets, exclusive, and dead last."""
     rank = {"shared": 0, "dead": 4, "none": 3}.get(label, 1 if label.startswith("shared:") else 2)
     return rank, label
 
@@ -908,6 +911,10 @@ class Crosscoder:
             - ``cosine (latent, pair)``: cosine similarity of a latent's decoder
               vectors in the two models (NaN when their unit counts differ; it
               compares unit j with unit j),
+            - ``pair_relative_norm (latent, pair)``: for the pair ``"a~b"``, the
+              relative norm of ``b`` within the pair, ``||d^b|| / (||d^a|| + ||d^b||)``
+              (0: only ``a`` uses the latent, 1: only ``b``), whatever the other
+              models hold; for two models it is ``relative_norm`` of the second,
             - ``density (latent)``: fraction of rows where the latent fires (> 0),
             - ``dead (latent)``: ``density <= dead_density``,
             - ``fvu (model)``: fraction of variance unexplained,
@@ -935,6 +942,10 @@ class Crosscoder:
             ``fvu`` and ``cosine`` (over the concatenated layers, for models with the
             same layers' unit counts) stay per model. With one layer per model the
             result has the scalar coord ``layer`` instead.
+
+            The scalar coords ``sparsity``, ``seed`` and the sparsity's strength
+            (``l1`` for ``"l1"``, ``k`` for ``"batchtopk"``) record how the result was
+            trained, so that a sweep over them can be read back from the results.
 
         Raises
         ------
@@ -983,7 +994,7 @@ class Crosscoder:
         counts: dict[str, int] = {}
         for c in classes:
             counts[c] = counts.get(c, 0) + 1
-        parts = [f"{counts[c]} {c}" for c in sorted(counts, key=_class_order)]
+        parts = [f"{counts[c]} {c}" for c in sorted(counts, key=class_order)]
         fvu = ", ".join(f"{m} {float(v):.3f}" for m, v in zip(result["model"].values, result["fvu"].values))
         text = f"{len(classes)} latents: {', '.join(parts)}; FVU {fvu}; L0 {float(result['l0']):.1f}"
         if bool(result["diverged"]):
@@ -1302,6 +1313,7 @@ class Crosscoder:
             "relative_norm": (("latent", "model"), relative),
             "latent_class": ("latent", labels.astype(str)),
             "cosine": (("latent", "pair"), cosine),
+            "pair_relative_norm": (("latent", "pair"), _pair_relative_norm(norms, pairs)),
             "density": ("latent", density),
             "dead": ("latent", dead),
             "fvu": ("model", fvu),
@@ -1341,7 +1353,24 @@ class Crosscoder:
         ds = xr.Dataset(variables, coords=coords)
         if not inputs.multi and inputs.layer is not None:
             ds = ds.assign_coords(layer=inputs.layer)
-        return ds
+        # What was trained, read back by sweeps over the sparsity (visualizers see no step options).
+        strength = {"l1": float(self.l1)} if self.sparsity == "l1" else {"k": int(self.k)}
+        return ds.assign_coords(sparsity=self.sparsity, seed=int(self.seed), **strength)
+
+
+def _pair_relative_norm(norms: np.ndarray, pairs: Sequence[tuple[int, int]]) -> np.ndarray:
+    """``(latents, pairs)``: ``||d^b|| / (||d^a|| + ||d^b||)`` for every pair ``(a, b)`` of model indices.
+
+    NaN where both norms are zero. Unlike ``relative_norm`` it ignores the other
+    models, so it shows how two models split a latent between them.
+    """
+    norms = np.asarray(norms, dtype=float)
+    if not len(pairs):
+        return np.zeros((len(norms), 0))
+    a = norms[:, [i for i, _ in pairs]]
+    b = norms[:, [j for _, j in pairs]]
+    total = a + b
+    return np.divide(b, total, out=np.full_like(total, np.nan), where=total > 0)
 
 
 def _take(rows: np.ndarray, index: np.ndarray) -> np.ndarray:
@@ -1599,8 +1628,10 @@ class CrosscoderPlots:
     writes PNG files named after the node's path: ``<node>-relative-norm.png``
     (histogram of ``r_B`` for two models, one histogram per model for more),
     ``<node>-ternary.png`` (three models: every latent's relative norms on a
-    triangle, coloured by class), ``<node>-cosine.png`` (decoder cosine similarity
-    per pair of models of equal width), ``<node>-classes.png`` (latents per class),
+    triangle, coloured by class), ``<node>-pair-relative-norm.png`` (three models or
+    more: for every pair ``a~b``, a histogram of ``||d^b|| / (||d^a|| + ||d^b||)``; for
+    two models ``relative-norm`` is that histogram), ``<node>-cosine.png`` (decoder
+    cosine similarity per pair of models of equal width), ``<node>-classes.png`` (latents per class),
     ``<node>-density.png`` (log10 density of shared and exclusive latents) and, for a
     crosscoder over several layers, ``<node>-layers.png`` (for every model, its latents
     by the layer holding most of their decoder norm in that model).
@@ -1637,6 +1668,7 @@ class CrosscoderPlots:
             for suffix, draw in (
                 ("relative-norm", self._relative),
                 ("ternary", self._ternary),
+                ("pair-relative-norm", self._pair_relative),
                 ("cosine", self._cosine),
                 ("classes", self._classes),
                 ("density", self._density),
@@ -1673,6 +1705,32 @@ class CrosscoderPlots:
                 ax.set(xlabel=f"relative norm of {m}", title=m)
             axes[0].set_ylabel("latents")
         fig.suptitle(f"{label}: relative decoder norms")
+        return fig
+
+    def _pair_relative(self, plt: Any, ds: xr.Dataset, label: str) -> Any:
+        models = [str(m) for m in ds["model"].values]
+        if len(models) < 3:
+            return None
+        if "pair_relative_norm" in ds:
+            r = np.asarray(ds["pair_relative_norm"].values)
+            names = [str(p) for p in ds["pair"].values]
+        else:  # a result written before the variable existed: the same from the decoder norms
+            pairs = list(itertools.combinations(range(len(models)), 2))
+            r = _pair_relative_norm(np.asarray(ds["decoder_norm"].values), pairs)
+            names = [f"{models[a]}~{models[b]}" for a, b in pairs]
+        r = r[self._alive(ds)]
+        cols = min(len(names), 3)
+        rows = math.ceil(len(names) / cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.2 * rows), squeeze=False, sharey=True)
+        for ax, name, col in zip(axes.flat, names, r.T):
+            a, b = name.split("~", 1)
+            ax.hist(col[np.isfinite(col)], bins=self.bins, range=(0, 1), color="tab:blue")
+            ax.set(xlabel=f"0: only {a}, 1: only {b}", title=name)
+        for ax in axes.flat[len(names) :]:
+            ax.axis("off")
+        for ax in axes[:, 0]:
+            ax.set_ylabel("latents")
+        fig.suptitle(f"{label}: relative decoder norms per pair of models")
         return fig
 
     def _ternary(self, plt: Any, ds: xr.Dataset, label: str) -> Any:
@@ -1716,7 +1774,7 @@ class CrosscoderPlots:
     def _classes(self, plt: Any, ds: xr.Dataset, label: str) -> Any:
         classes = np.asarray(ds["latent_class"].values).astype(str)
         names, counts = np.unique(classes, return_counts=True)
-        order = sorted(range(len(names)), key=lambda i: _class_order(names[i]))
+        order = sorted(range(len(names)), key=lambda i: class_order(names[i]))
         fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(names) + 2), 4))
         bars = ax.bar([names[i] for i in order], [counts[i] for i in order], color="tab:purple")
         ax.bar_label(bars)
