@@ -39,7 +39,7 @@ from .checkpoints import check_class_count, load_into, load_state_dict, save_sta
 from .claims import attach_verdicts
 from .context import Context
 from .devices import autocast, explain_device_mix, place, resolve_device
-from .errors import CheckpointError, ConfigError, MergescopeError
+from .errors import CheckpointError, ConfigError, ContractError, MergescopeError
 from .groups import align_to_reference, channel_groups, example_input
 from .keys import cache_key, core_digest, file_digest, path_identity, source_digest, state_digest
 from .kinds import KINDS, StepCall, StepKind, step_kind
@@ -666,7 +666,11 @@ class _Run:
         if path.exists() and not self.force:
             cached = json.loads(path.read_text(encoding="utf-8"))
             return cached["loss"], cached["accuracy"]
-        result = self._evaluate(f"evaluating {name!r} on [data]", model.module, self.data)
+        try:
+            result = self._evaluate(f"evaluating {name!r} on [data]", model.module, self.data)
+        except ContractError as exc:  # [data] of other classes (photos to record, say): no accuracy to report
+            log.info("model %r has no accuracy on [data]: %s", name, exc)
+            return None, None
         path.parent.mkdir(parents=True, exist_ok=True)
         _write_text(path, json.dumps({"loss": result.loss, "accuracy": result.accuracy}) + "\n")
         return result.loss, result.accuracy

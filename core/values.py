@@ -17,6 +17,7 @@ import torch
 import xarray as xr
 from torch import nn
 
+from .errors import ContractError
 from .loading import make_loader, to_device
 
 __all__ = [
@@ -261,7 +262,7 @@ def evaluate(
             labels = to_device(cpu_labels, device)
             logits = model(to_device(images, device)).float()
             if int(labels.max()) >= logits.shape[1]:
-                raise ValueError(
+                raise ContractError(
                     f"{data.name!r} has labels up to {int(labels.max())} but the model outputs {logits.shape[1]} "
                     "classes: evaluate it on a dataset of its own classes"
                 )

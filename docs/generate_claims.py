@@ -156,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = args.record / path.stem
             if not (run_dir / "results.nc").is_file() or not claims_of_file(path):
                 continue
+            if not (run_dir / "report.html").is_file():  # written last: the run did not finish
+                print(f"skipped {run_dir}: the run did not finish")
+                continue
             if not run_verdicts(run_dir):
                 print(f"skipped {run_dir}: run before the example had claims; run it again to measure them")
                 continue

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -103,3 +105,23 @@ def test_a_pipeline_with_nothing_to_do_is_refused(tmp_path, capsys):
     assert main(["-q", "run", str(path), "--out", str(tmp_path / "cli")]) == 2
     err = capsys.readouterr().err
     assert "nothing to do" in err and "Traceback" not in err
+
+
+def test_data_of_other_classes_leaves_the_models_own_accuracy_out(tmp_path, fresh_registry):
+    # [data] may hold images the models were not trained to classify (photos to record,
+    # say): the run finishes and the report's models table has no accuracy for them.
+    registry = fresh_registry.get_registry()
+    data = registry.get("dataset", "digits")(split="test")  # labels 0..9
+
+    def five_classes(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 5))
+
+    pipeline = Pipeline(
+        data=data, models=[ModelSpec("a", module=five_classes(0)), ModelSpec("b", module=five_classes(1))]
+    )
+    pipeline.activations.layers = ["2"]
+    pipeline.steps.append(Step(registry.get("metric", "correlation")(), models=["a", "b"], allow_unaligned=True))
+    run(pipeline, tmp_path / "run", quiet=True, registry=registry)
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["models"]["a"]["accuracy"] is None and info["models"]["b"]["loss"] is None
