@@ -22,8 +22,8 @@ with a PyPI package; without them CLIP-delta is left out and the output says so)
    activation matching, CCA, lasso, BatchNorm reset, interpolation, REPAIR, average,
    task arithmetic, TIES, PCB, partial merge, CCA merge, Kendall-tau, correlation,
    CLIP-delta, channel categories, the crosscoder, interpolation curves, top-k grids,
-   crosscoder plots, regression sparsity). Both sides load the CPU-trained weights, so
-   these comparisons see the steps, not training noise. On the device side the options
+   crosscoder plots, the crosscoder sweep, regression sparsity). Both sides load the
+   CPU-trained weights, so these comparisons see the steps, not training noise. On the device side the options
    of ``KINDS``'s CLIP-delta step name the device for its embedder; the demo runs as
    ``mergescope demo`` would. Before anything is timed, a small run on each side takes
    the imports and first-call costs (not with ``--quick``).
@@ -272,6 +272,10 @@ use = "crosscoder-plots"
 name = "crosscoder-plots"
 
 [[steps]]
+use = "crosscoder-sweep"
+name = "crosscoder-sweep"
+
+[[steps]]
 use = "interpolation-curves"
 name = "curves"
 
@@ -391,6 +395,7 @@ SIMILARITY = re.compile(r"^(kendall_tau|correlation|matched_correlation|mean_can
 CLIP_DELTA_LIKE = re.compile(r"^(clip_delta(_.*)?|similarity_(within|between|others)|metric_value|unit_metric_value)$")
 LASSO_FIT = re.compile(r"^(mean_)?(r2|r2_fit|overlap)$")
 CROSSCODER_FIT = {"fvu", "l0", "scale", "loss_history", "threshold"}
+SWEEP_FIT = {"fvu", "mean_fvu", "value_fvu", "l0", "chosen"}
 MERGE = {
     "coefficient",
     "relative_distance",
@@ -523,6 +528,8 @@ def classify_result(use: str, kind: str, name: str, cpu: np.ndarray) -> str:
         return "shares"
     if use == "lasso" and (cpu.dtype.kind == "f" or name == "nonzero"):
         return "lasso-fit" if LASSO_FIT.match(name) else "lasso-maps"
+    if use == "crosscoder-sweep" and _numeric(cpu):  # a summary of the crosscoders it reads
+        return "crosscoder" if name in SWEEP_FIT else "crosscoder-latents"
     if not _numeric(cpu) or np.issubdtype(cpu.dtype, np.integer):
         return "labels"
     if kind == "differ":

@@ -221,6 +221,10 @@ batch_size = 16
 [[steps]]
 use = "crosscoder-plots"
 name = "crosscoder-plots"
+
+[[steps]]
+use = "crosscoder-sweep"
+name = "crosscoder-sweep"
 """
 
 
