@@ -25,13 +25,8 @@ from mergescope_plugins.crosscoder import Crosscoder, CrosscoderPlots, classify
 T = TypeVar("T")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: small matrices run faster so, and other jobs on the machine slow it less."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One torch thread (tests/plugins/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ----------------------------------------------------------------- ground truth

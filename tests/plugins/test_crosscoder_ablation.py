@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 import xarray as xr
 
 from mergescope.components import Context
@@ -13,13 +12,8 @@ from mergescope_plugins.crosscoder import Crosscoder, ablate_latents
 from tests.plugins.test_crosscoder import FAST, activation, atom_kinds, small, synthesise, true_class
 from tests.plugins.test_crosscoder_layers import layered
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One torch thread (tests/plugins/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 NAMES = ["a", "b", "c"]

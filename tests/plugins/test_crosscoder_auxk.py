@@ -16,13 +16,8 @@ from mergescope_plugins import crosscoder as cc
 from mergescope_plugins.crosscoder import Crosscoder
 from tests.plugins.test_crosscoder import FAST, Interrupting, atom_kinds, small, synthesise
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One torch thread (tests/plugins/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ------------------------------------------------------------------ the loss itself

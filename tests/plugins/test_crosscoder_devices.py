@@ -24,12 +24,8 @@ CUDA = torch.cuda.is_available()
 FAST = dict(dictionary_size=16, epochs=4, batch_size=32, chunk_size=64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One torch thread (tests/plugins/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def activations(samples: int = 240, units: tuple[int, ...] = (6, 8), seed: int = 0) -> dict[str, xr.DataArray]:

@@ -18,12 +18,8 @@ CPU = torch.device("cpu")
 FAST = dict(dictionary_size=16, epochs=4, batch_size=32, chunk_size=64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One torch thread (tests/plugins/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def cpu(workdir) -> Context:

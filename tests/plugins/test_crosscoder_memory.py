@@ -20,13 +20,8 @@ from mergescope.components import Context
 from mergescope_plugins import crosscoder as cc
 from mergescope_plugins.crosscoder import Crosscoder
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One torch thread (tests/plugins/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # The child fits one epoch on lazily generated activations of each size and prints the

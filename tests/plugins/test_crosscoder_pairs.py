@@ -6,20 +6,14 @@ import itertools
 
 import numpy as np
 import pytest
-import torch
 import xarray as xr
 
 from mergescope.components import Context
 from mergescope_plugins import crosscoder as cc
 from mergescope_plugins.crosscoder import Crosscoder, CrosscoderPlots, classify
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One torch thread (tests/plugins/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # Decoder norms of 4 latents in 3 models (a, b, c), set by hand.
