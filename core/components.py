@@ -197,6 +197,21 @@ class ComponentExtras(Protocol):
         """
         ...
 
+    def intervene(
+        self, result: xr.Dataset, models: Mapping[str, nn.Module], layer: str, context: Context
+    ) -> xr.Dataset | None:
+        """Differs: test a fitted dictionary causally on the models it was fitted to.
+
+        Called after ``fit`` with that layer's result, the step's models (in the order
+        of ``fit``'s activations; on ``context.device``, in eval mode) and the layer
+        name (layers joined with ``+`` for ``joint_layers``). A differ edits the
+        models' activations at the layer during forward passes over ``context.data``
+        (e.g. removes some features) and measures what changes. The variables of the
+        returned Dataset join the layer's result; ``None`` adds nothing. The step's
+        key holds the models' fingerprints, so a cached result stays valid.
+        """
+        ...
+
     def report_panel(self, node: xr.Dataset, files: list[Path], run_dir: Path) -> str:
         """Visualizers: the HTML of the step's panel in the report (its files, tables, browsers).
 

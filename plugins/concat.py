@@ -16,11 +16,11 @@ import numpy as np
 import torch
 
 from mergescope.components import ImageDataset
-from mergescope.errors import ConfigError
+from mergescope.errors import ConfigError, closest
 from mergescope.hookspecs import hookimpl
 from mergescope.options import component_tables
 from mergescope.pipeline import component_from_table
-from mergescope.validators import non_empty_str, optional
+from mergescope.validators import distinct, list_of, non_empty_str, optional
 
 __all__ = ["ID_STRIDE", "Concat", "ConcatImageDataset", "part_of", "register_datasets"]
 
@@ -180,6 +180,11 @@ class Concat:
         When set, ``split`` of every part is set to this (training on ``[data]``
         without ``[models.train_data]`` asks for ``"train"``); every part must then have
         a ``split`` option. Unset: each part as its table says.
+    only
+        Keep the items of these parts only (part names). The class list still holds
+        every part's classes and the labels keep their places in it, so a model trained
+        on one task's part gets the head of all tasks: experts of several tasks that are
+        to be merged, or a task's images evaluated against the joint head.
     """
 
     name: ClassVar[str] = "concat"
@@ -187,6 +192,9 @@ class Concat:
     # list[Any], not list[dict]: a part that is not a table then gets the validator's message.
     parts: list[Any] = attrs.field(validator=_check_parts, metadata=component_tables("dataset"))
     split: str | None = attrs.field(default=None, validator=optional(non_empty_str))
+    only: list[str] | None = attrs.field(
+        default=None, validator=optional([list_of(non_empty_str, min_length=1), distinct("part")])
+    )
 
     def sources(self) -> list[Any]:
         """The dataset component of every part, with :attr:`split` applied.
@@ -227,7 +235,7 @@ class Concat:
         ------
         ConfigError
             As :meth:`sources`; or two parts share a name, give images of different
-            shapes, or hold sample ids outside ``0 .. 10**9 - 1``.
+            shapes, or hold sample ids outside ``0 .. 10**9 - 1``; or ``only`` names no part.
         """
         parts: list[ImageDataset] = []
         names: list[str] = []
@@ -260,7 +268,19 @@ class Concat:
             names.append(name)
         part = np.concatenate([np.full(len(p), i, dtype=np.int64) for i, p in enumerate(parts)])
         positions = np.concatenate([np.arange(len(p), dtype=np.int64) for p in parts])
-        return ConcatImageDataset(f"concat/{'+'.join(names)}", parts, names, part, positions)
+        data = ConcatImageDataset(f"concat/{'+'.join(names)}", parts, names, part, positions)
+        if self.only is None:
+            return data
+        for name in self.only:
+            if name not in names:
+                hint = closest(name, names)
+                raise ConfigError(
+                    f"'only' names the part {name!r}, but the parts are {names}"
+                    + (f"; did you mean {hint!r}?" if hint else ""),
+                    where="dataset 'concat', key 'only'",
+                )
+        keep = np.flatnonzero(np.isin(part, [names.index(n) for n in self.only]))
+        return data.subset(keep, name=f"{data.name}[{'+'.join(self.only)}]")
 
 
 @hookimpl

@@ -77,18 +77,22 @@ import torch
 import xarray as xr
 from torch import nn
 
+from mergescope.activations import resolve_layers
 from mergescope.components import Context
 from mergescope.devices import autocast
 from mergescope.errors import ConfigError, ContractError
 from mergescope.hookspecs import hookimpl
 from mergescope.keys import OMIT_DEFAULT_FROM_KEY
-from mergescope.loading import to_device
+from mergescope.loading import make_loader, to_device
 from mergescope.storage import atomic_path
 from mergescope.validators import (
     as_float,
     boolean,
+    distinct,
     in_range,
     integer,
+    list_of,
+    non_empty_str,
     non_negative,
     non_negative_int,
     one_of,
@@ -776,6 +780,21 @@ class Crosscoder:
         the data, which is what the result's ``dead`` means at ``dead_density = 0``.
         A latent fires in training when it wins a place in its batch's top-k. The count
         is kept in the checkpoints, so a resumed run continues it.
+    ablation
+        After fitting, test every latent class causally (see :meth:`intervene`): remove
+        the class's decoded contribution from one model's activations at the layer,
+        finish the forward pass, and measure each task's accuracy, against removing as
+        many random live latents. Needs the step's models, one layer per crosscoder
+        (not ``joint_layers``), and labelled ``[data]``.
+    ablation_tasks
+        The tasks of the ablation: names of parts of a ``concat`` ``[data]`` (each
+        part's images, scored among that part's classes only). Default: every part of
+        a ``concat``, or the whole ``[data]`` as one task.
+    ablation_draws
+        Random latent sets drawn per class (the control's spread).
+    ablation_samples
+        At most this many images per task, evenly spaced through the task's images
+        (default: all of them).
 
     Notes
     -----
@@ -831,6 +850,16 @@ class Crosscoder:
     dead_after: int | None = attrs.field(
         default=None, validator=optional(positive_int), metadata={OMIT_DEFAULT_FROM_KEY: True}
     )
+    ablation: bool = attrs.field(default=False, validator=boolean, metadata={OMIT_DEFAULT_FROM_KEY: True})
+    ablation_tasks: list[str] | None = attrs.field(
+        default=None,
+        validator=optional([list_of(non_empty_str, min_length=1), distinct("task")]),
+        metadata={OMIT_DEFAULT_FROM_KEY: True},
+    )
+    ablation_draws: int = attrs.field(default=3, validator=positive_int, metadata={OMIT_DEFAULT_FROM_KEY: True})
+    ablation_samples: int | None = attrs.field(
+        default=None, validator=optional(positive_int), metadata={OMIT_DEFAULT_FROM_KEY: True}
+    )
 
     # Options that change the trained parameters (the checkpoint key); the others only
     # change the analysis of a trained crosscoder.
@@ -853,6 +882,13 @@ class Crosscoder:
                 f"aux_k = {self.aux_k} asks for the AuxK loss, which only sparsity = 'batchtopk' trains with "
                 f"(sparsity = {self.sparsity!r} here); set sparsity = 'batchtopk' or aux_k = 0",
                 where="key 'aux_k'",
+            )
+        if self.ablation and self.joint_layers:
+            raise ConfigError(
+                "ablation removes latents at one layer and finishes the forward pass from there; a crosscoder "
+                "over several layers at once (joint_layers = true) would need every layer edited in turn: set "
+                "joint_layers = false or ablation = false",
+                where="key 'ablation'",
             )
         if self.aux_k > self.dictionary_size:
             raise ConfigError(
@@ -987,6 +1023,105 @@ class Crosscoder:
             survey.scale = np.ones_like(survey.scale)
         state = self._train(inputs, survey, context)
         return self._analyse(inputs, chunks, survey, state, context)
+
+    def intervene(
+        self, result: xr.Dataset, models: Mapping[str, nn.Module], layer: str, context: Context
+    ) -> xr.Dataset | None:
+        """With ``ablation``: remove each latent class from each model and measure every task's accuracy.
+
+        For every batch of a task's images, every model runs once and its activations at
+        ``layer`` are captured; the fitted crosscoder gives the latents of every row from
+        all models' activations together (as in the analysis). Then, for each chosen
+        latent set and each model ``m``, ``m`` runs again with its activations at
+        ``layer`` replaced by ``x^m - sum_{i in set} f_i(x) d_i^m / s_m`` (see
+        :func:`ablate_latents`), and its predictions among the task's classes are
+        scored. The sets are every class of live latents (``shared``, ``exclusive:<m>``,
+        ``shared:<a>+<b>``) and, as the control, ``ablation_draws`` sets of as many
+        latents drawn at random from all live latents (seeded by ``seed``).
+
+        Returns
+        -------
+        xarray.Dataset or None
+            ``None`` without ``ablation``. Otherwise, with dims ``removed`` (the
+            classes), ``task``, ``model`` and ``draw``: ``ablation_latents (removed)``,
+            ``ablation_baseline (model, task)`` (accuracy unedited),
+            ``ablation_accuracy (removed, model, task)``,
+            ``ablation_random_accuracy (removed, draw, model, task)``,
+            ``ablation_change`` and ``ablation_random_change`` (accuracy minus the
+            baseline; the latter the mean over draws, with ``ablation_random_change_std``),
+            ``ablation_effect`` (the class's change minus the random sets' mean change)
+            and ``ablation_images (task)``.
+
+        Raises
+        ------
+        mergescope.errors.ConfigError
+            ``ablation_tasks`` names no part of ``[data]`` (or ``[data]`` is not a
+            ``concat``), or the step has no data.
+        mergescope.errors.ContractError
+            A model's head has fewer outputs than a task's classes need.
+        """
+        if not self.ablation:
+            return None
+        if context.data is None:
+            raise ConfigError("ablation scores the models on [data], but the pipeline has none", where="key 'ablation'")
+        tasks = _ablation_tasks(context.data, self.ablation_tasks, self.ablation_samples)
+        classes = np.asarray(result["latent_class"].values).astype(str)
+        live = np.flatnonzero(~np.asarray(result["dead"].values, dtype=bool) & (classes != "none"))
+        labels = sorted({classes[i] for i in live}, key=class_order)
+        rng = np.random.default_rng(self.seed)
+        sets: list[np.ndarray] = []
+        for label in labels:
+            chosen = np.flatnonzero(classes == label)
+            sets.append(chosen)
+            sets += [np.sort(rng.choice(live, size=len(chosen), replace=False)) for _ in range(self.ablation_draws)]
+        names = [str(m) for m in result["model"].values]
+        editor = _LatentEditor(result, context.device)
+        places = {m: resolve_layers(models[m], [layer], m)[layer] for m in names}
+        correct = np.zeros((len(sets) + 1, len(names), len(tasks)), dtype=np.int64)
+        for t, task in enumerate(tasks):
+            loader = make_loader(task.data, context.batch_size, device=context.device)
+            batches = context.progress(loader, desc=f"crosscoder ablation: {task.name}", total=len(loader))
+            for images, labels_cpu in batches:
+                images, target = to_device(images, context.device), labels_cpu.numpy()
+                with torch.no_grad(), autocast(context.device, context.precision):
+                    captured, logits = _capture(models, places, images)
+                    correct[0, :, t] += [task.hits(out, target) for out in logits]
+                    f = editor.latents(captured, pooled=self.samples == "pooled")
+                    for j, chosen in enumerate(sets):
+                        for i, m in enumerate(names):
+                            edited = captured[i] - editor.contribution(f, chosen, i, captured[i].shape, self.samples)
+                            out = _forward_edited(models[m], places[m], images, edited.to(captured[i].dtype))
+                            correct[j + 1, i, t] += task.hits(out, target)
+        counts = np.array([task.size for task in tasks], dtype=np.float64)
+        accuracy = correct / counts
+        step = 1 + self.ablation_draws
+        own = accuracy[1::step]  # (removed, model, task)
+        drawn = np.stack([accuracy[2 + d :: step] for d in range(self.ablation_draws)], axis=1)
+        baseline = accuracy[0]
+        dims = ("removed", "model", "task")
+        out = xr.Dataset(
+            {
+                "ablation_latents": ("removed", np.array([len(sets[j * step]) for j in range(len(labels))])),
+                "ablation_baseline": (("model", "task"), baseline),
+                "ablation_accuracy": (dims, own),
+                "ablation_random_accuracy": (("removed", "draw", "model", "task"), drawn),
+                "ablation_change": (dims, own - baseline),
+                "ablation_random_change": (dims, drawn.mean(axis=1) - baseline),
+                "ablation_random_change_std": (
+                    dims,
+                    drawn.std(axis=1, ddof=1) if self.ablation_draws > 1 else np.zeros_like(own),
+                ),
+                "ablation_images": ("task", counts.astype(np.int64)),
+            },
+            coords={
+                "removed": labels,
+                "model": names,
+                "task": [task.name for task in tasks],
+                "draw": np.arange(self.ablation_draws),
+            },
+        )
+        out["ablation_effect"] = out["ablation_change"] - out["ablation_random_change"]
+        return out
 
     def describe(self, result: xr.Dataset) -> str:
         """One line: how many latents fall in each class, the FVU per model and L0."""
@@ -1538,29 +1673,16 @@ def ablate_latents(
         want = ", ".join(f"{n}: {u}" for n, u in zip(expected, units))
         raise ContractError(f"ablate_latents: the crosscoder read ({want}) units, the activations give ({got})")
     chosen = _chosen_latents(ds, latents)
-    coder = _Coder(units, ds.sizes["latent"], inputs.owner)
-    with torch.no_grad():
-        for name in ("encoder", "encoder_bias", "decoder", "decoder_bias"):
-            getattr(coder, name).copy_(torch.as_tensor(np.asarray(ds[name].values, dtype=np.float32)))
-    scale = np.asarray(ds["scale"].values, dtype=np.float32)
-    threshold = float(ds["threshold"])
+    editor = _LatentEditor(ds, torch.device("cpu"))
     mine = np.flatnonzero(inputs.owner == models.index(model))  # this model's sources
     offsets = np.cumsum([0, *units])
-    columns = np.concatenate([np.arange(offsets[s], offsets[s + 1]) for s in mine])
-    # The removed contribution in recorded units: decoder columns of this model over its scales.
-    unscale = torch.as_tensor(np.repeat(1.0 / scale[mine], [units[s] for s in mine]), dtype=torch.float32)
-    removal = torch.as_tensor(np.asarray(ds["decoder"].values, dtype=np.float32)[chosen][:, columns]) * unscale
-    removed = np.empty((inputs.rows, len(columns)), dtype=np.float32)
-    with torch.no_grad():
-        weight = coder.decoder_norms().sum(dim=1)
-        x_scale = torch.as_tensor(np.repeat(scale, units), dtype=torch.float32)
-        for start, stop in _chunks(inputs, _EVAL_ROWS):
-            rows = torch.from_numpy(inputs.read(start, stop)) * x_scale
-            f = coder.activations(rows)
-            if math.isfinite(threshold):  # BatchTopK's rule after training, as in the analysis
-                f = f * (f * weight > threshold)
-            first = start * inputs.positions
-            removed[first : first + len(rows)] = (f[:, chosen] @ removal).numpy()
+    removed = np.empty((inputs.rows, sum(units[s] for s in mine)), dtype=np.float32)
+    for start, stop in _chunks(inputs, _EVAL_ROWS):
+        rows = torch.from_numpy(inputs.read(start, stop))
+        f = editor.latents([rows[:, offsets[s] : offsets[s + 1]] for s in range(len(units))], pooled=True)
+        first = start * inputs.positions
+        parts = [editor.contribution(f, chosen, s, (len(rows), units[s]), samples) for s in mine]
+        removed[first : first + len(rows)] = torch.cat(parts, dim=1).numpy()
     out: list[xr.DataArray] = []  # this model's sources, in the order it gave them
     col = 0
     for s in mine:
@@ -1581,6 +1703,161 @@ def ablate_latents(
     if isinstance(given[model], Mapping):
         return dict(zip(given[model], out))
     return out
+
+
+class _LatentEditor:
+    """A fitted crosscoder as torch tensors, source by source: the latents of activations, and chosen latents' share.
+
+    The rules are the analysis's: ``f = ReLU((s x - b_dec) W_enc + b_enc)`` over the
+    concatenated scaled activations, and for BatchTopK only values with
+    ``f_i * sum_m ||d_i^m|| > threshold`` fire. Spatial maps are read as the crosscoder
+    read them: every position a row (``samples = "positions"``) or the spatial mean.
+    """
+
+    def __init__(self, ds: xr.Dataset, device: torch.device) -> None:
+        units = [int(u) for u in np.atleast_1d(ds["units"].values)]
+        self.coder = _Coder(units, ds.sizes["latent"])
+        with torch.no_grad():
+            for name in ("encoder", "encoder_bias", "decoder", "decoder_bias"):
+                getattr(self.coder, name).copy_(torch.as_tensor(np.asarray(ds[name].values, dtype=np.float32)))
+        self.coder.requires_grad_(False).to(device)
+        self.scale = [float(s) for s in np.atleast_1d(ds["scale"].values)]
+        self.threshold = float(ds["threshold"])
+        self.offsets = np.cumsum([0, *units])
+        with torch.no_grad():
+            self.weight = self.coder.decoder_norms().sum(dim=1)
+
+    @staticmethod
+    def rows(x: torch.Tensor, pooled: bool) -> torch.Tensor:
+        """``(rows, units)`` of a captured ``(batch, units[, y, x])`` tensor."""
+        if x.ndim == 2:
+            return x.float()
+        if pooled:
+            return x.float().mean(dim=(2, 3))
+        return x.float().permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+
+    def latents(self, captured: Sequence[torch.Tensor], pooled: bool) -> torch.Tensor:
+        """The latents of every row of the sources' activations (one tensor per source, in the crosscoder's order)."""
+        x = torch.cat([self.rows(c, pooled) * s for c, s in zip(captured, self.scale)], dim=1)
+        f = self.coder.activations(x)
+        if math.isfinite(self.threshold):  # BatchTopK's rule after training, as in the analysis
+            f = f * (f * self.weight > self.threshold)
+        return f
+
+    def contribution(
+        self, f: torch.Tensor, chosen: np.ndarray, source: int, shape: Sequence[int], samples: str
+    ) -> torch.Tensor:
+        """``sum_{i in chosen} f_i d_i^source / s_source``, shaped like the captured tensor (``shape``)."""
+        block = self.coder.decoder[:, self.offsets[source] : self.offsets[source + 1]]
+        index = torch.as_tensor(chosen, dtype=torch.long, device=f.device)
+        part = (f[:, index] @ block[index]) / self.scale[source]
+        if len(shape) == 2:
+            return part
+        n, units, y, x = shape
+        if samples == "pooled":  # the same vector at every position: the mean moves by it
+            return part[:, :, None, None].expand(n, units, y, x)
+        return part.reshape(n, y, x, units).permute(0, 3, 1, 2)
+
+
+@attrs.frozen
+class _Task:
+    """Images of one task of the ablation, scored among the task's classes."""
+
+    name: str
+    data: Any
+    columns: np.ndarray  # the task's classes: columns of the models' logits
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    def hits(self, logits: torch.Tensor, target: np.ndarray) -> int:
+        if logits.shape[1] <= int(self.columns.max()):
+            raise ContractError(
+                f"crosscoder ablation: task {self.name!r} needs the classes up to {int(self.columns.max())} but "
+                f"a model outputs {logits.shape[1]} classes; give the models one head over every task's classes"
+            )
+        scores = logits.float()[:, torch.as_tensor(self.columns, device=logits.device)]
+        predicted = self.columns[scores.argmax(dim=1).cpu().numpy()]
+        return int((predicted == target).sum())
+
+
+def _ablation_tasks(data: Any, names: Sequence[str] | None, limit: int | None) -> list[_Task]:
+    """The tasks of an ablation: the parts of a ``concat`` ``[data]`` (or all of it), at most ``limit`` images each."""
+    parts = getattr(data, "part_names", None)
+    if parts is None:
+        if names is not None:
+            raise ConfigError(
+                f"ablation_tasks = {list(names)} names parts of a concat [data], but [data] {data.name!r} is one "
+                "dataset: leave ablation_tasks unset (one task) or make [data] a concat",
+                where="key 'ablation_tasks'",
+            )
+        groups = [(str(data.name), np.arange(len(data)), np.arange(len(data.classes)))]
+    else:
+        wanted = list(parts) if names is None else list(names)
+        for name in wanted:
+            if name not in parts:
+                raise ConfigError(
+                    f"ablation_tasks names {name!r}, but the parts of [data] are {list(parts)}",
+                    where="key 'ablation_tasks'",
+                )
+        part_name = np.asarray(data.part_name).astype(str)
+        groups = [
+            (
+                name,
+                np.flatnonzero(part_name == name),
+                np.array([c for c, label in enumerate(data.classes) if str(label).startswith(f"{name}:")]),
+            )
+            for name in wanted
+        ]
+    tasks = []
+    for name, items, columns in groups:
+        if not len(items):
+            raise ConfigError(f"the ablation task {name!r} has no images in [data]", where="key 'ablation_tasks'")
+        if limit is not None and len(items) > limit:
+            items = items[np.linspace(0, len(items) - 1, limit).round().astype(np.int64)]
+        tasks.append(_Task(name, data.subset(items), columns))
+    return tasks
+
+
+def _capture(
+    models: Mapping[str, nn.Module], places: Mapping[str, tuple[nn.Module, bool]], images: torch.Tensor
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Every model's activations at its place (module, whether its input) as copies, and its logits, for one batch."""
+    captured: list[torch.Tensor] = []
+    logits = []
+    for name, (module, records_input) in places.items():
+        sink: list[torch.Tensor] = []
+        if records_input:
+            handle = module.register_forward_pre_hook(lambda _m, args, _s=sink: _s.append(args[0].detach().clone()))
+        else:
+            handle = module.register_forward_hook(lambda _m, _i, out, _s=sink: _s.append(out.detach().clone()))
+        try:
+            logits.append(models[name](images))
+        finally:
+            handle.remove()
+        if len(sink) != 1:
+            raise ContractError(
+                f"crosscoder ablation: the layer of model {name!r} ran {len(sink)} times in one forward "
+                "pass; only a layer that runs once can be edited"
+            )
+        captured.append(sink[0])
+    return captured, logits
+
+
+def _forward_edited(
+    model: nn.Module, place: tuple[nn.Module, bool], images: torch.Tensor, edited: torch.Tensor
+) -> torch.Tensor:
+    """The model's logits with its activations at ``place`` (module, whether its input) replaced by ``edited``."""
+    module, records_input = place
+    if records_input:
+        handle = module.register_forward_pre_hook(lambda _m, args: (edited, *args[1:]))
+    else:
+        handle = module.register_forward_hook(lambda _m, _i, _out: edited)
+    try:
+        return model(images)
+    finally:
+        handle.remove()
 
 
 def _chosen_latents(ds: xr.Dataset, latents: str | Sequence[int] | np.ndarray) -> np.ndarray:

@@ -14,7 +14,8 @@ which :meth:`~mergescope_plugins.crosscoder.Crosscoder.fit` records.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import itertools
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -28,12 +29,20 @@ from mergescope.hookspecs import hookimpl
 from mergescope.validators import as_float, distinct, list_of, non_empty_str, one_of, positive, positive_int
 from mergescope_plugins.crosscoder import class_order
 
-__all__ = ["CrosscoderSweep", "register_visualizers"]
+__all__ = ["CrosscoderSweep", "possible_classes", "register_visualizers"]
 
 #: Rules that choose one swept value.
 RULES = ("sparsest-within-fvu",)
 
 _NAMES = [list_of(non_empty_str), distinct("name")]
+
+
+def possible_classes(models: Sequence[str]) -> list[str]:
+    """Every latent class ``N`` models allow: shared, shared by each proper subset of two or more, exclusive, dead."""
+    subsets = [
+        "shared:" + "+".join(c) for size in range(len(models) - 1, 1, -1) for c in itertools.combinations(models, size)
+    ]
+    return sorted(["shared", *subsets, *(f"exclusive:{m}" for m in models), "dead"], key=class_order)
 
 
 def _crosscoder_nodes(results: xr.DataTree) -> dict[str, dict[str, xr.Dataset]]:
@@ -103,7 +112,9 @@ class CrosscoderSweep:
 
             - ``fvu (value, seed, model)``, ``mean_fvu (value, seed)`` (over models),
             - ``l0 (value, seed)``, ``dead_fraction (value, seed)``,
-            - ``class_count (value, seed, class)``: latents per class,
+            - ``class_count (value, seed, class)``: latents per class, for every class
+              the models allow (:func:`possible_classes`, 0 where no latent has it)
+              and any other class found,
             - ``step (value, seed)``: the step that trained each run (``""`` if none),
             - ``value_fvu (value)``: ``mean_fvu`` averaged over the seeds,
             - ``chosen``: the value the rule chooses (NaN when none qualifies),
@@ -213,10 +224,9 @@ class CrosscoderSweep:
     ) -> xr.Dataset:
         values = sorted({v for v, _ in runs})
         seeds = sorted({s for _, s in runs})
-        classes = sorted(
-            {str(c) for _, ds in runs.values() for c in np.asarray(ds["latent_class"].values).astype(str)},
-            key=class_order,
-        )
+        # Every class the models allow, found or not, so that a class no run has reads as 0.
+        found = {str(c) for _, ds in runs.values() for c in np.asarray(ds["latent_class"].values).astype(str)}
+        classes = sorted(found | set(possible_classes(models)), key=class_order)
         shape = (len(values), len(seeds))
         fvu = np.full((*shape, len(models)), np.nan)
         l0 = np.full(shape, np.nan)

@@ -217,6 +217,9 @@ layers = ["relu2"]
 dictionary_size = 8
 epochs = 2
 batch_size = 16
+ablation = true
+ablation_samples = 12
+ablation_draws = 1
 
 [[steps]]
 use = "crosscoder-plots"
@@ -338,6 +341,9 @@ def test_the_crosscoder_trains_on_the_device(flow):
     assert not info["steps"]["crosscoder"]["cached"] and info["steps"]["interpolation"]["cached"]
     assert "crosscoder" in result.results.children
     assert list((flow.out / "figures" / "crosscoder-plots").glob("*.png"))
+    # The ablation ran the models on the device with the layer's activations edited.
+    node = result.results["crosscoder/relu2"].ds
+    assert int(node["ablation_images"].sum()) == 12 and node["ablation_accuracy"].notnull().all()
 
 
 # -- a user's module that mixes devices itself ------------------------------------------------

@@ -366,3 +366,32 @@ def test_component_from_table_builds_like_data_and_names_bad_tables():
         component_from_table("dataset", "digits")
     with pytest.raises(ValueError, match=r"unknown component kind 'datasets'"):
         component_from_table("datasets", {"use": "digits"})
+
+
+# ------------------------------------------------------------------------ only
+
+
+DICE = {"use": "dice", "split": "train", "size": 12, "image_size": 16}
+CRITTERS = {"use": "critters", "split": "train", "size": 16, "image_size": 16}
+
+
+def test_only_keeps_one_parts_items_under_every_parts_classes():
+    whole = concat(DICE, CRITTERS).load()
+    critters = concat(DICE, CRITTERS, only=["critters/train"]).load()
+    assert critters.classes == whole.classes and len(critters.classes) == 6 + 8
+    assert len(critters) == 16 and set(critters.part_name) == {"critters/train"}
+    # The labels keep their places in the joint class list: critters' classes come after dice's six.
+    assert critters.labels.min() >= 6 and np.array_equal(critters.labels, whole.labels[12:])
+    assert np.array_equal(critters.sample_ids, whole.sample_ids[12:])
+    assert torch.equal(critters[3][0], whole[15][0])
+    both = concat(DICE, CRITTERS, only=["dice/train", "critters/train"]).load()
+    assert np.array_equal(both.sample_ids, whole.sample_ids)
+
+
+def test_only_with_an_unknown_part_names_the_parts():
+    with pytest.raises(ConfigError, match=r"'only' names the part 'critters'.*did you mean 'critters/train'"):
+        concat(DICE, CRITTERS, only=["critters"]).load()
+    with pytest.raises(ConfigError, match="only"):
+        concat(DICE, CRITTERS, only=[])
+    with pytest.raises(ConfigError, match="repeat"):
+        concat(DICE, CRITTERS, only=["dice/train", "dice/train"])
