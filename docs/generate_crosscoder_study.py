@@ -421,9 +421,10 @@ def scale_note(record: dict) -> list[str]:
     return [
         f"**Scale.** These numbers come from the quick pipeline, whose header says what it reduces "
         f"(rows, latents, epochs, l1 values, seeds). The study's scale is `{full}`: "
-        "the same steps over 100,800 rows, 896 latents, 5 values of l1 and 3 seeds. Its cost on two "
-        "CPU cores is set by the 24 crosscoder trainings over 100,800 rows of 960 units, which take "
-        "most of an estimated two to three hours. Its recordings and fine-tunes are cached, so the "
+        "the same steps over 100,800 rows, 896 latents, 5 values of l1 and 3 seeds. On two CPU cores "
+        "its cost is set by the 24 crosscoder trainings over 100,800 rows of 960 units (an hour or "
+        "more, estimated from the quick run's speed) and by fine-tuning on 2,000 images per task. "
+        "Its recordings and fine-tunes are cached, so the "
         "sweep and the seeds reuse them. On a GPU, run it with `--device cuda`. To regenerate this "
         f"page from it, run `mergescope run {full} --out runs/seed2-crosscoder-study`, then "
         "`python docs/generate_crosscoder_study.py --record runs/seed2-crosscoder-study`.",
