@@ -8,7 +8,7 @@ import torch
 import xarray as xr
 from torch import nn
 
-from mergescope import ConfigError, TensorImageDataset
+from mergescope import ConfigError, TensorImageDataset, hookimpl
 from mergescope.components import Context
 from mergescope.errors import ContractError
 from mergescope_plugins.concat import ConcatImageDataset
@@ -161,3 +161,45 @@ def test_bad_ablation_options_are_named():
             ground_truth(), narrow, "feat", Context(data=task_data(), quiet=True)
         )
     assert Crosscoder(**FAST).intervene(ground_truth(), models, "feat", Context(data=task_data())) is None
+
+
+class _ReturnsAList(Crosscoder):
+    """A differ whose causal test breaks the contract: it must return a Dataset or None."""
+
+    name = "crosscoder-returning-a-list"
+
+    def intervene(self, result, models, layer, context):
+        return [1, 2, 3]
+
+
+class _Plugin:
+    @staticmethod
+    @hookimpl
+    def register_differs(register):
+        register(_ReturnsAList)
+
+
+def test_a_step_runs_intervene_and_refuses_what_is_not_a_dataset(tmp_path, fresh_registry):
+    from mergescope import ModelSpec, Pipeline, Step, run
+    from mergescope.pipeline import ActivationSpec
+
+    fresh_registry.register_plugin(_Plugin, name="returns-a-list")
+    reg = fresh_registry.get_registry()
+
+    def net(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Flatten(), nn.Linear(64, 12), nn.ReLU(), nn.Linear(12, 10))
+
+    def pipeline(differ) -> Pipeline:
+        return Pipeline(
+            data=reg.get("dataset", "digits")(split="test", per_class=4),
+            activations=ActivationSpec(layers=["2"]),
+            models=[ModelSpec("x", module=net(0)), ModelSpec("y", module=net(1))],
+            steps=[Step(differ, models=["x", "y"])],
+        )
+
+    result = run(pipeline(Crosscoder(**FAST, ablation=True, ablation_draws=1)), tmp_path / "good", quiet=True)
+    node = result.results["crosscoder/2"].ds
+    assert "ablation_accuracy" in node and int(node["ablation_images"].sum()) == 40
+    with pytest.raises(ContractError, match="intervene must return an xarray.Dataset or None, got list"):
+        run(pipeline(_ReturnsAList(**FAST)), tmp_path / "bad", quiet=True)
