@@ -53,7 +53,11 @@ def _node(tree, path: str):
 
 
 def _floats(a) -> list:
-    return [None if not np.isfinite(v) else round(float(v), 6) for v in np.asarray(a, dtype=float).ravel()]
+    """Any array as nested lists of floats rounded to 6 digits, ``None`` for NaN (JSON has no NaN)."""
+    a = np.asarray(a, dtype=float)
+    if a.ndim == 0:
+        return None if not np.isfinite(a) else round(float(a), 6)
+    return [_floats(v) for v in a]
 
 
 def _spread(values) -> dict:
@@ -84,7 +88,7 @@ def extract(tree, run_dir: Path, example: str) -> dict:
     out["tasks"] = {
         "models": [str(m) for m in tasks["model"].values],
         "tasks": [str(t) for t in tasks["task"].values],
-        "accuracy": [_floats(row) for row in tasks["accuracy"].values],
+        "accuracy": _floats(tasks["accuracy"].values),
         "average": _floats(tasks["average_accuracy"].values),
     }
     pcb = tree["pcb"].to_dataset()
@@ -99,10 +103,10 @@ def extract(tree, run_dir: Path, example: str) -> dict:
         "values": _floats(sweep["value"].values),
         "seeds": [int(s) for s in sweep["seed"].values],
         "classes": [str(c) for c in sweep["class"].values],
-        "mean_fvu": [_floats(r) for r in sweep["mean_fvu"].values],
-        "l0": [_floats(r) for r in sweep["l0"].values],
-        "dead": [_floats(r) for r in sweep["dead_fraction"].values],
-        "class_count": [[_floats(c) for c in r] for r in sweep["class_count"].values],
+        "mean_fvu": _floats(sweep["mean_fvu"].values),
+        "l0": _floats(sweep["l0"].values),
+        "dead": _floats(sweep["dead_fraction"].values),
+        "class_count": _floats(sweep["class_count"].values),
         "chosen": float(sweep["chosen"]),
         "max_fvu": float(sweep["max_fvu"]),
     }
@@ -135,10 +139,10 @@ def extract(tree, run_dir: Path, example: str) -> dict:
             "latents": [int(n) for n in node["ablation_latents"].values],
             "models": [str(m) for m in node["model"].values],
             "tasks": [str(t) for t in node["task"].values],
-            "baseline": [_floats(r) for r in node["ablation_baseline"].values],
-            "change": [[_floats(t) for t in m] for m in node["ablation_change"].values],
-            "random_change": [[_floats(t) for t in m] for m in node["ablation_random_change"].values],
-            "random_std": [[_floats(t) for t in m] for m in node["ablation_random_change_std"].values],
+            "baseline": _floats(node["ablation_baseline"].values),
+            "change": _floats(node["ablation_change"].values),
+            "random_change": _floats(node["ablation_random_change"].values),
+            "random_std": _floats(node["ablation_random_change_std"].values),
             "images": [int(n) for n in node["ablation_images"].values],
         }
     levels = tree["cc-pcb-levels"]

@@ -143,6 +143,11 @@ class ConcatImageDataset(torch.utils.data.Dataset):
         """The part name of every item, ``(N,)`` strings."""
         return np.asarray(self.part_names, dtype=object)[self.part]
 
+    def part_classes(self, part: str) -> np.ndarray:
+        """Positions in :attr:`classes` of the classes of the part named ``part``."""
+        i = self.part_names.index(part)
+        return np.arange(self._class_offsets[i], self._class_offsets[i + 1])
+
     def subset(self, indices: Sequence[int], name: str | None = None) -> ConcatImageDataset:
         """Return the items at ``indices`` (positions, not sample ids), keeping their ids and classes."""
         idx = np.asarray(indices, dtype=np.int64)

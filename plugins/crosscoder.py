@@ -77,7 +77,7 @@ import torch
 import xarray as xr
 from torch import nn
 
-from mergescope.activations import resolve_layers
+from mergescope.activations import attach_recorders, resolve_layers
 from mergescope.components import Context
 from mergescope.devices import autocast
 from mergescope.errors import ConfigError, ContractError
@@ -107,6 +107,7 @@ __all__ = [
     "CrosscoderPlots",
     "ablate_latents",
     "class_order",
+    "possible_classes",
     "classify",
     "register_differs",
     "register_visualizers",
@@ -175,6 +176,14 @@ def class_order(label: str) -> tuple[int, str]:
     """Sort key of latent classes: shared first, then subsets, exclusive, and dead last."""
     rank = {"shared": 0, "dead": 4, "none": 3}.get(label, 1 if label.startswith("shared:") else 2)
     return rank, label
+
+
+def possible_classes(models: Sequence[str]) -> list[str]:
+    """Every latent class ``N`` models allow: shared, shared by each proper subset of two or more, exclusive, dead."""
+    subsets = [
+        "shared:" + "+".join(c) for size in range(len(models) - 1, 1, -1) for c in itertools.combinations(models, size)
+    ]
+    return sorted(["shared", *subsets, *(f"exclusive:{m}" for m in models), "dead"], key=class_order)
 
 
 # ------------------------------------------------------------------------- inputs
@@ -1084,7 +1093,7 @@ class Crosscoder:
             for images, labels_cpu in batches:
                 images, target = to_device(images, context.device), labels_cpu.numpy()
                 with torch.no_grad(), autocast(context.device, context.precision):
-                    captured, logits = _capture(models, places, images)
+                    captured, logits = _capture({m: models[m] for m in names}, layer, images)
                     correct[0, :, t] += [task.hits(out, target) for out in logits]
                     f = editor.latents(captured, pooled=self.samples == "pooled")
                     for j, chosen in enumerate(sets):
@@ -1784,7 +1793,7 @@ class _Task:
 
 def _ablation_tasks(data: Any, names: Sequence[str] | None, limit: int | None) -> list[_Task]:
     """The tasks of an ablation: the parts of a ``concat`` ``[data]`` (or all of it), at most ``limit`` images each."""
-    parts = getattr(data, "part_names", None)
+    parts = data.part_names if hasattr(data, "part_classes") else None  # a concat's parts
     if parts is None:
         if names is not None:
             raise ConfigError(
@@ -1806,7 +1815,7 @@ def _ablation_tasks(data: Any, names: Sequence[str] | None, limit: int | None) -
             (
                 name,
                 np.flatnonzero(part_name == name),
-                np.array([c for c, label in enumerate(data.classes) if str(label).startswith(f"{name}:")]),
+                np.asarray(data.part_classes(name)),
             )
             for name in wanted
         ]
@@ -1821,24 +1830,22 @@ def _ablation_tasks(data: Any, names: Sequence[str] | None, limit: int | None) -
 
 
 def _capture(
-    models: Mapping[str, nn.Module], places: Mapping[str, tuple[nn.Module, bool]], images: torch.Tensor
+    models: Mapping[str, nn.Module], layer: str, images: torch.Tensor
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Every model's activations at its place (module, whether its input) as copies, and its logits, for one batch."""
+    """Every model's activations at ``layer`` (copies) and its logits, for one batch, in the order of ``models``."""
     captured: list[torch.Tensor] = []
     logits = []
-    for name, (module, records_input) in places.items():
+    for name, model in models.items():
         sink: list[torch.Tensor] = []
-        if records_input:
-            handle = module.register_forward_pre_hook(lambda _m, args, _s=sink: _s.append(args[0].detach().clone()))
-        else:
-            handle = module.register_forward_hook(lambda _m, _i, out, _s=sink: _s.append(out.detach().clone()))
+        handles = attach_recorders(model, [layer], lambda _layer, t, _s=sink: _s.append(t.detach().clone()), name)
         try:
-            logits.append(models[name](images))
+            logits.append(model(images))
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
         if len(sink) != 1:
             raise ContractError(
-                f"crosscoder ablation: the layer of model {name!r} ran {len(sink)} times in one forward "
+                f"crosscoder ablation: layer {layer!r} of model {name!r} ran {len(sink)} times in one forward "
                 "pass; only a layer that runs once can be edited"
             )
         captured.append(sink[0])

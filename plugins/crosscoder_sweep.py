@@ -14,8 +14,7 @@ which :meth:`~mergescope_plugins.crosscoder.Crosscoder.fit` records.
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -27,22 +26,14 @@ from mergescope.components import Context
 from mergescope.errors import ConfigError, closest
 from mergescope.hookspecs import hookimpl
 from mergescope.validators import as_float, distinct, list_of, non_empty_str, one_of, positive, positive_int
-from mergescope_plugins.crosscoder import class_order
+from mergescope_plugins.crosscoder import class_order, possible_classes
 
-__all__ = ["CrosscoderSweep", "possible_classes", "register_visualizers"]
+__all__ = ["CrosscoderSweep", "register_visualizers"]
 
 #: Rules that choose one swept value.
 RULES = ("sparsest-within-fvu",)
 
 _NAMES = [list_of(non_empty_str), distinct("name")]
-
-
-def possible_classes(models: Sequence[str]) -> list[str]:
-    """Every latent class ``N`` models allow: shared, shared by each proper subset of two or more, exclusive, dead."""
-    subsets = [
-        "shared:" + "+".join(c) for size in range(len(models) - 1, 1, -1) for c in itertools.combinations(models, size)
-    ]
-    return sorted(["shared", *subsets, *(f"exclusive:{m}" for m in models), "dead"], key=class_order)
 
 
 def _crosscoder_nodes(results: xr.DataTree) -> dict[str, dict[str, xr.Dataset]]:
@@ -113,7 +104,7 @@ class CrosscoderSweep:
             - ``fvu (value, seed, model)``, ``mean_fvu (value, seed)`` (over models),
             - ``l0 (value, seed)``, ``dead_fraction (value, seed)``,
             - ``class_count (value, seed, class)``: latents per class, for every class
-              the models allow (:func:`possible_classes`, 0 where no latent has it)
+              the models allow (:func:`~mergescope_plugins.crosscoder.possible_classes`, 0 where no latent has it)
               and any other class found,
             - ``step (value, seed)``: the step that trained each run (``""`` if none),
             - ``value_fvu (value)``: ``mean_fvu`` averaged over the seeds,

@@ -19,7 +19,6 @@ from typing import Any, ClassVar
 
 import attrs
 import numpy as np
-import torch
 from PIL import Image
 
 from mergescope.errors import ConfigError, closest
@@ -28,27 +27,19 @@ from mergescope.hookspecs import hookimpl
 from mergescope.validators import (
     Check,
     distinct,
-    finite,
     in_range,
-    int_range,
     list_of,
     non_empty_str,
-    non_negative_int,
-    one_of,
-    positive,
-    positive_int,
 )
-from mergescope_plugins.images import _SKIMAGE_FUNCTIONS, IMAGENET_MEAN, IMAGENET_STD, SKIMAGE_PHOTOS
+from mergescope_plugins.images import _SKIMAGE_FUNCTIONS, SKIMAGE_PHOTOS
+from mergescope_plugins.procedural import Renderer, _ProceduralDataset
 
-__all__ = ["PHOTO_SOURCES", "PhotoCrops", "PhotoCropDataset", "crop_box", "photos", "register_datasets"]
+__all__ = ["PHOTO_SOURCES", "PhotoCrops", "crop_box", "photos", "register_datasets", "render_crop"]
 
 #: The photo sources, in the order their photos are numbered (a photo's label is its
 #: position in the concatenated list, whatever order ``sources`` gives them in).
 PHOTO_SOURCES: tuple[str, ...] = ("foolbox-imagenet", "skimage", "sklearn")
 
-SPLITS = ("train", "test", "validation")
-# Ids interleave the splits, as in the procedural datasets: id = 3 * i + code.
-_SPLIT_CODE = {"train": 0, "test": 1, "validation": 2}
 # Keeps this dataset's random streams apart from dice (1) and critters (2) for one seed.
 _STREAM = 3
 # The aspect ratios (width / height) of a crop: log-uniform in [3/4, 4/3].
@@ -164,95 +155,18 @@ def crop_box(
     return left, top, left + w, top + h
 
 
-def _rng(seed: int, split: str, index: int) -> np.random.Generator:
-    return np.random.default_rng([_STREAM, seed, _SPLIT_CODE[split], index])
-
-
-# --------------------------------------------------------------------- lazy dataset
-
-
-@attrs.define(eq=False)
-class PhotoCropDataset(torch.utils.data.Dataset):
-    """An :class:`~mergescope.components.ImageDataset` that cuts each item from its photo when asked.
-
-    Parameters
-    ----------
-    name
-        A short name used in labels, e.g. ``"photo-crops/test"``.
-    labels
-        The photo of every item (an index into ``classes``), ``(N,)``.
-    sample_ids
-        Stable id of every item, ``(N,)``: ``3 * i + k`` for item ``i`` of split ``k``.
-    classes
-        Photo names, indexed by label.
-    sources
-        The photo sources; the photos are read (once per process) from them.
-    seed, split
-        Seed the random generator of each item, together with its index.
-    image_size
-        Side of the images in pixels.
-    min_scale, max_scale
-        Range of the share of the photo's area a crop covers.
-    mean, std
-        Per-channel normalisation (one value or three).
-    """
-
-    name: str
-    labels: np.ndarray = attrs.field(converter=lambda a: np.asarray(a, dtype=np.int64))
-    sample_ids: np.ndarray = attrs.field(converter=lambda a: np.asarray(a, dtype=np.int64))
-    classes: tuple[str, ...] = attrs.field(converter=tuple)
-    sources: tuple[str, ...] = attrs.field(converter=tuple)
-    seed: int
-    split: str
-    image_size: int
-    min_scale: float
-    max_scale: float
-    mean: tuple[float, ...] = attrs.field(converter=tuple)
-    std: tuple[float, ...] = attrs.field(converter=tuple)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def image(self, index: int) -> Image.Image:
-        """The RGB image of item ``index`` (a position), before normalisation."""
-        i = int(self.sample_ids[index]) // 3
-        _, photo = photos(self.sources)[int(self.labels[index])]
-        rng = _rng(self.seed, self.split, i)
-        box = crop_box(rng, photo.width, photo.height, self.min_scale, self.max_scale)
-        flip = bool(rng.random() < 0.5)
-        crop = photo.resize((self.image_size, self.image_size), Image.LANCZOS, box=box)
-        return crop.transpose(Image.FLIP_LEFT_RIGHT) if flip else crop
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        pixels = np.asarray(self.image(index), dtype=np.float32) / 255.0
-        mean = np.asarray(self.mean, dtype=np.float32)
-        std = np.asarray(self.std, dtype=np.float32)
-        tensor = torch.from_numpy(np.ascontiguousarray(((pixels - mean) / std).transpose(2, 0, 1)))
-        return tensor, int(self.labels[index])
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return (3, self.image_size, self.image_size)
-
-    def subset(self, indices: Sequence[int], name: str | None = None) -> PhotoCropDataset:
-        """Return the items at ``indices`` (positions, not sample ids), keeping their ids."""
-        idx = np.asarray(indices, dtype=np.int64)
-        return attrs.evolve(self, name=name or self.name, labels=self.labels[idx], sample_ids=self.sample_ids[idx])
+def render_crop(
+    rng: np.random.Generator, label: int, size: int, *, sources: tuple[str, ...], min_scale: float, max_scale: float
+) -> Image.Image:
+    """Photo ``label`` of ``sources`` cut by a random box, resized to ``size`` and flipped with probability 1/2."""
+    _, photo = photos(sources)[label]
+    box = crop_box(rng, photo.width, photo.height, min_scale, max_scale)
+    flip = bool(rng.random() < 0.5)
+    crop = photo.resize((size, size), Image.LANCZOS, box=box)
+    return crop.transpose(Image.FLIP_LEFT_RIGHT) if flip else crop
 
 
 # ------------------------------------------------------------------------ options
-
-
-def _one_or_three(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if len(value) not in (1, 3):
-        raise ValueError(f"'{attribute.name}' must have 1 or 3 values (one per channel), got {len(value)}")
-
-
-def _float_list(value: Any) -> Any:
-    # Integers in a list of floats are fine ([0, 0, 0]); anything else is left to the validator.
-    if isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-        return [float(v) for v in value]
-    return value
 
 
 def _as_float(value: Any) -> Any:
@@ -283,7 +197,7 @@ _SOURCE = Check(non_empty_str.holds, "a photo source name", "photo source names"
 
 
 @attrs.define
-class PhotoCrops:
+class PhotoCrops(_ProceduralDataset):
     """Natural photographs, as many as asked: random resized crops of the ~37 photos that ship offline.
 
     **Photos.** The sources (``sources``, numbered in this order whatever order the
@@ -340,48 +254,19 @@ class PhotoCrops:
         factory=lambda: list(PHOTO_SOURCES),
         validator=[list_of(_SOURCE, min_length=1), _known_sources, distinct("source")],
     )
-    split: str = attrs.field(default="test", validator=one_of(*SPLITS))
-    size: int = attrs.field(default=600, validator=positive_int)
-    image_size: int = attrs.field(default=64, validator=int_range(8, 1024))
-    seed: int = attrs.field(default=0, validator=non_negative_int)
     min_scale: float = attrs.field(default=0.08, converter=_as_float, validator=_SCALE)
     max_scale: float = attrs.field(default=1.0, converter=_as_float, validator=[_SCALE, _not_below_min_scale])
-    mean: list[float] = attrs.field(
-        factory=lambda: list(IMAGENET_MEAN),
-        converter=_float_list,
-        validator=[list_of(finite, min_length=1), _one_or_three],
-    )
-    std: list[float] = attrs.field(
-        factory=lambda: list(IMAGENET_STD),
-        converter=_float_list,
-        validator=[list_of(positive, min_length=1), _one_or_three],
-    )
 
-    def load(self) -> PhotoCropDataset:
-        """Read the photos (once per process) and return the split as a lazily cropped :class:`PhotoCropDataset`.
+    stream: ClassVar[int] = _STREAM
 
-        Raises
-        ------
-        ConfigError
-            When a source's package is missing (a :class:`~mergescope.errors.MissingDependencyError`:
-            the ``datasets`` extra) or one of its photos cannot be read.
-        """
-        names = tuple(name for name, _ in photos(self.sources))
-        i = np.arange(self.size, dtype=np.int64)
-        return PhotoCropDataset(
-            name=f"{self.name}/{self.split}",
-            labels=i % len(names),
-            sample_ids=3 * i + _SPLIT_CODE[self.split],
-            classes=names,
-            sources=tuple(s for s in PHOTO_SOURCES if s in self.sources),
-            seed=self.seed,
-            split=self.split,
-            image_size=self.image_size,
-            min_scale=self.min_scale,
-            max_scale=self.max_scale,
-            mean=self.mean,
-            std=self.std,
-        )
+    @property
+    def classes(self) -> tuple[str, ...]:  # type: ignore[override]
+        """The photo names of :attr:`sources`: the labels (reading the photos, once per process)."""
+        return tuple(name for name, _ in photos(self.sources))
+
+    def _renderer(self) -> Renderer:  # type: ignore[override]
+        chosen = tuple(s for s in PHOTO_SOURCES if s in self.sources)
+        return functools.partial(render_crop, sources=chosen, min_scale=self.min_scale, max_scale=self.max_scale)
 
 
 @hookimpl

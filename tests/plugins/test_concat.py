@@ -384,6 +384,8 @@ def test_only_keeps_one_parts_items_under_every_parts_classes():
     assert critters.labels.min() >= 6 and np.array_equal(critters.labels, whole.labels[12:])
     assert np.array_equal(critters.sample_ids, whole.sample_ids[12:])
     assert torch.equal(critters[3][0], whole[15][0])
+    np.testing.assert_array_equal(critters.part_classes("critters/train"), np.arange(6, 14))
+    np.testing.assert_array_equal(critters.part_classes("dice/train"), np.arange(6))
     both = concat(DICE, CRITTERS, only=["dice/train", "critters/train"]).load()
     assert np.array_equal(both.sample_ids, whole.sample_ids)
 

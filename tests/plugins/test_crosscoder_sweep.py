@@ -11,6 +11,7 @@ from mergescope.components import Visualizer
 from mergescope.errors import ConfigError
 from mergescope.testing import check_component
 from mergescope_plugins import crosscoder_sweep as sweep_module
+from mergescope_plugins.crosscoder import possible_classes
 from mergescope_plugins.crosscoder_sweep import CrosscoderSweep
 
 
@@ -241,12 +242,12 @@ def test_sweeps_a_small_pipeline(tmp_path, fresh_registry):
 
 def test_every_class_the_models_allow_is_counted_even_when_no_run_has_it():
     models = ("a", "b", "c")
-    assert sweep_module.possible_classes(models) == [
+    assert possible_classes(models) == [
         "shared", "shared:a+b", "shared:a+c", "shared:b+c", "exclusive:a", "exclusive:b", "exclusive:c", "dead",
     ]  # fmt: skip
     runs = {"cc": result(1.0, 0, (0.1, 0.1, 0.1), ["shared", "shared", "exclusive:b"], models=models)}
     ds = CrosscoderSweep().sweep(tree(runs))
-    assert list(ds["class"].values) == sweep_module.possible_classes(models)
+    assert list(ds["class"].values) == possible_classes(models)
     counts = ds["class_count"].sel(value=1.0, seed=0)
     assert int(counts.sel({"class": "shared"})) == 2 and int(counts.sel({"class": "exclusive:b"})) == 1
     assert int(counts.sel({"class": "shared:a+c"})) == 0 and int(counts.sum()) == 3

@@ -20,7 +20,8 @@ from mergescope.options import structure_options
 from mergescope.testing import parametrize_with_checks
 from mergescope_plugins import photo_crops
 from mergescope_plugins.images import IMAGENET_MEAN, IMAGENET_STD, SKIMAGE_PHOTOS
-from mergescope_plugins.photo_crops import PHOTO_SOURCES, PhotoCropDataset, PhotoCrops, crop_box, photos
+from mergescope_plugins.photo_crops import PHOTO_SOURCES, PhotoCrops, crop_box, photos
+from mergescope_plugins.procedural import ProceduralImageDataset
 
 HAS_FOOLBOX = importlib.util.find_spec("foolbox") is not None
 HAS_SKIMAGE = importlib.util.find_spec("skimage") is not None
@@ -31,7 +32,7 @@ needs_all = pytest.mark.skipif(not (HAS_FOOLBOX and HAS_SKIMAGE), reason="needs 
 SMALL = {"sources": AVAILABLE, "size": 12, "image_size": 16}
 
 
-def crops(**options) -> PhotoCropDataset:
+def crops(**options) -> ProceduralImageDataset:
     """Load through the option converter, as a pipeline file would."""
     return structure_options(PhotoCrops, {**SMALL, **options}).load()
 
