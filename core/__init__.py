@@ -46,16 +46,21 @@ _LAZY = {
     "TensorImageDataset": "components",
     "Visualizer": "components",
     "KINDS": "kinds",
-    "ActivationSpec": "pipeline",
-    "ModelSpec": "pipeline",
+    "ActivationSpec": "specs",
+    "Data": "specs",
+    "Model": "specs",
+    "ModelSpec": "specs",
     "Pipeline": "pipeline",
-    "Step": "pipeline",
-    "component_from_table": "pipeline",
+    "Step": "specs",
+    "Task": "specs",
+    "TaskSpec": "specs",
+    "component_from_table": "specs",
     "load_pipeline": "pipeline",
     "get_registry": "plugins",
     "register_plugin": "plugins",
     "Progress": "progress",
-    "RunResult": "runner",
+    "RunResult": "results",
+    "StepResult": "results",
     "run": "runner",
     "Training": "training",
 }
@@ -103,10 +108,12 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
         Visualizer,
     )
     from .kinds import KINDS
-    from .pipeline import ActivationSpec, ModelSpec, Pipeline, Step, component_from_table, load_pipeline
+    from .pipeline import Pipeline, load_pipeline
     from .plugins import get_registry, register_plugin
     from .progress import Progress
-    from .runner import RunResult, run
+    from .results import RunResult, StepResult
+    from .runner import run
+    from .specs import ActivationSpec, Data, Model, ModelSpec, Step, Task, TaskSpec, component_from_table
     from .training import Training
 
 __all__ = [
@@ -131,13 +138,18 @@ __all__ = [
     "Context",
     "Pipeline",
     "ModelSpec",
+    "Model",
     "Step",
+    "TaskSpec",
+    "Task",
+    "Data",
     "ActivationSpec",
     "Training",
     "load_pipeline",
     "component_from_table",
     "run",
     "RunResult",
+    "StepResult",
     "get_registry",
     "register_plugin",
     "collect",

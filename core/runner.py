@@ -38,7 +38,7 @@ from .activations import check_single_calls, resolve_layers
 from .checkpoints import check_class_count, load_into, load_state_dict, save_state_dict
 from .claims import attach_verdicts
 from .context import Context
-from .devices import autocast, explain_device_mix, place, resolve_device
+from .devices import autocast, explain_device_mix, place
 from .errors import CheckpointError, ConfigError, ContractError, MergescopeError
 from .groups import align_to_reference, channel_groups, example_input
 from .keys import cache_key, core_digest, file_digest, path_identity, source_digest, state_digest
@@ -49,6 +49,7 @@ from .pipeline import ALIGNED, ModelSpec, Pipeline, Step
 from .plugins import Registry, get_registry
 from .report import write_report
 from .report_parts import parameter_count, plain_json, step_evaluation, task_table
+from .results import RunResult
 from .storage import atomic_path, load_tree, locked_dir, save_tree
 from .store import Store, StoreSpec, collect_store, recording_key
 from .training import Training, trained_model, trained_model_key
@@ -57,16 +58,6 @@ from .values import Alignment, DatasetSource, Evaluation, ImageDataset, evaluate
 __all__ = ["RunResult", "run", "collect_activations"]
 
 log = logging.getLogger("mergescope")
-
-
-@attrs.define
-class RunResult:
-    """What :func:`run` returns: the run directory, the results tree and the summary text."""
-
-    out_dir: Path
-    results: xr.DataTree
-    summary: str
-    models: dict[str, nn.Module]
 
 
 @attrs.define
@@ -86,12 +77,15 @@ class _Run:
         registry: Registry,
         device: torch.device | None = None,
         step_devices: Mapping[str, torch.device] | None = None,
+        only: Sequence[str] | None = None,
     ):
         self.pipeline = pipeline
+        # The steps to run (with what they need): all of them, or those a notebook asked for.
+        self.wanted = set(pipeline.steps_needed_for(only, registry) if only is not None else pipeline.step_names())
         self.device = device if device is not None else torch.device("cpu")
         self.precision = pipeline.precision
         # The steps that run elsewhere than the run's device (a step's own `device`), by step name.
-        self.step_devices = dict(step_devices) if step_devices is not None else _step_devices(pipeline)
+        self.step_devices = dict(step_devices) if step_devices is not None else pipeline.resolve_devices()[1]
         self.out = out_dir
         self.force = force
         self.quiet = quiet
@@ -360,7 +354,9 @@ class _Run:
             else [],
             selectors=self._step_selectors(step),
             recording=[activations.reduce, activations.topk],
-            earlier=[self.step_keys[n] for n in self.names[: self.names.index(name)]],
+            earlier=[self.step_keys[n] for n in self.names[: self.names.index(name)]]
+            if rules.reads_earlier_results
+            else [],
             alignment=self.step_keys[step.alignment] if step.alignment else None,
             batch_size=activations.batch_size,
         )
@@ -531,18 +527,22 @@ class _Run:
         # Which step results exist before the run, to tell cached steps apart in run.json and the report.
         done_before = set() if self.force else {p.parent.name for p in (self.out / "steps").glob("*/result.nc")}
         for i, name in enumerate(self.names):
+            if name not in self.wanted and not self._restorable(i):
+                continue
             t0 = time.perf_counter()
             nodes = self.run_step(i, results)
             timings[name] = time.perf_counter() - t0
             for path, ds in nodes.items():
                 results[f"{name}/{path}".rstrip("/").replace("//", "/")] = ds
             lines.append(self._summary_line(name, nodes))
-        if self.pipeline.tasks:
+        whole = len(self.wanted) == len(self.names)  # tasks and claims read every step's models and results
+        if self.pipeline.tasks and whole:
             t0 = time.perf_counter()
             results["tasks"] = self.evaluate_tasks()
             timings["tasks"] = time.perf_counter() - t0
             lines.append(task_table(results["tasks"]))
-        tree, claim_lines = attach_verdicts(xr.DataTree.from_dict(results), self.pipeline.claims)
+        claims = self.pipeline.claims if whole else []
+        tree, claim_lines = attach_verdicts(xr.DataTree.from_dict(results), claims)
         lines.extend(claim_lines)
         pipeline_text = _as_toml(self.pipeline)
         tree.attrs.update({"mergescope_version": __version__, "pipeline": pipeline_text})
@@ -568,6 +568,7 @@ class _Run:
                     **({"device": str(self.step_devices[n])} if n in self.step_devices else {}),
                 }
                 for n, s in zip(self.names, self.pipeline.steps)
+                if n in self.step_keys
             },
             "models": self.models_info(results),
             "data": self.data_info(),
@@ -575,7 +576,15 @@ class _Run:
         _write_text(self.out / "run.json", json.dumps(run_info, indent=2) + "\n")
         components = {n: s.component for n, s in zip(self.names, self.pipeline.steps)}
         write_report(self.out, tree, info=run_info, pipeline_text=pipeline_text, summary=summary, components=components)
-        return RunResult(self.out, tree, summary, {n: m.module for n, m in self.models.items()})
+        return RunResult(self.out, tree, summary, {n: m.module for n, m in self.models.items()}, components)
+
+    def _restorable(self, index: int) -> bool:
+        """Whether a step left out of a partial run has a cached result whose inputs are at hand: shown, not run."""
+        name, step = self.names[index], self.pipeline.steps[index]
+        if self.force or any(d not in self.step_keys for d in self.pipeline.step_dependencies(name, self.registry)):
+            return False
+        key = self._step_key(name, step)
+        return (self.out / "steps" / f"{name}-{key[:16]}" / "result.nc").exists()
 
     # -- what the report says of the models and the data --------------------------------
 
@@ -739,6 +748,7 @@ def run(
     device: str | None = None,
     precision: str | None = None,
     workers: int | None = None,
+    steps: Sequence[str] | None = None,
 ) -> RunResult:
     """Run ``pipeline`` and write its results to ``out_dir``.
 
@@ -764,6 +774,12 @@ def run(
     workers
         Override the pipeline's ``[loader] workers`` (data-loading processes; see
         :mod:`mergescope.loading`).
+    steps
+        Run only these steps and the earlier ones they need (their models, alignments,
+        and for a visualizer every earlier step), as a notebook does cell by cell. Other
+        steps with a cached result are shown too; tasks and claims wait for a whole run.
+        Activations are recorded for the models this run builds, so a later whole run
+        may record again.
 
     Returns
     -------
@@ -778,8 +794,8 @@ def run(
     registry = registry or get_registry()
     pipeline = pipeline.with_absolute_paths(registry=registry)  # relative paths: from the working directory
     pipeline.check(registry)
-    pipeline, resolved = _with_device(pipeline, device, precision, workers)
-    step_devices = _step_devices(pipeline)
+    pipeline = pipeline.with_overrides(device, precision, workers)
+    resolved, step_devices = pipeline.resolve_devices(overridden=device is not None)
     if not pipeline.steps and not pipeline.tasks:
         raise ConfigError(
             "this pipeline has nothing to do: it has no [[steps]] and no [[tasks]]; add a step (for example "
@@ -788,44 +804,17 @@ def run(
         )
     with locked_dir(out_dir) as out:  # one run at a time writes a run directory
         job = _Run(
-            pipeline, out, force=force, quiet=quiet, registry=registry, device=resolved, step_devices=step_devices
+            pipeline,
+            out,
+            force=force,
+            quiet=quiet,
+            registry=registry,
+            device=resolved,
+            step_devices=step_devices,
+            only=steps,
         )
         with loader_options(pipeline.loader):
             return job.execute()
-
-
-def _with_device(
-    pipeline: Pipeline, device: str | None, precision: str | None, workers: int | None = None
-) -> tuple[Pipeline, torch.device]:
-    """``pipeline`` with the arguments that override its own, and its device resolved."""
-    if workers is not None:
-        pipeline = attrs.evolve(pipeline, loader=attrs.evolve(pipeline.loader, workers=workers))
-    if device is not None:
-        pipeline = attrs.evolve(pipeline, device=device)
-    if precision is not None:
-        pipeline = attrs.evolve(pipeline, precision=precision)
-    try:
-        resolved = resolve_device(pipeline.device)
-        autocast(resolved, pipeline.precision)  # refuses fp16 on the CPU before anything runs
-    except ConfigError as exc:
-        where = f"{pipeline.source}, key 'device'" if device is None else None
-        raise ConfigError(exc.message, where=where) from None
-    return pipeline, resolved
-
-
-def _step_devices(pipeline: Pipeline) -> dict[str, torch.device]:
-    """The resolved ``device`` of every step that names one, by step name; a missing device is refused here."""
-    found: dict[str, torch.device] = {}
-    for index, (name, step) in enumerate(zip(pipeline.step_names(), pipeline.steps)):
-        if step.device is None:
-            continue
-        try:
-            found[name] = resolve_device(step.device)
-            autocast(found[name], pipeline.precision)  # refuses fp16 on a CPU step
-        except ConfigError as exc:
-            where = f"{pipeline.source}, [[steps]] #{index + 1} (use = {step.use!r}), key 'device'"
-            raise ConfigError(f"step {name!r}: {exc.message}", where=where) from None
-    return found
 
 
 def collect_activations(
@@ -854,7 +843,8 @@ def collect_activations(
     registry = registry or get_registry()
     pipeline = pipeline.with_absolute_paths(registry=registry)
     pipeline.check(registry)
-    pipeline, resolved = _with_device(pipeline, device, precision, workers)
+    pipeline = pipeline.with_overrides(device, precision, workers)
+    resolved = pipeline.resolve_devices(overridden=device is not None, steps=False)[0]
     if pipeline.data is None or not pipeline.activations.layers:
         raise ConfigError(
             "collecting needs [data] and [activations] layers", where=f"{pipeline.source}, key 'activations'"

@@ -20,7 +20,7 @@ import torch
 from simulated_device import SimulatedAccelerator
 from torch import nn
 
-import mergescope.runner as runner_module
+import mergescope.pipeline as pipeline_module
 from mergescope import MergescopeError, ModelSpec, Pipeline, RunResult, Step, get_registry, run
 from mergescope.checkpoints import save_state_dict
 from mergescope.devices import device_mix, explain_device_mix, stray_tensors
@@ -274,7 +274,7 @@ def device_under_test() -> Iterator[Device]:
         return
     with SimulatedAccelerator() as simulator, pytest.MonkeyPatch.context() as patch:
         # The run resolves its device spec to the simulated device object.
-        patch.setattr(runner_module, "resolve_device", lambda spec: simulator.device)
+        patch.setattr(pipeline_module, "resolve_device", lambda spec: simulator.device)
         yield Device("cuda", simulator)
 
 

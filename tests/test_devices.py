@@ -316,7 +316,7 @@ def test_step_on_the_cpu_gives_the_same_results(tmp_path):
 
 def test_step_device_reaches_the_context_and_models(tmp_path, fresh_registry, monkeypatch):
     from mergescope import ActivationSpec, ModelSpec, Pipeline, Step, get_registry, hookimpl, run
-    from mergescope import runner as runner_module
+    from mergescope import pipeline as pipeline_module
 
     seen = {}
 
@@ -337,7 +337,7 @@ def test_step_device_reaches_the_context_and_models(tmp_path, fresh_registry, mo
     fresh_registry.register_plugin(Plugin, name="looks-plugin")
     reg = get_registry()
     other = torch.device("cpu", 0)  # a device that is not the run's (torch.device("cpu")), without a GPU
-    monkeypatch.setattr(runner_module, "resolve_device", lambda spec: other if spec == "mps" else torch.device(spec))
+    monkeypatch.setattr(pipeline_module, "resolve_device", lambda spec: other if spec == "mps" else torch.device(spec))
     models = [ModelSpec("x", module=_tiny_net(0)), ModelSpec("y", module=_tiny_net(1))]
     moved: dict[str, list[torch.device]] = {}
 

@@ -25,3 +25,14 @@ def test_pipeline_example_parses():
     pipeline = Pipeline.from_toml(block)
     assert [s.use for s in pipeline.steps] == ["interpolation", "weight-matching", "kendall-tau"]
     assert Pipeline.from_toml(pipeline.to_toml()) == pipeline
+
+
+def test_python_example_composes_by_name_without_registry_lookups():
+    (block,) = [b for b in BLOCKS if "ms.Pipeline(" in b]
+    assert "get_registry" not in block and ".get(" not in block
+    namespace: dict = {}
+    exec(block[: block.index("result = ms.run")], namespace)  # the pipeline, not its run
+    pipeline = namespace["pipeline"]
+    pipeline.check()
+    assert [s.use for s in pipeline.steps] == ["interpolation", "weight-matching", "kendall-tau"]
+    assert type(pipeline).from_toml(pipeline.to_toml()) == pipeline
