@@ -6,11 +6,16 @@ Shared by every merger that evaluates a path between two models (``interpolation
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
+import xarray as xr
+from torch import Tensor, nn
 
-__all__ = ["default_alphas", "loss_barrier"]
+from .components import Context
+
+__all__ = ["default_alphas", "loss_barrier", "evaluate_path"]
 
 
 def default_alphas() -> list[float]:
@@ -52,3 +57,50 @@ def loss_barrier(alphas: Sequence[float], losses: Sequence[float]) -> float:
     a, values = a[inside], values[inside]
     line = (1.0 - a) * start + a * end
     return float(np.max(values - line))
+
+
+def evaluate_path(
+    template: nn.Module,
+    state_at: Callable[[float], Mapping[str, Tensor]],
+    points: Sequence[float],
+    context: Context,
+    names: Sequence[str],
+    desc: str,
+) -> xr.Dataset:
+    """Loss and accuracy of the models along a path between two models, and its barriers.
+
+    Parameters
+    ----------
+    template
+        A module of the models' architecture; a copy of it holds each point's state.
+    state_at
+        The state dict at ``alpha`` (``alpha = 0``: the first model, ``1``: the second).
+    points
+        The alphas to evaluate; must contain 0 and 1.
+    context
+        The step's context: its data and ``evaluate``.
+    names
+        The two models, for the ``alpha`` axis's description.
+    desc
+        The progress bar's label.
+
+    Returns
+    -------
+    xr.Dataset
+        ``loss`` and ``accuracy`` on dim ``alpha``, and the scalars ``loss_barrier``
+        and ``accuracy_barrier`` (:func:`loss_barrier`).
+    """
+    work = copy.deepcopy(template)
+    losses, accuracies = [], []
+    for alpha in context.progress(points, desc=desc, total=len(points)):
+        work.load_state_dict(state_at(alpha))
+        evaluation = context.evaluate(work)
+        losses.append(evaluation.loss)
+        accuracies.append(evaluation.accuracy)
+    path = xr.Dataset(coords={"alpha": ("alpha", np.asarray(points, dtype=float))})
+    path["loss"] = ("alpha", np.asarray(losses, dtype=float))
+    path["accuracy"] = ("alpha", np.asarray(accuracies, dtype=float))
+    path["loss_barrier"] = loss_barrier(points, losses)
+    path["accuracy_barrier"] = loss_barrier(points, [-acc for acc in accuracies])
+    path["alpha"].attrs["long_name"] = f"weight of {names[1]!r} (1 - alpha on {names[0]!r})"
+    return path

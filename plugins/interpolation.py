@@ -9,7 +9,6 @@ curve whose bump above the straight line between the endpoints is the *barrier*
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -20,10 +19,10 @@ from torch import nn
 
 from mergescope.components import Alignment, Context, MergeResult
 from mergescope.errors import ConfigError
-from mergescope.groups import align_to_reference, channel_groups, example_input
+from mergescope.groups import align_step_models, channel_groups, example_input
 from mergescope.hookspecs import hookimpl
 from mergescope.states import average_states, build_model, check_compatible
-from mergescope.sweeps import default_alphas, loss_barrier
+from mergescope.sweeps import default_alphas, evaluate_path, loss_barrier
 from mergescope.validators import (
     as_float,
     boolean,
@@ -149,15 +148,9 @@ class Interpolation:
         names = list(models)
         if len(names) < 2:
             raise ConfigError(f"interpolation needs at least two models, got {names}", where="key 'models'")
-        if alignment is not None:
-            if alignment.reference not in models:
-                raise ConfigError(
-                    f"the alignment's reference {alignment.reference!r} is not among this step's models {names}",
-                    where="key 'alignment'",
-                )
-            # Bring every model into the reference's unit order before interpolating.
-            groups = channel_groups(models[alignment.reference], example_input(context.data))
-            models = align_to_reference(models, alignment, groups)
+        if alignment is not None:  # every model in the reference's unit order before interpolating
+            groups = channel_groups(models[names[0]], example_input(context.data))
+            models = align_step_models(models, alignment, groups)
         states = {name: models[name].state_dict() for name in names}
         try:
             check_compatible(states)
@@ -195,20 +188,12 @@ class Interpolation:
 
         requested = default_alphas() if self.alphas is None else self.alphas
         points = sorted(set(requested) | {0.0, 1.0, self.alpha})
-        work = copy.deepcopy(models[names[0]])
-        losses, accuracies = [], []
-        for a in context.progress(points, desc="interpolation", total=len(points)):
-            work.load_state_dict(average_states(state_list, [1.0 - a, a]))
-            evaluation = context.evaluate(work)
-            losses.append(evaluation.loss)
-            accuracies.append(evaluation.accuracy)
-        results = results.assign_coords(alpha=("alpha", np.asarray(points, dtype=float)))
-        results["loss"] = ("alpha", np.asarray(losses, dtype=float))
-        results["accuracy"] = ("alpha", np.asarray(accuracies, dtype=float))
-        results["loss_barrier"] = loss_barrier(points, losses)
-        results["accuracy_barrier"] = loss_barrier(points, [-acc for acc in accuracies])
-        results["alpha"].attrs["long_name"] = f"weight of {names[1]!r} (1 - alpha on {names[0]!r})"
-        return MergeResult(merged, results)
+
+        def state_at(a: float) -> dict[str, Any]:
+            return average_states(state_list, [1.0 - a, a])
+
+        path = evaluate_path(models[names[0]], state_at, points, context, names, desc="interpolation")
+        return MergeResult(merged, xr.merge([results, path]))
 
     def endpoint_note(self, result: xr.Dataset) -> str:
         """Why the endpoints match the models' own accuracies (or may not)."""

@@ -40,7 +40,7 @@ import mergescope
 from mergescope.batchnorm import reset_batchnorm
 from mergescope.components import Alignment, Context, MergeResult
 from mergescope.errors import ConfigError, ContractError, closest
-from mergescope.groups import ChannelGroup, align_to_reference, channel_groups, example_input, group_layers
+from mergescope.groups import ChannelGroup, align_step_models, channel_groups, example_input, group_layers
 from mergescope.hookspecs import hookimpl
 from mergescope.options import structure_options
 from mergescope.states import check_compatible
@@ -380,13 +380,7 @@ class PartialMerge:
             raise ConfigError(f"cannot merge models {names}: {exc}", where="key 'models'") from exc
         metric = self.make_metric()  # fail on a bad metric before any work
         all_groups = channel_groups(models[names[0]], example_input(context.data))
-        if alignment is not None:
-            if alignment.reference not in models:
-                raise ConfigError(
-                    f"the alignment's reference {alignment.reference!r} is not among this step's models {names}",
-                    where="key 'alignment'",
-                )
-            models = align_to_reference(models, alignment, all_groups)
+        models = align_step_models(models, alignment, all_groups)
         groups = self._select_groups(all_groups)
         if not groups:
             raise ConfigError("this architecture has no channel groups to rank (no hidden units)", where="key 'models'")

@@ -46,7 +46,7 @@ Layered bottom to top; each imports only from the ones above it in this list.
 - :mod:`.trace`: :func:`channel_groups`, :func:`group_layers`, :func:`example_input`.
 - :mod:`.permute`: :func:`permute`, :func:`check_equivalence`, permutation matrices.
 - :mod:`.linear`: :func:`apply_linear`, :func:`maps_from_transforms`.
-- :mod:`.apply`: :func:`align_to_reference`.
+- :mod:`.apply`: :func:`align_to_reference`, :func:`align_step_models`.
 
 Example
 -------
@@ -58,7 +58,7 @@ from __future__ import annotations
 
 # The redundant aliases re-export names of the former single module that are not in
 # __all__: mergescope.activations calls _eval_mode; ROLES and SUPPORTED are constants.
-from .apply import align_to_reference
+from .apply import align_step_models, align_to_reference
 from .linear import apply_linear, maps_from_transforms
 from .model import ROLES as ROLES
 from .model import Axis, ChannelGroup, EquivalenceError, UnsupportedLayerError
@@ -83,4 +83,5 @@ __all__ = [
     "maps_from_transforms",
     "example_input",
     "align_to_reference",
+    "align_step_models",
 ]

@@ -1,4 +1,5 @@
-"""Aligning whole models to a reference with an alignment: :func:`align_to_reference`.
+"""Aligning whole models to a reference with an alignment: :func:`align_to_reference`, and
+:func:`align_step_models`, what a merger step does with the alignment it is given.
 
 Kept alone in its own module, on top of :mod:`.permute` and :mod:`.linear`: it decides
 per model whether an alignment's transforms are permutations (exact, via
@@ -12,6 +13,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from torch import nn
 
+from ..errors import ConfigError
 from ..values import CHANNEL_GROUPS, Alignment
 from .linear import _is_permutation_matrix, apply_linear, maps_from_transforms
 from .model import ChannelGroup
@@ -72,3 +74,32 @@ def align_to_reference(
         else:
             out[name] = apply_linear(model, maps_from_transforms(transforms), groups, per_channel="mix")
     return out
+
+
+def align_step_models(
+    models: Mapping[str, nn.Module], alignment: Alignment | None, groups: Sequence[ChannelGroup]
+) -> dict[str, nn.Module]:
+    """A merger step's models in its alignment's reference order (as given without an alignment).
+
+    Parameters
+    ----------
+    models
+        The step's models, by name.
+    alignment
+        The alignment the step was given (its ``alignment`` key), or ``None``.
+    groups
+        The architecture's channel groups (:func:`~mergescope.groups.channel_groups`).
+
+    Raises
+    ------
+    ConfigError
+        The alignment's reference is not one of the step's models (at key ``'alignment'``).
+    """
+    if alignment is None:
+        return dict(models)
+    if alignment.reference not in models:
+        raise ConfigError(
+            f"the alignment's reference {alignment.reference!r} is not among this step's models {list(models)}",
+            where="key 'alignment'",
+        )
+    return align_to_reference(models, alignment, groups)
