@@ -229,6 +229,31 @@ models = ["base", "low", "high"]
 base = "base"
 
 [[steps]]
+use = "dare"
+name = "dare"
+models = ["base", "low", "high"]
+base = "base"
+
+[[steps]]
+use = "breadcrumbs"
+name = "breadcrumbs"
+models = ["base", "low", "high"]
+base = "base"
+
+[[steps]]
+use = "model-stock"
+name = "model-stock"
+models = ["base", "low", "high"]
+base = "base"
+
+[[steps]]
+use = "slerp"
+name = "slerp"
+models = ["a", "b"]
+alignment = "wm"
+alphas = [0.0, 0.5, 1.0]
+
+[[steps]]
 use = "cca-merge"
 name = "cca-merge"
 models = ["a", "b"]

@@ -178,6 +178,31 @@ models = ["base", "ft1", "ft2"]
 ratio = 0.5
 
 [[steps]]
+use = "dare"
+name = "dare"
+models = ["base", "ft1", "ft2"]
+drop_rate = 0.5
+then = "ties"
+
+[[steps]]
+use = "breadcrumbs"
+name = "breadcrumbs"
+models = ["base", "ft1", "ft2"]
+drop_small = 0.5
+
+[[steps]]
+use = "model-stock"
+name = "model-stock"
+models = ["base", "ft1", "ft2"]
+
+[[steps]]
+use = "slerp"
+name = "slerp"
+models = ["a", "b"]
+alignment = "wm"
+alphas = [0.0, 0.5, 1.0]
+
+[[steps]]
 use = "interpolation-curves"
 name = "curves"
 
