@@ -27,7 +27,7 @@ import xarray as xr
 from torch import nn
 
 from . import groups as _groups
-from .errors import ConfigError, ContractError, closest
+from .errors import ConfigError, ContractError, closest, did_you_mean
 from .loading import make_loader, to_device
 from .progress import Progress, silent
 from .storage import load_tree, save_tree
@@ -268,8 +268,7 @@ def resolve_layers(
         elif base in modules and base:
             matched = [base]
         else:
-            guess = closest(base, names)
-            hint = f" Did you mean {guess!r}?" if guess else ""
+            hint = did_you_mean(base, names)
             raise ConfigError(
                 f"model {model_name!r} has no layer {base!r}.{hint} Its layers: {', '.join(names)}.",
                 where="key 'layers'",

@@ -21,6 +21,7 @@ __all__ = [
     "DataError",
     "MissingDependencyError",
     "closest",
+    "did_you_mean",
     "article",
 ]
 
@@ -128,3 +129,9 @@ def closest(name: str, known: Iterable[str]) -> str | None:
     """Return the known name closest to ``name``, or ``None`` when nothing is close."""
     matches = difflib.get_close_matches(name, list(known), n=1, cutoff=0.5)
     return matches[0] if matches else None
+
+
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """`` Did you mean 'x'?`` for the known name closest to ``name``; empty when nothing is close."""
+    guess = closest(name, known)
+    return f" Did you mean {guess!r}?" if guess else ""

@@ -15,7 +15,7 @@ import attrs
 import cattrs
 from cattrs.cols import list_structure_factory
 
-from .errors import ConfigError, closest
+from .errors import ConfigError, did_you_mean
 
 __all__ = [
     "converter",
@@ -166,8 +166,7 @@ def structure_options(
     accepted = option_names(cls)
     for key in options:
         if key not in accepted:
-            guess = closest(key, [*accepted, *reserved])
-            hint = f" Did you mean {guess!r}?" if guess else ""
+            hint = did_you_mean(key, [*accepted, *reserved])
             also = f" Also accepted here: {', '.join(reserved)}." if reserved else ""
             raise ConfigError(
                 f"unknown option {key!r} for {label}.{hint} Accepted options: {', '.join(accepted) or '(none)'}.{also}",

@@ -44,7 +44,7 @@ import torch
 
 from .claims import CLAIMS_GROUP, Claim, check_steps, claims_to_tables, parse_claims
 from .devices import autocast, check_device_spec, check_precision, resolve_device
-from .errors import ConfigError, article, closest
+from .errors import ConfigError, article, did_you_mean
 from .kinds import KINDS, STEP_KINDS, StepKind, step_kind
 from .loading import LoaderOptions
 from .options import canonical_path, resolve_paths, unstructure_options
@@ -150,8 +150,7 @@ class Pipeline:
         names = self.step_names()
         for name in wanted:
             if name not in names:
-                guess = closest(name, names)
-                hint = f" Did you mean {guess!r}?" if guess else ""
+                hint = did_you_mean(name, names)
                 raise ConfigError(f"no step {name!r} to run.{hint} Steps: {', '.join(names) or '(none)'}.")
         needed: set[str] = set()
         pending = list(wanted)
@@ -487,8 +486,7 @@ class Pipeline:
             for ref in step.models or []:
                 model, _, aligner = ref.partition(ALIGNED)
                 if model not in available:
-                    guess = closest(model, available)
-                    hint = f" Did you mean {guess!r}?" if guess else ""
+                    hint = did_you_mean(model, available)
                     raise ConfigError(
                         f"unknown model {model!r}.{hint} Models available to this step: {', '.join(available) or '(none)'}.",
                         where=f"{where}, key 'models'",
@@ -545,8 +543,7 @@ class Pipeline:
             for key, refs in (("expert", [task.expert] if task.expert else []), ("models", task.models or [])):
                 for ref in refs:
                     if ref not in available:
-                        guess = closest(ref, available)
-                        hint = f" Did you mean {guess!r}?" if guess else ""
+                        hint = did_you_mean(ref, available)
                         raise ConfigError(
                             f"unknown model {ref!r}.{hint} Models and merged models: {', '.join(available)}.",
                             where=f"{where}, key {key!r}",

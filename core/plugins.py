@@ -35,7 +35,7 @@ import attrs
 import pluggy
 
 from . import hookspecs
-from .errors import DuplicateComponentError, PluginError, UnknownComponentError, article, closest
+from .errors import DuplicateComponentError, PluginError, UnknownComponentError, article, did_you_mean
 from .kinds import KINDS, Kind, takes_context
 
 __all__ = [
@@ -189,8 +189,7 @@ class Registry:
         found = self._entries[kind].get(name)
         if not found:
             known = self.names(kind)
-            guess = closest(name, known)
-            hint = f" Did you mean {guess!r}?" if guess else ""
+            hint = did_you_mean(name, known)
             # Say when the name exists under another kind: a common slip in pipeline files.
             other = [k for k in KINDS if k != kind and name in self._entries[k]]
             if other:

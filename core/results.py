@@ -12,6 +12,7 @@ the run directory by relative links. :meth:`RunResult.open` reads a finished run
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import json
 import mimetypes
@@ -25,7 +26,7 @@ import xarray as xr
 from torch import nn
 
 from .claims import CLAIMS_GROUP
-from .errors import closest
+from .errors import did_you_mean
 from .report import REPORT_FILE, SECTIONS, node_files, render_report
 from .storage import load_tree
 
@@ -128,13 +129,13 @@ class RunResult:
 
     # -- what the run holds ----------------------------------------------------------------
 
-    @property
+    @functools.cached_property
     def info(self) -> dict[str, Any]:
         """The run's ``run.json``: versions, seed, device, seconds, steps, models and data."""
         path = self.out_dir / "run.json"
         return dict(json.loads(path.read_text(encoding="utf-8"))) if path.is_file() else {}
 
-    @property
+    @functools.cached_property
     def steps(self) -> list[str]:
         """The names of the steps with results, in the order they ran."""
         declared = [str(n) for n in self.info.get("steps") or {}]
@@ -156,8 +157,8 @@ class RunResult:
     @property
     def figures(self) -> dict[str, list[Path]]:
         """The files each visualizer step wrote, by step, as paths in the run directory."""
-        found = {name: self[name].figures for name in self.steps}
-        return {name: files for name, files in found.items() if files}
+        found = {name: node_files(self.results.children[name].to_dataset(inherit=False)) for name in self.steps}
+        return {name: [self.out_dir / f for f in files] for name, files in found.items() if files}
 
     @property
     def report_path(self) -> Path:
@@ -172,16 +173,18 @@ class RunResult:
         KeyError
             No step of that name has results; the message lists those that do.
         """
-        if step not in self.steps:
-            guess = closest(step, self.steps)
-            hint = f" Did you mean {guess!r}?" if guess else ""
-            raise KeyError(f"no step {step!r} in this run.{hint} Steps: {', '.join(self.steps) or '(none)'}")
+        self._check_step(step)
         node = self.results.children[step]
         group = StepResult(
             dataset=node.to_dataset(inherit=False), children={k: c.copy() for k, c in node.children.items()}, name=step
         )
         group._run = self
         return group
+
+    def _check_step(self, step: str) -> None:
+        if step not in self.steps:
+            hint = did_you_mean(step, self.steps)
+            raise KeyError(f"no step {step!r} in this run.{hint} Steps: {', '.join(self.steps) or '(none)'}")
 
     def __contains__(self, step: object) -> bool:
         return step in self.steps
@@ -220,7 +223,7 @@ class RunResult:
 
     def step_html(self, step: str) -> str:
         """The HTML a notebook shows for ``step``: its tables, curves and panel (images inlined)."""
-        self[step]  # an unknown step is a KeyError naming the steps
+        self._check_step(step)
         sections = ("metrics", "results", "figures")
         page = self._page(sections=sections, only=[step], title=f"step {step} of {self.out_dir.name}")
         return inline_page(page, self.out_dir, height=_STEP_HEIGHT, title=f"mergescope step {step}")

@@ -77,11 +77,11 @@ class _Run:
         registry: Registry,
         device: torch.device | None = None,
         step_devices: Mapping[str, torch.device] | None = None,
-        only: Sequence[str] | None = None,
+        wanted: Sequence[str] | None = None,
     ):
         self.pipeline = pipeline
-        # The steps to run (with what they need): all of them, or those a notebook asked for.
-        self.wanted = set(pipeline.steps_needed_for(only, registry) if only is not None else pipeline.step_names())
+        # The steps to run: all of them, or those a notebook asked for with what they need.
+        self.wanted = set(wanted if wanted is not None else pipeline.step_names())
         self.device = device if device is not None else torch.device("cpu")
         self.precision = pipeline.precision
         # The steps that run elsewhere than the run's device (a step's own `device`), by step name.
@@ -802,6 +802,7 @@ def run(
             '[[steps]] use = "interpolation") — or, to record activations only, use `mergescope collect`',
             where=f"{pipeline.source}, key 'steps'",
         )
+    wanted = pipeline.steps_needed_for(steps, registry) if steps is not None else None  # unknown names: now
     with locked_dir(out_dir) as out:  # one run at a time writes a run directory
         job = _Run(
             pipeline,
@@ -811,7 +812,7 @@ def run(
             registry=registry,
             device=resolved,
             step_devices=step_devices,
-            only=steps,
+            wanted=wanted,
         )
         with loader_options(pipeline.loader):
             return job.execute()

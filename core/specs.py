@@ -17,7 +17,7 @@ from typing import Any
 import attrs
 
 from .devices import check_device_spec
-from .errors import ConfigError, DuplicateComponentError, article, closest
+from .errors import ConfigError, DuplicateComponentError, article, did_you_mean
 from .kinds import KINDS, STEP_KINDS, step_kind
 from .options import canonical_path, resolve_paths, structure_options
 from .plugins import Registry, get_registry
@@ -419,8 +419,7 @@ def component_from_table(
 def reject_unknown(table: Mapping[str, Any], accepted: tuple[str, ...], what: str, where: str) -> None:
     for key in table:
         if key not in accepted:
-            guess = closest(key, accepted)
-            hint = f" Did you mean {guess!r}?" if guess else ""
+            hint = did_you_mean(key, accepted)
             raise ConfigError(
                 f"unknown key {key!r} in {what}.{hint} Accepted keys: {', '.join(accepted)}.",
                 where=f"{where}, key {key!r}",
@@ -569,8 +568,7 @@ def step_from_table(registry: Registry, table: dict[str, Any], where: str, base_
     kind = kinds[0] if kinds else None
     if kind is None:
         known = sorted({n for k in STEP_KINDS for n in registry.names(k)})
-        guess = closest(use, known)
-        hint = f" Did you mean {guess!r}?" if guess else ""
+        hint = did_you_mean(use, known)
         raise ConfigError(
             f"unknown component {use!r}.{hint} Known step components: {', '.join(known)}.",
             where=f"{where}, key 'use'",

@@ -419,6 +419,14 @@ class TaskVectors:
     vectors: list[dict[str, Tensor]]
     distances: list[float]
 
+    def rows(self, key: str) -> Tensor:
+        """The task vectors' entries of one tensor (one layer) as rows: ``(n_fine_tunes, numel)``.
+
+        Mergers that work layer by layer (Breadcrumbs, Model Stock) read them so; a
+        merged row goes back with ``row.reshape(self.vectors[0][key].shape)``.
+        """
+        return torch.stack([v[key].reshape(-1) for v in self.vectors])
+
     def statistics(self) -> dict[str, Tensor]:
         """BatchNorm running statistics averaged uniformly over the fine-tunes."""
         if not self.statistic_keys:

@@ -105,7 +105,7 @@ class Breadcrumbs(TaskVectorMerger):
         total = 0
         changed = 0
         for key in inputs.vector_keys:
-            tau = torch.stack([v[key].reshape(-1) for v in inputs.vectors])
+            tau = inputs.rows(key)
             mask = breadcrumb_mask(tau, self.drop_small, self.drop_large)
             summed = (tau * mask).sum(dim=0)
             merged[key] = summed.reshape(inputs.vectors[0][key].shape)

@@ -24,6 +24,7 @@ import math
 from typing import Any, ClassVar
 
 import attrs
+import numpy as np
 import torch
 import xarray as xr
 from torch import Tensor
@@ -86,7 +87,7 @@ class ModelStock(TaskVectorMerger):
         merged: dict[str, Tensor] = {}
         cosines, ratios = [], []
         for key in inputs.vector_keys:
-            tau = torch.stack([v[key].reshape(-1) for v in inputs.vectors])
+            tau = inputs.rows(key)
             cosine = mean_pairwise_cosine(tau) if bool((tau.norm(dim=1) > 0).all()) else float("nan")
             ratio = stock_ratio(cosine, k)
             merged[key] = ratio * tau.mean(dim=0).reshape(inputs.vectors[0][key].shape)
@@ -103,7 +104,7 @@ class ModelStock(TaskVectorMerger):
         ratio = result["ratio"].values
         line = (
             f"base {str(result['base'].values)!r}, t from {float(ratio.min()):.2f} to {float(ratio.max()):.2f} "
-            f"(median {float(xr.DataArray(ratio).median()):.2f}), lambda {self.chosen_scaling(result)}"
+            f"(median {float(np.median(ratio)):.2f}), lambda {self.chosen_scaling(result)}"
         )
         return self.scored(line, result)
 

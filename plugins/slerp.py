@@ -35,20 +35,29 @@ from mergescope.states import build_model, check_compatible
 from mergescope.sweeps import default_alphas, evaluate_path
 from mergescope.validators import as_float, float_list, list_of, optional, probability
 
-__all__ = ["slerp", "slerp_states", "Slerp", "register_mergers"]
+__all__ = ["arc_cosine", "slerp", "slerp_states", "Slerp", "register_mergers"]
 
 #: Above this ``|cos Omega|`` a tensor is interpolated linearly.
 PARALLEL = 0.9995
 
 
-def slerp(v0: Tensor, v1: Tensor, alpha: float) -> Tensor:
-    """Spherical interpolation of two tensors of one shape, as flat vectors; linear when they are nearly parallel."""
+def arc_cosine(v0: Tensor, v1: Tensor) -> float | None:
+    """``cos Omega`` of two tensors as flat vectors when :func:`slerp` follows the arc; ``None`` when it is linear.
+
+    Linear: a tensor is zero, or the two are nearly parallel (``|cos Omega| > PARALLEL``).
+    """
     a, b = v0.reshape(-1).double(), v1.reshape(-1).double()
     na, nb = a.norm(), b.norm()
     if na == 0 or nb == 0:
-        return torch.lerp(v0.double(), v1.double(), alpha).to(v0.dtype)
+        return None
     cos = float(torch.clamp((a / na) @ (b / nb), -1.0, 1.0))
-    if abs(cos) > PARALLEL:
+    return None if abs(cos) > PARALLEL else cos
+
+
+def slerp(v0: Tensor, v1: Tensor, alpha: float) -> Tensor:
+    """Spherical interpolation of two tensors of one shape, as flat vectors; linear when they are nearly parallel."""
+    cos = arc_cosine(v0, v1)
+    if cos is None:
         return torch.lerp(v0.double(), v1.double(), alpha).to(v0.dtype)
     omega = math.acos(cos)
     s0, s1 = math.sin((1.0 - alpha) * omega) / math.sin(omega), math.sin(alpha * omega) / math.sin(omega)
@@ -129,7 +138,7 @@ class Slerp:
 
         merged = build_model(models[names[0]], state_at(self.alpha))
         floating = [k for k, v in first.items() if torch.is_floating_point(v)]
-        arcs = sum(k not in linear and _on_arc(first[k], second[k]) for k in floating)
+        arcs = sum(k not in linear and arc_cosine(first[k], second[k]) is not None for k in floating)
         results = xr.Dataset(
             {
                 "weights": ("model", np.asarray([1.0 - self.alpha, self.alpha])),
@@ -163,13 +172,6 @@ class Slerp:
         if "accuracy" in result:
             return f"alpha {float(result['merged_alpha']):.2f}: accuracy {float(result['accuracy']):.3f}; {share}"
         return f"alpha {float(result['merged_alpha']):.2f} (not evaluated: no data); {share}"
-
-
-def _on_arc(v0: Tensor, v1: Tensor) -> bool:
-    """Whether :func:`slerp` follows the arc for this pair (not zero, not nearly parallel)."""
-    a, b = v0.reshape(-1).double(), v1.reshape(-1).double()
-    na, nb = a.norm(), b.norm()
-    return bool(na > 0 and nb > 0 and abs(float((a / na) @ (b / nb))) <= PARALLEL)
 
 
 @hookimpl

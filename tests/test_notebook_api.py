@@ -271,6 +271,7 @@ def test_a_step_runs_with_what_it_needs_and_a_changed_step_alone_reruns(tmp_path
     assert pipeline.step_dependencies("interpolation") == ["wm"]
     with pytest.raises(ConfigError, match=r"no step 'kt2' to run\. Did you mean 'kt'\?"):
         ms.run(pipeline, tmp_path / "x", steps=["kt2"])
+    assert not (tmp_path / "x").exists()  # refused before the run directory is made
 
     first = ms.run(pipeline, tmp_path / "run", quiet=True, steps=["kt"])
     assert first.steps == ["wm", "kt"]
