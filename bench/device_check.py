@@ -254,6 +254,60 @@ alignment = "wm"
 alphas = [0.0, 0.5, 1.0]
 
 [[steps]]
+use = "regmean"
+name = "regmean"
+models = ["low", "high"]
+
+[[steps]]
+use = "fisher"
+name = "fisher"
+models = ["low", "high"]
+samples = 64
+
+[[steps]]
+use = "adamerging"
+name = "adamerging"
+models = ["base", "low", "high"]
+base = "base"
+iterations = 50
+granularity = "layer"
+
+[[steps]]
+use = "zipit"
+name = "zipit"
+models = ["a", "b"]
+
+[[steps]]
+use = "zipit"
+name = "zipit-partial"
+models = ["a", "b"]
+stop_at = "relu2"
+
+[[steps]]
+use = "ensemble"
+name = "ensemble"
+models = ["a", "b"]
+
+[[steps]]
+use = "feature-vis"
+name = "feature-vis"
+models = ["a", "merge"]
+layers = ["relu3"]
+max_units = 4
+steps = 32
+
+[[steps]]
+use = "cycle-consistent"
+name = "c2m3"
+models = ["a", "b"]
+
+[[steps]]
+use = "ste"
+name = "ste"
+models = ["a", "b"]
+epochs = 1
+
+[[steps]]
 use = "cca-merge"
 name = "cca-merge"
 models = ["a", "b"]

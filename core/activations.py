@@ -10,6 +10,13 @@ One DataArray per (model, layer), named ``activation``:
 
 A collection is an :class:`xarray.DataTree` ``/<model>/<layer>`` whose nodes hold a
 Dataset with the ``activation`` variable. Components never read ``.attrs``.
+
+Layer selectors (:func:`resolve_layers`) name a module's output; the suffix ``"@in"``
+records its input instead, and ``"@patches"`` (a ``Conv2d`` only) records its input
+unfolded into the patches each output position reads (:func:`input_patches`): units
+``C_in * kh * kw`` in the order of ``weight.reshape(C_out, -1)``, one map position per
+output position, so the statistics over positions of ``conv@patches`` are those of the
+linear regression the convolution computes.
 """
 
 from __future__ import annotations
@@ -47,6 +54,8 @@ __all__ = [
     "summarise",
     "owned_array",
     "INPUT_SUFFIX",
+    "PATCHES_SUFFIX",
+    "input_patches",
     "GROUP_PREFIX",
     "uses_groups",
     "make_activation",
@@ -74,6 +83,9 @@ _MAP_DIMS = ("sample", "unit", "y", "x")
 #: Suffix of a layer name that records the module's input (e.g. a ReLU's pre-activation).
 INPUT_SUFFIX = "@in"
 
+#: Suffix of a ``Conv2d``'s name that records its input unfolded into patches (:func:`input_patches`).
+PATCHES_SUFFIX = "@patches"
+
 #: Prefix of a selector that picks the layers carrying channel groups (``group:*``).
 GROUP_PREFIX = "group:"
 
@@ -82,6 +94,26 @@ _GUESSED_SIDES = (32, 64, 28, 224, 299)
 
 # Model -> {(input shape, module structure): group -> layers}; tracing a model takes ~0.1-0.5 s.
 _GROUP_LAYERS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, dict[str, list[str]]]] = weakref.WeakKeyDictionary()
+
+
+def input_patches(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """The patches of ``x`` that ``conv`` reads, ``(batch, C_in * kh * kw, out_h, out_w)``.
+
+    Entry ``[n, (c, i, j), y, x]`` is the input value that ``conv.weight[:, c, i, j]``
+    multiplies at output position ``(y, x)`` (stride, padding, its mode and dilation
+    included), so ``conv(x)`` equals ``weight.reshape(C_out, -1) @ patches`` plus the bias
+    at every position (for ``groups == 1``).
+    """
+    padding: Any = conv.padding
+    if isinstance(padding, str) or conv.padding_mode != "zeros":
+        # Pad as the convolution does ("same", reflect, replicate, circular), then unfold unpadded.
+        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+        x = torch.nn.functional.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
+        padding = 0
+    cols = torch.nn.functional.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride)
+    pad_h = padding if isinstance(padding, int) else padding[0]
+    out_h = (x.shape[-2] + 2 * pad_h - conv.dilation[0] * (conv.kernel_size[0] - 1) - 1) // conv.stride[0] + 1
+    return cols.reshape(x.shape[0], cols.shape[1], out_h, -1)
 
 
 def layer_names(model: nn.Module) -> list[str]:
@@ -192,7 +224,9 @@ def resolve_layers(
     over names (``"layer*.relu"``), or ``"type:<Class>"`` for every module of that class
     or a subclass (``"type:Conv2d"``; ``"type:BasicBlock"`` gives every residual block
     output of a torchvision ResNet). A ``"@in"`` suffix records the module's input
-    instead of its output, e.g. ``"relu1@in"`` is the pre-activation REPAIR needs.
+    instead of its output, e.g. ``"relu1@in"`` is the pre-activation REPAIR needs; a
+    ``"@patches"`` suffix on ``Conv2d`` modules records their input unfolded into the
+    patches they read (:func:`input_patches`), e.g. ``"type:Conv2d@patches"``.
 
     ``"group:<name or glob>"`` selects by the architecture's channel groups
     (:func:`mergescope.groups.channel_groups`): for every group whose name matches
@@ -201,7 +235,7 @@ def resolve_layers(
     plain CNN, every residual block output carrying a ResNet's stream (``"group:layer2"``
     gives ``layer2.0`` and ``layer2.1``), and ``<module>@in`` where only a module's
     input carries a group (``layer1.0.conv2@in`` inside a BasicBlock). Group selectors
-    take no ``"@in"`` suffix.
+    take no ``"@in"`` or ``"@patches"`` suffix.
 
     Parameters
     ----------
@@ -220,22 +254,25 @@ def resolve_layers(
     Returns
     -------
     dict
-        Layer name (with ``"@in"`` for a recorded input) -> (module, records_input).
+        Layer name (with ``"@in"`` or ``"@patches"`` for a recorded input) -> (module,
+        records_input).
 
     Raises
     ------
     ConfigError
         A selector matches nothing; the message names the selector and lists the
-        model's layers (module types, or channel groups) with the closest match.
+        model's layers (module types, or channel groups) with the closest match. Or a
+        ``"@patches"`` selector matches a module that is not a ``Conv2d``.
     """
     modules = dict(model.named_modules())
     names = [n for n in modules if n]
     found: dict[str, tuple[nn.Module, bool]] = {}
     for selector in layers:
         if selector.startswith(GROUP_PREFIX):
-            if selector.endswith(INPUT_SUFFIX):
+            suffix = next((s for s in (INPUT_SUFFIX, PATCHES_SUFFIX) if selector.endswith(s)), "")
+            if suffix:
                 raise ConfigError(
-                    f"layer selector {selector!r}: a group selector takes no {INPUT_SUFFIX!r} suffix; it already "
+                    f"layer selector {selector!r}: a group selector takes no {suffix!r} suffix; it already "
                     "names inputs where a group is only read there",
                     where="key 'layers'",
                 )
@@ -243,10 +280,8 @@ def resolve_layers(
                 records_input = layer.endswith(INPUT_SUFFIX)
                 found[layer] = (modules[layer[: -len(INPUT_SUFFIX)] if records_input else layer], records_input)
             continue
-        base, records_input = selector, False
-        if selector.endswith(INPUT_SUFFIX):
-            base, records_input = selector[: -len(INPUT_SUFFIX)], True
-        suffix = INPUT_SUFFIX if records_input else ""
+        suffix = next((s for s in (INPUT_SUFFIX, PATCHES_SUFFIX) if selector.endswith(s)), "")
+        base, records_input = selector[: len(selector) - len(suffix)], bool(suffix)
         if base.startswith("type:"):
             wanted = base[len("type:") :]
             matched = [n for n in names if wanted in _type_names(modules[n])]
@@ -274,6 +309,13 @@ def resolve_layers(
                 where="key 'layers'",
             )
         for name in matched:
+            if suffix == PATCHES_SUFFIX and not isinstance(modules[name], nn.Conv2d):
+                raise ConfigError(
+                    f"layer selector {selector!r}: {PATCHES_SUFFIX!r} records the input patches of a Conv2d, but "
+                    f"{name!r} of model {model_name!r} is a {type(modules[name]).__name__}; record its input with "
+                    f"{INPUT_SUFFIX!r}, or select convolutions only (e.g. 'type:Conv2d{PATCHES_SUFFIX}')",
+                    where="key 'layers'",
+                )
             found[name + suffix] = (modules[name], records_input)
     return found
 
@@ -285,11 +327,14 @@ def attach_recorders(
 
     ``tensor`` is the module's output itself: a sink that keeps it (or a view of it)
     past the call must copy it, since later layers may change it in place
-    (:func:`owned_array`).
+    (:func:`owned_array`). For ``"@in"`` it is the module's input, for ``"@patches"``
+    the input's patches (:func:`input_patches`).
     """
     handles = []
     for name, (module, records_input) in resolve_layers(model, layers, model_name).items():
-        if records_input:
+        if name.endswith(PATCHES_SUFFIX):
+            handles.append(module.register_forward_pre_hook(lambda m, a, _n=name: sink(_n, input_patches(m, a[0]))))
+        elif records_input:
             handles.append(module.register_forward_pre_hook(lambda _m, args, _n=name: sink(_n, args[0])))
         else:
             handles.append(module.register_forward_hook(lambda _m, _i, out, _n=name: sink(_n, out)))

@@ -220,6 +220,17 @@ class ComponentExtras(Protocol):
         """
         ...
 
+    def rebuild(self, models: Mapping[str, nn.Module], state: Mapping[str, Any]) -> nn.Module:
+        """Mergers whose merged model is not of its inputs' structure (an ensemble, a multi-head model).
+
+        Returns a module of the merged model's structure, built from the step's models (in
+        the step's order; ``state``, the saved state dict, gives shapes the models do not).
+        The runner loads ``state`` into it, strictly, when it restores a cached step; the
+        conformance kit compares the merged model's parameters with its. Without it a
+        merged model must have the parameters of the step's first model.
+        """
+        ...
+
     @classmethod
     def conformance_models(cls) -> dict[str, nn.Module]:
         """Aligners and mergers: the models the conformance kit gives them (default: two small MLPs)."""

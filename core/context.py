@@ -62,6 +62,10 @@ class Context:
     precision
         ``"fp32"``, ``"bf16"`` or ``"fp16"``: the precision of the forward passes of
         :meth:`evaluate` and :meth:`record` (see :func:`mergescope.devices.autocast`).
+    modules
+        The step's models as modules (name -> module), for a visualizer that runs them
+        (feature visualisation optimises their inputs); empty where a step receives its
+        models as an argument.
     """
 
     data: ImageDataset | None = None
@@ -74,6 +78,7 @@ class Context:
     stores: Callable[[str], Store] | None = attrs.field(default=None, eq=False, repr=False)
     device: torch.device = attrs.field(factory=lambda: torch.device("cpu"))
     precision: str = "fp32"
+    modules: Mapping[str, nn.Module] = attrs.field(factory=dict, eq=False, repr=False)
 
     def evaluate(self, model: nn.Module) -> Evaluation:
         """Loss and accuracy of ``model`` on :attr:`data`."""

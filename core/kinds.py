@@ -377,7 +377,8 @@ class VisualizerStep(StepKind):
     def execute(self, call: StepCall) -> StepOutput:
         figures = call.run_dir / "figures" / call.name
         tree = xr.DataTree.from_dict(dict(call.results))
-        paths = [Path(p) for p in call.component.render(tree, figures, context=call.context)]
+        context = attrs.evolve(call.context, modules=dict(call.models))
+        paths = [Path(p) for p in call.component.render(tree, figures, context=context)]
         run_dir = call.run_dir.resolve()
         node = xr.Dataset({"files": ("file", [os.path.relpath(p.resolve(), run_dir) for p in paths])})
         # Labelled data a visualizer draws from (its .nc outputs) joins the run's results.

@@ -139,6 +139,26 @@ class Pipeline:
         refs = [part for ref in step.models or [] for part in ref.partition(ALIGNED)[::2]]
         return [n for n in names[:index] if n in refs or n == step.alignment]
 
+    def composition(self, model: str) -> tuple[str, str]:
+        """How a model of the run was made: the method (a merger step's component) and the alignments it went through.
+
+        The alignments are the aligner steps named by ``"b@<aligner>"`` among a merger
+        step's models and by its ``alignment`` key, and those of the merges it takes as
+        inputs, so that "activation matching, then TIES" reads ``("ties", "am")``.
+        Declared models give ``("", "")``; ``"b@am"`` gives ``("", "am")``.
+        """
+        names = self.step_names()
+        base, _, aligner = model.partition(ALIGNED)
+        if base not in names:
+            return "", aligner
+        step = self.steps[names.index(base)]
+        found = [aligner] if aligner else []
+        if step.alignment:
+            found.append(step.alignment)
+        for ref in step.models or []:
+            found.extend(a for a in self.composition(ref)[1].split("+") if a)
+        return step.use, "+".join(dict.fromkeys(found))
+
     def steps_needed_for(self, wanted: Sequence[str], registry: Registry | None = None) -> list[str]:
         """The steps in ``wanted`` and every step they depend on, in pipeline order.
 

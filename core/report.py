@@ -51,7 +51,7 @@ from markupsafe import Markup
 
 from .claims import CLAIMS_GROUP, HOLDS, format_number, verdicts_from_dataset
 from .kinds import KINDS
-from .report_parts import CLASSES_SHOWN, alignment_table, endpoints_table, models_table
+from .report_parts import CLASSES_SHOWN, alignment_table, composition_columns, endpoints_table, models_table
 from .report_parts import percent as _percent
 from .storage import atomic_path
 
@@ -436,10 +436,15 @@ def _tasks_section(ds: xr.Dataset) -> str:
     if "accuracy" not in ds or "model" not in ds.dims or "task" not in ds.dims:
         return _dataset_summary(ds)
     tasks = [str(t) for t in ds["task"].values]
-    head = ["model", *tasks, "average"] + (["norm. average"] if "average_normalized_accuracy" in ds else [])
+    extra, columns = composition_columns(ds)
+    head = ["model", *extra, *tasks, "average"] + (["norm. average"] if "average_normalized_accuracy" in ds else [])
     rows = []
-    for m in ds["model"].values:
-        row: list[Any] = [str(m), *(_percent(v) for v in ds["accuracy"].sel(model=m).values)]
+    for i, m in enumerate(ds["model"].values):
+        row: list[Any] = [
+            str(m),
+            *(columns[c][i] for c in extra),
+            *(_percent(v) for v in ds["accuracy"].sel(model=m).values),
+        ]
         row.append(_percent(ds["average_accuracy"].sel(model=m)) if "average_accuracy" in ds else "")
         if "average_normalized_accuracy" in ds:
             row.append(_percent(ds["average_normalized_accuracy"].sel(model=m)))

@@ -275,19 +275,41 @@ def endpoints_table(
 # What the runner writes of the models, the steps and the tasks, for the report to show.
 
 
+def composition_columns(ds: xr.Dataset) -> tuple[list[str], dict[str, list[str]]]:
+    """The "method" and "alignment" columns of a task table, where they say something.
+
+    ``method`` is shown when some merge's step name differs from its method, ``alignment``
+    when some model went through an aligner step (coords of the tasks group, see
+    :meth:`mergescope.pipeline.Pipeline.composition`). Empty cells read ``-``.
+    """
+    models = [str(m) for m in ds["model"].values]
+    columns: dict[str, list[str]] = {}
+    if "method" in ds.coords and any(v and v != m for v, m in zip(map(str, ds["method"].values), models)):
+        columns["method"] = [str(v) or "-" for v in ds["method"].values]
+    if "alignment" in ds.coords and any(str(v) for v in ds["alignment"].values):
+        columns["alignment"] = [str(v) or "-" for v in ds["alignment"].values]
+    return list(columns), columns
+
+
 def task_table(ds: xr.Dataset) -> str:
-    """Models x tasks accuracy table (percent) with the average and normalised average."""
+    """Models x tasks accuracy table (percent) with the average and normalised average.
+
+    Merges made through an alignment, or named apart from their method, carry the
+    ``method`` and ``alignment`` columns (:func:`composition_columns`).
+    """
     tasks = [str(t) for t in ds["task"].values]
-    head = ["model", *tasks, "avg"] + (["norm. avg"] if "average_normalized_accuracy" in ds else [])
+    extra, columns = composition_columns(ds)
+    head = ["model", *extra, *tasks, "avg"] + (["norm. avg"] if "average_normalized_accuracy" in ds else [])
     rows = []
-    for m in ds["model"].values:
-        row = [str(m), *(f"{100 * v:.1f}" for v in ds["accuracy"].sel(model=m).values)]
+    for i, m in enumerate(ds["model"].values):
+        row = [str(m), *(columns[c][i] for c in extra), *(f"{100 * v:.1f}" for v in ds["accuracy"].sel(model=m).values)]
         row.append(f"{100 * float(ds['average_accuracy'].sel(model=m)):.1f}")
         if "average_normalized_accuracy" in ds:
             row.append(f"{100 * float(ds['average_normalized_accuracy'].sel(model=m)):.1f}")
         rows.append(row)
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    left = 1 + len(extra)  # names, methods and alignments read from the left
+    fmt = lambda r: "  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
     return "tasks (accuracy %):\n" + "\n".join("  " + fmt(r) for r in [head, *rows])
 
 

@@ -467,9 +467,13 @@ class _Run:
         return output.nodes
 
     def _rebuild_merged(self, step: Step, model_path: Path) -> nn.Module:
-        template = self.model(self._step_models(step)[0]).module
-        model = copy.deepcopy(template)
-        load_into(model, load_state_dict(model_path), source=str(model_path), architecture=step.use)
+        state = load_state_dict(model_path)
+        rebuild = getattr(step.component, "rebuild", None)
+        if callable(rebuild):  # a merge of another structure than its inputs (an ensemble, a multi-head model)
+            model = rebuild({m: self.model(m).module for m in self._step_models(step)}, state)
+        else:
+            model = copy.deepcopy(self.model(self._step_models(step)[0]).module)
+        load_into(model, state, source=str(model_path), architecture=step.use)
         return model.eval()
 
     def _step_modules(self, step: Step, rules: StepKind) -> list[nn.Module]:
@@ -694,9 +698,11 @@ class _Run:
             *self._precision_key(),
         )
         path = self.out / "steps" / f"tasks-{key[:16]}" / "result.nc"
+        made = [self.pipeline.composition(m) for m in models]
+        how = {"method": ("model", [m for m, _ in made]), "alignment": ("model", [a for _, a in made])}
         if path.exists() and not self.force:
             log.info("tasks: done before, loaded from %s", path.parent)
-            return load_tree(path).to_dataset()
+            return load_tree(path).to_dataset().assign_coords(how)
         accuracy = np.full((len(models), len(tasks)), np.nan)
         loss = np.full_like(accuracy, np.nan)
         for j, task in enumerate(tasks):
@@ -718,7 +724,7 @@ class _Run:
             ds["average_normalized_accuracy"] = ds["normalized_accuracy"].mean("task")
         ds["average_accuracy"] = ds["accuracy"].mean("task")
         save_tree(xr.DataTree(ds), path)
-        return ds
+        return ds.assign_coords(how)
 
     def _summary_line(self, name: str, nodes: Mapping[str, xr.Dataset]) -> str:
         step = self.pipeline.steps[self.names.index(name)]

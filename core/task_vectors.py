@@ -43,6 +43,7 @@ from .batchnorm import running_stat_keys
 from .components import Context, MergeResult
 from .devices import float64_device
 from .errors import ConfigError
+from .groups import align_step_models, channel_groups, example_input
 
 # check_compatible, check_finite, average_states and build_model moved to mergescope.states; they stay
 # importable from here for third parties, for now.
@@ -67,6 +68,7 @@ __all__ = [
     "finish_merge",
     "check_scalings",
     "example_finetunes",
+    "aligned_models",
     "TaskVectorMerger",
 ]
 
@@ -669,6 +671,22 @@ def example_finetunes(n: int = 2, *, scale: float = 0.05, seed: int = 0) -> dict
 # ------------------------------------------------------------- a base for mergers
 
 
+def aligned_models(models: Mapping[str, nn.Module], alignment: Any, context: Context) -> dict[str, nn.Module]:
+    """The step's models mapped onto its alignment's reference (unchanged without one).
+
+    Composition: an aligner step, then a task-vector merge of the aligned models (say,
+    activation matching, then TIES). Fine-tunes of one base share its coordinates, so
+    an alignment of them is close to the identity; the merge still checks that every
+    aligned model is a fine-tune of the base.
+    """
+    if alignment is None:
+        return dict(models)
+    if alignment.reference not in models:  # before tracing, which needs data
+        return align_step_models(models, alignment, [])
+    groups = channel_groups(models[alignment.reference], example_input(context.data))
+    return align_step_models(models, alignment, groups)
+
+
 @attrs.define
 class TaskVectorMerger:
     """The shared shape of mergers that combine task vectors of fine-tunes of one base.
@@ -677,8 +695,9 @@ class TaskVectorMerger:
     the task vectors into one merged task vector ``tau`` plus diagnostics, or, when it
     ranks entries across the whole network as TIES and PCB do, :meth:`combine_flat`,
     which does the same on the task vectors flattened into the rows of one matrix.
-    ``merge`` does the rest, as for task arithmetic, TIES and PCB: it refuses an
-    alignment, finds the base and the task vectors (:func:`prepare`), then adds ``lambda
+    ``merge`` does the rest, as for task arithmetic, TIES and PCB: it maps the models
+    onto the reference of an alignment when the step has one (:func:`aligned_models`),
+    finds the base and the task vectors (:func:`prepare`), then adds ``lambda
     * tau`` to the base, searches ``lambda`` on the data when ``scalings`` is given,
     recomputes BatchNorm statistics and evaluates (:func:`finish_merge`).
 
@@ -747,18 +766,14 @@ class TaskVectorMerger:
         Raises
         ------
         ConfigError
-            An alignment is passed, ``base`` is not a model of the step, no fine-tune,
+            An alignment whose reference is not a model of the step, ``base`` is not a
+            model of the step, no fine-tune,
             models of different architectures, models that are not fine-tunes of the
             base, or ``scalings`` without data.
         """
 
         name = getattr(self, "name", type(self).__name__)
-        if alignment is not None:
-            raise ConfigError(
-                f"{name} merges fine-tunes of one base, which share its coordinates and need no alignment; "
-                "drop 'alignment' from this step",
-                where="key 'alignment'",
-            )
+        models = aligned_models(models, alignment, context)
         inputs = prepare(models, self.base, method=name)
         delta, extra = self.combine(inputs)
         merged, results = finish_merge(

@@ -262,7 +262,9 @@ def _merger_output(component: Any) -> None:
     second = _seeded(merge)
     assert first.results.identical(second.results), f"{merger.name!r}: results differ between two seeded runs"
     if first.model is not None:
-        ref = next(iter(models.values())).state_dict()
+        rebuild = getattr(merger, "rebuild", None)
+        template = rebuild(models, first.model.state_dict()) if callable(rebuild) else next(iter(models.values()))
+        ref = template.state_dict()
         got = first.model.state_dict()
         assert got.keys() == ref.keys(), f"{merger.name!r}: the merged model has other parameters than its inputs"
         for k in ref:

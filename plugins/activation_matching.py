@@ -96,6 +96,7 @@ class ActivationMatching:
         transforms: dict[str, dict[str, xr.DataArray]] = {}
         matched = np.full((len(others), len(groups)), np.nan)
         dead = np.zeros((len(others), len(groups)), dtype=np.int64)
+        moved = np.zeros((len(others), len(groups)), dtype=np.int64)
         for i, m in enumerate(others):
             transforms[m] = {}
             for j, g in enumerate(groups):
@@ -108,6 +109,7 @@ class ActivationMatching:
                 # A unit that never varies has no correlation: it is matched arbitrarily.
                 dead[i, j] = int(np.isnan(corr).all(axis=1).sum())
                 perm, matched[i, j] = match_correlations(corr / len(g.producers))
+                moved[i, j] = int((perm != np.arange(g.size)).sum())
                 transforms[m][g.name] = permutation_matrix(perm)
             if dead[i].any():
                 log.warning(
@@ -119,19 +121,24 @@ class ActivationMatching:
             {
                 "matched_correlation": (("model", "group"), matched),
                 "dead_units": (("model", "group"), dead),
+                "moved_units": (("model", "group"), moved),
+                "units": ("group", np.array([g.size for g in groups], dtype=np.int64)),
             },
             coords={"model": others, "group": [g.name for g in groups]},
         )
         return Alignment(reference, transforms, diagnostics)
 
     def describe(self, result: xr.Dataset) -> str:
-        """Mean matched correlation per model."""
+        """Mean matched correlation per model, and the share of units the permutations move."""
         if "matched_correlation" not in result:
             return "aligned"
-        parts = [
-            f"{m}: mean matched correlation {float(result['matched_correlation'].sel(model=m).mean()):.3f}"
-            for m in result["model"].values
-        ]
+        parts = []
+        for m in result["model"].values:
+            part = f"{m}: mean matched correlation {float(result['matched_correlation'].sel(model=m).mean()):.3f}"
+            if "moved_units" in result and "units" in result:
+                share = float(result["moved_units"].sel(model=m).sum()) / max(1, int(result["units"].sum()))
+                part += f", {share:.0%} of units moved"
+            parts.append(part)
         return "; ".join(parts)
 
 

@@ -22,6 +22,7 @@ from mergescope.components import Alignment, Context, MergeResult
 from mergescope.errors import ConfigError
 from mergescope.hookspecs import hookimpl
 from mergescope.states import average_states, build_model, check_compatible
+from mergescope.task_vectors import aligned_models
 from mergescope.validators import boolean, finite, float_list, list_of, non_negative, optional, sums_to
 
 __all__ = ["Average", "register_mergers"]
@@ -73,15 +74,11 @@ class Average:
         Raises
         ------
         ConfigError
-            An alignment is passed, fewer than two models, a weight count that does not
+            An alignment whose reference is not a step model, fewer than two models, a
+            weight count that does not
             match the models, or models whose parameters do not match.
         """
-        if alignment is not None:
-            raise ConfigError(
-                "average does not apply alignments: apply the aligner's transforms to the weights first, "
-                "or drop 'alignment' from this step",
-                where="key 'alignment'",
-            )
+        models = aligned_models(models, alignment, context)
         names = list(models)
         if len(names) < 2:
             raise ConfigError(f"average needs at least two models, got {names}", where="key 'models'")

@@ -36,7 +36,7 @@ from mergescope.hookspecs import hookimpl
 from mergescope.states import check_compatible
 from mergescope.validators import boolean, integer, one_of, positive_int
 
-__all__ = ["match_weights", "merge_many", "permute_arrays", "WeightMatching", "register_aligners"]
+__all__ = ["match_weights", "merge_many", "permute_arrays", "moved_units", "WeightMatching", "register_aligners"]
 
 STRATEGIES = ("reference", "merge-many")
 
@@ -352,24 +352,50 @@ class WeightMatching:
                 states, reference, groups, seed=self.seed, max_iter=self.max_iter, max_rounds=self.max_rounds
             )
             transforms = {m: {n: permutation_matrix(p) for n, p in perms_of[m].items()} for m in others}
-            diagnostics = xr.Dataset({"rounds": rounds})
+            diagnostics = xr.Dataset({"rounds": rounds}).merge(moved_units(perms_of, others, groups))
             return Alignment(reference, transforms, diagnostics)
         transforms: dict[str, dict[str, xr.DataArray]] = {}
+        found = {}
         for i, m in enumerate(others):
-            perms, sweeps[i] = match_weights(ref, states[m], groups, seed=self.seed, max_iter=self.max_iter)
-            transforms[m] = {name: permutation_matrix(p) for name, p in perms.items()}
+            found[m], sweeps[i] = match_weights(ref, states[m], groups, seed=self.seed, max_iter=self.max_iter)
+            transforms[m] = {name: permutation_matrix(p) for name, p in found[m].items()}
         diagnostics = xr.Dataset({"sweeps": ("model", sweeps)}, coords={"model": others})
-        return Alignment(reference, transforms, diagnostics)
+        return Alignment(reference, transforms, diagnostics.merge(moved_units(found, others, groups)))
 
     def describe(self, result: xr.Dataset) -> str:
-        """Sweeps until convergence per model, or MergeMany's rounds."""
+        """Sweeps until convergence per model, or MergeMany's rounds; the share of units moved."""
+        moved = ""
+        if "moved_units" in result and "units" in result:
+            share = float(result["moved_units"].sum()) / max(1, int(result["units"].sum()) * result.sizes["model"])
+            moved = f"; {share:.0%} of units moved"
         if "rounds" in result:
-            return f"MergeMany converged in {int(result['rounds'])} rounds"
+            return f"MergeMany converged in {int(result['rounds'])} rounds{moved}"
         if "sweeps" not in result:
             return "aligned"
-        return "; ".join(
-            f"{m}: converged in {int(s)} sweeps" for m, s in zip(result["model"].values, result["sweeps"].values)
+        return (
+            "; ".join(
+                f"{m}: converged in {int(s)} sweeps" for m, s in zip(result["model"].values, result["sweeps"].values)
+            )
+            + moved
         )
+
+
+def moved_units(
+    perms: Mapping[str, Mapping[str, np.ndarray]], models: Sequence[str], groups: Sequence[ChannelGroup]
+) -> xr.Dataset:
+    """How far an alignment is from the identity: ``moved_units`` (model, group) and ``units`` (group).
+
+    A unit moves when the permutation does not leave it in place. Fine-tunes of one base
+    should move few; independently trained networks move nearly all.
+    """
+    counts = [[int((np.asarray(perms[m][g.name]) != np.arange(g.size)).sum()) for g in groups] for m in models]
+    return xr.Dataset(
+        {
+            "moved_units": (("model", "group"), np.asarray(counts, dtype=np.int64).reshape(len(models), len(groups))),
+            "units": ("group", np.asarray([g.size for g in groups], dtype=np.int64)),
+        },
+        coords={"model": list(models), "group": [g.name for g in groups]},
+    )
 
 
 @hookimpl

@@ -37,6 +37,8 @@ def _example(cls):
         ])
     if cls.name == "clip-delta":  # the default embedder at 32 px: the same code, a tenth of the time
         return cls(k=3, embedder_options={"image_size": 32})
+    if cls.name == "adamerging":  # the same code at 20 Adam steps instead of 500
+        return cls(iterations=20)
     return cls
 
 

@@ -203,6 +203,62 @@ alignment = "wm"
 alphas = [0.0, 0.5, 1.0]
 
 [[steps]]
+use = "regmean"
+name = "regmean"
+models = ["ft1", "ft2"]
+
+[[steps]]
+use = "fisher"
+name = "fisher"
+models = ["a", "b"]
+alignment = "wm"
+samples = 16
+
+[[steps]]
+use = "adamerging"
+name = "adamerging"
+models = ["base", "ft1", "ft2"]
+iterations = 5
+granularity = "layer"
+
+[[steps]]
+use = "zipit"
+name = "zipit"
+models = ["a", "b"]
+
+[[steps]]
+use = "zipit"
+name = "zipit-partial"
+models = ["a", "b"]
+stop_at = "relu1"
+
+[[steps]]
+use = "ensemble"
+name = "ensemble"
+models = ["a", "b"]
+
+[[steps]]
+use = "feature-vis"
+name = "feature-vis"
+models = ["a", "b@wm"]
+layers = ["relu2"]
+max_units = 2
+steps = 4
+
+[[steps]]
+use = "cycle-consistent"
+name = "c2m3"
+models = ["a", "b"]
+max_iter = 5
+
+[[steps]]
+use = "ste"
+name = "ste"
+models = ["a", "b"]
+epochs = 1
+batch_size = 16
+
+[[steps]]
 use = "interpolation-curves"
 name = "curves"
 

@@ -98,3 +98,21 @@ def test_a_broken_weight_matching_breaks_a_claim(tmp_path, monkeypatch):
     assert states["weight-matching-barrier"] == "does not hold"
     assert states["weight-matching-midpoint"] == "does not hold"
     assert states["activation-matching-barrier"] == "holds"
+
+
+def test_summary_blocks_show_the_run_summary_without_its_claims(tmp_path):
+    (tmp_path / "summary.txt").write_text(
+        "merge (interpolation): accuracy 0.900\n"
+        "claims: 1 of 2 hold; 2 as recorded\n"
+        "  a: holds: measured 0.9\n"
+        "  b: does not hold: measured 0.1\n"
+        "tasks (accuracy %):\n"
+        "  model  low\n",
+        encoding="utf-8",
+    )
+    assert generate.summary_lines(tmp_path) == [
+        "merge (interpolation): accuracy 0.900",
+        "tasks (accuracy %):",
+        "  model  low",
+    ]
+    assert "No run of `examples/none.toml` has been recorded" in generate.summary_block("examples/none.toml")

@@ -185,6 +185,41 @@ def test_tasks_evaluate_every_model_on_every_task(tmp_path):
     assert restricted.accuracy == pytest.approx(direct.accuracy)
 
 
+def test_task_tables_say_which_alignment_each_merge_used(tmp_path):
+    composed = TASKS + """
+[[steps]]
+use = "weight-matching"
+name = "wm"
+models = ["a", "b"]
+
+[[steps]]
+use = "interpolation"
+name = "permuted"
+models = ["a", "b@wm"]
+alphas = []
+
+[[steps]]
+use = "average"
+name = "soup"
+models = ["permuted", "a"]
+"""
+    pipeline = Pipeline.from_toml(composed)
+    assert pipeline.composition("a") == ("", "")
+    assert pipeline.composition("b@wm") == ("", "wm")
+    assert pipeline.composition("interpolation") == ("interpolation", "")
+    assert pipeline.composition("permuted") == ("interpolation", "wm")
+    assert pipeline.composition("soup") == ("average", "wm")  # through the merge it takes
+    result = run(pipeline, tmp_path / "run", quiet=True)
+    tasks = result.results["tasks"].ds
+    made = dict(zip(tasks["model"].values, zip(tasks["method"].values, tasks["alignment"].values)))
+    assert made["permuted"] == ("interpolation", "wm") and made["interpolation"] == ("interpolation", "")
+    table = result.summary.split("tasks (accuracy %):")[1]
+    head, *rows = [line.split() for line in table.strip().splitlines()]
+    assert head[:3] == ["model", "method", "alignment"]
+    assert next(r for r in rows if r[0] == "permuted")[:3] == ["permuted", "interpolation", "wm"]
+    assert next(r for r in rows if r[0] == "a")[:3] == ["a", "-", "-"]
+
+
 def test_task_errors_name_the_key():
     with pytest.raises(ConfigError, match=r"\[\[tasks\]\] #1 \(name = 'low'\), key 'expert'.*unknown model 'z'"):
         Pipeline.from_toml(TASKS.replace('expert = "a"', 'expert = "z"'))

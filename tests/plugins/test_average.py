@@ -115,10 +115,10 @@ def test_options_and_errors() -> None:
         Average(weights=[0.2, 0.3, 0.5]).merge(models, Context(quiet=True))
     with pytest.raises(ConfigError, match="at least two models"):
         Average().merge({"a": models["model0"]}, Context(quiet=True))
-    with pytest.raises(ConfigError, match="alignment"):
+    with pytest.raises(ConfigError, match="the alignment's reference 'other' is not among this step's models"):
         from mergescope.components import Alignment
 
-        Average().merge(models, Context(quiet=True), alignment=Alignment("model0"))
+        Average().merge(models, Context(quiet=True), alignment=Alignment("other"))
     models["model1"] = example_models(2, hidden=5)["model1"]
     with pytest.raises(ConfigError, match=r"'1\.weight' has shape \(8, 16\) in model 'model0' but \(5, 16\)"):
         Average().merge(models, Context(quiet=True))

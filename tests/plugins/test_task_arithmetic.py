@@ -168,10 +168,31 @@ def test_base_errors() -> None:
         TaskArithmetic(base="theta0").merge(models, Context(quiet=True))
     with pytest.raises(ConfigError, match="needs the base and at least one fine-tune"):
         TaskArithmetic().merge({"model0": models["model0"]}, Context(quiet=True))
-    with pytest.raises(ConfigError, match="need no alignment"):
+    with pytest.raises(ConfigError, match="the alignment's reference 'elsewhere' is not among this step's models"):
         from mergescope.components import Alignment
 
-        TaskArithmetic().merge(models, Context(quiet=True), alignment=Alignment("model0"))
+        TaskArithmetic().merge(models, Context(quiet=True), alignment=Alignment("elsewhere"))
+
+
+def test_an_alignment_is_applied_before_the_task_vectors_are_taken() -> None:
+    """Composition: a fine-tune given with its units shuffled merges as the unshuffled one once aligned."""
+    from mergescope.components import Alignment
+    from mergescope.groups import channel_groups, permutation_matrix, permute
+
+    models = example_finetunes(2)
+    groups = channel_groups(models["model0"], torch.zeros(1, 16))
+    (group,) = groups
+    perm = np.random.default_rng(0).permutation(group.size)
+    shuffled = dict(models, model2=permute(models["model2"], {group.name: perm}, groups))
+    # Unit perm[j] of the shuffled copy is unit j of the original: the alignment moves it back.
+    back = Alignment("model0", {"model2": {group.name: permutation_matrix(np.argsort(perm))}})
+    context = Context(data=example_dataset(), quiet=True)
+    expected = TaskArithmetic(scaling=0.5).merge(models, context).model.state_dict()
+    got = TaskArithmetic(scaling=0.5).merge(shuffled, context, alignment=back).model.state_dict()
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value)
+    with pytest.raises(ConfigError, match="does not look like a fine-tune"):
+        TaskArithmetic(scaling=0.5).merge(shuffled, context)
 
 
 def test_describe() -> None:

@@ -98,3 +98,22 @@ def test_statistics_count_by_default_and_the_option_is_part_of_the_cache_key():
 def test_a_non_boolean_value_names_the_key():
     with pytest.raises(ConfigError, match="batchnorm_statistics"):
         structure_options(WeightMatching, {"batchnorm_statistics": "no"})
+
+
+@pytest.mark.parametrize("strategy", ["reference", "merge-many"])
+def test_moved_units_count_what_the_permutations_move(strategy):
+    from mergescope.testing import example_models
+
+    data = example_dataset()
+    model = example_models(1)["model0"]
+    groups = channel_groups(model, example_input(data))
+    (group,) = groups
+    perm = np.array([1, 0, 2, 3, 4, 5, 7, 6])  # four units out of place
+    shuffled = permute(model, {group.name: perm}, groups)
+    models = {"a": model, "same": model, "shuffled": shuffled}
+    result = WeightMatching(strategy=strategy).align(models, "a", Context(data=data, quiet=True))
+    moved = result.diagnostics["moved_units"]
+    assert int(moved.sel(model="same", group=group.name)) == 0
+    assert int(moved.sel(model="shuffled", group=group.name)) == 4
+    assert int(result.diagnostics["units"].sel(group=group.name)) == 8
+    assert "25% of units moved" in WeightMatching(strategy=strategy).describe(result.diagnostics)
