@@ -10,6 +10,10 @@ Every example's ``[[claims]]`` are checked by its run (``mergescope run`` writes
     Rewrites, from those records, every block of a docs page between
     ``<!-- claims: examples/<name>.toml -->`` and ``<!-- end claims -->`` and the page
     ``docs/claims.md`` that lists every example's claims with their last measured state.
+(always, too)
+    Rewrites every block between ``<!-- summary: examples/<name>.toml -->`` and
+    ``<!-- end summary -->`` with the recorded run's ``summary.txt`` (its claims lines left
+    out: the claims block shows them), so the result tables on a page are the run's own.
 ``--check``
     Writes nothing; exits 1 when a page differs from what the records give (the test
     suite runs this check).
@@ -35,6 +39,7 @@ DOCS = ROOT / "docs"
 RECORDS = DOCS / "claims"
 INDEX = DOCS / "claims.md"
 BLOCK = re.compile(r"(<!-- claims: (examples/[\w.-]+\.toml) -->\n)(.*?)(<!-- end claims -->)", re.S)
+SUMMARY_BLOCK = re.compile(r"(<!-- summary: (examples/[\w.-]+\.toml) -->\n)(.*?)(<!-- end summary -->)", re.S)
 
 #: Examples that finish within a minute on two CPU cores from an empty model cache (their
 #: records come from such runs: ``seconds`` + ``model_seconds``); the test suite runs them
@@ -65,7 +70,22 @@ def record(run_dir: Path, example: Path) -> dict[str, object]:
         "cached_steps": sorted(name for name, step in (info.get("steps") or {}).items() if step.get("cached")),
         "mergescope": info.get("mergescope"),
         "claims": rows,
+        "summary": summary_lines(run_dir),
     }
+
+
+def summary_lines(run_dir: Path) -> list[str]:
+    """The run's ``summary.txt`` without its claims lines (the claims block shows those)."""
+    lines = (run_dir / "summary.txt").read_text(encoding="utf-8").splitlines()
+    kept, in_claims = [], False
+    for line in lines:
+        if line.startswith("claims:"):
+            in_claims = True
+        elif in_claims and not line.startswith("  "):
+            in_claims = False
+        if not in_claims:
+            kept.append(line)
+    return kept
 
 
 def load_record(stem: str) -> dict | None:
@@ -84,6 +104,17 @@ def block(example: str) -> str:
         when += f", {saved['model_seconds']:g} s loading or training the models"
     when += f"; cached: {', '.join(saved['cached_steps'])})" if saved["cached_steps"] else ")"
     return markdown_table(saved["claims"]) + f"\n{when}; generated from the run's `results.nc`.\n"
+
+
+def summary_block(example: str) -> str:
+    """The generated text of a page's summary block: the recorded run's ``summary.txt``, as printed."""
+    stem = Path(example).stem
+    saved = load_record(stem)
+    if saved is None or "summary" not in saved:
+        return f"No run of `{example}` has been recorded with its summary yet; `{command(stem)}` prints it.\n"
+    fence = "```"
+    lines = [f"`summary.txt` of `{saved['command']}` ({saved['date']}), as printed, without its claims lines:", ""]
+    return "\n".join([*lines, f"{fence}text", *saved["summary"], fence]) + "\n"
 
 
 def index() -> str:
@@ -137,6 +168,7 @@ def render_pages() -> dict[Path, str]:
             continue
         text = page.read_text(encoding="utf-8")
         new = BLOCK.sub(lambda m: m.group(1) + block(m.group(2)) + m.group(4), text)
+        new = SUMMARY_BLOCK.sub(lambda m: m.group(1) + summary_block(m.group(2)) + m.group(4), new)
         if new != text:
             changed[page] = new
     new_index = index()
