@@ -77,7 +77,7 @@ from mergescope.hookspecs import hookimpl
 from mergescope.progress import Progress, silent
 from mergescope.states import check_compatible
 from mergescope.validators import as_float, boolean, in_range, integer, one_of, positive_int
-from mergescope_plugins.weight_matching import match_weights
+from mergescope_plugins.weight_matching import match_weights, without_parameters
 
 __all__ = [
     "INITIALISATIONS",
@@ -577,12 +577,6 @@ def cycle_mismatches(maps: Mapping[tuple[str, str], Mapping[str, np.ndarray]]) -
     return count
 
 
-def _without(groups: Sequence[ChannelGroup], params: Sequence[str]) -> list[ChannelGroup]:
-    """The groups with the axes of ``params`` left out of the objective (they still move with their units)."""
-    skip = set(params)
-    return [attrs.evolve(g, axes=tuple(ax for ax in g.axes if ax.param not in skip)) for g in groups]
-
-
 def _as_arrays(model: nn.Module) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().double().numpy() for k, v in model.state_dict().items() if v.is_floating_point()}
 
@@ -643,7 +637,7 @@ class CycleConsistent:
         check_compatible({m: models[m].state_dict() for m in names})
         groups = channel_groups(models[reference], example_input(context.data))
         if not self.batchnorm_statistics:
-            groups = _without(groups, running_stat_keys(models[reference]))
+            groups = without_parameters(groups, running_stat_keys(models[reference]))
         states = {m: _as_arrays(models[m]) for m in names}
         # Two models: both would step towards each other's order at once and meet halfway,
         # a stationary point; holding the reference makes this the authors' two-model matcher.

@@ -71,7 +71,7 @@ from mergescope.hookspecs import hookimpl
 from mergescope.loading import make_loader, to_device
 from mergescope.states import check_compatible
 from mergescope.validators import as_float, boolean, integer, non_negative_int, one_of, optional, positive, positive_int
-from mergescope_plugins.weight_matching import match_weights
+from mergescope_plugins.weight_matching import match_weights, without_parameters
 
 __all__ = [
     "straight_through",
@@ -147,12 +147,6 @@ def midpoint_loss(
 
 
 # ------------------------------------------------------------------------ helpers
-
-
-def _without(groups: Sequence[ChannelGroup], params: Sequence[str]) -> list[ChannelGroup]:
-    """The groups with the axes of ``params`` left out of the matching cost (they still move)."""
-    skip = set(params)
-    return [attrs.evolve(g, axes=tuple(ax for ax in g.axes if ax.param not in skip)) for g in groups]
 
 
 def _arrays(state: Mapping[str, Tensor]) -> dict[str, np.ndarray]:
@@ -291,7 +285,9 @@ class StraightThroughEstimator:
         x = example_input(data)
         self._check_outputs(models[reference], x, data)
         groups = channel_groups(models[reference], x)
-        cost_groups = groups if self.batchnorm_statistics else _without(groups, running_stat_keys(models[reference]))
+        cost_groups = (
+            groups if self.batchnorm_statistics else without_parameters(groups, running_stat_keys(models[reference]))
+        )
 
         fits = {m: self._fit(models[reference], models[m], groups, cost_groups, data, context, m) for m in others}
         transforms = {m: {name: permutation_matrix(p) for name, p in fit.perms.items()} for m, fit in fits.items()}

@@ -36,7 +36,15 @@ from mergescope.hookspecs import hookimpl
 from mergescope.states import check_compatible
 from mergescope.validators import boolean, integer, one_of, positive_int
 
-__all__ = ["match_weights", "merge_many", "permute_arrays", "moved_units", "WeightMatching", "register_aligners"]
+__all__ = [
+    "match_weights",
+    "merge_many",
+    "permute_arrays",
+    "moved_units",
+    "without_parameters",
+    "WeightMatching",
+    "register_aligners",
+]
 
 STRATEGIES = ("reference", "merge-many")
 
@@ -285,8 +293,12 @@ def merge_many(
     return relabelled, rounds
 
 
-def _without(groups: Sequence[ChannelGroup], params: Sequence[str]) -> list[ChannelGroup]:
-    """The groups with the axes of ``params`` left out (for the cost only: permutations still move them)."""
+def without_parameters(groups: Sequence[ChannelGroup], params: Sequence[str]) -> list[ChannelGroup]:
+    """The groups with the axes of ``params`` left out (for the cost only: permutations still move them).
+
+    How matchers leave BatchNorm running statistics out of their objective
+    (``batchnorm_statistics = false``).
+    """
     skip = set(params)
     return [attrs.evolve(g, axes=tuple(ax for ax in g.axes if ax.param not in skip)) for g in groups]
 
@@ -343,7 +355,7 @@ class WeightMatching:
         groups = channel_groups(models[reference], example_input(context.data))
         if not self.batchnorm_statistics:
             # Out of the cost only: applying the alignment traces the model anew and moves every axis.
-            groups = _without(groups, running_stat_keys(models[reference]))
+            groups = without_parameters(groups, running_stat_keys(models[reference]))
         states = {m: _as_arrays(models[m]) for m in (reference, *others)}
         ref = states[reference]
         sweeps = np.zeros(len(others), dtype=np.int64)
