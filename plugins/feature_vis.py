@@ -154,7 +154,6 @@ __all__ = [
     "objective_values",
     "all_objective_values",
     "gram_similarity",
-    "adam_step",
     "redirected_relu_grad",
     "input_range",
     "register_visualizers",
@@ -436,30 +435,6 @@ class _Redirect:
             handle.remove()
         for module, inplace in zip(self.relus, self.inplace):
             module.inplace = inplace
-
-
-def adam_step(
-    param: torch.Tensor,
-    grad: torch.Tensor,
-    moments: tuple[torch.Tensor, torch.Tensor],
-    t: int,
-    lr: float,
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
-) -> None:
-    """One Adam step (Kingma & Ba 2015, as ``torch.optim.Adam``) on ``param`` in place, entry by entry.
-
-    ``m <- b1 m + (1 - b1) g``, ``v <- b2 v + (1 - b2) g^2`` (``moments = (m, v)``, updated
-    in place), then ``param <- param - lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)``
-    for step ``t`` (from 1). Entry by entry: images optimised in one tensor move as they
-    would alone.
-    """
-    m, v = moments
-    b1, b2 = betas
-    m.mul_(b1).add_(grad, alpha=1 - b1)
-    v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
-    denominator = (v / (1 - b2**t)).sqrt_().add_(eps)
-    param.addcdiv_(m, denominator, value=-lr / (1 - b1**t))
 
 
 # ------------------------------------------------------------------ forward passes
@@ -964,7 +939,8 @@ class FeatureVis:
 
         start_names, offset = self._starts(measure, setup, n)
         initial = measure(self._image(param.detach(), setup, offset))
-        moments = (torch.zeros_like(param), torch.zeros_like(param))
+        # Adam is elementwise: images optimised in one tensor move as they would alone.
+        optimiser = torch.optim.Adam([param], lr=self.lr)
         canvas = setup.canvas
         matrices = _matrices(draws, setup.shape[1:], canvas).to(device) if self.transforms else None
         curve = np.zeros(self.steps)
@@ -981,8 +957,8 @@ class FeatureVis:
                 loss = loss + self.diversity * gram_similarity(acts, b).sum()
             # Only the image's gradient: the model's parameters get none.
             (grad,) = torch.autograd.grad(loss, [param])
-            with torch.no_grad():
-                adam_step(param, grad, moments, step + 1, self.lr)
+            param.grad = grad
+            optimiser.step()
             curve[step] = float(values.detach().sum())
         if redirect is not None:
             redirect.on = False

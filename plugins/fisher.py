@@ -65,9 +65,9 @@ from mergescope.batchnorm import running_stat_keys
 from mergescope.components import Alignment, Context, ImageDataset, MergeResult
 from mergescope.devices import float64_device
 from mergescope.errors import ConfigError
-from mergescope.groups import align_step_models, channel_groups, example_input
 from mergescope.hookspecs import hookimpl
 from mergescope.states import average_states, build_model, check_compatible
+from mergescope.task_vectors import aligned_models
 from mergescope.validators import (
     as_float,
     boolean,
@@ -426,9 +426,7 @@ class Fisher:
             raise ConfigError(
                 "fisher needs examples to estimate the Fisher on, but the data is empty", where="key 'data'"
             )
-        if alignment is not None:  # every model in the reference's unit order first
-            groups = channel_groups(models[names[0]], example_input(context.data))
-            models = align_step_models(models, alignment, groups)
+        models = aligned_models(models, alignment, context)  # the reference's unit order first
         states = {name: models[name].state_dict() for name in names}
         try:
             check_compatible(states)

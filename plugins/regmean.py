@@ -58,9 +58,10 @@ from torch import Tensor, nn
 from mergescope.activations import INPUT_SUFFIX, PATCHES_SUFFIX
 from mergescope.components import Alignment, Context, MergeResult
 from mergescope.errors import ConfigError, ContractError
-from mergescope.groups import align_step_models, channel_groups, example_input
+from mergescope.groups import example_input
 from mergescope.hookspecs import hookimpl
 from mergescope.states import average_states, build_model, check_compatible
+from mergescope.task_vectors import aligned_models
 from mergescope.validators import as_float, boolean, one_of, probability
 
 if TYPE_CHECKING:
@@ -322,8 +323,7 @@ class RegMean:
                 where="key 'models'",
             ) from exc
         example = example_input(context.data)
-        if alignment is not None:  # every model in the reference's unit order before regressing
-            models = align_step_models(models, alignment, channel_groups(models[names[0]], example))
+        models = aligned_models(models, alignment, context)  # the reference's unit order before regressing
         plan = plan_layers(models[names[0]], example)
         states = {n: models[n].state_dict() for n in names}
         merged_state = average_states([states[n] for n in names])

@@ -19,7 +19,6 @@ from mergescope_plugins.feature_vis import (
     COLOUR_CORRELATION,
     INDEX_FILE,
     FeatureVis,
-    adam_step,
     apply_transforms,
     decorrelate_colour,
     fourier_image,
@@ -212,20 +211,6 @@ def test_diversity_by_hand_and_against_lucid():
         grams = grams / grams.flatten(1).norm(dim=1)[:, None, None]
         lucid = sum((grams[i] * grams[j]).sum() for i in range(3) for j in range(3) if i != j) / 3
         assert got[u].item() == pytest.approx(lucid.item(), rel=1e-5)
-
-
-def test_adam_step_is_torch_adam():
-    g = torch.Generator().manual_seed(0)
-    ours = torch.randn(5, 3, generator=g)
-    theirs = ours.clone().requires_grad_(True)
-    optimiser = torch.optim.Adam([theirs], lr=0.05)
-    moments = (torch.zeros_like(ours), torch.zeros_like(ours))
-    for t in range(1, 6):
-        grad = torch.randn(5, 3, generator=g)
-        adam_step(ours, grad, moments, t, 0.05)
-        theirs.grad = grad.clone()
-        optimiser.step()
-    np.testing.assert_allclose(ours.numpy(), theirs.detach().numpy(), rtol=1e-6, atol=1e-7)
 
 
 def test_redirected_relu_gradient_by_hand():
