@@ -84,8 +84,10 @@ from mergescope.errors import ConfigError, ContractError
 from mergescope.hookspecs import hookimpl
 from mergescope.keys import OMIT_DEFAULT_FROM_KEY
 from mergescope.loading import make_loader, to_device
+from mergescope.report import Panel
 from mergescope.storage import atomic_path
 from mergescope.validators import (
+    Check,
     as_float,
     boolean,
     distinct,
@@ -101,6 +103,7 @@ from mergescope.validators import (
     positive_int,
     probability,
 )
+from mergescope_plugins.latent_dashboard import dashboard_panel, write_dashboards
 
 __all__ = [
     "Crosscoder",
@@ -199,10 +202,10 @@ class _Inputs:
 
     models: list[str]
     sources: list[tuple[str, str | None]]  # (model, layer) of every source
-    arrays: list[xr.DataArray]  # per source, dims ("sample", "unit"[, "y", "x"])
+    arrays: list[xr.DataArray]  # per source, dims ("sample", "unit"[, "y", "x"]) or ("sample", "unit", "token")
     units: list[int]  # per source
     sample_ids: np.ndarray
-    positions: int  # rows per sample: 1 when pooled, y * x for positions
+    positions: int  # rows per sample: 1 when pooled, y * x (or the tokens) for positions
     pool: bool  # maps averaged over space into one row per sample
     multi: bool  # some model gives more than one layer
     _whole: np.ndarray | None = attrs.field(default=None, init=False, repr=False)
@@ -279,6 +282,11 @@ class _Inputs:
                         values = values.mean(axis=(2, 3), dtype=np.float32)
                     else:  # every spatial position is a row, images stay contiguous
                         values = values.transpose(0, 2, 3, 1).reshape(-1, units)
+                elif values.ndim == 3:  # a token map (sample, unit, token): the same, over tokens
+                    if self.pool:
+                        values = values.mean(axis=2, dtype=np.float32)
+                    else:
+                        values = values.transpose(0, 2, 1).reshape(-1, units)
                 out[row : row + len(values), offset : offset + units] = values
                 row += len(values)
                 del values  # one range of one source at a time besides the output
@@ -286,7 +294,7 @@ class _Inputs:
         return out
 
 
-_DIMS = ({"sample", "unit"}, {"sample", "unit", "y", "x"})
+_DIMS = ({"sample", "unit"}, {"sample", "unit", "y", "x"}, {"sample", "unit", "token"})
 
 
 def _layers_of(model: str, given: Any) -> list[tuple[str | None, Any]]:
@@ -357,14 +365,14 @@ def _check_inputs(activations: Mapping[str, Any], samples: str) -> _Inputs:
         dims = set(a.dims)
         if dims not in _DIMS or len(a.dims) != len(dims):
             raise ContractError(
-                f"crosscoder: activations of {where} have dims {a.dims}; expected ('sample', 'unit') "
-                "or ('sample', 'unit', 'y', 'x')"
+                f"crosscoder: activations of {where} have dims {a.dims}; expected ('sample', 'unit'), "
+                "('sample', 'unit', 'y', 'x') or ('sample', 'unit', 'token')"
             )
         if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer) or a.dtype == bool):
             raise ContractError(f"crosscoder: activations of {where} have dtype {a.dtype}; expected real numbers")
         if a.sizes["unit"] == 0:
             raise ContractError(f"crosscoder: activations of {where} have no units")
-        checked.append(a.transpose("sample", "unit", *(("y", "x") if "y" in dims else ())))
+        checked.append(a.transpose("sample", "unit", *(d for d in ("y", "x", "token") if d in dims)))
     arrays = checked
     first = inputs.label(0)
     n = arrays[0].sizes["sample"]
@@ -387,21 +395,23 @@ def _check_inputs(activations: Mapping[str, Any], samples: str) -> _Inputs:
         raise ContractError("crosscoder: the activations hold no samples")
     positions = 1
     if samples == "positions":
-        flat = [inputs.label(i) for i, a in enumerate(arrays) if "y" not in a.dims]
+        flat = [inputs.label(i) for i, a in enumerate(arrays) if a.ndim == 2]
         if flat:
             raise ContractError(
-                f"crosscoder: samples = 'positions' needs spatial maps (sample, unit, y, x), but {flat} hold "
-                "channel summaries (sample, unit); record with reduce = 'none' or use samples = 'pooled'"
+                f"crosscoder: samples = 'positions' needs spatial maps (sample, unit, y, x) or token maps (sample, "
+                f"unit, token), but {flat} hold channel summaries (sample, unit); record with reduce = 'none' "
+                "(tokens = 'all' for token layers) or use samples = 'pooled'"
             )
-        shapes = [(a.sizes["y"], a.sizes["x"]) for a in arrays]
+        # (y, x) of a map, (tokens,) of a token map: the rows of one sample
+        shapes = [tuple(a.shape[2:]) for a in arrays]
         if len(set(shapes)) != 1:
-            sizes = ", ".join(f"{inputs.where(i)}: {y}x{x}" for i, (y, x) in enumerate(shapes))
+            sizes = ", ".join(f"{inputs.where(i)}: {'x'.join(map(str, s))}" for i, s in enumerate(shapes))
             raise ContractError(
                 "crosscoder: samples = 'positions' makes every spatial position a row, so the maps of every model "
-                f"and layer need one spatial size, got {sizes}; use samples = 'pooled' for layers of different sizes"
+                f"and layer need one spatial size, got {sizes} (a token map's size is its number of tokens); use "
+                "samples = 'pooled' for layers of different sizes"
             )
-        y, x = shapes[0]
-        positions = y * x
+        positions = int(np.prod(shapes[0]))
     inputs.arrays = arrays
     inputs.units = [a.sizes["unit"] for a in arrays]
     inputs.sample_ids = ids
@@ -745,9 +755,10 @@ class Crosscoder:
         give identical results.
     samples
         ``"pooled"``: one row per sample; spatial maps ``(sample, unit, y, x)`` are
-        averaged over space (layers of any spatial size mix). ``"positions"``: every
-        spatial position of a map is a row (the maps of all models and layers must have
-        one spatial size).
+        averaged over space (layers of any spatial size mix), token maps ``(sample,
+        unit, token)`` over tokens. ``"positions"``: every spatial position of a map (or
+        every token) is a row (the maps of all models and layers must have one spatial
+        size, or number of tokens).
     normalise
         Scale each model's activations by one scalar so that their mean squared norm
         over the rows equals the model's unit count (the mean squared unit is 1), so no
@@ -912,14 +923,24 @@ class Crosscoder:
         """Refuse, before anything is recorded, ``[activations]`` that cannot feed this crosscoder.
 
         ``samples = "positions"`` reads every spatial position of a map, which only
-        recordings of full maps (``reduce = "none"``) hold.
+        recordings of full maps (``reduce = "none"``) or of every token (``tokens =
+        "all"``) hold. The ablation edits a layer at every position, so it cannot follow
+        a crosscoder of class tokens (``tokens = "cls"``).
         """
-        if self.samples == "positions" and activations.reduce != "none":
+        tokens = getattr(activations, "tokens", "mean")
+        if self.samples == "positions" and activations.reduce != "none" and tokens != "all":
             raise ConfigError(
                 f"samples = 'positions' trains on every spatial position of a map, but [activations] "
                 f"reduce = {activations.reduce!r} keeps one summary per channel and image; set reduce = 'none' "
-                "in [activations] (or samples = 'pooled' here)",
+                "in [activations] (tokens = 'all' for a transformer's token layers), or samples = 'pooled' here",
                 where="key 'samples'",
+            )
+        if self.ablation and tokens == "cls":
+            raise ConfigError(
+                "the ablation removes latents from a layer's output at every token, but with [activations] "
+                "tokens = 'cls' the crosscoder reads the class token only; record tokens = 'mean' or 'all', or "
+                "turn the ablation off",
+                where="key 'ablation'",
             )
 
     def fit(self, activations: Mapping[str, Any], context: Context) -> xr.Dataset:
@@ -929,7 +950,8 @@ class Crosscoder:
         ----------
         activations
             Model name -> its activations at one layer: a DataArray with dims
-            ``("sample", "unit")`` or ``("sample", "unit", "y", "x")``; every model
+            ``("sample", "unit")``, ``("sample", "unit", "y", "x")`` or ``("sample",
+            "unit", "token")``; every model
             over the same samples (same ``sample`` coord in the same order); may be
             dask-backed. Unit counts may differ. The scalar coord ``layer``, when
             present, names the layer in messages. For several layers at once, a model
@@ -1704,6 +1726,9 @@ def ablate_latents(
             # Pooled: the same vector at every position, so the mean moves by it. Positions:
             # one row per position, images contiguous (as _Inputs.gather lays them out).
             part = part[:, :, None, None] if inputs.pool else part.reshape(n, y, x, u).transpose(0, 3, 1, 2)
+        elif values.ndim == 3:  # token maps, as spatial maps over their tokens
+            n, _, t = values.shape
+            part = part[:, :, None] if inputs.pool else part.reshape(n, t, u).transpose(0, 2, 1)
         out.append(a.copy(data=values - part))
     layers = [a for _, a in _layers_of(model, given[model])]
     out = [edited.transpose(*a.dims) for edited, a in zip(out, layers)]  # the dims as given
@@ -1738,9 +1763,12 @@ class _LatentEditor:
 
     @staticmethod
     def rows(x: torch.Tensor, pooled: bool) -> torch.Tensor:
-        """``(rows, units)`` of a captured ``(batch, units[, y, x])`` tensor."""
+        """``(rows, units)`` of a captured ``(batch, units[, y, x])`` tensor, or of a token layer's
+        ``(batch, tokens, units)``."""
         if x.ndim == 2:
             return x.float()
+        if x.ndim == 3:
+            return x.float().mean(dim=1) if pooled else x.float().reshape(-1, x.shape[2])
         if pooled:
             return x.float().mean(dim=(2, 3))
         return x.float().permute(0, 2, 3, 1).reshape(-1, x.shape[1])
@@ -1762,6 +1790,9 @@ class _LatentEditor:
         part = (f[:, index] @ block[index]) / self.scale[source]
         if len(shape) == 2:
             return part
+        if len(shape) == 3:  # a token layer, (batch, tokens, units) as the forward pass has it
+            n, tokens, units = shape
+            return part[:, None, :].expand(n, tokens, units) if samples == "pooled" else part.reshape(n, tokens, units)
         n, units, y, x = shape
         if samples == "pooled":  # the same vector at every position: the mean moves by it
             return part[:, :, None, None].expand(n, units, y, x)
@@ -1895,6 +1926,10 @@ def _chosen_latents(ds: xr.Dataset, latents: str | Sequence[int] | np.ndarray) -
 # -------------------------------------------------------------------- visualizer
 
 
+def _even_bins(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 2 and value % 2 == 0
+
+
 def _crosscoder_nodes(results: xr.DataTree) -> list[tuple[str, xr.Dataset]]:
     found = []
     for node in results.subtree:
@@ -1921,12 +1956,29 @@ class CrosscoderPlots:
     by the layer holding most of their decoder norm in that model).
     Dead latents are left out of every plot but the class counts.
 
+    With ``dashboard`` (and data), the latent dashboards of
+    :mod:`mergescope_plugins.latent_dashboard` besides: one sheet per latent of its top
+    images, ``<node>/latent-<NNNNN>.png`` (with heatmaps of where it fires when the step
+    names the crosscoder's models and their layer is spatial: one forward pass over the
+    top images only), its activation histograms (one pass over the run's recordings),
+    and ``latent-dashboard.nc`` indexing them. The report shows every crosscoder result
+    as a sortable, filterable table of its latents beside the chosen latent's numbers,
+    decoder-norm bars, histograms and images (:meth:`report_panel`).
+
     Parameters
     ----------
     bins
-        Histogram bins.
+        Histogram bins of the plots.
     dpi
         Resolution of the PNG files.
+    dashboard
+        Draw the latent dashboards' images and histograms (the report's table of
+        latents needs neither).
+    tile
+        Side of one image in a latent's sheet, in pixels.
+    histogram_bins
+        Bins of every latent's activation histogram (even: the histogram widens its
+        range by merging bins pairwise).
     """
 
     name: ClassVar[str] = "crosscoder-plots"
@@ -1934,6 +1986,9 @@ class CrosscoderPlots:
 
     bins: int = attrs.field(default=50, validator=positive_int)
     dpi: int = attrs.field(default=120, validator=positive_int)
+    dashboard: bool = attrs.field(default=True, validator=boolean)
+    tile: int = attrs.field(default=56, validator=positive_int)
+    histogram_bins: int = attrs.field(default=32, validator=Check(_even_bins, "an even integer >= 2", "even integers"))
 
     def render(self, results: xr.DataTree, out_dir: Path, context: Context | None = None) -> list[Path]:
         """Draw every crosscoder result in ``results`` into ``out_dir``; nothing when there is none."""
@@ -1966,7 +2021,15 @@ class CrosscoderPlots:
                 fig.savefig(path, dpi=self.dpi)
                 plt.close(fig)
                 files.append(path)
+        if self.dashboard:
+            files += write_dashboards(results, out_dir, context, tile=self.tile, bins=self.histogram_bins)
         return files
+
+    def report_panel(
+        self, node: xr.Dataset, files: list[Path], run_dir: Path, *, results: xr.DataTree | None = None
+    ) -> Panel | str:
+        """The step's panel: a latent dashboard per crosscoder result, then the plots and other files."""
+        return dashboard_panel(node, files, run_dir, results)
 
     @staticmethod
     def _alive(ds: xr.Dataset) -> np.ndarray:

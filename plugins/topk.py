@@ -24,7 +24,28 @@ Layout of one grid (all sizes in pixels)::
     +---------------------------------------------------------+
 
 The tiles fill the bottom-right ``rows * tile + (rows - 1) * gap`` by
-``k * tile + (k - 1) * gap`` pixels; the label column and the header take the rest.
+``k * tile + (k - 1) * gap`` pixels; the label column and the header take the rest. With
+an optimised image, its column (``tile`` wide) sits ``tile + gap + 2 * _PAD`` pixels left of
+rank 0, and the header gains a line naming it.
+
+**Where it fires** (``heatmaps = true``). For the models' rows, the unit's activation map
+``A_u(x)`` (``(h, w)`` at a convolutional layer) on each image ``x`` of its top-k is drawn
+over the image: one forward pass over just the images shown, so memory follows the grids,
+not the dataset. The map is resized to the displayed image bilinearly (``align_corners =
+False``: map cell ``(i, j)`` covers the image block ``[i H / h, (i + 1) H / h) x [j W / w,
+(j + 1) W / w)``), scaled ``m = clip(A, 0, v) / v`` and blended as a colour map,
+``(1 - alpha) x + alpha c(m)`` (:func:`mergescope.heatmaps.overlay`). ``v`` is the largest
+activation of the image's own map, of the row's k maps or of every map of the grid
+(``heatmap_scale``). A unit's heatmaps form a second grid, ``unit-<NNNN>-heatmap.png``, of
+the same layout; the browser toggles between the two. Token layers (``(batch, token,
+unit)``) become maps through ``mergescope.activations.token_grid`` (the class token
+dropped); layers without positions get no heatmap.
+
+**The optimised image** (``optimised = "<feature-vis step>"``). Beside every model's row,
+in a column of its own left of rank 0, the image an earlier ``feature-vis`` step optimised
+to excite the unit in that model (its best image when it made several): what the unit
+wants beside what the data gave it. Rows whose model, layer or unit the feature-vis step
+did not visualise get an empty tile.
 
 In the report (``report.html``), the step's panel is a unit browser
 (:meth:`TopKGrids.report_panel`, :func:`unit_browser`): a layer selector, the layer's units
@@ -55,10 +76,15 @@ from urllib.parse import quote
 
 import attrs
 import numpy as np
+import torch
 import xarray as xr
 
+from mergescope import activations
+from mergescope.activations import attach_recorders
 from mergescope.components import Context
+from mergescope.devices import autocast
 from mergescope.errors import ConfigError
+from mergescope.heatmaps import overlay
 from mergescope.hookspecs import hookimpl
 from mergescope.report import (
     IMAGE_SUFFIXES,
@@ -70,6 +96,8 @@ from mergescope.report import (
     unit_scores,
 )
 from mergescope.storage import load_tree
+from mergescope.validators import boolean, non_empty_str, one_of, optional, probability
+from mergescope.values import model_device
 
 __all__ = [
     "TopKGrids",
@@ -77,6 +105,8 @@ __all__ = [
     "display_images",
     "grid_layout",
     "safe_name",
+    "spatial_maps",
+    "map_peak",
     "has_unit_index",
     "unit_browser",
     "unit_browser_panel",
@@ -86,6 +116,9 @@ __all__ = [
 log = logging.getLogger("mergescope")
 
 INDEX_FILE = "topk-index.nc"
+HEATMAP_SUFFIX = "-heatmap"  # a unit's heatmap grid: unit-<NNNN>-heatmap.png
+HEATMAP_SCALES = ("image", "row", "unit")
+OPTIMISED_LABEL = "optimised"
 _PAD = 4  # pixels around text
 _INK = 0  # text colour (black), drawn on white
 _PAPER = 255  # background of labels, header, gaps and letterboxing
@@ -125,11 +158,10 @@ def display_images(images: Any, size: int) -> np.ndarray:
     scale = np.divide(255.0, span, out=np.zeros_like(span), where=span > 0)
     pixels = np.rint((array - low) * scale).astype(np.uint8).transpose(0, 2, 3, 1)  # (n, H, W, C)
     n, h, w, channels = pixels.shape
-    factor = size / max(h, w)
-    new_h, new_w = max(1, round(h * factor)), max(1, round(w * factor))
+    top, left, new_h, new_w = _placement(h, w, size)
     if (new_h, new_w) != (h, w):
         # Resize before making grey images RGB: a third of the work.
-        resample = Image.Resampling.NEAREST if factor > 1 else Image.Resampling.BICUBIC
+        resample = Image.Resampling.NEAREST if size > max(h, w) else Image.Resampling.BICUBIC
         planes = pixels[..., 0] if channels == 1 else pixels
         pixels = np.stack([np.asarray(Image.fromarray(p).resize((new_w, new_h), resample)) for p in planes])
         pixels = pixels.reshape(n, new_h, new_w, channels)
@@ -138,9 +170,15 @@ def display_images(images: Any, size: int) -> np.ndarray:
     if (new_h, new_w) == (size, size):
         return np.ascontiguousarray(pixels)
     tiles = np.full((n, size, size, 3), _PAPER, dtype=np.uint8)
-    top, left = (size - new_h) // 2, (size - new_w) // 2
     tiles[:, top : top + new_h, left : left + new_w] = pixels
     return tiles
+
+
+def _placement(h: int, w: int, size: int) -> tuple[int, int, int, int]:
+    """Where an ``h`` x ``w`` image lies in its ``size`` square tile: top, left, height, width."""
+    factor = size / max(h, w)
+    new_h, new_w = max(1, round(h * factor)), max(1, round(w * factor))
+    return (size - new_h) // 2, (size - new_w) // 2, new_h, new_w
 
 
 def display_image(image: Any, size: int) -> np.ndarray:
@@ -163,6 +201,7 @@ class _Tiles:
         self.context = context
         self.size = size
         self.tiles: dict[int, np.ndarray] = {}
+        self.shapes: dict[int, tuple[int, int]] = {}  # each image's (H, W), to place a heatmap on its tile
         self.colour = False  # whether any image shown has three channels
 
     def load(self, ids: np.ndarray) -> None:
@@ -180,6 +219,7 @@ class _Tiles:
                 self.colour = self.colour or (images.ndim == 4 and images.shape[1] == 3)
                 for i, tile in zip(batch_ids, display_images(images, self.size)):
                     self.tiles[i] = tile
+                    self.shapes[i] = (int(images.shape[-2]), int(images.shape[-1]))
 
     def bank(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The tiles of the unique ``ids`` stacked ``(n, size, size, 3)``, and each id's position in it."""
@@ -200,20 +240,39 @@ class GridLayout:
     tiles_left: int
     tile: int
     gap: int
+    lead_left: int | None = None  # left pixel column of the optimised images, when there are any
 
     def row_top(self, row: int) -> int:
         """Top pixel line of ``row``."""
         return self.tiles_top + row * (self.tile + self.gap)
 
+    @property
+    def labels_right(self) -> int:
+        """The pixel column where the row labels must end."""
+        return (self.lead_left if self.lead_left is not None else self.tiles_left) - _PAD
 
-def grid_layout(rows: int, k: int, tile: int, gap: int, label_width: int, header_height: int) -> GridLayout:
+
+def lead_width(tile: int, gap: int) -> int:
+    """Width of the optimised images' column with the space that sets it apart from rank 0."""
+    return tile + gap + 2 * _PAD
+
+
+def grid_layout(
+    rows: int, k: int, tile: int, gap: int, label_width: int, header_height: int, *, lead: bool = False
+) -> GridLayout:
     """The geometry of a grid of ``rows`` x ``k`` tiles with a label column and a header.
 
     The image is ``header_height + rows * tile + (rows - 1) * gap`` high and
     ``label_width + k * tile + (k - 1) * gap`` wide; the tiles sit in its bottom-right corner.
+    With ``lead``, a column of one tile per row (the optimised images) sits between the
+    labels and rank 0, :func:`lead_width` wide, and the image is that much wider.
     """
     grid_h, grid_w = rows * tile + (rows - 1) * gap, k * tile + (k - 1) * gap
-    return GridLayout(header_height + grid_h, label_width + grid_w, header_height, label_width, tile, gap)
+    extra = lead_width(tile, gap) if lead else 0
+    left = label_width + extra
+    return GridLayout(
+        header_height + grid_h, left + grid_w, header_height, left, tile, gap, label_width if lead else None
+    )
 
 
 class _Text:
@@ -376,6 +435,277 @@ def _ranked(array: xr.DataArray, dtype: type = np.int64) -> np.ndarray:
     return np.asarray(array.transpose("rank", "unit").values, dtype=dtype)
 
 
+# ---------------------------------------------------------------------- where it fires
+
+
+def spatial_maps(output: torch.Tensor, units: int) -> np.ndarray | None:
+    """A recorded layer output as one map per unit, ``(batch, unit, y, x)`` float32.
+
+    Parameters
+    ----------
+    output
+        What the layer gave for a batch: ``(batch, unit, h, w)`` (a convolution's maps,
+        kept as they are) or ``(batch, token, unit)`` (a transformer's tokens, laid out on
+        their grid by ``mergescope.activations.token_grid``: a square number of tokens is
+        taken for the patches alone, any other for a class token and the patches);
+        ``(batch, unit)`` has no positions.
+    units
+        The layer's unit count (the top-k's), which tells the two 3-D layouts apart.
+
+    Returns
+    -------
+    numpy.ndarray or None
+        The maps, sharing no memory with ``output``; ``None`` for a layer without positions.
+
+    Raises
+    ------
+    ConfigError
+        For token outputs when the installed core has no ``token_grid``, or an output whose
+        unit axis does not hold ``units`` units.
+    """
+    values = output.detach().float().cpu()
+    if values.ndim == 2:
+        return None
+    if values.ndim == 4 and values.shape[1] == units:
+        return values.numpy().copy()
+    if values.ndim == 3 and values.shape[2] == units:
+        token_grid = getattr(activations, "token_grid", None)
+        if token_grid is None:
+            raise ConfigError(
+                "heatmaps of a token layer need mergescope.activations.token_grid (a ViT's patch tokens laid out "
+                "on their grid), which this installation lacks; draw the layer with heatmaps = false",
+                where="key 'heatmaps'",
+            )
+        # A square number of tokens is a patch grid alone (no class token); else a class token leads.
+        tokens = values.shape[1]
+        prefix = 0 if math.isqrt(tokens) ** 2 == tokens else 1
+        # (batch, token, unit) -> (batch, unit, token): the tokens on the last axis, where token_grid reads them.
+        return np.asarray(token_grid(values.transpose(1, 2).numpy(), prefix=prefix), dtype=np.float32)
+    raise ConfigError(
+        f"heatmaps need a layer's output as (batch, unit, y, x) or (batch, token, unit) with the top-k's {units} "
+        f"units; got shape {tuple(values.shape)}",
+        where="key 'heatmaps'",
+    )
+
+
+def map_peak(amap: np.ndarray) -> tuple[float, float]:
+    """Where a map is highest: the centre of its largest cell as fractions ``(y, x)`` of the image's height and width.
+
+    Map cell ``(i, j)`` of an ``(h, w)`` map covers the image block whose centre is at
+    ``((i + 0.5) / h, (j + 0.5) / w)`` of the image (the geometry of
+    :func:`mergescope.heatmaps.upsample`); ties go to the first cell in row-major order.
+    """
+    h, w = amap.shape
+    i, j = np.unravel_index(int(np.argmax(amap)), amap.shape)
+    return (i + 0.5) / h, (j + 0.5) / w
+
+
+class _evaluating:
+    """Models in eval mode for a pass, each module's own mode restored after."""
+
+    def __init__(self, models: Iterable[Any]) -> None:
+        self.modes = [(m, m.training) for model in models for m in model.modules()]
+
+    def __enter__(self) -> None:
+        for module, _ in self.modes:
+            module.training = False
+
+    def __exit__(self, *exc: Any) -> None:
+        for module, mode in self.modes:
+            module.training = mode
+
+
+def _record_maps(plans: Sequence[_Layer], models: Sequence[str], context: Context) -> None:
+    """Fill every plan's ``maps``: each model row's map of each drawn unit on each of its top-k images.
+
+    One pass over the union of the images the model rows show, in batches of the context's
+    batch size; each batch is loaded once and given to every model. Only the maps shown are
+    kept, so memory grows with the grids, not the dataset.
+    """
+    modules = {m: context.modules[m] for m in models}
+    rows = {m: plans[0].labels.index(m) for m in models}
+    wanted = [p.ids[rows[m]][:, p.units] for p in plans for m in models]
+    union = np.unique(np.concatenate([w.ravel() for w in wanted])) if wanted else np.zeros(0, np.int64)
+    layers = [p.name for p in plans]
+    for plan in plans:
+        plan.maps = np.full((len(plan.labels), plan.ids.shape[1], len(plan.units)), None, dtype=object)
+    captured: dict[str, torch.Tensor] = {}
+
+    def sink(layer: str, output: torch.Tensor) -> None:
+        captured[layer] = output.detach()  # a module called twice keeps its last call, as the recording does
+
+    handles = [h for m in models for h in attach_recorders(modules[m], layers, sink, m)]
+    chunks = [union[i : i + context.batch_size] for i in range(0, len(union), context.batch_size)]
+    try:
+        with _evaluating(modules.values()), torch.no_grad(), autocast(context.device, context.precision):
+            for chunk in context.progress(chunks, desc="top-k heatmaps", total=len(chunks)):
+                batches = _image_batches(context, chunk)
+                for model in models:
+                    for batch_ids, images in batches:
+                        captured.clear()
+                        modules[model](images.to(model_device(modules[model])))
+                        for plan in plans:
+                            _keep_maps(plan, rows[model], batch_ids, captured[plan.name])
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _image_batches(context: Context, ids: np.ndarray) -> list[tuple[np.ndarray, torch.Tensor]]:
+    """The images of ``ids`` in one batch, or one by one when their sizes differ."""
+    try:
+        return [(ids, context.images(ids))]
+    except RuntimeError:  # Context.images stacks the images, which fails when their sizes differ
+        return [(ids[i : i + 1], context.images(ids[i : i + 1])) for i in range(len(ids))]
+
+
+def _keep_maps(plan: _Layer, row: int, batch_ids: np.ndarray, output: torch.Tensor) -> None:
+    """Store in ``plan.maps[row]`` the maps of ``output`` (one batch) that the row's grids show."""
+    assert plan.maps is not None
+    shown = plan.ids[row][:, plan.units]  # (rank, drawn unit)
+    order = np.argsort(batch_ids)
+    found = np.searchsorted(batch_ids, shown, sorter=order)
+    found = np.minimum(found, len(batch_ids) - 1)
+    position = order[found]
+    hit = batch_ids[position] == shown
+    if not hit.any():
+        return
+    maps = spatial_maps(output, plan.ids.shape[2])
+    if maps is None:
+        plan.spatial = False
+        return
+    for rank, j in zip(*np.nonzero(hit)):
+        plan.maps[row, rank, j] = maps[position[rank, j], plan.units[j]]
+
+
+def _heat_tiles(
+    plan: _Layer, j: int, tiles: np.ndarray, shapes: np.ndarray, scale: str, alpha: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The tiles ``(row, rank, tile, tile, 3)`` of drawn unit ``j`` with its maps laid over the images.
+
+    Each map is drawn over the image's part of its tile (letterboxing stays white); rows
+    without maps keep their plain tiles. Returns the tiles and the ``vmax`` of each map
+    (NaN where none).
+    """
+    assert plan.maps is not None
+    heat = tiles.copy()
+    size = tiles.shape[2]
+    rows, k = plan.maps.shape[:2]
+    vmax = np.full((rows, k), np.nan)
+    for r in range(rows):
+        maps = [plan.maps[r, rank, j] for rank in range(k)]
+        if any(m is None for m in maps):
+            continue
+        tops = np.array([float(m.max()) for m in maps])
+        if scale == "unit":
+            present = [plan.maps[q, rank, j] for q in range(rows) for rank in range(k)]
+            tops[:] = max(float(m.max()) for m in present if m is not None)
+        elif scale == "row":
+            tops[:] = tops.max()
+        for rank, amap in enumerate(maps):
+            top, left, h, w = _placement(*shapes[r, rank], size)
+            region = heat[r, rank, top : top + h, left : left + w]
+            given = tops[rank] if tops[rank] > 0 else None  # a map with nothing positive draws as the bottom colour
+            heat[r, rank, top : top + h, left : left + w] = overlay(region, amap, alpha=alpha, vmax=given)
+            vmax[r, rank] = tops[rank]
+    return heat, vmax
+
+
+# ------------------------------------------------------------------- optimised images
+
+
+def _optimised(results: xr.DataTree, step: str, plans: Sequence[_Layer], out_dir: Path, tile: int) -> None:
+    """Fill every plan's optimised images from the feature-vis step ``step``.
+
+    Per row (a model the step visualised) and drawn unit: the step's best image of the unit
+    (largest ``activation_reached``), as a display tile, its activation and its PNG
+    relative to ``out_dir``. Images come from the step's ``pixels`` or, where it kept
+    none (large runs), from its PNGs in the step's figure folder, beside ``out_dir``.
+
+    Raises
+    ------
+    ConfigError
+        ``step`` is not an earlier step, holds no feature-vis results, or shares no model,
+        layer and unit with the grids.
+    """
+    if step not in results.children:
+        known = ", ".join(results.children) or "none"
+        raise ConfigError(
+            f"{step!r} is not a step whose results this step can read (earlier steps: {known}); name a feature-vis "
+            "step that comes before this one",
+            where="key 'optimised'",
+        )
+    ds = results[step].to_dataset(inherit=True)
+    dims = ("model", "layer", "unit", "image")
+    if (
+        "activation_reached" not in ds
+        or ds["activation_reached"].dims != dims
+        or not ("pixels" in ds or "image_file" in ds)
+    ):
+        held = ", ".join(map(str, ds.data_vars)) or "no variables"
+        raise ConfigError(
+            f"step {step!r} holds no feature-vis images (it holds {held}); 'optimised' reads a feature-vis step's "
+            "activation_reached (model, layer, unit, image) and its pixels or image_file",
+            where="key 'optimised'",
+        )
+    models = [str(m) for m in ds["model"].values]
+    layers = [str(layer) for layer in ds["layer"].values]
+    units = [int(u) for u in ds["unit"].values]
+    reached = np.asarray(ds["activation_reached"].values, dtype=np.float64)
+    files = np.asarray(ds["image_file"].values).astype(str) if "image_file" in ds else None
+    pixels = ds.get("pixels")
+    folder = out_dir.parent / step  # a visualizer's files lie in figures/<step>
+    found = 0
+    for plan in plans:
+        rows, count = len(plan.labels), len(plan.units)
+        plan.optimised = np.full((rows, count, tile, tile, 3), _PAPER, dtype=np.uint8)
+        plan.optimised_value = np.full((rows, count), np.nan)
+        plan.optimised_file = np.full((rows, count), "", dtype=object)
+        if plan.name not in layers:
+            continue
+        li = layers.index(plan.name)
+        for r, label in enumerate(plan.labels):
+            if label not in models:
+                continue
+            m = models.index(label)
+            for j, unit in enumerate(plan.units.tolist()):
+                if unit not in units:
+                    continue
+                u = units.index(unit)
+                if not np.isfinite(reached[m, li, u]).any():
+                    continue
+                best = int(np.nanargmax(reached[m, li, u]))
+                file = str(files[m, li, u, best]) if files is not None else ""
+                if pixels is not None:
+                    image = np.asarray(pixels[m, li, u, best].values)
+                elif file and (folder / file).is_file():
+                    image = _png_as_chw(folder / file)
+                else:
+                    continue
+                plan.optimised[r, j] = display_image(image, tile)
+                plan.optimised_value[r, j] = reached[m, li, u, best]
+                if file:
+                    plan.optimised_file[r, j] = os.path.relpath(folder / file, out_dir).replace(os.sep, "/")
+                found += 1
+    if not found:
+        shown = sorted({label for p in plans for label in p.labels})
+        raise ConfigError(
+            f"feature-vis step {step!r} visualised models {models} at layers {layers} (units {units[:10]}"
+            f"{', ...' if len(units) > 10 else ''}), none of which this step draws (rows {shown}, layers "
+            f"{[p.name for p in plans]}); give both steps the same models and layers",
+            where="key 'optimised'",
+        )
+
+
+def _png_as_chw(path: Path) -> np.ndarray:
+    """A PNG as ``(C, H, W)`` with 1 or 3 channels."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        array = np.asarray(image.convert("L" if image.mode in ("L", "I", "I;16", "1") else "RGB"))
+    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
 # ---------------------------------------------------------------------------- metrics
 
 
@@ -436,12 +766,24 @@ class _Layer:
     units: np.ndarray  # the units drawn
     labels: list[str]  # row labels
     metrics: _Metrics
+    # Where it fires: (row, rank, drawn unit) maps (h, w), None for rows without a model.
+    maps: np.ndarray | None = None
+    spatial: bool = True  # False when the layer's output has no positions
+    # The optimised images: (row, drawn unit, tile, tile, 3) tiles, paper where none; values and files.
+    optimised: np.ndarray | None = None
+    optimised_value: np.ndarray | None = None
+    optimised_file: np.ndarray | None = None
 
-    def entry(self, unit: int, file: str) -> dict[str, Any]:
-        """The index entry of ``unit``'s grid."""
+    @property
+    def has_maps(self) -> bool:
+        """Whether the layer's grids get heatmaps."""
+        return self.maps is not None and self.spatial
+
+    def entry(self, unit: int, j: int, file: str) -> dict[str, Any]:
+        """The index entry of ``unit`` (the ``j``-th unit drawn)'s grid."""
         rows = len(self.labels)
         m = self.metrics
-        return {
+        entry = {
             "layer": self.name,
             "unit": unit,
             "file": file,
@@ -452,6 +794,10 @@ class _Layer:
             "unit_metric_names": m.unit_names,
             "unit_metrics": m.per_unit[:, unit] if m.per_unit is not None else np.zeros(0),
         }
+        if self.optimised_value is not None and self.optimised_file is not None:
+            entry["optimised_value"] = self.optimised_value[:, j]
+            entry["optimised_file"] = self.optimised_file[:, j]
+        return entry
 
 
 # ------------------------------------------------------------------------- visualizer
@@ -527,6 +873,22 @@ class TopKGrids:
         Side of every image tile in pixels; every image is scaled to fit it.
     gap
         White pixels between tiles and between rows.
+    heatmaps
+        Also draw where each unit fires: every model row's top-k images with the unit's
+        activation map over them, in a second grid per unit (``unit-<NNNN>-heatmap.png``)
+        that the report's browser toggles to. Costs one forward pass of the step's models
+        over just the images shown. Layers without positions get none.
+    heatmap_scale
+        What a heatmap's brightest colour means: ``"row"`` (default) the largest
+        activation over the row's k images (one model's images compare with each other),
+        ``"unit"`` over the whole grid (models compare too), ``"image"`` each image's own
+        largest.
+    heatmap_alpha
+        Weight of the colour map over the image, in [0, 1].
+    optimised
+        An earlier ``feature-vis`` step: beside each model's row, the image it optimised
+        for the unit in that model (its best one when it made several), in a column left
+        of rank 0. Unset (default): none.
     """
 
     name: ClassVar[str] = "top-k"
@@ -544,6 +906,10 @@ class TopKGrids:
     rows_select: dict[str, list[Any]] = attrs.field(factory=dict, validator=_row_selection)
     tile: int = attrs.field(default=48, validator=[attrs.validators.instance_of(int), attrs.validators.ge(4)])
     gap: int = attrs.field(default=2, validator=_non_negative_int)
+    heatmaps: bool = attrs.field(default=False, validator=boolean)
+    heatmap_scale: str = attrs.field(default="row", validator=one_of(*HEATMAP_SCALES))
+    heatmap_alpha: float = attrs.field(default=0.5, validator=probability)
+    optimised: str | None = attrs.field(default=None, validator=optional(non_empty_str))
 
     def render(self, results: xr.DataTree, out_dir: Path, context: Context | None = None) -> list[Path]:
         """Draw the grids of every layer and unit of the step into ``out_dir``.
@@ -558,32 +924,57 @@ class TopKGrids:
         ------
         ConfigError
             ``k`` larger than the recorded top-k or the dataset, a unit outside a layer,
-            a ``rows_from`` or ``metrics`` step that does not exist, or rows without
-            top-k at a layer.
+            a ``rows_from``, ``metrics`` or ``optimised`` step that does not exist, rows
+            without top-k at a layer, or heatmaps without the models to run.
         """
         if context is None or not context.layers or not (context.models if self.model_rows else self.rows_from):
             return []
+        self._check_heatmaps(context)
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         tiles, text = _Tiles(context, self.tile), _Text()
         folders: list[str] = []
-        entries: list[dict[str, Any]] = []
-        paths: list[Path] = []
-        row_labels: list[str] = []
+        plans: list[_Layer] = []
         for layer in context.layers:
             plan = self._plan(results, context, layer, folders)
-            if row_labels and plan.labels != row_labels:
+            if plans and plan.labels != plans[0].labels:
                 raise ConfigError(
-                    f"layer {layer!r} has rows {plan.labels} but an earlier layer had {row_labels}",
+                    f"layer {layer!r} has rows {plan.labels} but an earlier layer had {plans[0].labels}",
                     where="key 'rows_from'",
                 )
-            row_labels = plan.labels
             folders.append(plan.folder)
-            if len(plan.units):
-                paths += self._draw(plan, tiles, text, out_dir / plan.folder, context, entries)
+            plans.append(plan)
+        drawn = [p for p in plans if len(p.units)]
+        if self.optimised is not None and drawn:
+            _optimised(results, self.optimised, drawn, out_dir, self.tile)
+        if self.heatmaps and drawn:
+            _record_maps(drawn, list(context.models), context)
+        entries: list[dict[str, Any]] = []
+        paths: list[Path] = []
+        for plan in drawn:
+            paths += self._draw(plan, tiles, text, out_dir / plan.folder, context, entries)
         index_path = out_dir / INDEX_FILE
-        _index(entries, row_labels).to_netcdf(index_path)
+        _index(entries, plans[0].labels).to_netcdf(index_path)
         return [*paths, index_path]
+
+    def _check_heatmaps(self, context: Context) -> None:
+        """Refuse heatmaps without model rows or the models' modules, before any work."""
+        if not self.heatmaps:
+            return
+        if not self.model_rows:
+            raise ConfigError(
+                "heatmaps draw where the step's models fire, but model_rows = false draws no model; "
+                "set model_rows = true or heatmaps = false",
+                where="key 'heatmaps'",
+            )
+        missing = [m for m in context.models if m not in context.modules]
+        if missing:
+            raise ConfigError(
+                f"heatmaps run the step's models over their top-k images, but this context holds no module for "
+                f"{', '.join(map(repr, missing))}; run the step in a pipeline (its 'models' key), or pass the "
+                "modules in Context(modules=...)",
+                where="key 'heatmaps'",
+            )
 
     # -- what to draw
 
@@ -675,47 +1066,70 @@ class TopKGrids:
                 text.width(f"{m} = {_format(-_max_abs(metrics.per_unit[i, units]))}")
                 for i, m in enumerate(metrics.unit_labels)
             ]
-        grid_w = k * self.tile + (k - 1) * self.gap
+        lead = plan.optimised is not None
+        grid_w = k * self.tile + (k - 1) * self.gap + (lead_width(self.tile, self.gap) if lead else 0)
         label_width = max(2 * _PAD + max(widest), max(header) + 2 * _PAD - grid_w)
-        header_height = (1 + len(metrics.unit_labels)) * text.line + 2 * _PAD
-        return grid_layout(rows, k, self.tile, self.gap, label_width, header_height)
+        if lead:  # the caption above the optimised column, which starts at the label column's edge
+            label_width = max(label_width, text.width(OPTIMISED_LABEL) + _PAD - grid_w)
+        header_height = (1 + len(metrics.unit_labels) + lead) * text.line + 2 * _PAD
+        return grid_layout(rows, k, self.tile, self.gap, label_width, header_height, lead=lead)
 
     def _draw(
         self, plan: _Layer, tiles: _Tiles, text: _Text, folder: Path, context: Context, entries: list[dict[str, Any]]
     ) -> list[Path]:
-        from PIL import Image
-
-        rows, k = plan.ids.shape[:2]
-        tile, gap = self.tile, self.gap
         shown = plan.ids[:, :, plan.units]
         tiles.load(shown)
         bank, position = tiles.bank(shown)  # position: (row, rank, index into plan.units)
         layout = self._layout(plan, text)
+        colour = tiles.colour or plan.optimised is not None and bool((plan.optimised != plan.optimised[..., :1]).any())
+        if plan.has_maps:
+            shapes = np.array([tiles.shapes[int(i)] for i in shown.ravel()]).reshape(*shown.shape, 2)
 
         # What every grid of the layer shares: background and row names.
         base = np.full((layout.height, layout.width, 3), _PAPER, dtype=np.uint8)
         for r, name in enumerate(plan.labels):
-            text.draw(base, name, layout.row_top(r) + _PAD // 2, _PAD, layout.tiles_left - _PAD)
-        block = np.full((rows, k, tile + gap, tile + gap, 3), _PAPER, dtype=np.uint8)
-        grid_h, grid_w = layout.height - layout.tiles_top, layout.width - layout.tiles_left
+            text.draw(base, name, layout.row_top(r) + _PAD // 2, _PAD, layout.labels_right)
+        if layout.lead_left is not None:
+            text.draw(base, OPTIMISED_LABEL, layout.tiles_top - text.line - _PAD // 2, layout.lead_left, layout.width)
 
         folder.mkdir(parents=True, exist_ok=True)
         paths = []
         units = plan.units.tolist()
         for j, unit in enumerate(context.progress(units, desc=f"top-k grids {plan.name}", total=len(units))):
-            block[:, :, :tile, :tile] = bank[position[:, :, j]]
-            # (row, rank, y, x, rgb) -> (row, y, rank, x, rgb): one image, then drop the trailing gap.
-            grid = block.transpose(0, 2, 1, 3, 4).reshape(rows * (tile + gap), k * (tile + gap), 3)
-            canvas = base.copy()
-            canvas[layout.tiles_top :, layout.tiles_left :] = grid[:grid_h, :grid_w]
+            ranked = bank[position[:, :, j]]  # (row, rank, tile, tile, 3)
+            canvas = self._canvas(base, layout, ranked, plan, j)
             self._write_texts(canvas, text, layout, plan, unit)
             path = folder / f"unit-{unit:04d}.png"
-            # Grey datasets give grey grids: one channel is a third of the bytes to compress.
-            image = Image.fromarray(canvas if tiles.colour else canvas[..., 0])
-            image.save(path, compress_level=1)  # fast; the grids are small either way
+            _save_grid(canvas, path, colour)
             paths.append(path)
-            entries.append(plan.entry(unit, f"{folder.name}/{path.name}"))
+            entry = plan.entry(unit, j, f"{folder.name}/{path.name}")
+            if plan.has_maps:
+                heat, vmax = _heat_tiles(plan, j, ranked, shapes[:, :, j], self.heatmap_scale, self.heatmap_alpha)
+                canvas = self._canvas(base, layout, heat, plan, j)
+                self._write_texts(canvas, text, layout, plan, unit)
+                heat_path = folder / f"unit-{unit:04d}{HEATMAP_SUFFIX}.png"
+                _save_grid(canvas, heat_path, True)
+                paths.append(heat_path)
+                entry |= _heat_entry(plan, j, vmax, f"{folder.name}/{heat_path.name}")
+            entries.append(entry)
         return paths
+
+    def _canvas(self, base: np.ndarray, layout: GridLayout, ranked: np.ndarray, plan: _Layer, j: int) -> np.ndarray:
+        """One grid: ``base`` with the ranked tiles ``(row, rank, tile, tile, 3)`` and the optimised column."""
+        rows, k = ranked.shape[:2]
+        tile, gap = self.tile, self.gap
+        block = np.full((rows, k, tile + gap, tile + gap, 3), _PAPER, dtype=np.uint8)
+        block[:, :, :tile, :tile] = ranked
+        # (row, rank, y, x, rgb) -> (row, y, rank, x, rgb): one image, then drop the trailing gap.
+        grid = block.transpose(0, 2, 1, 3, 4).reshape(rows * (tile + gap), k * (tile + gap), 3)
+        canvas = base.copy()
+        grid_h, grid_w = layout.height - layout.tiles_top, layout.width - layout.tiles_left
+        canvas[layout.tiles_top :, layout.tiles_left :] = grid[:grid_h, :grid_w]
+        if layout.lead_left is not None and plan.optimised is not None:
+            for r in range(rows):
+                top = layout.row_top(r)
+                canvas[top : top + tile, layout.lead_left : layout.lead_left + tile] = plan.optimised[r, j]
+        return canvas
 
     def _write_texts(self, canvas: np.ndarray, text: _Text, layout: GridLayout, plan: _Layer, unit: int) -> None:
         """The unit's header and the metric values beside the rows."""
@@ -739,7 +1153,7 @@ class TopKGrids:
                 shown = [", ".join(shown)]
             top = layout.row_top(r) + _PAD // 2
             for i, line in enumerate(shown):
-                text.draw(canvas, line, top + (i + 1) * text.line, _PAD, layout.tiles_left - _PAD)
+                text.draw(canvas, line, top + (i + 1) * text.line, _PAD, layout.labels_right)
 
     def report_panel(
         self,
@@ -759,7 +1173,36 @@ class TopKGrids:
             return "no top-k grids (no models or layers)"
         layers = list(dict.fromkeys(str(v) for v in result["layer"].values))
         rows = ", ".join(str(r) for r in result["row"].values)
-        return f"{result.sizes['entry']} top-k grids over {len(layers)} layers (rows: {rows})"
+        extras = []
+        if "heatmap_file" in result:
+            extras.append(f"heatmaps for {int((result['heatmap_file'] != '').sum())}")
+        if "optimised_file" in result:
+            shown = np.isfinite(np.asarray(result["optimised_activation"].values))
+            extras.append(f"{int(shown.sum())} optimised images")
+        more = f"; {', '.join(extras)}" if extras else ""
+        return f"{result.sizes['entry']} top-k grids over {len(layers)} layers (rows: {rows}{more})"
+
+
+def _save_grid(canvas: np.ndarray, path: Path, colour: bool) -> None:
+    """Write a grid as PNG; grey grids as one channel, a third of the bytes to compress."""
+    from PIL import Image
+
+    Image.fromarray(canvas if colour else canvas[..., 0]).save(path, compress_level=1)  # fast; grids are small
+
+
+def _heat_entry(plan: _Layer, j: int, vmax: np.ndarray, file: str) -> dict[str, Any]:
+    """The index values of drawn unit ``j``'s heatmaps: file, peak of every map, its maximum and colour scale."""
+    assert plan.maps is not None
+    rows, k = plan.maps.shape[:2]
+    peak = np.full((rows, k, 2), np.nan)
+    top = np.full((rows, k), np.nan)
+    for r in range(rows):
+        for rank in range(k):
+            amap = plan.maps[r, rank, j]
+            if amap is not None:
+                peak[r, rank] = map_peak(amap)
+                top[r, rank] = float(amap.max())
+    return {"heatmap_file": file, "peak": peak, "map_max": top, "vmax": vmax}
 
 
 def _unique_folder(layer: str, taken: Iterable[str]) -> str:
@@ -780,6 +1223,14 @@ def _index(entries: list[dict[str, Any]], rows: list[str]) -> xr.Dataset:
     rank), ``metric_value`` (entry, row, metric) and ``unit_metric_value`` (entry,
     unit_metric); coords ``layer`` and ``unit`` on ``entry``, ``row`` (row labels),
     ``rank``, ``metric`` and ``unit_metric`` (``"<step>:<variable>"``).
+
+    With optimised images: ``optimised_file`` (entry, row; the feature-vis PNG relative to
+    the index file, ``""`` where none) and ``optimised_activation`` (entry, row). With
+    heatmaps: ``heatmap_file`` (entry; ``""`` for layers without positions),
+    ``heatmap_peak_y`` / ``heatmap_peak_x`` (entry, row, rank; where the map is highest,
+    as fractions of the image's height and width), ``heatmap_max`` (the map's largest
+    activation) and ``heatmap_vmax`` (the activation drawn at the top of the colour map);
+    NaN for rows without a model.
     """
     if not entries:
         return xr.Dataset(coords={"row": np.asarray(rows, dtype=str)})
@@ -817,6 +1268,32 @@ def _index(entries: list[dict[str, Any]], rows: list[str]) -> xr.Dataset:
     if unit_metric_names:
         ds["unit_metric_value"] = (("entry", "unit_metric"), unit_metric)
         ds = ds.assign_coords(unit_metric=np.asarray(unit_metric_names, dtype=str))
+    if any("optimised_file" in e for e in entries):
+        optimised_file = np.full((n, r), "", dtype=object)
+        optimised_value = np.full((n, r), np.nan)
+        for i, e in enumerate(entries):
+            if "optimised_file" in e:
+                optimised_file[i], optimised_value[i] = e["optimised_file"], e["optimised_value"]
+        ds["optimised_file"] = (("entry", "row"), optimised_file.astype(str))
+        ds["optimised_activation"] = (("entry", "row"), optimised_value)
+    if any("heatmap_file" in e for e in entries):
+        heat_file = np.full(n, "", dtype=object)
+        peak = np.full((n, r, k, 2), np.nan)
+        map_max, vmax = np.full((n, r, k), np.nan), np.full((n, r, k), np.nan)
+        for i, e in enumerate(entries):
+            if "heatmap_file" in e:
+                kk = e["peak"].shape[1]
+                heat_file[i], peak[i, :, :kk], map_max[i, :, :kk], vmax[i, :, :kk] = (
+                    e["heatmap_file"],
+                    e["peak"],
+                    e["map_max"],
+                    e["vmax"],
+                )
+        ds["heatmap_file"] = ("entry", heat_file.astype(str))
+        ds["heatmap_peak_y"] = (("entry", "row", "rank"), peak[..., 0])
+        ds["heatmap_peak_x"] = (("entry", "row", "rank"), peak[..., 1])
+        ds["heatmap_max"] = (("entry", "row", "rank"), map_max)
+        ds["heatmap_vmax"] = (("entry", "row", "rank"), vmax)
     return ds
 
 
@@ -849,10 +1326,36 @@ def _index_files(node: xr.Dataset, run_dir: Path, files: Sequence[Path]) -> list
     names = [str(v) for v in node[var].values]
     if not names:
         return []
+    base = _index_base(names[0], run_dir, files)
+    return [_from_base(base, n) for n in names]
+
+
+def _index_base(first: str, run_dir: Path, files: Sequence[Path]) -> Path:
+    """The folder (relative to ``run_dir``) that the index's paths start from, found by its first image ``first``."""
     bases = [f.parent for f in files if f.suffix == ".nc"]
     bases += [f.parent for f in files if f.suffix.lower() in IMAGE_SUFFIXES][:1] + [Path(".")]
-    base = next((b for b in bases if (run_dir / b / names[0]).is_file()), bases[0])
-    return [PurePosixPath(os.path.normpath((base / n).as_posix())).as_posix() for n in names]
+    return next((b for b in bases if (run_dir / b / first).is_file()), bases[0])
+
+
+def _from_base(base: Path, name: str) -> str:
+    """``name`` (relative to ``base``) relative to the run directory, posix; ``""`` stays ``""``."""
+    return PurePosixPath(os.path.normpath((base / name).as_posix())).as_posix() if name else ""
+
+
+def _extra_images(node: xr.Dataset, run_dir: Path, files: Sequence[Path]) -> tuple[list[str], list[list[str]]]:
+    """Every entry's heatmap grid and optimised images (per row), relative to ``run_dir``; ``""`` where none."""
+    entries = node.sizes.get("entry", 0)
+    var = _index_file_var(node)
+    if not entries or var is None:
+        return [], []
+    base = _index_base(str(node[var].values[0]), run_dir, files)
+    heat = [""] * entries
+    if "heatmap_file" in node and node["heatmap_file"].dims == ("entry",):
+        heat = [_from_base(base, str(v)) for v in node["heatmap_file"].values]
+    optimised: list[list[str]] = [[] for _ in range(entries)]
+    if "optimised_file" in node and node["optimised_file"].dims == ("entry", "row"):
+        optimised = [[_from_base(base, str(v)) for v in row] for row in node["optimised_file"].values]
+    return heat, optimised
 
 
 def _metric_columns(
@@ -928,6 +1431,8 @@ def unit_browser(
     if metric_steps is None:
         metric_steps = guess_metric_steps(results) if results is not None else []
     paths = _index_files(node, run_dir, files)
+    heat, optimised = _extra_images(node, run_dir, files)
+    row_names = [str(r) for r in node["row"].values] if "row" in node.coords else []
     layer_of = [str(v) for v in node["layer"].values]
     unit_of = np.asarray(node["unit"].values).astype(np.int64)
     layers = []
@@ -935,15 +1440,20 @@ def unit_browser(
         rows = [i for i, name in enumerate(layer_of) if name == layer]
         units = unit_of[rows]
         columns = _metric_columns(results, metric_steps, layer, units) if results is not None else []
-        layers.append(
-            {
-                "name": layer,
-                "units": units.tolist(),
-                "files": [quote(paths[i]) for i in rows],
-                "columns": [c for c, _ in columns],
-                "values": [v for _, v in columns],
-            }
-        )
+        entry: dict[str, Any] = {
+            "name": layer,
+            "units": units.tolist(),
+            "files": [quote(paths[i]) for i in rows],
+            "columns": [c for c, _ in columns],
+            "values": [v for _, v in columns],
+        }
+        # Only what a layer has: a browser of grids without extras reads as before.
+        if any(heat[i] for i in rows):
+            entry["heatmaps"] = [quote(heat[i]) for i in rows]
+        if any(f for i in rows for f in optimised[i]):
+            entry["rows"] = row_names
+            entry["optimised"] = [[quote(f) for f in optimised[i]] for i in rows]
+        layers.append(entry)
     data = json.dumps({"layers": layers}, separators=(",", ":"), allow_nan=False)
     # Inside <script> only "</" could end the element early; escape every "<", ">" and "&".
     data = data.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
@@ -988,7 +1498,8 @@ def unit_browser_panel(
     files = list(files) if files is not None else node_files(node)
     if not has_unit_index(node):
         return default_panel(node, run_dir, results, files=files, metric_steps=metric_steps)
-    grids = set(_index_files(node, run_dir, files))
+    heat, _ = _extra_images(node, run_dir, files)
+    grids = set(_index_files(node, run_dir, files)) | set(heat)
     rest = [f for f in files if f.as_posix() not in grids]
     browser = unit_browser(node, run_dir, results, files=files, metric_steps=metric_steps)
     css, js = _browser_assets()

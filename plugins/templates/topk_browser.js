@@ -33,7 +33,8 @@
     var thead = root.querySelector("table.ms-units thead");
     var tbody = root.querySelector("table.ms-units tbody");
     var detail = root.querySelector(".ms-detail");
-    var state = {layer: 0, sort: -1, desc: false, unit: -1};
+    // heat: show the heatmap grids (where each unit fires) instead of the plain ones, kept across units.
+    var state = {layer: 0, sort: -1, desc: false, unit: -1, heat: false};
     data.layers.forEach(function (layer, i) {
       var o = make("option", layer.name + " (" + layer.units.length + " units)");
       o.value = String(i);
@@ -101,17 +102,25 @@
       });
       var parts = [make("h4", L.name + ", unit " + L.units[i])];
       if (L.files[i]) {
+        var heat = L.heatmaps ? L.heatmaps[i] : "";
         var img = make("img");
-        img.src = L.files[i];
-        img.alt = L.name + ", unit " + L.units[i];
+        var a = make("a");
+        var shown = function () {
+          var src = state.heat && heat ? heat : L.files[i];
+          img.src = src;
+          a.href = src;
+          img.alt = L.name + ", unit " + L.units[i] + (state.heat && heat ? ", where it fires" : "");
+        };
         img.addEventListener("load", function () {  // readable at normal zoom: up to twice its size
           if (img.naturalWidth) img.style.width = Math.min(2 * img.naturalWidth, 1200) + "px";
         });
-        var a = make("a");
-        a.href = L.files[i];
+        if (heat) parts.push(toggle(shown));
+        shown();
         a.appendChild(img);
         parts.push(a);
       }
+      var strip = optimised(L, i);
+      if (strip) parts.push(strip);
       if (L.columns.length) {
         var t = make("table", null, "num ms-values");
         var h = make("tr");
@@ -129,6 +138,52 @@
         parts.push(make("p", "No metric step scored this layer.", "note"));
       }
       detail.replaceChildren.apply(detail, parts);
+    }
+    // Two buttons that switch the grid between the images and their heatmaps.
+    function toggle(shown) {
+      var bar = make("div", null, "ms-toggle");
+      bar.setAttribute("role", "group");
+      bar.setAttribute("aria-label", "Grid");
+      [[false, "images"], [true, "where it fires"]].forEach(function (choice) {
+        var b = make("button", choice[1]);
+        b.type = "button";
+        b.setAttribute("aria-pressed", String(state.heat === choice[0]));
+        b.addEventListener("click", function () {
+          state.heat = choice[0];
+          Array.prototype.forEach.call(bar.children, function (other) {
+            other.setAttribute("aria-pressed", String(other === b));
+          });
+          shown();
+        });
+        bar.appendChild(b);
+      });
+      return bar;
+    }
+    // The unit's optimised image per row (model), loaded only when scrolled into view.
+    function optimised(L, i) {
+      if (!L.optimised) return null;
+      var figures = [];
+      L.optimised[i].forEach(function (src, r) {
+        if (!src) return;
+        var f = make("figure");
+        var a = make("a");
+        a.href = src;
+        var img = make("img");
+        img.loading = "lazy";
+        img.src = src;
+        img.alt = "optimised, " + L.rows[r] + ", unit " + L.units[i];
+        a.appendChild(img);
+        f.appendChild(a);
+        f.appendChild(make("figcaption", L.rows[r]));
+        figures.push(f);
+      });
+      if (!figures.length) return null;
+      var box = make("div", null, "ms-optimised");
+      box.appendChild(make("h5", "Optimised images"));
+      var row = make("div", null, "ms-strip");
+      figures.forEach(function (f) { row.appendChild(f); });
+      box.appendChild(row);
+      return box;
     }
     function pick(ev) {
       var tr = ev.target.closest("tr");
