@@ -3,10 +3,12 @@
 One DataArray per (model, layer), named ``activation``:
 
 - dims ``("sample", "unit")`` for channel summaries (conv maps reduced by mean or max
-  over space), ``("sample", "unit", "y", "x")`` for full maps;
+  over space, token layers by their class token or mean token),
+  ``("sample", "unit", "y", "x")`` for full maps, ``("sample", "unit", "token")`` for
+  every token of a token layer (:mod:`mergescope.tokens`);
 - coords ``sample`` (the dataset's stable sample id), ``unit`` (channel index),
-  ``label`` (class of each sample, on ``sample``), and scalar coords ``model`` and
-  ``layer``.
+  ``label`` (class of each sample, on ``sample``), ``token`` (token position, on a
+  token map), and scalar coords ``model`` and ``layer``.
 
 A collection is an :class:`xarray.DataTree` ``/<model>/<layer>`` whose nodes hold a
 Dataset with the ``activation`` variable. Components never read ``.attrs``.
@@ -38,6 +40,16 @@ from .errors import ConfigError, ContractError, closest, did_you_mean
 from .loading import make_loader, to_device
 from .progress import Progress, silent
 from .storage import load_tree, save_tree
+from .tokens import (
+    DEFAULT_TOKENS,
+    TOKEN_DIMS,
+    TOKENS,
+    batch_first,
+    check_tokens,
+    require_token_layers,
+    token_grid,
+    token_summary,
+)
 from .values import ImageDataset, model_device
 
 __all__ = [
@@ -46,6 +58,8 @@ __all__ = [
     "describe_scores",
     "VARIABLE",
     "REDUCTIONS",
+    "TOKENS",
+    "token_grid",
     "collect",
     "layer_names",
     "resolve_layers",
@@ -328,16 +342,28 @@ def attach_recorders(
     ``tensor`` is the module's output itself: a sink that keeps it (or a view of it)
     past the call must copy it, since later layers may change it in place
     (:func:`owned_array`). For ``"@in"`` it is the module's input, for ``"@patches"``
-    the input's patches (:func:`input_patches`).
+    the input's patches (:func:`input_patches`). Token layers come batch-first,
+    ``(N, T, D)``, and multi-head attention's output without its weights
+    (:func:`mergescope.tokens.batch_first`); a module returning another tuple is a
+    ``ConfigError`` at the first forward pass.
     """
-    handles = []
+    batch: list[int | None] = [None]
+
+    def note_batch(_model: nn.Module, args: tuple[Any, ...]) -> None:
+        first = args[0] if args else None
+        batch[0] = first.shape[0] if isinstance(first, torch.Tensor) and first.ndim else None
+
+    def record(name: str, module: nn.Module, value: Any) -> None:
+        sink(name, batch_first(module, value, batch[0], name, model_name))
+
+    handles = [model.register_forward_pre_hook(note_batch)]  # the batch size, to check token layouts
     for name, (module, records_input) in resolve_layers(model, layers, model_name).items():
         if name.endswith(PATCHES_SUFFIX):
             handles.append(module.register_forward_pre_hook(lambda m, a, _n=name: sink(_n, input_patches(m, a[0]))))
         elif records_input:
-            handles.append(module.register_forward_pre_hook(lambda _m, args, _n=name: sink(_n, args[0])))
+            handles.append(module.register_forward_pre_hook(lambda m, args, _n=name: record(_n, m, args[0])))
         else:
-            handles.append(module.register_forward_hook(lambda _m, _i, out, _n=name: sink(_n, out)))
+            handles.append(module.register_forward_hook(lambda m, _i, out, _n=name: record(_n, m, out)))
     return handles
 
 
@@ -405,21 +431,29 @@ def owned_array(values: torch.Tensor, output: torch.Tensor) -> np.ndarray:
     return array
 
 
-def spatial_summary(output: torch.Tensor, reduce: str) -> torch.Tensor:
-    """A layer output with conv maps reduced over space (``"mean"`` or ``"max"``), on its device; others as they are."""
+def spatial_summary(output: torch.Tensor, reduce: str, tokens: str = DEFAULT_TOKENS) -> torch.Tensor:
+    """One row per sample of a layer output, on its device: conv maps reduced over space (``"mean"`` or
+    ``"max"``), token layers ``(N, T, D)`` to their class token (``tokens = "cls"``) or mean token
+    (``"mean"``, and ``"all"``, whose per-sample row is its mean), ``(N, C)`` outputs as they are."""
     out = output.detach()
+    if out.ndim == 3:
+        return token_summary(out, "cls" if tokens == "cls" else "mean")
     if out.ndim > 2:
         flat = out.flatten(2)
         out = flat.mean(dim=2) if reduce == "mean" else flat.amax(dim=2)
     return out
 
 
-def summarise(output: torch.Tensor, reduce: str) -> np.ndarray:
-    """A layer output as float32 NumPy: conv maps reduced over space (``"none"`` keeps them).
+def summarise(output: torch.Tensor, reduce: str, tokens: str = DEFAULT_TOKENS) -> np.ndarray:
+    """A layer output as float32 NumPy, as recorded: conv maps reduced over space (``"none"`` keeps
+    them), token layers ``(N, T, D)`` as ``tokens`` says (``"all"``: ``(N, D, T)`` maps).
 
     The array never shares memory with ``output`` (see :func:`owned_array`).
     """
-    return owned_array(output.detach() if reduce == "none" else spatial_summary(output, reduce), output)
+    out = output.detach()
+    if out.ndim == 3:
+        return owned_array(token_summary(out, tokens), output)
+    return owned_array(out if reduce == "none" else spatial_summary(out, reduce), output)
 
 
 def make_activation(
@@ -431,22 +465,20 @@ def make_activation(
     layer: str,
     units: np.ndarray | None = None,
 ) -> xr.DataArray:
-    """Wrap an array ``(sample, unit[, y, x])`` in the labelled contract form."""
-    dims = _SUMMARY_DIMS if values.ndim == 2 else _MAP_DIMS
-    if values.ndim not in (2, 4):
-        raise ContractError(f"activation values must be 2-D or 4-D, got shape {values.shape} ({model}/{layer})")
-    return xr.DataArray(
-        values,
-        dims=dims,
-        coords={
-            "sample": np.asarray(sample_ids, dtype=np.int64),
-            "unit": np.arange(values.shape[1]) if units is None else np.asarray(units),
-            "label": ("sample", np.asarray(labels, dtype=np.int64)),
-            "model": model,
-            "layer": layer,
-        },
-        name=VARIABLE,
-    )
+    """Wrap an array ``(sample, unit[, y, x])`` or ``(sample, unit, token)`` in the labelled contract form."""
+    dims = {2: _SUMMARY_DIMS, 3: TOKEN_DIMS, 4: _MAP_DIMS}.get(values.ndim)
+    if dims is None:
+        raise ContractError(f"activation values must be 2-D, 3-D or 4-D, got shape {values.shape} ({model}/{layer})")
+    coords: dict[str, Any] = {
+        "sample": np.asarray(sample_ids, dtype=np.int64),
+        "unit": np.arange(values.shape[1]) if units is None else np.asarray(units),
+        "label": ("sample", np.asarray(labels, dtype=np.int64)),
+        "model": model,
+        "layer": layer,
+    }
+    if values.ndim == 3:
+        coords["token"] = np.arange(values.shape[2])
+    return xr.DataArray(values, dims=dims, coords=coords, name=VARIABLE)
 
 
 def validate_activation(da: xr.DataArray, where: str = "activation") -> xr.DataArray:
@@ -459,9 +491,9 @@ def validate_activation(da: xr.DataArray, where: str = "activation") -> xr.DataA
     """
     if not isinstance(da, xr.DataArray):
         raise ContractError(f"{where}: expected an xarray.DataArray, got {type(da).__name__}")
-    if da.dims not in (_SUMMARY_DIMS, _MAP_DIMS):
-        raise ContractError(f"{where}: dims must be {_SUMMARY_DIMS} or {_MAP_DIMS}, got {da.dims}")
-    for coord in ("sample", "unit"):
+    if da.dims not in (_SUMMARY_DIMS, _MAP_DIMS, TOKEN_DIMS):
+        raise ContractError(f"{where}: dims must be {_SUMMARY_DIMS}, {_MAP_DIMS} or {TOKEN_DIMS}, got {da.dims}")
+    for coord in ("sample", "unit", "token") if da.dims == TOKEN_DIMS else ("sample", "unit"):
         if coord not in da.coords or da.coords[coord].dims != (coord,):
             raise ContractError(f"{where}: missing the index coord {coord!r}")
     if "label" not in da.coords or da.coords["label"].dims != ("sample",):
@@ -499,9 +531,14 @@ def check_metric_inputs(
             )
         extra = [d for d in da.dims if d not in _SUMMARY_DIMS]
         if extra and not spatial:
+            record = (
+                "token summaries (tokens = 'cls' or 'mean')"
+                if "token" in extra
+                else "channel summaries (reduce = 'mean' or 'max')"
+            )
             raise ContractError(
                 f"{metric}: {which} has extra dims {extra} (dims {da.dims}); it needs one value per sample and "
-                "unit, so record channel summaries (reduce = 'mean' or 'max')"
+                f"unit, so record {record}"
             )
         if need_ids and "sample" not in da.coords:
             raise ContractError(f"{metric}: {which} has no 'sample' coord; the sample ids say which images to use")
@@ -672,6 +709,7 @@ def collect(
     *,
     model_name: str,
     reduce: str = "mean",
+    tokens: str = DEFAULT_TOKENS,
     batch_size: int = 256,
     progress: Progress | None = None,
 ) -> dict[str, xr.DataArray]:
@@ -690,6 +728,11 @@ def collect(
     reduce
         ``"mean"`` or ``"max"`` over spatial positions of conv maps, or ``"none"``
         for full ``(sample, unit, y, x)`` maps.
+    tokens
+        What token layers (outputs ``(N, T, D)``) record: ``"mean"`` over tokens,
+        ``"cls"`` (position 0) or ``"all"`` for ``(sample, unit, token)`` maps (see
+        :mod:`mergescope.tokens`). Another choice than ``"mean"`` where no layer is a
+        token layer is a ``ConfigError``.
     batch_size
         Images per forward pass.
     progress
@@ -698,20 +741,24 @@ def collect(
     Returns
     -------
     dict
-        Layer name -> activation DataArray with dims ``("sample", "unit")``.
+        Layer name -> activation DataArray with dims ``("sample", "unit")`` (or a full
+        map's, see ``reduce`` and ``tokens``).
     """
     if reduce not in (*REDUCTIONS, "none"):
         raise ConfigError(f"unknown reduction {reduce!r}; accepted: mean, max, none", where="key 'reduce'")
+    check_tokens(tokens)
     if len(data) == 0:
         raise ConfigError(f"dataset {data.name!r} is empty; nothing to collect")
     x = _groups.example_input(data) if uses_groups(layers) else None
     names = list(resolve_layers(model, layers, model_name, example_input=x))
     n = len(data)
     buffers: dict[str, np.ndarray] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
     offset = 0
 
     def sink(layer: str, output: torch.Tensor) -> None:
-        out = summarise(output, reduce)
+        shapes.setdefault(layer, tuple(output.shape))
+        out = summarise(output, reduce, tokens)
         if layer not in buffers:
             buffers[layer] = np.empty((n, *out.shape[1:]), dtype=np.float32)
         buffers[layer][offset : offset + len(out)] = out
@@ -728,6 +775,8 @@ def collect(
         with torch.no_grad():
             for images, _labels in progress(loader, desc=f"activations {model_name}", total=len(loader)):
                 model(to_device(images, device))
+                if not offset:
+                    require_token_layers(tokens, shapes, f"model {model_name!r}")
                 offset += len(images)
     finally:
         for h in handles:

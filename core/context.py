@@ -26,6 +26,7 @@ from .keys import state_digest
 from .progress import progress_bar
 from .statistics import TopK
 from .store import Store, StoreSpec, collect_store, recording_key
+from .tasks import ValidationTask, evaluate_on_task
 from .values import Evaluation, ImageDataset, evaluate
 
 __all__ = ["Context"]
@@ -66,6 +67,10 @@ class Context:
         The step's models as modules (name -> module), for a visualizer that runs them
         (feature visualisation optimises their inputs); empty where a step receives its
         models as an argument.
+    tasks
+        The pipeline's tasks that give validation data, each with its head (see
+        :mod:`mergescope.tasks`): what a search over merge coefficients chooses on
+        (:func:`mergescope.task_vectors.search_scaling`), scored with :meth:`evaluate_task`.
     """
 
     data: ImageDataset | None = None
@@ -79,6 +84,7 @@ class Context:
     device: torch.device = attrs.field(factory=lambda: torch.device("cpu"))
     precision: str = "fp32"
     modules: Mapping[str, nn.Module] = attrs.field(factory=dict, eq=False, repr=False)
+    tasks: Sequence[ValidationTask] = attrs.field(factory=list, eq=False, repr=False)
 
     def evaluate(self, model: nn.Module) -> Evaluation:
         """Loss and accuracy of ``model`` on :attr:`data`."""
@@ -86,6 +92,11 @@ class Context:
             raise ValueError("this step needs data to evaluate models, but the pipeline has no [data]")
         with autocast(self.device, self.precision):
             return evaluate(model, self.data, self.batch_size)
+
+    def evaluate_task(self, model: nn.Module, task: ValidationTask) -> Evaluation:
+        """Loss and accuracy of ``model`` on a task's validation data, with the task's head and classes."""
+        with autocast(self.device, self.precision):
+            return evaluate_on_task(model, task.load(), task.head, task.restrict, self.batch_size, task.where)
 
     def record(
         self,
@@ -98,6 +109,7 @@ class Context:
         keep_activations: bool = True,
         reduce: str = "mean",
         positions: bool = False,
+        tokens: str = "mean",
     ) -> Store:
         """Record ``models`` over :attr:`data` in one pass: activations and streaming statistics.
 
@@ -109,7 +121,7 @@ class Context:
             Layer selectors per model (see :func:`mergescope.activations.resolve_layers`).
         pairs
             Model pairs whose cross-covariance is accumulated (alignment statistics).
-        covariance, topk, keep_activations, reduce, positions
+        covariance, topk, keep_activations, reduce, positions, tokens
             As in :class:`mergescope.store.StoreSpec`.
 
         Returns
@@ -128,6 +140,7 @@ class Context:
             pairs=[(a, b) for a, b in pairs],
             keep_activations=keep_activations,
             positions=positions,
+            tokens=tokens,
         )
         key = recording_key([state_digest(m) for m in models.values()], self.data, spec, self.precision)
         root = self.workdir if self.workdir is not None else Path(tempfile.gettempdir()) / "mergescope-records"

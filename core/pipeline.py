@@ -404,6 +404,10 @@ class Pipeline:
                 table["expert"] = t.expert
             if t.models is not None:
                 table["models"] = t.models
+            if t.head is not None:
+                table["head"] = t.head.to_table()
+            if t.validation is not None:
+                table["validation"] = {"use": component_name(t.validation), **unstructure_options(t.validation)}
             out["tasks"].append(table)
         if self.claims:
             out["claims"] = claims_to_tables(self.claims)
@@ -438,7 +442,7 @@ class Pipeline:
             for m in self.models
         ]
         steps = [attrs.evolve(s, component=fix(s.component), data=fix(s.data)) for s in self.steps]
-        tasks = [attrs.evolve(t, data=fix(t.data)) for t in self.tasks]
+        tasks = [attrs.evolve(t, data=fix(t.data), validation=fix(t.validation)) for t in self.tasks]
         return attrs.evolve(self, models=models, steps=steps, tasks=tasks, data=fix(self.data))
 
     # -- checks ----------------------------------------------------------------

@@ -23,12 +23,11 @@ import logging
 import platform
 import shutil
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import attrs
-import numpy as np
 import torch
 import xarray as xr
 from torch import nn
@@ -52,6 +51,7 @@ from .report_parts import parameter_count, plain_json, step_evaluation, task_tab
 from .results import RunResult
 from .storage import atomic_path, load_tree, locked_dir, save_tree
 from .store import Store, StoreSpec, collect_store, recording_key
+from .tasks import ValidationTask, evaluate_tasks
 from .training import Training, trained_model, trained_model_key
 from .values import Alignment, DatasetSource, Evaluation, ImageDataset, evaluate, model_device
 
@@ -102,6 +102,7 @@ class _Run:
             workdir=out_dir / "activations",
             device=self.device,
             precision=self.precision,
+            tasks=self._validation_tasks(),
         )
         self.models: dict[str, _Model] = {}
         self.alignments: dict[str, Alignment] = {}
@@ -353,7 +354,8 @@ class _Run:
             if rules.reads_models(step)
             else [],
             selectors=self._step_selectors(step),
-            recording=[activations.reduce, activations.topk],
+            # The token choice joins the key only when it is not the default, so earlier caches stay valid.
+            recording=[activations.reduce, activations.topk, *([activations.tokens] * (activations.tokens != "mean"))],
             earlier=[self.step_keys[n] for n in self.names[: self.names.index(name)]]
             if rules.reads_earlier_results
             else [],
@@ -374,7 +376,15 @@ class _Run:
             self.pipeline.seed,
             inputs,
             *self._precision_key(),
+            *(self._validation_key() if rules.makes_model else ()),
         )
+
+    def _validation_key(self) -> tuple[list[Any], ...]:
+        """What the tasks' validation data add to step keys (searches choose on them): nothing without any."""
+        tasks = [t for t in self.pipeline.tasks if t.validation is not None]
+        if not tasks:
+            return ()
+        return ([[t.name, t.validation, t.head.to_table() if t.head else None, t.restrict, t.expert] for t in tasks],)
 
     def _precision_key(self) -> tuple[dict[str, str], ...]:
         """What the precision adds to cache keys: nothing at fp32, so that full-precision keys stay as they were."""
@@ -689,42 +699,31 @@ class _Run:
         return result.loss, result.accuracy
 
     def evaluate_tasks(self) -> xr.Dataset:
-        """Loss and accuracy of every model on every task; normalised by each task's expert."""
-        tasks = self.pipeline.tasks
-        models = list(self.models)
-        key = cache_key(
-            [self.models[m].fingerprint for m in models],
-            [[t.name, t.data, t.expert, t.restrict, t.models] for t in tasks],
-            *self._precision_key(),
-        )
-        path = self.out / "steps" / f"tasks-{key[:16]}" / "result.nc"
-        made = [self.pipeline.composition(m) for m in models]
+        """Loss and accuracy of every model on every task, each with its head; normalised by each task's expert."""
+        made = [self.pipeline.composition(m) for m in self.models]
         how = {"method": ("model", [m for m, _ in made]), "alignment": ("model", [a for _, a in made])}
-        if path.exists() and not self.force:
-            log.info("tasks: done before, loaded from %s", path.parent)
-            return load_tree(path).to_dataset().assign_coords(how)
-        accuracy = np.full((len(models), len(tasks)), np.nan)
-        loss = np.full_like(accuracy, np.nan)
-        for j, task in enumerate(tasks):
-            data = task.data.load()
-            classes = np.unique(data.labels).tolist() if task.restrict else None
-            for i, m in enumerate(models):
-                if task.models is not None and m not in task.models:
-                    continue
-                result = self._evaluate(f"evaluating {m!r} on task {task.name!r}", self.models[m].module, data, classes)
-                accuracy[i, j], loss[i, j] = result.accuracy, result.loss
-        ds = xr.Dataset(
-            {"accuracy": (("model", "task"), accuracy), "loss": (("model", "task"), loss)},
-            coords={"model": models, "task": [t.name for t in tasks]},
+        models = {name: (model.module, model.fingerprint) for name, model in self.models.items()}
+        table = evaluate_tasks(
+            self.pipeline.tasks,
+            models,
+            self._evaluate,
+            self.out / "steps",
+            force=self.force,
+            key_parts=self._precision_key(),
         )
-        experts = [models.index(t.expert) if t.expert else -1 for t in tasks]
-        if any(e >= 0 for e in experts):
-            reference = np.array([accuracy[e, j] if e >= 0 else np.nan for j, e in enumerate(experts)])
-            ds["normalized_accuracy"] = ds["accuracy"] / xr.DataArray(reference, dims="task")
-            ds["average_normalized_accuracy"] = ds["normalized_accuracy"].mean("task")
-        ds["average_accuracy"] = ds["accuracy"].mean("task")
-        save_tree(xr.DataTree(ds), path)
-        return ds.assign_coords(how)
+        return table.assign_coords(how)
+
+    def _validation_tasks(self) -> list[ValidationTask]:
+        """The tasks with validation data, for the searches of merge coefficients (experts found when asked)."""
+
+        def expert(name: str | None) -> Callable[[], nn.Module | None]:
+            return lambda: self.models[name].module if name is not None and name in self.models else None
+
+        return [
+            ValidationTask(t.name, t.validation, t.head, t.restrict, t.expert, expert(t.expert))
+            for t in self.pipeline.tasks
+            if t.validation is not None
+        ]
 
     def _summary_line(self, name: str, nodes: Mapping[str, xr.Dataset]) -> str:
         step = self.pipeline.steps[self.names.index(name)]
@@ -894,4 +893,5 @@ def _store_spec(pipeline: Pipeline, layers: Mapping[str, list[str]]) -> StoreSpe
         batch_size=spec.batch_size,
         chunk_size=spec.chunk_size,
         topk=spec.topk,
+        tokens=spec.tokens,
     )

@@ -19,8 +19,10 @@ import attrs
 from .devices import check_device_spec
 from .errors import ConfigError, DuplicateComponentError, article, did_you_mean
 from .kinds import KINDS, STEP_KINDS, step_kind
-from .options import canonical_path, resolve_paths, structure_options
+from .options import canonical_path, resolve_paths, structure_options, unstructure_options
 from .plugins import Registry, get_registry
+from .tasks import TaskHead
+from .tokens import DEFAULT_TOKENS, check_tokens
 from .training import Training
 
 __all__ = [
@@ -31,6 +33,7 @@ __all__ = [
     "Model",
     "Task",
     "Data",
+    "TaskHead",
     "component_from_table",
     "ALIGNED",
 ]
@@ -39,7 +42,8 @@ MODEL_KEYS = ("name", "use", "checkpoint", "checkpoint_key", "strip_prefix", "tr
 # The keys of [[models]] that say how a checkpoint is read (ModelSpec fields of the same names).
 CHECKPOINT_OPTIONS = ("checkpoint_key", "strip_prefix")
 STEP_KEYS = ("use", "name", "models", "layers", "alignment", "allow_unaligned", "data", "device")
-TASK_KEYS = ("name", "use", "expert", "restrict", "models")
+TASK_KEYS = ("name", "use", "expert", "restrict", "models", "head", "validation")
+HEAD_KEYS = ("templates", "classnames")
 #: Separates a model from the aligner step that maps it onto its reference: ``"b@wm"``.
 ALIGNED = "@"
 
@@ -58,6 +62,10 @@ class ActivationSpec:
         Default layers for steps that do not name their own.
     reduce
         ``"mean"`` or ``"max"`` over the spatial positions of conv maps, ``"none"`` for full maps.
+    tokens
+        What token layers (transformer outputs ``(N, T, D)``) record: ``"mean"`` over
+        tokens (default), ``"cls"``, the class token at position 0, or ``"all"``, every
+        token as a ``(sample, unit, token)`` map (see :mod:`mergescope.tokens`).
     batch_size
         Images per forward pass (collection and evaluation).
     chunk_size
@@ -71,6 +79,7 @@ class ActivationSpec:
 
     layers: list[str] = attrs.field(factory=list)
     reduce: str = attrs.field(default="mean", validator=attrs.validators.in_(("mean", "max", "none")))
+    tokens: str = attrs.field(default=DEFAULT_TOKENS, validator=lambda _s, _a, value: check_tokens(value, where=None))
     batch_size: int = attrs.field(default=256, validator=attrs.validators.gt(0))
     chunk_size: int = attrs.field(default=4096, validator=attrs.validators.gt(0))
     topk: int = attrs.field(default=10, validator=attrs.validators.ge(0))
@@ -294,6 +303,15 @@ class TaskSpec:
         of a shared classifier).
     models
         Models (or merger steps) to evaluate; default: every model and merged model.
+    head
+        The task's zero-shot head: a :class:`~mergescope.tasks.TaskHead`, or a table
+        ``{"templates": [...], "classnames": [...]}`` (class names default to the data's).
+        Every model is scored with it swapped in for its own head (see
+        :mod:`mergescope.tasks`); ``None``: the models' own outputs.
+    validation
+        The task's validation images: a dataset component, or a table (with ``use``, a
+        dataset of its own; without, the task's dataset with these options changed, e.g.
+        ``{"split": "validation"}``). Searches over merge coefficients choose on them.
     **options
         The dataset's options, when ``data`` is a name.
     """
@@ -303,6 +321,8 @@ class TaskSpec:
     expert: str | None = None
     restrict: bool = True
     models: list[str] | None = None
+    head: TaskHead | None = None
+    validation: Any | None = None
 
     def __init__(
         self,
@@ -311,15 +331,29 @@ class TaskSpec:
         expert: str | None = None,
         restrict: bool = True,
         models: Sequence[str] | None = None,
+        head: TaskHead | Mapping[str, Any] | None = None,
+        validation: Any | None = None,
         **options: Any,
     ) -> None:
         if isinstance(data, str):
             table = {"name": name, "use": data, "restrict": restrict, **options}
             table.update({k: _listed(v) for k, v in (("expert", expert), ("models", models)) if v is not None})
-            data = task_from_table(get_registry(), table, "Task").data
+            if isinstance(head, Mapping):
+                table["head"] = dict(head)
+            if isinstance(validation, Mapping):
+                table["validation"] = dict(validation)
+            spec = task_from_table(get_registry(), table, "Task")
+            data = spec.data
+            head = spec.head if isinstance(head, Mapping) else head
+            validation = spec.validation if isinstance(validation, Mapping) else validation
         else:
             _refuse_options(options, TASK_KEYS, "Task", name, data)
-        self.__attrs_init__(name, data, expert, restrict, _listed(models))
+            where = f"Task (name = {name!r})"
+            if isinstance(head, Mapping):
+                head = head_from_table(dict(head), where)
+            if isinstance(validation, Mapping):
+                validation = validation_from_table(get_registry(), dict(validation), data, where, None)
+        self.__attrs_init__(name, data, expert, restrict, _listed(models), head, validation)
 
 
 #: The name a notebook writes ``[[models]]`` with: ``Model("a", "mlp", width=64)``.
@@ -542,7 +576,60 @@ def task_from_table(registry: Registry, table: dict[str, Any], where: str, base_
         raise ConfigError(f"'restrict' must be true or false, got {restrict!r}", where=f"{where}, key 'restrict'")
     if models is not None and not (isinstance(models, list) and all(isinstance(m, str) for m in models)):
         raise ConfigError(f"'models' must be a list of model names, got {models!r}", where=f"{where}, key 'models'")
-    return TaskSpec(name, data, expert, restrict, models)
+    head = head_from_table(table["head"], where, base_dir) if "head" in table else None
+    validation = None
+    if "validation" in table:
+        validation = validation_from_table(registry, table["validation"], data, where, base_dir)
+    return TaskSpec(name, data, expert, restrict, models, head, validation)
+
+
+def _names_or_file(value: Any, key: str, where: str, base_dir: Path | None) -> Any:
+    """A list as it is; a string is a text file (relative to the pipeline file) holding one entry a line."""
+    if not isinstance(value, str):
+        return value
+    path = canonical_path(value, base_dir if base_dir is not None else Path.cwd())
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise ConfigError(
+            f"{key!r} is a list or a text file with one entry a line; cannot read {str(path)!r}: {exc.strerror}",
+            where=f"{where}, key {key!r}",
+        ) from exc
+    return [line.strip() for line in lines if line.strip()]
+
+
+def head_from_table(table: Any, where: str, base_dir: Path | None = None) -> TaskHead:
+    """A task's ``head`` table: ``templates`` and, optionally, ``classnames`` (lists, or text files)."""
+    where = f"{where}, [head]"
+    if not isinstance(table, Mapping):
+        raise ConfigError(
+            "'head' must be a table: head = { templates = ['a photo of a {}.'], classnames = [...] }", where=where
+        )
+    reject_unknown(table, HEAD_KEYS, "a task's head", where)
+    if "templates" not in table:
+        raise ConfigError(
+            "a head needs its prompt templates: templates = ['a photo of a {}.', ...]",
+            where=f"{where}, key 'templates'",
+        )
+    values = {k: _names_or_file(table[k], k, where, base_dir) for k in HEAD_KEYS if k in table}
+    try:
+        return TaskHead(**values)
+    except ConfigError as exc:
+        raise ConfigError(exc.message, where=f"{where}, key {(exc.where or '').rsplit('key ', 1)[-1]}") from None
+
+
+def validation_from_table(registry: Registry, table: Any, data: Any, where: str, base_dir: Path | None) -> Any:
+    """A task's ``validation`` table: a dataset of its own (with ``use``), or the task's with options changed."""
+    where = f"{where}, [validation]"
+    if not isinstance(table, Mapping):
+        raise ConfigError(
+            "'validation' must be a table: a dataset (validation = { use = ..., split = 'validation' }) or the "
+            "task's dataset with some options changed (validation = { split = 'validation' })",
+            where=where,
+        )
+    if "use" not in table:  # the task's own dataset, with these options in place of its own
+        table = {"use": type(data).name, **unstructure_options(data), **table}
+    return build_component(registry, "dataset", dict(table), where, base_dir=base_dir)
 
 
 def check_own_data(kind: str, use: str, where: str) -> None:

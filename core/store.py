@@ -3,7 +3,8 @@
 :func:`collect_store` runs every model on each batch (one forward pass per model),
 and in the same pass
 
-- writes the channel summaries (or, opt-in, full maps) chunk by chunk,
+- writes the channel summaries (or, opt-in, full maps; for token layers the class
+  token, the mean token or every token, see :mod:`mergescope.tokens`) chunk by chunk,
 - updates per-unit statistics: mean and variance (:class:`~mergescope.statistics.Moments`),
   top-k samples (:class:`~mergescope.statistics.TopK`), the within-model covariance and
   the cross-model covariance of chosen pairs (:class:`~mergescope.statistics.CoMoments`).
@@ -18,7 +19,7 @@ temporary name and renamed; a ``COMPLETE`` marker is written last.
 
 A collection directory::
 
-    <model>.nc         /<layer>/activation  (sample, unit[, y, x])
+    <model>.nc         /<layer>/activation  (sample, unit[, y, x]) or (sample, unit, token)
     statistics.nc      /<model>/<layer>/{moments,topk,covariance}, /cross/<a>/<b>/<layer>
     COMPLETE           JSON: key, samples, shard -- written last
     .work/             chunks and the checkpoint while collecting (removed at the end)
@@ -67,6 +68,7 @@ from .loading import TimedBatches, make_loader, to_device
 from .progress import Progress, silent
 from .statistics import CoMoments, Moments, TopK
 from .storage import atomic_path, load_tree, save_tree
+from .tokens import DEFAULT_TOKENS, check_tokens, require_token_layers, token_rows
 from .values import Evaluation, ImageDataset, model_device
 
 log = logging.getLogger(__name__)
@@ -95,8 +97,9 @@ EAGER_BYTES = 256 * 2**20
 
 #: Part of every recording's identity. Raise it when recording changes what a store
 #: holds for the same models, data and options (2: outputs changed in place by a later
-#: layer are recorded as the layer returned them).
-RECORDING_FORMAT = 2
+#: layer are recorded as the layer returned them; 3: (N, T, D) outputs are token layers,
+#: summarised over tokens rather than over channels).
+RECORDING_FORMAT = 3
 
 _WORK = ".work"
 _CHECKPOINT = "checkpoint.nc"
@@ -134,8 +137,16 @@ class StoreSpec:
         :mod:`mergescope.loading`).
     positions
         Take the moments and covariances of conv maps over every spatial position
-        (samples x positions rows), as activation matching and REPAIR do; top-k stays
-        per image. Default: over the per-image summaries.
+        (samples x positions rows), as activation matching and REPAIR do, and those of
+        token layers over every token; top-k stays per image. Default: over the
+        per-image summaries.
+    tokens
+        What token layers (outputs ``(N, T, D)``, see :mod:`mergescope.tokens`) record:
+        ``"mean"`` over tokens, ``"cls"`` (position 0), or ``"all"``, ``(unit, token)``
+        maps whose moments and covariances are taken over every token (samples x tokens
+        rows) and whose top-k ranks images by their mean token. Another choice than
+        ``"mean"`` where no recorded layer is a token layer is a ``ConfigError`` at the
+        first batch.
     """
 
     layers: dict[str, list[str]]
@@ -148,6 +159,7 @@ class StoreSpec:
     keep_activations: bool = True
     workers: int | None = None
     positions: bool = False
+    tokens: str = DEFAULT_TOKENS
 
     def identity(self) -> dict[str, Any]:
         """What a store made with this spec holds, for cache keys.
@@ -162,6 +174,7 @@ class StoreSpec:
     def __attrs_post_init__(self) -> None:
         if self.reduce not in (*REDUCTIONS, "none"):
             raise ConfigError(f"unknown reduction {self.reduce!r}; accepted: mean, max, none", where="key 'reduce'")
+        check_tokens(self.tokens)
         for a, b in self.pairs:
             shared = set(self.layers.get(a, [])) & set(self.layers.get(b, []))
             if a not in self.layers or b not in self.layers or not shared:
@@ -473,7 +486,11 @@ def _join_chunks(path: Path, chunk_files: Sequence[Path], model: str, layers: Se
                 for i, layer in enumerate(layers):
                     g, values = groups[layer], nc[f"layer{i}"][:]
                     if VARIABLE not in g.variables:
-                        dims = ("sample", "unit", "y", "x")[: values.ndim]
+                        dims = (
+                            ("sample", "unit", "token")
+                            if values.ndim == 3
+                            else ("sample", "unit", "y", "x")[: values.ndim]
+                        )
                         for dim, size in zip(dims[1:], values.shape[1:]):
                             g.createDimension(dim, size)
                             g.createVariable(dim, "i8", (dim,))[:] = np.arange(size)
@@ -580,21 +597,26 @@ def collect_store(
     # The rows the moments and co-moments read: host arrays, or on an accelerator tensors
     # that stay there (the products of every batch run on the device, see CoMoments.update).
     captured_rows: dict[str, dict[str, Any]] = {m: {} for m in models}
+    shapes: dict[str, tuple[int, ...]] = {}  # "<model> <layer>" -> output shape, for the tokens check
     handles = []
     for m in models:
         on_device = _statistics_on_device(model_device(models[m]))
 
         def sink(layer: str, output: torch.Tensor, _m: str = m, _on_device: bool = on_device) -> None:
-            if spec.positions and output.ndim > 2:
+            shapes.setdefault(f"{_m} {layer}", tuple(output.shape))
+            if output.ndim == 3 and (spec.positions or spec.tokens == "all"):
+                rows = token_rows(output.detach())  # one row per (sample, token)
+                captured_rows[_m][layer] = rows.float().clone() if _on_device else owned_array(rows, output)
+            elif spec.positions and output.ndim > 2:
                 # channels last, then one row per (sample, position)
                 rows = output.detach().movedim(1, -1).reshape(-1, output.shape[1])
                 captured_rows[_m][layer] = rows.float().clone() if _on_device else owned_array(rows, output)
             elif _on_device:
-                # The per-sample rows: a map's spatial mean (its max for "max"); cloned, as a
-                # later in-place op of the forward pass must not change them.
-                rows = spatial_summary(output, "max" if spec.reduce == "max" else "mean")
+                # The per-sample rows: a map's spatial mean (its max for "max"), a token layer's
+                # summary; cloned, as a later in-place op of the forward pass must not change them.
+                rows = spatial_summary(output, "max" if spec.reduce == "max" else "mean", spec.tokens)
                 captured_rows[_m][layer] = rows.float().clone()
-            captured[_m][layer] = summarise(output, spec.reduce)
+            captured[_m][layer] = summarise(output, spec.reduce, spec.tokens)
 
         handles += attach_recorders(models[m], spec.layers[m], sink, m)
     per_chunk = max(1, -(-spec.chunk_size // spec.batch_size)) * spec.batch_size
@@ -616,6 +638,7 @@ def collect_store(
             for batch_positions, images, labels in batches:
                 for m, model in models.items():
                     acc.score(m, _forward(model, images, m, data), labels, len(data.classes))
+                require_token_layers(spec.tokens, shapes, "models " + ", ".join(map(repr, models)))
                 ids = sample_ids[batch_positions]
                 summaries = {m: {layer: captured[m][layer] for layer in spec.layers[m]} for m in models}
                 per_sample = {

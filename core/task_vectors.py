@@ -29,6 +29,7 @@ The state-dict helpers every merger shares (:func:`~mergescope.states.check_comp
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
@@ -487,17 +488,58 @@ def prepare(models: Mapping[str, nn.Module], base: str | None, *, method: str) -
 
 @attrs.frozen
 class ScalingSearch:
-    """The outcome of :func:`search_scaling`: the grid, its scores and the chosen point."""
+    """The outcome of :func:`search_scaling`: the grid, its scores and the chosen point.
+
+    ``losses`` and ``accuracies`` are on the step's data, or, when the search chose on
+    the tasks' validation data, their means over the tasks. Then ``tasks`` names the
+    tasks, ``task_losses`` and ``task_accuracies`` are ``(grid point, task)``,
+    ``reference_accuracies`` the experts' validation accuracies (empty unless every task
+    has its expert at hand) and ``criterion`` says what was maximised.
+    """
 
     scalings: list[float]
     losses: list[float]
     accuracies: list[float]
     best: int
+    tasks: list[str] = attrs.field(factory=list)
+    task_losses: np.ndarray | None = attrs.field(default=None, eq=False)
+    task_accuracies: np.ndarray | None = attrs.field(default=None, eq=False)
+    reference_accuracies: list[float] = attrs.field(factory=list)
+    criterion: str = "accuracy"
 
     @property
     def scaling(self) -> float:
         """The chosen scaling."""
         return self.scalings[self.best]
+
+    @property
+    def normalized_accuracies(self) -> np.ndarray | None:
+        """``(grid point, task)`` validation accuracies divided by the experts', when they are known."""
+        if self.task_accuracies is None or not self.reference_accuracies:
+            return None
+        return self.task_accuracies / np.asarray(self.reference_accuracies, dtype=float)
+
+    def variables(self) -> dict[str, Any]:
+        """The per-task search curves as result variables (on dims ``scaling`` and ``task``); empty without tasks."""
+        if not self.tasks or self.task_accuracies is None or self.task_losses is None:
+            return {}
+        found: dict[str, Any] = {
+            "search_task_accuracy": (("scaling", "task"), np.asarray(self.task_accuracies, dtype=float)),
+            "search_task_loss": (("scaling", "task"), np.asarray(self.task_losses, dtype=float)),
+            "search_criterion": self.criterion,
+        }
+        normalized = self.normalized_accuracies
+        if normalized is not None:
+            found["search_task_normalized_accuracy"] = (("scaling", "task"), normalized)
+            found["search_normalized_accuracy"] = ("scaling", normalized.mean(axis=1))
+            found["expert_validation_accuracy"] = ("task", np.asarray(self.reference_accuracies, dtype=float))
+        return found
+
+
+def _choose(criterion: np.ndarray, losses: np.ndarray) -> int:
+    """The grid point of the highest ``criterion``; ties go to the lower loss, then to the earlier point."""
+    # lexsort sorts by the last key first: criterion (descending), then loss, then position.
+    return int(np.lexsort((np.arange(len(criterion)), losses, -criterion))[0])
 
 
 def search_scaling(
@@ -505,9 +547,15 @@ def search_scaling(
 ) -> ScalingSearch:
     """Evaluate ``model_at(s)`` for every ``s`` in ``scalings`` and choose the best.
 
-    A plain grid search on ``context.data``: the highest accuracy wins, ties go to the
-    lower loss, then to the earlier grid point. The data it chooses on must not be the
-    data results are reported on: point the pipeline's ``[data]`` at a validation split.
+    When the pipeline's tasks give validation data (``context.tasks``), every grid point
+    is scored on each task's validation images with that task's head and classes, and
+    the point with the highest mean over the tasks wins, as in the papers (Ilharco et al.
+    2023; Yadav et al. 2023): the mean of the *normalised* accuracies (each divided by
+    the task's expert's validation accuracy) when every task names an expert that exists
+    by then, else the mean of the accuracies. Otherwise it is a plain grid search on
+    ``context.data``: the highest accuracy wins. Ties go to the lower (mean) loss, then
+    to the earlier grid point. The data it chooses on must not be the data results are
+    reported on: validation splits, not the test split.
 
     Parameters
     ----------
@@ -516,29 +564,58 @@ def search_scaling(
     scalings
         The grid, evaluated in the given order.
     context
-        Gives the data and the evaluation.
+        Gives the data or the tasks and the evaluation.
     desc
         Progress bar label.
 
     Raises
     ------
     ConfigError
-        The pipeline has no data to choose with.
+        There is no data to choose with: no [data] and no task with validation data.
     """
-    if context.data is None:
+    tasks = list(context.tasks)
+    if not tasks and context.data is None:
         raise ConfigError(
             "'scalings' asks for a search that chooses the scaling by accuracy, which needs data: add [data] "
-            "pointing at a validation split, or give one 'scaling' instead",
+            "pointing at a validation split, or validation data to the [[tasks]], or give one 'scaling' instead",
             where="key 'scalings'",
         )
-    losses, accuracies = [], []
-    for s in context.progress(list(scalings), desc=desc, total=len(scalings)):
-        evaluation = context.evaluate(model_at(float(s)))
-        losses.append(float(evaluation.loss))
-        accuracies.append(float(evaluation.accuracy))
-    # lexsort sorts by the last key first: accuracy (descending), then loss, then position.
-    order = np.lexsort((np.arange(len(scalings)), np.asarray(losses), -np.asarray(accuracies)))
-    return ScalingSearch([float(s) for s in scalings], losses, accuracies, int(order[0]))
+    grid = [float(s) for s in scalings]
+    if not tasks:
+        losses, accuracies = [], []
+        for s in context.progress(grid, desc=desc, total=len(grid)):
+            evaluation = context.evaluate(model_at(s))
+            losses.append(float(evaluation.loss))
+            accuracies.append(float(evaluation.accuracy))
+        return ScalingSearch(grid, losses, accuracies, _choose(np.asarray(accuracies), np.asarray(losses)))
+    task_accuracy = np.zeros((len(grid), len(tasks)))
+    task_loss = np.zeros_like(task_accuracy)
+    for i, s in enumerate(context.progress(grid, desc=f"{desc} (validation of {len(tasks)} tasks)", total=len(grid))):
+        model = model_at(s)
+        for j, task in enumerate(tasks):
+            evaluation = context.evaluate_task(model, task)
+            task_accuracy[i, j], task_loss[i, j] = evaluation.accuracy, evaluation.loss
+    references = [t.reference_accuracy(functools.partial(context.evaluate_task, task=t)) for t in tasks]
+    known = [r for r in references if r is not None]
+    normalised = len(known) == len(tasks) and all(r > 0 for r in known)
+    if normalised:
+        criterion = (task_accuracy / np.asarray(known)).mean(axis=1)
+        name = "average normalized validation accuracy"
+    else:
+        criterion = task_accuracy.mean(axis=1)
+        name = "average validation accuracy"
+    mean_loss = task_loss.mean(axis=1)
+    return ScalingSearch(
+        grid,
+        mean_loss.tolist(),
+        task_accuracy.mean(axis=1).tolist(),
+        _choose(criterion, mean_loss),
+        tasks=[t.name for t in tasks],
+        task_losses=task_loss,
+        task_accuracies=task_accuracy,
+        reference_accuracies=[float(r) for r in known] if normalised else [],
+        criterion=name,
+    )
 
 
 def finish_merge(
@@ -581,7 +658,9 @@ def finish_merge(
         ``base`` (its name), ``merged_scaling`` and ``batchnorm_statistics``
         (``"recomputed"``, ``"averaged"`` or ``"none"``); with data, scalars ``loss`` and
         ``accuracy``; with ``scalings``, coord ``scaling`` (the grid) and
-        ``search_loss`` / ``search_accuracy`` on it.
+        ``search_loss`` / ``search_accuracy`` on it (means over the tasks when the search
+        chose on the tasks' validation data, with coord ``task`` and the variables of
+        :meth:`ScalingSearch.variables`).
     """
     statistics = inputs.statistics()
 
@@ -613,6 +692,11 @@ def finish_merge(
         results = results.assign_coords(scaling=("scaling", np.asarray(search.scalings, dtype=float)))
         results["search_loss"] = ("scaling", np.asarray(search.losses, dtype=float))
         results["search_accuracy"] = ("scaling", np.asarray(search.accuracies, dtype=float))
+        if search.tasks:
+            results = results.assign_coords(task=("task", list(search.tasks)))
+        for key, value in search.variables().items():
+            results[key] = value
+    if search is not None and not search.tasks:
         # The chosen model is the one evaluated at the grid point: no second pass.
         results["loss"] = search.losses[search.best]
         results["accuracy"] = search.accuracies[search.best]

@@ -9,6 +9,16 @@ BatchNorm scale and shift, consumers' input axes (found by tracing,
 :mod:`mergescope.groups`); BatchNorm running means and variances count only with
 ``batchnorm_statistics = true`` (they are permuted with their channels either way).
 
+Attention heads (groups with ``heads > 1``; see :class:`mergescope.groups.ChannelGroup`)
+may only move as wholes, and the query/key and value/output groups of one attention
+layer share the head order (their ``tied`` key). Such groups are visited together and
+solved with a hierarchical assignment (:func:`match_heads`): for each pair of a
+reference head ``a`` and a model head ``b``, the best order within the head is a linear
+assignment over the block ``S[a*d:(a+1)*d, b*d:(b+1)*d]`` of each group's score ``S``;
+the sum of those optima over the tied groups is the cost of the pair, and a linear
+assignment over the heads picks the head order. The residual stream of a transformer is
+one group whose score sums over every parameter that reads or writes it.
+
 With ``strategy = "merge-many"`` (Ainsworth et al. 2023, MergeMany) N models are
 aligned to each other rather than to one of them: each model in turn (random order) is
 matched to the average of all the others as currently permuted, until a round changes
@@ -31,13 +41,15 @@ from torch import nn
 
 from mergescope.batchnorm import running_stat_keys
 from mergescope.components import Alignment, Context
-from mergescope.groups import Axis, ChannelGroup, channel_groups, example_input, permutation_matrix
+from mergescope.groups import Axis, ChannelGroup, channel_groups, example_input, head_permutation, permutation_matrix
 from mergescope.hookspecs import hookimpl
 from mergescope.states import check_compatible
 from mergescope.validators import boolean, integer, one_of, positive_int
 
 __all__ = [
     "match_weights",
+    "match_heads",
+    "solved_together",
     "merge_many",
     "permute_arrays",
     "moved_units",
@@ -63,6 +75,61 @@ def _rows(tensor: np.ndarray, ax: Axis, size: int) -> np.ndarray:
     block = np.take(tensor, np.arange(start, stop), axis=ax.axis)
     block = np.moveaxis(block, ax.axis, 0)
     return block.reshape(size, -1)
+
+
+def match_heads(scores: Sequence[np.ndarray], heads: int) -> tuple[list[np.ndarray], float]:
+    """The best permutations of groups of attention heads that share one head order.
+
+    A hierarchical assignment: for every pair of a reference head ``a`` and a model head
+    ``b`` and every group, the best order of ``b``'s channels within ``a``'s position is
+    a linear assignment over the ``d x d`` block ``score[a*d:(a+1)*d, b*d:(b+1)*d]``;
+    the pair's cost is the sum of those optima over the groups, and a linear assignment
+    over the ``heads x heads`` costs picks the head order. The result is optimal among
+    the permutations that move whole heads, the same way in every group.
+
+    Parameters
+    ----------
+    scores
+        One ``(size, size)`` matrix per group, ``score[i, j]`` the gain of placing the
+        model's unit ``j`` at the reference's position ``i``; every group of one size.
+    heads
+        Number of heads; ``size`` must be a multiple of it.
+
+    Returns
+    -------
+    perms
+        One permutation per group (``perm[i]``: the model's unit placed at position
+        ``i``), built by :func:`mergescope.groups.head_permutation`.
+    total
+        The summed score of the permutations.
+    """
+    size = scores[0].shape[0]
+    if heads < 1 or size % heads or any(s.shape != (size, size) for s in scores):
+        raise ValueError(f"match_heads needs square scores of one size divisible by {heads} heads")
+    d = size // heads
+    cost = np.zeros((heads, heads))
+    within = np.zeros((len(scores), heads, heads, d), dtype=np.int64)
+    for k, score in enumerate(scores):
+        blocks = score.reshape(heads, d, heads, d)
+        for a in range(heads):
+            for b in range(heads):
+                rows, cols = linear_sum_assignment(blocks[a, :, b, :], maximize=True)
+                within[k, a, b] = cols[np.argsort(rows)]
+                cost[a, b] += blocks[a, rows, b, cols].sum()
+    rows, cols = linear_sum_assignment(cost, maximize=True)
+    order = cols[np.argsort(rows)]
+    perms = [head_permutation(order, within[k, np.arange(heads), order]) for k in range(len(scores))]
+    return perms, float(cost[np.arange(heads), order].sum())
+
+
+def solved_together(groups: Sequence[ChannelGroup]) -> list[list[ChannelGroup]]:
+    """The groups as the units a matcher solves at once: the groups tied to one head order together,
+    every other group alone; in the order of each unit's first group.
+    """
+    units: dict[str, list[ChannelGroup]] = {}
+    for g in groups:
+        units.setdefault(g.tied or f"\0{g.name}", []).append(g)
+    return list(units.values())
 
 
 def match_weights(
@@ -176,26 +243,37 @@ def _match_weights(
         cached[g.name, i] = (key, product, perms[others[0][0].name].copy() if len(others) == 1 else None)
         return product
 
+    units = solved_together(groups)
     rng = np.random.default_rng(seed)
     sweep = 0
     while sweep < max_iter:
         sweep += 1
         improved = False
-        for index in rng.permutation(len(groups)):
-            g = groups[index]
-            state = tuple(version[d] for d in depends[g.name])
-            if seen.get(g.name) == state:
+        for index in rng.permutation(len(units)):
+            unit = units[index]
+            state = tuple(version[d] for g in unit for d in depends[g.name])
+            key = unit[0].name
+            if seen.get(key) == state:
                 continue
-            seen[g.name] = state
-            score = np.zeros((g.size, g.size))
-            for i, ax in enumerate(g.axes):
-                score += _contribution(g, i, ax)
-            rows, cols = linear_sum_assignment(score, maximize=True)
-            new = cols[np.argsort(rows)]
-            old_value = score[np.arange(g.size), perms[g.name]].sum()
-            if score[np.arange(g.size), new].sum() > old_value + 1e-12 * max(1.0, abs(old_value)):
-                perms[g.name] = new
-                version[g.name] += 1
+            seen[key] = state
+            scores = []
+            for g in unit:
+                score = np.zeros((g.size, g.size))
+                for i, ax in enumerate(g.axes):
+                    score += _contribution(g, i, ax)
+                scores.append(score)
+            if len(unit) == 1 and unit[0].heads == 1:
+                rows, cols = linear_sum_assignment(scores[0], maximize=True)
+                found = [cols[np.argsort(rows)]]
+            else:  # attention heads: whole heads, one head order for the unit's groups
+                found, _ = match_heads(scores, unit[0].heads)
+            old_value = sum(sc[np.arange(g.size), perms[g.name]].sum() for g, sc in zip(unit, scores))
+            new_value = sum(sc[np.arange(g.size), p].sum() for g, sc, p in zip(unit, scores, found))
+            if new_value > old_value + 1e-12 * max(1.0, abs(old_value)):
+                for g, p in zip(unit, found):
+                    if not np.array_equal(p, perms[g.name]):
+                        perms[g.name] = p
+                        version[g.name] += 1
                 improved = True
         if not improved:
             if not updated:

@@ -63,7 +63,15 @@ from .linear import apply_linear, maps_from_transforms
 from .model import ROLES as ROLES
 from .model import Axis, ChannelGroup, EquivalenceError, UnsupportedLayerError
 from .ops import SUPPORTED as SUPPORTED
-from .permute import check_equivalence, perm_from_matrix, permutation_matrix, permute, random_permutations
+from .permute import (
+    check_equivalence,
+    head_permutation,
+    head_structure,
+    perm_from_matrix,
+    permutation_matrix,
+    permute,
+    random_permutations,
+)
 from .trace import _eval_mode as _eval_mode
 from .trace import channel_groups, example_input, group_layers
 
@@ -76,6 +84,8 @@ __all__ = [
     "group_layers",
     "permute",
     "random_permutations",
+    "head_permutation",
+    "head_structure",
     "check_equivalence",
     "permutation_matrix",
     "perm_from_matrix",

@@ -47,7 +47,7 @@ from .ops import (
     _UPSAMPLE_MODULES,
     SUPPORTED,
 )
-from .values import _OTHER, _fetch, _fetch_state, _flatten, _Problem, _Tensor
+from .values import _OTHER, _common_prefix, _fetch, _fetch_state, _flatten, _Problem, _Tensor
 
 
 def _describe(node: fx.Node, module: nn.Module | None = None) -> str:
@@ -83,7 +83,12 @@ class _Analyzer(_Handlers):
             self.node, self.order, self.claimed = node, i, set()
             module = self.gm.get_submodule(node.target) if node.op == "call_module" else None
             self.desc = _describe(node, module)
+            self.heads_handled = False
             value = self.dispatch(node, module)
+            inputs = list(_flatten(self.value(list(node.args) + list(node.kwargs.values()))))
+            if not self.heads_handled and any(isinstance(v, _Tensor) and v.heads is not None for v in inputs):
+                # Only the handlers that know attention heads may pass them on.
+                value = self.problem(inputs, "does not know how to treat attention heads")
             self.env[node] = value
             if node.op in ("call_function", "call_method", "call_module"):
                 # A parameter read by an operation we do not interpret must not move.
@@ -163,6 +168,11 @@ class _Analyzer(_Handlers):
             return self.prelu(x, self.param_name(self.arg(1, "weight")), count)
         if target is F.embedding:
             return self.embedding(self.value(self.arg(0, "input")), self.param_name(self.arg(1, "weight")))
+        if target is F.scaled_dot_product_attention:
+            q, k, v = (self.value(self.arg(i, n)) for i, n in enumerate(("query", "key", "value")))
+            return self.attention(q, k, v, self.value(self.arg(3, "attn_mask")))
+        if target in (torch.matmul, operator.matmul):
+            return self.matmul(self.value(self.arg(0, "input")), self.value(self.arg(1, "other")))
         if target in _ELEMENTWISE_FUNCTIONS:
             return self.elementwise()
         if target in _RESHAPE_FUNCTIONS:
@@ -219,6 +229,8 @@ class _Analyzer(_Handlers):
             return self.transpose(x, self.arg(1, "dim0"), self.arg(2, "dim1"))
         if name == "t":
             return self.transpose(x, 0, 1)
+        if name == "matmul":
+            return self.matmul(x, self.value(self.arg(1, "other")))
         if name == "permute":
             dims = self.node.args[1:] if len(self.node.args) > 2 else self.arg(1, "dims")
             if isinstance(dims, (list, tuple)) and len(dims) == 1 and isinstance(dims[0], (list, tuple)):
@@ -245,6 +257,8 @@ class _Analyzer(_Handlers):
             return self.conv(x, self.canon(m.weight), self.canon(m.bias), m.groups, transposed, name)
         if isinstance(m, nn.Linear):
             return self.linear(x, self.canon(m.weight), self.canon(m.bias), name)
+        if isinstance(m, nn.MultiheadAttention):
+            return self.multihead_attention(m, name)
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             names = [self.canon(getattr(m, k, None)) for k in ("running_mean", "running_var", "weight", "bias")]
             return self.per_channel(x, 1, names, type(m).__name__, name)
@@ -301,7 +315,12 @@ class _Analyzer(_Handlers):
                     else:
                         reason = f"reads axis {axis} of {param!r} with two different channel layouts"
                         sp.problems[sa].append(_Problem(param, "a parameter read by several layers", reason))
-        # 3. Collect by root.
+        # 3. Attention heads share one head order: when a group of them stays in place, so do the others.
+        pinned_ties = {sp.find(s, sp.tied) for s in range(n) if sp.is_fixed(s) and sp.tie_key[sp.find(s, sp.tied)]}
+        for s in range(n):
+            if sp.find(s, sp.tied) in pinned_ties:
+                sp.fix(s)
+        # 4. Collect by root.
         members: dict[int, list[int]] = defaultdict(list)
         for s in range(n):
             members[sp.find(s)].append(s)
@@ -326,6 +345,9 @@ class _Analyzer(_Handlers):
             first_stream = sp.find(tagged[0][1], sp.stream) if tagged else -1
             naming = [c for c, s in tagged if sp.find(s, sp.stream) == first_stream]
             creators = [c for c, _ in tagged]
+            if sp.heads[root] == 0 or sp.size[root] % max(1, sp.heads[root]):
+                reason = "splits these channels into attention heads of two different sizes"
+                problems.append(_Problem(self.node.name, "attention heads", reason))
             if problems:
                 raise _unsupported(creators, sp.size[root], problems)
             axes: dict[tuple[str, int, int, int], Axis] = {}
@@ -341,6 +363,8 @@ class _Analyzer(_Handlers):
             producers = [name for _, name in sorted({p for s in spaces for p in sp.producers[s]})]
             order = creators[0][0] if creators else n
             naming_names = list(dict.fromkeys(c for _, c in naming))
+            if sp.heads[root] > 1:
+                producers = []  # no module returns the channels of attention heads alone
             groups.append(
                 (order, sp.size[root], naming_names, list(dict.fromkeys(producers)), list(axes.values()), root)
             )
@@ -348,8 +372,8 @@ class _Analyzer(_Handlers):
         names = _group_names([g[2] for g in groups])
         self.group_of_root = {g[5]: name for name, g in zip(names, groups)}
         return [
-            ChannelGroup(name, size, tuple(axes), tuple(producers))
-            for name, (_, size, _, producers, axes, _root) in zip(names, groups)
+            ChannelGroup(name, size, tuple(axes), tuple(producers), sp.heads[root], sp.tie_key[sp.find(root, sp.tied)])
+            for name, (_, size, _, producers, axes, root) in zip(names, groups)
         ]
 
     def carried(self, node: fx.Node) -> str | None:
@@ -367,7 +391,7 @@ def _group_names(creators: Sequence[Sequence[str]]) -> list[str]:
     firsts = [c[0] if c else "group" for c in creators]
     candidates = []
     for cs in creators:
-        prefix = _common_path(cs) if len(cs) > 1 else ""
+        prefix = _common_prefix(cs) if len(cs) > 1 else ""
         candidates.append(prefix or (cs[0] if cs else "group"))
     counts: dict[str, int] = defaultdict(int)
     for c in candidates:
@@ -379,17 +403,6 @@ def _group_names(creators: Sequence[Sequence[str]]) -> list[str]:
         seen[name] += 1
         unique.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
     return unique
-
-
-def _common_path(names: Sequence[str]) -> str:
-    """The dotted module path shared by all ``names`` (``""`` when they share none)."""
-    split = [n.split(".") for n in names]
-    common: list[str] = []
-    for parts in zip(*split):
-        if len(set(parts)) != 1:
-            break
-        common.append(parts[0])
-    return ".".join(common)
 
 
 def _unsupported(

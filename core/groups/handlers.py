@@ -11,14 +11,30 @@ records the parameter axes that index them, and returns the value of the node's 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, cast
 
 import torch
+from torch import nn
 
+from .model import Axis
 from .ops import _SUM_FUNCTIONS
 from .state import _AnalyzerState
-from .values import _OTHER, _fetch_state, _flatten, _Layout, _norm_dim, _Part, _Problem, _reshaped, _Tensor
+from .values import (
+    _OTHER,
+    _common_prefix,
+    _fetch_state,
+    _flatten,
+    _Heads,
+    _Layout,
+    _norm_dim,
+    _Part,
+    _Problem,
+    _reshaped,
+    _Tensor,
+    _unit_dims,
+)
 
 
 class _Handlers(_AnalyzerState):
@@ -185,6 +201,13 @@ class _Handlers(_AnalyzerState):
         carries the input's channels; a change of shape is a problem.
         """
         out = self.meta()
+        if isinstance(x, _Tensor) and x.param is not None and isinstance(out, _Tensor) and out.shape == x.shape:
+            # A cast of a parameter (open_clip's ``positional_embedding.to(dtype)``) is still that parameter.
+            self.claimed.add(x.param)
+            return x
+        if isinstance(x, _Tensor) and x.heads is not None and isinstance(out, _Tensor) and out.shape == x.shape:
+            self.heads_handled = True
+            return _Tensor(out.shape, heads=x.heads)
         if not isinstance(x, _Tensor) or x.layout is None:
             return out
         if not isinstance(out, _Tensor):
@@ -205,6 +228,8 @@ class _Handlers(_AnalyzerState):
                 return self.problem(tensors, "does not return one tensor")
             return out
         n = len(out.shape)
+        if any(v.heads is not None for v in tensors):
+            return self.heads_elementwise(tensors, out)
         laid = [(v, v.layout.dim + n - len(v.shape)) for v in tensors if v.layout is not None]
         if not laid:
             return out
@@ -223,10 +248,11 @@ class _Handlers(_AnalyzerState):
             if v.layout is not None:
                 continue
             a = d - (n - len(v.shape))
-            if a < 0 or (v.param_shape if v.param is not None else v.shape)[a] == 1:
+            if a < 0 or (v.param_size(a) if v.param is not None else v.shape[a]) == 1:
                 continue  # broadcast along the channels: the same value for every channel
             if v.param is not None:
-                self.record(ref, v.param, a, "channel")  # e.g. a layer scale, a position embedding
+                # e.g. a layer scale, a position embedding
+                self.record(ref, v.param, cast(int, v.param_axis(a)), "channel")
                 self.claimed.add(v.param)
             else:
                 self.fix(ref)  # a tensor we cannot permute: these channels must stay in place
@@ -276,7 +302,7 @@ class _Handlers(_AnalyzerState):
             # A broadcast view of a parameter (a class token expanded over the batch) is
             # still that parameter, axis for axis.
             self.claimed.add(x.param)
-            return _Tensor(out.shape, None, x.param, x.param_shape)
+            return _Tensor(out.shape, None, x.param, x.param_shape, param_axes=x.param_axes)
         if not isinstance(x, _Tensor) or x.layout is None:
             return out
         if not isinstance(out, _Tensor):
@@ -285,6 +311,17 @@ class _Handlers(_AnalyzerState):
         if out.shape[d] != x.shape[x.layout.dim]:
             return self.problem([x], "repeats the channels")
         return _Tensor(out.shape, _Layout(d, x.layout.parts, x.layout.via))
+
+    def moved_dims(self, x: Any, out: Any, where: Sequence[int]) -> Any:
+        """The output of a move of dims (old dim ``i`` lands at ``where[i]``): channels or heads follow."""
+        if isinstance(x, _Tensor) and x.heads is not None and isinstance(out, _Tensor):
+            self.heads_handled = True
+            return _Tensor(out.shape, heads=x.heads.moved(where))
+        if not isinstance(x, _Tensor) or x.layout is None:
+            return out
+        if not isinstance(out, _Tensor):
+            return self.problem([x], "does not return one tensor")
+        return self.moved(x, out, where[x.layout.dim])
 
     def moved(self, x: _Tensor, out: _Tensor, d: int) -> _Tensor:
         """The output ``out`` of a dim move, carrying the channels of ``x`` in dim ``d`` (the move is noted
@@ -297,33 +334,24 @@ class _Handlers(_AnalyzerState):
 
     def transpose(self, x: Any, a: int, b: int) -> Any:
         """``transpose`` / ``swapaxes`` / ``t``: the channels follow their dim; nothing is tied."""
-        out = self.meta()
-        if not isinstance(x, _Tensor) or x.layout is None:
-            return out
-        if not isinstance(out, _Tensor):
-            return self.problem([x], "does not return one tensor")
+        if not isinstance(x, _Tensor):
+            return self.meta()
         n = len(x.shape)
-        a, b, d = _norm_dim(int(a), n), _norm_dim(int(b), n), x.layout.dim
-        return self.moved(x, out, b if d == a else a if d == b else d)
+        a, b = _norm_dim(int(a), n), _norm_dim(int(b), n)
+        return self.moved_dims(x, self.meta(), [b if i == a else a if i == b else i for i in range(n)])
 
     def permute_dims(self, x: Any, dims: Any) -> Any:
         """``permute``: the channels follow their dim to its new position; nothing is tied."""
-        out = self.meta()
-        if not isinstance(x, _Tensor) or x.layout is None:
-            return out
-        if not isinstance(out, _Tensor):
-            return self.problem([x], "does not return one tensor")
+        if not isinstance(x, _Tensor):
+            return self.meta()
         n = len(x.shape)
         dims = [_norm_dim(int(d), n) for d in dims]
-        return self.moved(x, out, dims.index(x.layout.dim))
+        return self.moved_dims(x, self.meta(), [dims.index(i) for i in range(n)])
 
     def movedim(self, x: Any, source: Any, destination: Any) -> Any:
         """``movedim``: the channels follow their dim to where ``source`` / ``destination`` put it."""
-        out = self.meta()
-        if not isinstance(x, _Tensor) or x.layout is None:
-            return out
-        if not isinstance(out, _Tensor):
-            return self.problem([x], "does not return one tensor")
+        if not isinstance(x, _Tensor):
+            return self.meta()
         n = len(x.shape)
         src = [source] if isinstance(source, int) else list(source)
         dst = [destination] if isinstance(destination, int) else list(destination)
@@ -332,19 +360,31 @@ class _Handlers(_AnalyzerState):
             order[_norm_dim(t, n)] = _norm_dim(s, n)
         rest = iter(i for i in range(n) if i not in {_norm_dim(s, n) for s in src})
         order = [o if o is not None else next(rest) for o in order]
-        return self.moved(x, out, order.index(x.layout.dim))
+        return self.moved_dims(x, self.meta(), [order.index(i) for i in range(n)])
 
     def reshape(self, x: Any) -> Any:
         """``view`` / ``reshape`` / ``flatten`` / ``squeeze`` ..., followed through the shapes: trailing
         dims may fold into per-channel blocks (``repeat``); splitting or mixing channels is a problem.
         """
         out = self.meta()
+        if isinstance(x, _Tensor) and x.param is not None and isinstance(out, _Tensor):
+            axes = _unit_dims(x, out.shape)
+            if axes is not None:
+                # A view adding or dropping size-1 dims of a parameter (open_clip's
+                # ``class_embedding.view(1, 1, -1)``) is still that parameter.
+                self.claimed.add(x.param)
+                return _Tensor(out.shape, None, x.param, x.param_shape, param_axes=axes)
+        if isinstance(x, _Tensor) and x.heads is not None and isinstance(out, _Tensor):
+            return self.merge_heads(x, out)
         if not isinstance(x, _Tensor) or x.layout is None:
             return out
         if not isinstance(out, _Tensor):
             return self.problem([x], "does not return one tensor")
         layout = _reshaped(x.shape, out.shape, x.layout, self.spaces.size)
         if layout is None:
+            heads = self.split_heads(x, out)
+            if heads is not None:
+                return heads
             return self.problem(
                 [x], f"reshapes {x.shape} -> {out.shape}, which splits or mixes the channels (dim {x.layout.dim})"
             )
@@ -387,6 +427,7 @@ class _Handlers(_AnalyzerState):
         src = self.value(self.node.args[0])
         idx = self.node.args[1]
         if isinstance(src, (tuple, list)):
+            self.heads_handled = True  # taking an item of a tuple changes no tensor
             if isinstance(idx, int):
                 return src[idx]
             if isinstance(idx, slice):
@@ -395,6 +436,10 @@ class _Handlers(_AnalyzerState):
         if isinstance(src, dict):
             return src.get(idx, _OTHER)
         out = self.meta()
+        if isinstance(src, _Tensor) and src.heads is not None and isinstance(out, _Tensor) and isinstance(idx, int):
+            # qkv[0], qkv[1], qkv[2]: one of the packed projections, taken along dim 0.
+            pieces = self.split_heads_apart(src, (out,) * src.shape[0], 0, True)
+            return pieces[idx] if isinstance(pieces, tuple) else pieces
         if not isinstance(src, _Tensor) or src.layout is None:
             return out
         if not isinstance(out, _Tensor):
@@ -504,9 +549,9 @@ class _Handlers(_AnalyzerState):
         for t, lay, _ in joined:
             if lay is not None:
                 continue
-            if t.param is not None and axis < len(t.shape) and t.param_shape[axis] in (1, out.shape[ref.dim]):
-                if t.param_shape[axis] > 1:
-                    self.record(ref, t.param, axis, "channel")  # e.g. a class token
+            if t.param is not None and axis < len(t.shape) and t.param_size(axis) in (1, out.shape[ref.dim]):
+                if t.param_size(axis) > 1:
+                    self.record(ref, t.param, cast(int, t.param_axis(axis)), "channel")  # e.g. a class token
                 self.claimed.add(t.param)
             else:
                 self.fix(ref)  # entries we cannot permute join these channels
@@ -518,10 +563,12 @@ class _Handlers(_AnalyzerState):
         """
         out = self.meta()
         x = self.value(self.node.args[0])
+        dim = self.arg(2, "dim", 0) if name in ("split", "chunk", "tensor_split") else self.arg(1, "dim", 0)
+        if isinstance(x, _Tensor) and x.heads is not None and isinstance(out, tuple):
+            return self.split_heads_apart(x, out, _norm_dim(int(dim), len(x.shape)), name == "unbind")
         if not isinstance(x, _Tensor) or x.layout is None or not isinstance(out, tuple):
             return out
         n, d = len(x.shape), x.layout.dim
-        dim = self.arg(2, "dim", 0) if name in ("split", "chunk", "tensor_split") else self.arg(1, "dim", 0)
         dim = _norm_dim(int(dim), n)
         if name == "unbind":
             if dim == d:
@@ -531,10 +578,11 @@ class _Handlers(_AnalyzerState):
         if dim != d:
             return tuple(_Tensor(o.shape, x.layout) for o in out)
         # Along the channels: allowed when every piece is a whole number of parts (undoing a cat).
+        layout = self.undissolved(x.layout)
         sizes = self.spaces.size
         pieces, current, acc, target = [], [], 0, iter(o.shape[d] for o in out)
         want = next(target)
-        for p in x.layout.parts:
+        for p in layout.parts:
             current.append(p)
             acc += sizes[p.space] * p.repeat
             if acc == want:
@@ -546,3 +594,240 @@ class _Handlers(_AnalyzerState):
         if len(pieces) != len(out):
             return self.problem([x], "splits the channels of one group")
         return tuple(_Tensor(o.shape, _Layout(d, ps)) for o, ps in zip(out, pieces))
+
+    # ------------------------------------------------------------- attention
+
+    def split_heads(self, x: _Tensor, out: _Tensor) -> _Tensor | None:
+        """A reshape cutting the channel dim into ``(heads, d)``, or ``(parts, heads, d)`` for a packed
+        query/key/value projection (whose space is then cut into one space per part); ``None`` for any
+        other reshape.
+        """
+        layout = cast(_Layout, x.layout)
+        d, grow = layout.dim, len(out.shape) - len(x.shape)
+        if grow not in (1, 2) or out.shape[:d] != x.shape[:d] or out.shape[d + grow + 1 :] != x.shape[d + 1 :]:
+            return None
+        if math.prod(out.shape[d : d + grow + 1]) != x.shape[d] or min(out.shape[d : d + grow + 1]) < 2:
+            return None
+        part = None
+        if grow == 1:
+            parts = self.undissolved(layout).parts
+            if len(parts) != 1 or parts[0].repeat != 1:
+                return None
+            spaces: tuple[int, ...] = (parts[0].space,)
+        else:
+            pieces = self.split_space(layout, out.shape[d])
+            if pieces is None:
+                return None
+            spaces, part = tuple(pieces), d
+        for s in spaces:
+            self.spaces.set_heads(s, out.shape[d + grow - 1])
+        return _Tensor(out.shape, heads=_Heads(spaces, d + grow - 1, d + grow, part))
+
+    def merge_heads(self, x: _Tensor, out: _Tensor) -> Any:
+        """A reshape of heads and the dims within a head (in that order, side by side) back into one
+        channel dim; any other reshape of attention channels is a problem.
+        """
+        self.heads_handled = True
+        h = cast(_Heads, x.heads)
+        k = h.head
+        if (
+            h.part is None
+            and h.inner == k + 1
+            and len(out.shape) == len(x.shape) - 1
+            and out.shape[:k] == x.shape[:k]
+            and out.shape[k] == x.shape[k] * x.shape[k + 1]
+            and out.shape[k + 1 :] == x.shape[k + 2 :]
+        ):
+            return _Tensor(out.shape, _Layout(k, (_Part(h.spaces[0]),)))
+        return self.problem([x], f"reshapes attention heads {x.shape} -> {out.shape} other than back into channels")
+
+    def split_heads_apart(self, x: _Tensor, out: tuple[Any, ...], dim: int, drops: bool) -> Any:
+        """``unbind`` / ``chunk`` / ``split`` (``drops``: the dim goes) of a tensor of attention channels:
+        along the packed parts each piece is one projection; along the batch or tokens every piece
+        keeps the heads; along the heads or their dims a problem.
+        """
+        self.heads_handled = True
+        h = cast(_Heads, x.heads)
+        if dim in (h.head, h.inner) or not all(isinstance(o, _Tensor) for o in out):
+            return self.problem([x], "splits the attention heads or the dims within a head")
+        where = [i - 1 if drops and i > dim else i for i in range(len(x.shape))]
+        if dim == h.part:
+            if len(out) != len(h.spaces) or any(o.shape[dim] != 1 for o in out if not drops):
+                return self.problem([x], "splits the packed query, key and value other than one by one")
+            return tuple(
+                _Tensor(o.shape, heads=_Heads((s,), where[h.head], None if h.inner is None else where[h.inner]))
+                for o, s in zip(out, h.spaces)
+            )
+        return tuple(_Tensor(o.shape, heads=h.moved(where)) for o in out)
+
+    def heads_elementwise(self, tensors: Sequence[_Tensor], out: _Tensor) -> Any:
+        """Elementwise arithmetic on attention channels (a scale, a mask, a softmax): the heads pass
+        through when every other operand is the same for all heads and all dims within a head.
+        """
+        self.heads_handled = True
+        n = len(out.shape)
+        carried = [v for v in tensors if v.heads is not None]
+        h = cast(_Heads, carried[0].heads)
+        shift = n - len(carried[0].shape)
+        if len(carried) > 1 or h.part is not None:
+            return self.problem(tensors, "combines attention heads with other channels")
+        dims = [h.head + shift] + ([h.inner + shift] if h.inner is not None else [])
+        for v in tensors:
+            if v is carried[0]:
+                continue
+            if v.layout is not None or any(
+                d - (n - len(v.shape)) >= 0 and v.shape[d - (n - len(v.shape))] > 1 for d in dims
+            ):
+                return self.problem(tensors, "combines attention heads with values that differ between them")
+        return _Tensor(out.shape, heads=_Heads(h.spaces, h.head + shift, None if h.inner is None else h.inner + shift))
+
+    def name_attention(self, qk: Sequence[int], vo: int, key: str = "") -> None:
+        """Tie the query/key spaces ``qk`` and the value space ``vo`` of one attention layer: one head
+        permutation, keyed and named by the attention's module path (``<path>.qk``, ``<path>.vo``).
+        """
+        sp = self.spaces
+        if not key:
+            made = [c for s in (*qk, vo) for _, c in sp.creators[s]]
+            distinct = list(dict.fromkeys(made))
+            if len(distinct) == 1:  # one packed projection (timm's ``qkv``): name its parent
+                key = distinct[0].rpartition(".")[0] or distinct[0]
+            else:
+                key = _common_prefix(distinct) or (distinct[0] if distinct else self.node.name)
+        order = min([o for s in (*qk, vo) for o, _ in sp.creators[s]], default=self.order)
+        for s in qk:
+            sp.creators[s] = []
+        sp.creators[qk[0]] = [(order, f"{key}.qk")]
+        sp.creators[vo] = [(order, f"{key}.vo")]
+        for s in qk:
+            sp.tie(qk[0], s, key)
+        sp.tie(qk[0], vo, key)
+
+    def attention(self, q: Any, k: Any, v: Any, mask: Any) -> Any:
+        """``F.scaled_dot_product_attention(q, k, v)`` on heads ``(..., heads, tokens, d)``: the query and
+        key dims within a head are one space, the value dims another; both share the head order.
+        """
+        self.heads_handled = True
+        out = self.meta()
+        operands = [q, k, v]
+        if not all(isinstance(t, _Tensor) for t in operands) or not isinstance(out, _Tensor):
+            return self.unknown()
+        if not any(t.heads is not None or t.layout is not None for t in operands):
+            return out
+        n = len(out.shape)
+        shapes_ok = all(
+            t.heads is not None
+            and t.heads.part is None
+            and len(t.shape) == n
+            and (t.heads.head, t.heads.inner) == (n - 3, n - 1)
+            for t in operands
+        )
+        if not shapes_ok:
+            return self.problem(
+                operands, "attends over tensors whose channels are not split into heads (..., heads, tokens, d)"
+            )
+        if isinstance(mask, _Tensor) and (mask.layout is not None or mask.heads is not None):
+            return self.problem([*operands, mask], "uses channels as an attention mask")
+        (sq,), (sk,), (sv,) = (cast(_Heads, t.heads).spaces for t in operands)
+        if not self.unify(_Layout(0, (_Part(sq),)), _Layout(0, (_Part(sk),))):
+            return self.problem(operands, "attends with queries and keys of different widths")
+        self.name_attention([sq, sk], sv)
+        return _Tensor(out.shape, heads=_Heads((sv,), n - 3, n - 1))
+
+    def matmul(self, a: Any, b: Any) -> Any:
+        """``a @ b``: channels times a parameter matrix (open_clip's ``x @ proj``) is a linear layer; query
+        heads times transposed key heads gives scores; scores times value heads gives the values' heads.
+        """
+        self.heads_handled = True
+        out = self.meta()
+        if not isinstance(a, _Tensor) or not isinstance(b, _Tensor) or not isinstance(out, _Tensor):
+            return self.unknown()
+        n = len(out.shape)
+        if b.param is not None and len(b.shape) == 2 and a.heads is None and not b.param_axes:
+            # x @ W with W (in, out): W's axis 0 reads the channels, its axis 1 makes new ones.
+            self.claimed.add(b.param)
+            layout = self.consume(a, len(a.shape) - 1, "this matrix product")
+            if layout is not None:
+                self.record(layout, b.param, 0, "input")
+            s = self.new_space(out.shape[-1], b.param)
+            new = _Layout(n - 1, (_Part(s),))
+            self.record(new, b.param, 1, "output")
+            return _Tensor(out.shape, new)
+        ha, hb = a.heads, b.heads
+        if ha is None and hb is None and a.layout is None and b.layout is None:
+            return out
+        if (
+            ha is None
+            or hb is None
+            or ha.part is not None
+            or hb.part is not None
+            or len(a.shape) != n
+            or len(b.shape) != n
+            or ha.head != n - 3
+            or hb.head != n - 3
+        ):
+            return self.problem([a, b], "multiplies channels or attention heads in a way that is not known")
+        if ha.inner == n - 1 and hb.inner == n - 2:
+            # q @ k^T: the dims within a head are summed over, so queries and keys share their order.
+            if not self.unify(_Layout(0, (_Part(ha.spaces[0]),)), _Layout(0, (_Part(hb.spaces[0]),))):
+                return self.problem([a, b], "multiplies queries and keys of different widths")
+            self.spaces.creators[hb.spaces[0]] = []  # the group is named after the queries' projection
+            return _Tensor(out.shape, heads=_Heads(ha.spaces, n - 3, None))
+        if ha.inner is None and hb.inner == n - 1:
+            # softmax(q k^T) @ v: every head's scores weigh that head's values.
+            self.name_attention(ha.spaces, hb.spaces[0])
+            return _Tensor(out.shape, heads=_Heads(hb.spaces, n - 3, n - 1))
+        return self.problem([a, b], "multiplies attention heads in a way that is not known")
+
+    def multihead_attention(self, m: nn.MultiheadAttention, name: str) -> Any:
+        """``nn.MultiheadAttention`` (a leaf module): the query, key and value inputs are read by the input
+        projections; the query/key dims and the value dims within each head open two spaces that share
+        the head order (the value dims are read by ``out_proj``); ``out_proj`` opens the output's space.
+        """
+        out = self.meta()
+        query = self.value(self.arg(0, "query"))
+        key = self.value(self.arg(1, "key"))
+        value = self.value(self.arg(2, "value"))
+        first = out[0] if isinstance(out, tuple) and out else None
+        if not isinstance(first, _Tensor) or not all(isinstance(t, _Tensor) for t in (query, key, value)):
+            return self.unknown()
+        need_weights = self.arg(4, "need_weights", True)
+        e = m.embed_dim
+        canon = self.canon
+        packed = m._qkv_same_embed_dim
+        weights = (
+            [canon(m.in_proj_weight)] * 3
+            if packed
+            else [canon(m.q_proj_weight), canon(m.k_proj_weight), canon(m.v_proj_weight)]
+        )
+        offsets = [0, e, 2 * e] if packed else [0, 0, 0]
+        for x, w in zip((query, key, value), weights):
+            layout = self.consume(x, len(x.shape) - 1, "this attention's input projection")
+            if layout is not None:
+                self.record(layout, w, 1, "input")
+        qk, vo = self.spaces.new(e), self.spaces.new(e)
+        bias = canon(m.in_proj_bias)
+        for space, parts in ((qk, (0, 1)), (vo, (2,))):
+            self.spaces.set_heads(space, m.num_heads)
+            for i in parts:
+                self.spaces.axes[space].append(Axis(cast(str, weights[i]), 0, 1, offsets[i], "output"))
+                if bias is not None:
+                    self.spaces.axes[space].append(Axis(bias, 0, 1, i * e, "output"))
+        if m.bias_k is not None:
+            self.spaces.axes[qk].append(Axis(cast(str, canon(m.bias_k)), 2, 1, 0, "output"))
+        if m.bias_v is not None:
+            self.spaces.axes[vo].append(Axis(cast(str, canon(m.bias_v)), 2, 1, 0, "output"))
+        self.spaces.axes[vo].append(Axis(cast(str, canon(m.out_proj.weight)), 1, 1, 0, "input"))
+        self.spaces.creators[qk] = [(self.order, f"{name}.qk")]
+        self.spaces.creators[vo] = [(self.order, f"{name}.vo")]
+        self.spaces.tie(qk, vo, name)
+        if need_weights and not self.arg(6, "average_attn_weights", True):
+            # The per-head weights (batch, heads, L, S) follow the head order, which may change.
+            reason = "returns the weights of every head (average_attn_weights=False), which follow the head order"
+            self.spaces.problems[qk].append(_Problem(self.node.name, self.desc, reason))
+        # Named after out_proj, but recorded at no module: out_proj runs inside the attention's forward.
+        s = self.spaces.new(e)
+        self.spaces.creators[s].append((self.order, f"{name}.out_proj"))
+        layout = _Layout(len(first.shape) - 1, (_Part(s),))
+        self.record(layout, canon(m.out_proj.weight), 0, "output")
+        self.record(layout, canon(m.out_proj.bias), 0, "output")
+        return (_Tensor(first.shape, layout), *out[1:])

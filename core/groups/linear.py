@@ -104,8 +104,9 @@ def apply_linear(
     Raises
     ------
     ValueError
-        For an unknown group, maps of the wrong shape, or (with ``per_channel="error"``)
-        a map that is not a permutation on a group with per-channel axes.
+        For an unknown group, maps of the wrong shape, a map that is not a permutation
+        on a group of attention heads, or (with ``per_channel="error"``) a map that is
+        not a permutation on a group with per-channel axes.
     """
     if per_channel not in ("error", "mix"):
         raise ValueError(f"per_channel must be 'error' or 'mix', got {per_channel!r}")
@@ -119,6 +120,12 @@ def apply_linear(
             if t.shape != (group.size, group.size) or t_inv.shape != (group.size, group.size):
                 raise ValueError(
                     f"the maps of group {name!r} must be {group.size} x {group.size}, got {t.shape} and {t_inv.shape}"
+                )
+            if (group.heads > 1 or group.tied) and not _is_permutation_matrix(t):
+                # q k^T needs k's map to be the inverse transpose of q's: only permutations keep both.
+                raise ValueError(
+                    f"group {name!r} holds attention heads, which only permutations of whole heads and of the "
+                    "channels within each head transform exactly; pass a permutation matrix"
                 )
             channel_axes = [ax for ax in group.axes if ax.role == "channel"]
             if channel_axes and per_channel == "error" and not _is_permutation_matrix(t):

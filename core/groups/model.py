@@ -132,12 +132,43 @@ class ChannelGroup:
         Modules whose outputs carry these channels, in graph order: the convolutions /
         linear layers that compute them and the per-channel layers after them
         (BatchNorm, depthwise convolutions). Record activations of a group at these.
+        Empty for the channels of attention heads, which no module returns alone.
+    heads
+        Number of attention heads the channels are split into: ``heads`` contiguous
+        blocks of ``size // heads`` channels, head ``h`` owning channels
+        ``h * d : (h + 1) * d``. A permutation may only move a block as a whole (heads
+        are permuted as wholes) and reorder the channels inside each block freely:
+        ``perm[h * d + i] = head_perm[h] * d + within[h][i]``
+        (:func:`~mergescope.groups.head_permutation`). ``1`` for every other group, whose
+        permutations are unconstrained.
+    tied
+        Groups with the same non-empty key share their head permutation ``head_perm``
+        (their ``within`` parts stay independent): the query/key group and the
+        value/output group of one attention layer, keyed by the attention's module path.
+        ``""`` (the default): the group is permuted on its own.
+
+    Notes
+    -----
+    In a multi-head attention layer ``softmax(q_h k_h^T / sqrt(d)) v_h W_o,h`` summed over
+    heads ``h``, the function is unchanged when (1) the heads are reordered as wholes, the
+    same way for ``q``, ``k``, ``v`` and the output projection's input, (2) within a head
+    the query and key dimensions are permuted together (``q_h k_h^T`` is a sum over them),
+    and (3) within a head the value dimensions and the output projection's input are
+    permuted together. The query/key dimensions form one group and the value/output
+    dimensions another, both with ``heads`` set and one ``tied`` key.
     """
 
     name: str
     size: int
     axes: tuple[Axis, ...]
     producers: tuple[str, ...]
+    heads: int = 1
+    tied: str = ""
+
+    @property
+    def head_size(self) -> int:
+        """Channels per head (``size // heads``; the whole group when ``heads == 1``)."""
+        return self.size // self.heads
 
     @property
     def params(self) -> tuple[str, ...]:

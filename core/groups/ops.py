@@ -116,5 +116,7 @@ _UPSAMPLE_MODULES: tuple[type[nn.Module], ...] = (nn.Upsample, nn.UpsamplingNear
 SUPPORTED = (
     "convolutions with groups=1 or depthwise, linear, embedding, batch/instance norm, layer norm, "
     "group norm with 1 or C groups, PReLU, elementwise activations and arithmetic, pooling, padding, "
-    "interpolation, dropout, cat/stack/split, flatten/view/reshape, transpose/permute, reductions"
+    "interpolation, dropout, cat/stack/split, flatten/view/reshape, transpose/permute, reductions, "
+    "nn.MultiheadAttention, attention heads (a reshape into heads, scaled_dot_product_attention, q @ k^T, "
+    "softmax, scores @ v)"
 )

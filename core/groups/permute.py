@@ -55,15 +55,18 @@ def permute(
     Raises
     ------
     ValueError
-        For an unknown group name or an array that is not a permutation of its size.
+        For an unknown group name, an array that is not a permutation of its size, a
+        permutation of a group of attention heads that breaks a head apart, or groups
+        tied to one head order (``tied``) whose permutations order the heads differently.
     """
     by_name = _group_lookup(groups, perms)
+    checked = {name: _as_perm(perm, by_name[name].size, name) for name, perm in perms.items()}
+    _check_heads(checked, by_name)
     new = copy.deepcopy(model)
     # One index per (parameter, axis): the groups touching it own disjoint blocks.
     index: dict[tuple[str, int], np.ndarray] = {}
-    for name, perm in perms.items():
+    for name, p in checked.items():
         group = by_name[name]
-        p = _as_perm(perm, group.size, name)
         for ax in group.axes:
             key = (ax.param, ax.axis)
             if key not in index:
@@ -77,8 +80,75 @@ def permute(
     return new
 
 
+def head_permutation(head_perm: np.ndarray | Sequence[int], within: np.ndarray | Sequence[Sequence[int]]) -> np.ndarray:
+    """The permutation of a group of attention heads built from a head order and orders within heads.
+
+    Parameters
+    ----------
+    head_perm
+        ``(heads,)``: ``head_perm[h]`` is the head placed at head position ``h``.
+    within
+        ``(heads, d)``: ``within[h]`` orders the ``d`` channels of the head placed at
+        position ``h`` (``within[h][i]`` is its channel placed at ``i``).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``perm`` of ``heads * d`` channels with ``perm[h * d + i] = head_perm[h] * d + within[h][i]``,
+        in the convention of :func:`permute`.
+    """
+    heads = np.asarray(head_perm, dtype=np.int64)
+    inner = np.asarray(within, dtype=np.int64)
+    if inner.ndim != 2 or inner.shape[0] != len(heads):
+        raise ValueError(f"within must be (heads, d) with heads = {len(heads)}, got shape {inner.shape}")
+    return (heads[:, None] * inner.shape[1] + inner).reshape(-1)
+
+
+def head_structure(perm: np.ndarray | Sequence[int], heads: int) -> tuple[np.ndarray, np.ndarray]:
+    """The head order and orders within heads of a permutation (inverse of :func:`head_permutation`).
+
+    Raises
+    ------
+    ValueError
+        When ``perm`` moves some head's channels to more than one head position, or its
+        length is not a multiple of ``heads``.
+    """
+    p = np.asarray(perm, dtype=np.int64)
+    if heads < 1 or len(p) % heads:
+        raise ValueError(f"a permutation of {len(p)} channels cannot hold {heads} heads of equal size")
+    d = len(p) // heads
+    blocks = p.reshape(heads, d)
+    source = blocks // d
+    if not np.all(source == source[:, :1]):
+        raise ValueError(f"the permutation mixes channels of different heads ({heads} heads of {d} channels)")
+    return source[:, 0].copy(), blocks - source[:, :1] * d
+
+
+def _check_heads(perms: Mapping[str, np.ndarray], by_name: Mapping[str, ChannelGroup]) -> None:
+    """Refuse permutations of head groups that break heads apart, or tied groups that order heads differently."""
+    orders: dict[str, tuple[str, np.ndarray]] = {}
+    for name, perm in perms.items():
+        group = by_name[name]
+        if group.heads <= 1 and not group.tied:
+            continue
+        try:
+            order, _ = head_structure(perm, group.heads)
+        except ValueError as exc:
+            raise ValueError(f"group {name!r}: {exc}") from None
+        if group.tied:
+            first = orders.setdefault(group.tied, (name, order))
+            if not np.array_equal(first[1], order):
+                raise ValueError(
+                    f"groups {first[0]!r} and {name!r} share the head order of {group.tied!r} but order heads "
+                    f"differently ({first[1].tolist()} and {order.tolist()})"
+                )
+
+
 def random_permutations(groups: Iterable[ChannelGroup], seed: int = 0) -> dict[str, np.ndarray]:
     """Draw one random permutation per group.
+
+    Groups of attention heads get a random head order (one per ``tied`` key, shared by
+    its groups) and a random order within each head (:func:`head_permutation`).
 
     Parameters
     ----------
@@ -93,7 +163,20 @@ def random_permutations(groups: Iterable[ChannelGroup], seed: int = 0) -> dict[s
         ``{group name: permutation of range(size)}``.
     """
     rng = np.random.default_rng(seed)
-    return {g.name: rng.permutation(g.size) for g in groups}
+    orders: dict[str, np.ndarray] = {}
+    perms = {}
+    for g in groups:
+        if g.heads <= 1 and not g.tied:
+            perms[g.name] = rng.permutation(g.size)
+            continue
+        order = orders.get(g.tied) if g.tied else None
+        if order is None:
+            order = rng.permutation(g.heads)
+            if g.tied:
+                orders[g.tied] = order
+        within = np.stack([rng.permutation(g.head_size) for _ in range(g.heads)])
+        perms[g.name] = head_permutation(order, within)
+    return perms
 
 
 def _output_tensors(out: Any) -> list[torch.Tensor]:

@@ -47,6 +47,10 @@ class _AnalyzerState:
         self.resampling: set[fx.Node] = set()
         # Union-find root of every group's channel spaces -> the group's name (set by finish).
         self.group_of_root: dict[int, str] = {}
+        # Spaces cut into pieces (a packed query/key/value projection) -> the pieces' spaces.
+        self.dissolved: dict[int, list[int]] = {}
+        # Whether the current node's handler understood the attention heads among its inputs.
+        self.heads_handled = False
 
     # ----------------------------------------------------------------- helpers
 
@@ -101,14 +105,59 @@ class _AnalyzerState:
         """
         problem = _Problem(self.node.name, self.desc, reason)
         for v in _flatten(values):
-            if isinstance(v, _Tensor) and v.layout is not None:
-                for p in v.layout.parts:
-                    if self.node in self.tail:
-                        self.spaces.fix(p.space)
-                        self.spaces.returned[p.space] = True
-                    else:
-                        self.spaces.problems[p.space].append(problem)
+            if not isinstance(v, _Tensor):
+                continue
+            spaces = [p.space for p in self.undissolved(v.layout).parts] if v.layout is not None else []
+            spaces += list(v.heads.spaces) if v.heads is not None else []
+            for space in spaces:
+                if self.node in self.tail:
+                    self.spaces.fix(space)
+                    self.spaces.returned[space] = True
+                else:
+                    self.spaces.problems[space].append(problem)
         return self.meta()
+
+    def undissolved(self, layout: _Layout) -> _Layout:
+        """``layout`` with every space taken apart by :meth:`split_space` replaced by its pieces."""
+        if not self.dissolved or not any(p.space in self.dissolved for p in layout.parts):
+            return layout
+        parts: list[_Part] = []
+        for p in layout.parts:
+            parts.extend(_Part(t, p.repeat) for t in self.dissolved.get(p.space, [p.space]))
+        return _Layout(layout.dim, tuple(parts), layout.via)
+
+    def split_space(self, layout: _Layout, pieces: int) -> list[int] | None:
+        """Take the one space of ``layout`` apart into ``pieces`` equal spaces; ``None`` when it cannot be.
+
+        A projection computing several things side by side (the packed query, key and
+        value of an attention layer) opens one space; when its output is cut into equal
+        pieces that go separate ways, each piece becomes a space of its own, with the
+        space's axes cut alike (piece ``p`` at offset ``p * size / pieces``). Only a
+        space tied to nothing else can be cut; later readers of the whole see the pieces
+        side by side (:meth:`undissolved`).
+        """
+        layout = self.undissolved(layout)
+        sp = self.spaces
+        if len(layout.parts) != 1 or pieces < 2:
+            return None
+        s, repeat = layout.parts[0].space, layout.parts[0].repeat
+        if repeat != 1 or sp.find(s) != s or sp.fixed[s] or sp.size[s] % pieces or sp.heads[s] != 1:
+            return None
+        if any(sp.find(t) == s for t in range(len(sp.parent)) if t != s):
+            return None
+        size = sp.size[s] // pieces
+        new = []
+        for p in range(pieces):
+            t = sp.new(size)
+            sp.axes[t] = [Axis(a.param, a.axis, a.repeat, a.offset + p * size * a.repeat, a.role) for a in sp.axes[s]]
+            sp.creators[t] = list(sp.creators[s])
+            sp.problems[t] = list(sp.problems[s])
+            new.append(t)
+        # The whole is now only its pieces: it joins no group and warns of nothing.
+        sp.axes[s], sp.creators[s], sp.producers[s], sp.problems[s] = [], [], [], []
+        sp.fixed[s] = True
+        self.dissolved[s] = new
+        return new
 
     def pin(self, param: str, reason: str) -> None:
         """Forbid moving ``param``: a group with an axis of it raises, citing this node and ``reason``."""
@@ -116,13 +165,13 @@ class _AnalyzerState:
 
     def fix(self, layout: _Layout) -> None:
         """Keep every channel space of ``layout`` in place: none of them joins a group."""
-        for p in layout.parts:
+        for p in self.undissolved(layout).parts:
             self.spaces.fix(p.space)
 
     def record(self, layout: _Layout, param: str | None, axis: int, role: str, producer: str | None = None) -> None:
         """Add ``param``'s ``axis`` to every space of ``layout``, each at its offset."""
         offset = 0
-        for p in layout.parts:
+        for p in self.undissolved(layout).parts:
             if param is not None:
                 self.spaces.axes[p.space].append(Axis(param, axis, p.repeat, offset, role))
             if producer is not None:
@@ -142,6 +191,7 @@ class _AnalyzerState:
         ``stream``: the layouts are summed, so their residual streams are joined too (for naming).
         """
         sizes = self.spaces.size
+        a, b = self.undissolved(a), self.undissolved(b)
         if len(a.parts) != len(b.parts) or any(
             p.repeat != q.repeat or sizes[p.space] != sizes[q.space] for p, q in zip(a.parts, b.parts)
         ):
@@ -166,7 +216,7 @@ class _AnalyzerState:
             reason = f"{what} reads channels from dim {dim}, but this tensor has them in dim {x.layout.dim}{via}"
             self.problem([x], reason)
             return None
-        return x.layout
+        return self.undissolved(x.layout)
 
     def param_name(self, raw: Any) -> str | None | _Other:
         """The parameter read by ``raw`` (a node), ``None`` for no tensor, ``_OTHER`` for a computed one."""

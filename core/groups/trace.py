@@ -69,17 +69,25 @@ def channel_groups(model: nn.Module, example_input: torch.Tensor | Sequence[torc
     -----
     UserWarning
         When channels are left out of every group because the result of an operation
-        that is not understood is combined with them (e.g. the residual stream of a
-        transformer, into which ``nn.MultiheadAttention`` writes): nothing is wrong, but
-        those channels will not be aligned.
+        that is not understood is combined with them: nothing is wrong, but those
+        channels will not be aligned.
 
     Notes
     -----
     Operations after the last layer that only transform the output (``return
     torch.roll(logits, ...)``) never raise: the channels they read are the output's,
     which are never permuted. Grouped convolutions with ``1 < groups < in_channels``
-    (ResNeXt, RegNet) and channel shuffles (ShuffleNet) are not supported; attention
-    modules are not looked into.
+    (ResNeXt, RegNet) and channel shuffles (ShuffleNet) are not supported.
+
+    Transformers: the residual stream is one group (patch embedding, class token,
+    position embedding, every LayerNorm's affine parameters, the head's input); each
+    attention layer gives a query/key group and a value/output group, split into
+    ``heads`` blocks and ``tied`` to one head order (``nn.MultiheadAttention`` as a
+    module; a packed ``qkv`` linear reshaped into heads, then
+    ``F.scaled_dot_product_attention`` or ``softmax(q @ k^T) @ v``, as timm traces);
+    each MLP's hidden units are a group. A LayerNorm over the dims within a head
+    (``qk_norm``) and per-head attention weights returned by
+    ``nn.MultiheadAttention(average_attn_weights=False)`` are refused.
     """
     return _analyse(model, example_input, fx.Tracer()).run()
 

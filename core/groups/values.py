@@ -42,18 +42,59 @@ class _Layout:
 
 
 @dataclass(frozen=True)
+class _Heads:
+    """Where a tensor carries attention channels split over two dims: heads and the dims within a head.
+
+    ``spaces`` holds one channel space per entry of dim ``part`` (the packed query, key
+    and value of one projection, before they are taken apart), or a single space when
+    ``part is None``. ``head`` is the dim of the heads; ``inner`` the dim within a head,
+    or ``None`` for attention scores ``q k^T``, which keep the heads but no channel of them.
+    """
+
+    spaces: tuple[int, ...]
+    head: int
+    inner: int | None
+    part: int | None = None
+
+    def moved(self, where: Sequence[int]) -> _Heads:
+        """The same channels after a move of dims: old dim ``i`` lands at ``where[i]``."""
+        return _Heads(
+            self.spaces,
+            where[self.head],
+            None if self.inner is None else where[self.inner],
+            None if self.part is None else where[self.part],
+        )
+
+
+@dataclass(frozen=True)
 class _Tensor:
     """A tensor flowing through the graph, as far as channels are concerned.
 
     ``layout is None``: the tensor carries no channels we may permute (the input, a
-    constant, a reduction over channels). ``param`` names a parameter or buffer read
-    with ``get_attr`` (possibly broadcast by ``expand``), ``param_shape`` its stored shape.
+    constant, a reduction over channels), unless ``heads`` holds attention channels.
+    ``param`` names a parameter or buffer read with ``get_attr`` (possibly broadcast by
+    ``expand``, cast, or given size-1 dims by ``view``), ``param_shape`` its stored shape
+    and ``param_axes`` the parameter's axis behind each dim of the tensor (``None`` for
+    an added size-1 dim; an empty tuple: the same dims as the parameter).
     """
 
     shape: tuple[int, ...]
     layout: _Layout | None = None
     param: str | None = None
     param_shape: tuple[int, ...] = ()
+    heads: _Heads | None = None
+    param_axes: tuple[int | None, ...] = ()
+
+    def param_axis(self, dim: int) -> int | None:
+        """The axis of :attr:`param` behind the tensor's ``dim`` (``None``: a dim the parameter lacks)."""
+        if not self.param_axes:
+            return dim if 0 <= dim < len(self.param_shape) else None
+        return self.param_axes[dim] if 0 <= dim < len(self.param_axes) else None
+
+    def param_size(self, dim: int) -> int:
+        """The parameter's stored size behind the tensor's ``dim`` (1 for a dim it lacks)."""
+        axis = self.param_axis(dim)
+        return 1 if axis is None else self.param_shape[axis]
 
 
 class _Other:
@@ -92,11 +133,19 @@ class _Spaces:
         self.creators: list[list[tuple[int, str]]] = []
         self.producers: list[list[tuple[int, str]]] = []
         self.problems: list[list[_Problem]] = []
+        # Attention heads: the number of head blocks of each root (1: none; 0: two counts clash).
+        self.heads: list[int] = []
+        # A third partition, of spaces sharing a head permutation (one attention layer), and its keys.
+        self.tied: list[int] = []
+        self.tie_key: list[str] = []
 
     def new(self, size: int, *, fixed: bool = False) -> int:
         """Add a space of ``size`` channels (``fixed``: never permuted) and return its index."""
         self.parent.append(len(self.parent))
         self.stream.append(len(self.stream))
+        self.tied.append(len(self.tied))
+        self.tie_key.append("")
+        self.heads.append(1)
         self.size.append(int(size))
         self.fixed.append(fixed)
         self.returned.append(False)
@@ -130,6 +179,21 @@ class _Spaces:
         self.parent[rb] = ra
         self.fixed[ra] = self.fixed[ra] or self.fixed[rb]
         self.returned[ra] = self.returned[ra] or self.returned[rb]
+        self.set_heads(ra, self.heads[rb])
+        self.tie(ra, rb)
+
+    def set_heads(self, i: int, heads: int) -> None:
+        """Split the group of space ``i`` into ``heads`` head blocks (a different count already set clashes: 0)."""
+        root = self.find(i)
+        have = self.heads[root]
+        self.heads[root] = heads if have == 1 else have if heads in (1, have) else 0
+
+    def tie(self, a: int, b: int, key: str = "") -> None:
+        """Make spaces ``a`` and ``b`` share their head permutation; ``key`` names the shared permutation."""
+        ta, tb = self.find(a, self.tied), self.find(b, self.tied)
+        ta, tb = min(ta, tb), max(ta, tb)
+        self.tied[tb] = ta
+        self.tie_key[ta] = self.tie_key[ta] or key or self.tie_key[tb]
 
     def fix(self, i: int) -> None:
         """Keep the group of space ``i`` in place (it joins no channel group)."""
@@ -194,6 +258,32 @@ def _reshaped(
         if o * t == c and all(p.repeat % t == 0 for p in layout.parts):
             return _Layout(k, tuple(_Part(p.space, p.repeat // t) for p in layout.parts), layout.via)
     return None
+
+
+def _unit_dims(x: _Tensor, shape: Sequence[int]) -> tuple[int | None, ...] | None:
+    """The parameter axes of ``x`` (a parameter's view) behind each dim of ``shape``, when ``shape`` only
+    adds or drops size-1 dims; ``None`` otherwise.
+    """
+    kept = [i for i, n in enumerate(x.shape) if n != 1]
+    axes: list[int | None] = []
+    for n in shape:
+        if n == 1:
+            axes.append(None)
+            continue
+        if not kept or x.shape[kept[0]] != n:
+            return None
+        axes.append(x.param_axis(kept.pop(0)))
+    return tuple(axes) if not kept else None
+
+
+def _common_prefix(names: Sequence[str]) -> str:
+    """The dotted module path shared by all ``names`` (``""`` when they share none)."""
+    common: list[str] = []
+    for parts in zip(*(n.split(".") for n in names)):
+        if len(set(parts)) != 1:
+            break
+        common.append(parts[0])
+    return ".".join(common)
 
 
 def _fetch(root: nn.Module, target: str) -> Any:

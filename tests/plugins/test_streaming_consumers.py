@@ -188,9 +188,10 @@ def test_the_regression_on_a_lazy_recording_equals_the_in_memory_fit(monkeypatch
 
 # ------------------------------------------------------------------------ memory
 
-# The child scores lazily generated activations of one size with every streaming
-# consumer and prints, per consumer, the growth of its resident memory over the call
-# (peak minus the resident memory before). A warm-up at a few rows loads the libraries.
+# The child scores lazily generated activations of each size given with every streaming
+# consumer and prints, per size and consumer, the growth of its resident memory over the
+# call (peak minus the resident memory before). A warm-up at a few rows loads the libraries.
+# One child measures every size: the interpreter and its imports start once.
 _CHILD = textwrap.dedent(
     """
     import gc, json, sys, types, warnings
@@ -252,30 +253,38 @@ _CHILD = textwrap.dedent(
         "lasso": lambda a, b, ids: aligner._fit_one(a, b, ids, levels, TopK(UNITS, 5), "m1", "m0", "l"),
     }
     growth = {}
-    for rows in (4096, int(sys.argv[1])):  # the first pass warms up the libraries
+    for rows in (4096, *map(int, sys.argv[1:])):  # the first pass warms up the libraries
         a, b = lazy(rows, 0), lazy(rows, 1)
         ids = np.random.default_rng(0).choice(rows, 50, replace=False)
+        growth[rows] = {}
         for name, run in consumers.items():
             gc.collect()  # the garbage of the call before is not this call's
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # the peak starts again at the resident memory now
             before = status("VmRSS")
             run(a, b, ids)
-            growth[name] = status("VmHWM") - before
+            growth[rows][name] = status("VmHWM") - before
     print(json.dumps(growth))
     """
 )
 
 
-def _growth(rows: int) -> dict[str, int]:
+def _growth(*rows: int) -> list[dict[str, int]]:
+    """The growth per consumer at each number of rows, in the order given."""
     # A fixed, low mmap threshold returns every freed block above 64 KiB to the system,
     # so that the resident memory follows what is allocated.
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1", MERGESCOPE_PLUGINS="clip_delta")
     done = subprocess.run(
-        [sys.executable, "-c", _CHILD, str(rows)], capture_output=True, text=True, env=env, timeout=120, check=False
+        [sys.executable, "-c", _CHILD, *map(str, rows)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=180,
+        check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    growth = json.loads(done.stdout.strip().splitlines()[-1])
+    return [growth[str(n)] for n in rows]
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc to reset the peak")
@@ -283,7 +292,7 @@ def test_memory_does_not_grow_with_the_rows():
     # The larger recording is 25.6 MB per model (200,000 rows of 32 float32 units): read
     # whole (or converted to float64 whole), any consumer would show far above the bound.
     small, large = 20_000, 200_000
-    at_small, at_large = _growth(small), _growth(large)
+    at_small, at_large = _growth(small, large)
     for name in at_small:
         print(f"{name}: {at_small[name] / 2**20:.1f} MiB at {small} rows, {at_large[name] / 2**20:.1f} MiB at {large}")
     assert all(at_large[name] < 1.3 * at_small[name] for name in at_small), (at_small, at_large)
