@@ -9,6 +9,15 @@ with (regularised) covariances ``S_xx`` (model), ``S_yy`` (reference) and ``S_xy
 ``a @ M``) is ``M = A B^{-1}``. The covariances come from one recording pass over the
 data (every spatial position of conv maps). ``cca-merge`` maps every model into the
 reference's space this way and averages the weights there.
+
+A general linear map is a symmetry of a group only when everything that reads or
+writes its channels is linear in them, or per-channel and mixed with them (BatchNorm,
+whose statistics are then re-estimated). Two groups of transformers are not: attention
+heads (a query/key or value/output group: the softmax of each head couples its channels,
+so only whole-head permutations are symmetries) and a residual stream normalised by
+LayerNorm (which divides by a per-token norm over the channels: no map but a permutation
+keeps it). Those groups keep the reference's order (no transform) and are listed in
+``skipped``; on a Vision Transformer CCA thus aligns the MLP hidden units.
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ from mergescope.hookspecs import hookimpl
 from mergescope.states import check_compatible
 from mergescope.validators import as_float, boolean, non_negative
 
-__all__ = ["cca_transform", "CCA", "CCAMerge", "register_aligners", "register_mergers"]
+__all__ = ["cca_transform", "linear_unsafe", "CCA", "CCAMerge", "register_aligners", "register_mergers"]
 
 
 def _inverse_sqrt(s: np.ndarray) -> np.ndarray:
@@ -87,6 +96,31 @@ def _post_activation(group: ChannelGroup) -> list[str]:
     return sorted(set(inputs))[:1] or list(group.producers)
 
 
+def linear_unsafe(model: nn.Module, groups: list[ChannelGroup]) -> dict[str, str]:
+    """The groups a general linear map cannot align, with the reason: attention heads, LayerNorm-normalised channels.
+
+    Parameters
+    ----------
+    model
+        The reference model (its modules tell which parameters are LayerNorms').
+    groups
+        Its channel groups.
+
+    Returns
+    -------
+    dict
+        Group name -> ``"attention heads"`` or ``"LayerNorm"``.
+    """
+    layer_norms = {name for name, module in model.named_modules() if isinstance(module, nn.LayerNorm)}
+    unsafe = {}
+    for g in groups:
+        if g.heads > 1:
+            unsafe[g.name] = "attention heads"
+        elif any(ax.param.rsplit(".", 1)[0] in layer_norms for ax in g.axes):
+            unsafe[g.name] = "LayerNorm"
+    return unsafe
+
+
 @attrs.define
 class CCA:
     """Map each model's units into the reference's with canonical correlation analysis (an invertible linear map).
@@ -106,7 +140,15 @@ class CCA:
 
     def align(self, models: Mapping[str, nn.Module], reference: str, context: Context) -> Alignment:
         """CCA transforms for every model and channel group."""
-        groups = channel_groups(models[reference], example_input(context.data))
+        all_groups = channel_groups(models[reference], example_input(context.data))
+        skipped = linear_unsafe(models[reference], all_groups)
+        groups = [g for g in all_groups if g.name not in skipped]
+        if not groups:
+            raise ConfigError(
+                f"CCA finds no channel group of {reference!r} that a linear map can align: every group is attention "
+                f"heads or a LayerNorm-normalised stream ({', '.join(sorted(skipped))}); use weight-matching or "
+                "activation-matching, which permute whole heads"
+            )
         sources = {g.name: _post_activation(g) for g in groups}
         layers = sorted({p for names in sources.values() for p in names})
         others = [m for m in models if m != reference]
@@ -137,16 +179,21 @@ class CCA:
             {"mean_canonical_correlation": (("model", "group"), mean_corr)},
             coords={"model": others, "group": [g.name for g in groups]},
         )
+        if skipped:
+            diagnostics["skipped"] = xr.DataArray(sorted(skipped), dims="skipped_group")
         return Alignment(reference, transforms, diagnostics)
 
     def describe(self, result: xr.Dataset) -> str:
         """Mean canonical correlation per model."""
         if "mean_canonical_correlation" not in result:
             return "aligned"
-        return "; ".join(
+        line = "; ".join(
             f"{m}: mean canonical correlation {float(result['mean_canonical_correlation'].sel(model=m).mean()):.3f}"
             for m in result["model"].values
         )
+        if "skipped" in result:
+            line += f"; {result['skipped'].size} groups left in place (attention heads, LayerNorm streams)"
+        return line
 
 
 @attrs.define

@@ -47,3 +47,29 @@ def test_cca_merge_of_a_permuted_copy_is_the_model(data):
 def test_conformance():
     check_component(CCA)
     check_component(CCAMerge)
+
+
+def test_on_a_vit_cca_aligns_the_mlp_units_and_leaves_heads_and_the_stream():
+    from mergescope.groups import random_permutations
+    from mergescope_plugins.cca import linear_unsafe
+    from mergescope_plugins.zoo import ViT
+
+    data = example_dataset(n=64, shape=(1, 8, 8))
+    torch.manual_seed(0)
+    model = ViT(patch_size=4, layers=1, heads=2, width=16, mlp_width=32).build((1, 8, 8), 3).eval()
+    groups = channel_groups(model, example_input(data))
+    unsafe = linear_unsafe(model, groups)
+    mlp = [g.name for g in groups if g.name not in unsafe]
+    assert mlp == ["encoder.layers.encoder_layer_0.mlp.0"]
+    assert sorted(set(unsafe.values())) == ["LayerNorm", "attention heads"]
+    assert all(unsafe[g.name] == "attention heads" for g in groups if g.heads > 1)
+
+    perms = random_permutations(groups, seed=1)
+    other = permute(model, perms, groups)
+    alignment = CCA(regularization=0.0).align({"a": model, "b": other}, "a", Context(data=data, quiet=True))
+    assert set(alignment.transforms["b"]) == set(mlp)
+    assert sorted(alignment.diagnostics["skipped"].values) == sorted(unsafe)
+    # Unit j of the copy's MLP is the model's unit perms[j]: CCA maps it there.
+    t = alignment.transforms["b"][mlp[0]].transpose("unit", "unit_ref").values
+    assert np.allclose(np.abs(t).max(axis=1), 1, atol=1e-3)
+    np.testing.assert_array_equal(np.abs(t).argmax(axis=1), perms[mlp[0]])
