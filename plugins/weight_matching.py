@@ -213,7 +213,9 @@ def _match_weights(
 
     def _contribution(g: ChannelGroup, i: int, ax: Axis) -> np.ndarray:
         nonlocal updated
-        others = [(g2, ax2) for g2, ax2 in touching[ax.param] if g2.name != g.name or ax2.axis != ax.axis]
+        # The group's block is sliced out of its own axis, so what other groups hold on that axis (the other
+        # parts of a packed q/k/v projection) never enters the product: only the parameter's other axes do.
+        others = [(g2, ax2) for g2, ax2 in touching[ax.param] if ax2.axis != ax.axis]
         key = tuple(version[g2.name] for g2, _ in others)
         hit = cached.get((g.name, i))
         if hit is not None and hit[0] == key:
