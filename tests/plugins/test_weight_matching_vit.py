@@ -73,7 +73,8 @@ def test_tied_attention_groups_are_solved_together():
     assert sum(len(u) for u in units) == len(groups)
 
 
-def test_a_head_permuted_copy_is_recovered_exactly():
+def head_permuted_copy():
+    """The small ViT, its groups, a permutation of its heads (whole heads and within each) and the permuted copy."""
     model = small_vit(0)
     groups = channel_groups(model, torch.randn(2, 1, 28, 28))
     order = [2, 0, 3, 1]
@@ -83,7 +84,11 @@ def test_a_head_permuted_copy_is_recovered_exactly():
         rng = np.random.default_rng(i)
         perms[f"{base}.qk"] = head_permutation(order, [rng.permutation(8) for _ in range(4)])
         perms[f"{base}.vo"] = head_permutation(order, [rng.permutation(8) for _ in range(4)])
-    copy = permute(model, perms, groups)
+    return model, groups, perms, permute(model, perms, groups)
+
+
+def test_a_head_permuted_copy_is_recovered_exactly():
+    model, groups, perms, copy = head_permuted_copy()
     found, _ = match_weights(_as_arrays(model), _as_arrays(copy), groups)
     for g in groups:
         expected = np.argsort(perms[g.name]) if g.name in perms else np.arange(g.size)
@@ -93,16 +98,7 @@ def test_a_head_permuted_copy_is_recovered_exactly():
 def test_a_warm_start_a_few_units_off_converges_to_the_permutation():
     """Starting next to the answer (as the straight-through estimator's projections do), the products of a
     packed q/k/v projection are updated column by column; the other parts of its axis must not enter them."""
-    model = small_vit(0)
-    groups = channel_groups(model, torch.randn(2, 1, 28, 28))
-    order = [2, 0, 3, 1]
-    perms = {}
-    for i in range(2):
-        base = f"encoder.layers.encoder_layer_{i}.self_attention"
-        rng = np.random.default_rng(i)
-        perms[f"{base}.qk"] = head_permutation(order, [rng.permutation(8) for _ in range(4)])
-        perms[f"{base}.vo"] = head_permutation(order, [rng.permutation(8) for _ in range(4)])
-    copy = permute(model, perms, groups)
+    model, groups, perms, copy = head_permuted_copy()
     expected = {g.name: np.argsort(perms[g.name]) if g.name in perms else np.arange(g.size) for g in groups}
     start = {name: p.copy() for name, p in expected.items()}
     for name in start:
