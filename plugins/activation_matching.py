@@ -9,19 +9,18 @@ algorithm (Li et al. 2016; Ainsworth et al. 2023, activation matching; Jordan et
 ``P = argmax_P sum_j C[P(j), j]``, ``C`` the correlations of the model's units (rows)
 with the reference's (columns), summed over the layers where the group is recorded.
 
-Transformers (token activations ``(N, T, D)``, channels last) are recorded by a pass of
-this module's own, since a recording keeps channels in dim 1: with ``tokens =
-"samples"`` (the default) every token of every image is a sample of the correlations
-(as every position of a conv map is), with ``"mean"`` the tokens of an image are
-averaged first. The residual stream is recorded where its producers write it (patch
-embedding, LayerNorms, the blocks' output projections), the MLP units after their first
-linear layer. The query, key and value dimensions of attention never leave
-``nn.MultiheadAttention``: they are computed from the recorded input of the layer that
-owns their projection (``<attention>@in`` and its ``in_proj_weight`` rows, or the
-output of a packed ``qkv`` linear layer, cut into its parts). The query/key group's
-correlations are those of the queries plus those of the keys, the value/output group's
-those of the values; both groups of one attention layer are solved at once with the
-hierarchical assignment of :func:`mergescope_plugins.weight_matching.match_heads`
+Transformers (token activations ``(N, T, D)``) are recorded by the same pass: with
+``positions`` every token of every image is a sample of the correlations, as every
+position of a conv map is; otherwise each image's mean token. The residual stream is read
+where its producers write it (patch embedding, LayerNorms, the blocks' MLP outputs), the
+MLP units after their first linear layer. The query, key and value dimensions of attention
+never leave ``nn.MultiheadAttention``: the layer's input ``x`` is recorded with its
+covariances, and the correlations of the projected units ``W x`` follow from them
+(``W_a S_ab W_b^T`` over the standard deviations ``sqrt(diag(W S W^T))``); for a packed
+``qkv`` linear layer (timm) its output is recorded and cut into its parts. The query/key
+group's correlations are those of the queries plus those of the keys, the value/output
+group's those of the values; both groups of one attention layer are solved at once with
+the hierarchical assignment of :func:`mergescope_plugins.weight_matching.match_heads`
 (whole heads, one head order for both, any order within each head).
 """
 
@@ -29,30 +28,33 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import attrs
 import numpy as np
-import torch
 import xarray as xr
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
+from mergescope.activations import INPUT_SUFFIX
 from mergescope.components import Alignment, Context
-from mergescope.devices import autocast
 from mergescope.groups import ChannelGroup, channel_groups, example_input, permutation_matrix
 from mergescope.hookspecs import hookimpl
-from mergescope.loading import make_loader, to_device
 from mergescope.states import check_finite
-from mergescope.statistics import CoMoments
-from mergescope.validators import boolean, one_of
+from mergescope.validators import boolean
 from mergescope_plugins.weight_matching import match_heads, solved_together
 
-__all__ = ["match_correlations", "match_unit", "token_reads", "ActivationMatching", "register_aligners"]
+__all__ = [
+    "match_correlations",
+    "match_unit",
+    "token_reads",
+    "group_correlations",
+    "projected_correlation",
+    "ActivationMatching",
+    "register_aligners",
+]
 
 log = logging.getLogger("mergescope")
-
-TOKENS = ("samples", "mean")
 
 
 def match_correlations(corr: np.ndarray) -> tuple[np.ndarray, float]:
@@ -131,123 +133,98 @@ def token_reads(model: nn.Module, group: ChannelGroup) -> list[tuple[str, str, i
     return reads
 
 
-def _rows(t: torch.Tensor, size: int, tokens: str) -> torch.Tensor:
-    """Activations as rows of ``size`` units: conv maps one row per position, tokens per token or averaged."""
-    if t.ndim == 4 and t.shape[1] == size:
-        return t.movedim(1, -1).reshape(-1, size)
-    if t.ndim == 3 and t.shape[-1] == size:
-        return t.mean(dim=1) if tokens == "mean" else t.reshape(-1, size)
-    if t.ndim == 3 and t.shape[1] == size:  # (N, C, L) of a 1-D convolution
-        return t.movedim(1, -1).reshape(-1, size)
-    return t.reshape(-1, size)
+def _site_layer(path: str, how: str) -> str:
+    """The layer recorded for an attention projection: the attention's input, or the packed ``qkv`` output."""
+    return path + INPUT_SUFFIX if how == "project" else path
 
 
-def _projected(module: nn.MultiheadAttention, args: tuple[Any, ...], start: int, size: int) -> torch.Tensor:
-    """Query, key or value rows of an attention layer, computed from its input as its projection does."""
-    e = module.embed_dim
+def _projection_rows(module: nn.MultiheadAttention, start: int, size: int) -> np.ndarray:
+    """The rows of an attention layer's input projection that compute the query, key or value units ``start...``."""
     if module._qkv_same_embed_dim:
-        index, weight = start // e, module.in_proj_weight[start : start + size]
+        weight = module.in_proj_weight[start : start + size]
     else:
-        index, weight = start, (module.q_proj_weight, module.k_proj_weight, module.v_proj_weight)[start]
-    bias = None if module.in_proj_bias is None else module.in_proj_bias[index * e : index * e + size]
-    x = args[index]
-    if x.ndim == 3 and not module.batch_first:
-        x = x.transpose(0, 1)  # (tokens, batch, E) -> (batch, tokens, E)
-    return nn.functional.linear(x, weight, bias)
+        weight = (module.q_proj_weight, module.k_proj_weight, module.v_proj_weight)[start]
+    return weight.detach().double().cpu().numpy()
 
 
-def _needs_tokens(model: nn.Module, groups: Sequence[ChannelGroup], x: torch.Tensor) -> set[str]:
-    """The groups recorded by the token pass: attention heads, and units that some producer lays out last."""
-    shapes: dict[str, tuple[int, ...]] = {}
+def projected_correlation(
+    w_a: np.ndarray, w_b: np.ndarray, cov_a: np.ndarray, cov_b: np.ndarray, cross: np.ndarray
+) -> np.ndarray:
+    """Correlations of ``W_a x_a`` with ``W_b x_b`` from the moments of the inputs (biases do not change them).
 
-    def note(layer: str) -> Any:
-        def hook(_m: nn.Module, _i: Any, out: Any) -> None:  # returns None: the output stays as it is
-            shapes[layer] = tuple(out.shape) if isinstance(out, torch.Tensor) else ()
-
-        return hook
-
-    layers = {p for g in groups if g.heads == 1 for p in g.producers}
-    hooks = [model.get_submodule(p).register_forward_hook(note(p)) for p in layers]
-    try:
-        with torch.no_grad():
-            model(x.to(next(model.parameters()).device))
-    finally:
-        for h in hooks:
-            h.remove()
-    return {
-        g.name
-        for g in groups
-        if g.heads > 1 or g.tied or any(len(shapes.get(p, ())) == 3 and shapes[p][-1] == g.size for p in g.producers)
-    }
+    ``corr = W_a S_ab W_b^T / sqrt(diag(W_a S_aa W_a^T) diag(W_b S_bb W_b^T))``, ``S_ab`` the
+    cross-covariance of the two models' inputs; a unit without variance gives NaN.
+    """
+    c = w_a @ cross @ w_b.T
+    std_a = np.sqrt(np.einsum("ij,jk,ik->i", w_a, cov_a, w_a))
+    std_b = np.sqrt(np.einsum("ij,jk,ik->i", w_b, cov_b, w_b))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = c / np.outer(std_a, std_b)
+    out[~np.isfinite(out)] = np.nan
+    return out
 
 
-def token_correlations(
+def group_correlations(
     models: Mapping[str, nn.Module],
     reference: str,
     groups: Sequence[ChannelGroup],
     context: Context,
-    tokens: str = "samples",
+    positions: bool = True,
 ) -> dict[tuple[str, str], np.ndarray]:
-    """Correlations of every model's units with the reference's, for groups of token activations.
+    """Correlations of every model's units with the reference's, per group, from one ``context.record`` pass.
 
-    One pass over the context's data: each group is read at its producers (token
-    activations ``(N, T, D)``, conv maps or vectors) or, for attention groups, where
-    :func:`token_reads` computes them; the correlations of every site are averaged.
+    A group is read at its producers (conv maps, vectors or token activations ``(N, T, D)``;
+    with ``positions`` every position of a map and every token is a sample), the
+    correlations of every producer averaged. An attention group (heads) never leaves its
+    layer: for ``nn.MultiheadAttention`` (self-attention: query, key and value read one
+    input) the layer's input is recorded and the correlations of the projected units
+    come from its covariances (:func:`projected_correlation`); a packed ``qkv`` linear
+    layer's output is recorded and the group's block of it read.
 
     Returns
     -------
     dict
         ``{(model, group): (units, units_ref) correlations}`` for every model but the reference.
     """
-    sites: dict[str, list[tuple[str, str, int]]] = {}
-    for g in groups:
-        reads = token_reads(models[reference], g) if g.heads > 1 or g.tied else []
-        sites[g.name] = reads or [(p, "output", 0) for p in g.producers]
-    sizes = {g.name: g.size for g in groups}
-    captured: dict[str, dict[tuple[str, str, int, int], torch.Tensor]] = {m: {} for m in models}
-    handles = []
-    for m, model in models.items():
-        for g in groups:
-            for path, how, index in sites[g.name]:
-                module = model.get_submodule(path)
-                key, size = (path, how, index, sizes[g.name]), sizes[g.name]
-
-                def hook(_m: nn.Module, args: Any, out: Any, _k=key, _s=size, _h=how, _i=index, _mod=m) -> None:
-                    if _h == "project":
-                        t = _projected(_m, args, _i, _s)  # type: ignore[arg-type]
-                    else:
-                        t = out[..., _i : _i + _s] if _h == "slice" else out
-                    captured[_mod][_k] = _rows(t.detach().float(), _s, tokens)
-
-                handles.append(module.register_forward_hook(hook))
+    sites = {
+        g.name: (token_reads(models[reference], g) if g.heads > 1 or g.tied else [])
+        or [(p, "output", 0) for p in g.producers]
+        for g in groups
+    }
+    layers = sorted({_site_layer(path, how) for reads in sites.values() for path, how, _ in reads})
     others = [m for m in models if m != reference]
-    moments: dict[tuple[str, tuple[str, str, int, int]], CoMoments] = {}
-    modes = {m: [(mod, mod.training) for mod in model.modules()] for m, model in models.items()}
-    device = next(models[reference].parameters()).device
-    loader = make_loader(context.data, context.batch_size, device=device)
-    try:
-        for model in models.values():
-            model.eval()
-        batches = context.progress(loader, desc="activation-matching: token activations", total=len(loader))
-        with torch.no_grad(), autocast(context.device, context.precision):
-            for images, _labels in batches:
-                for model in models.values():
-                    model(to_device(images, next(model.parameters()).device))
-                for m in others:
-                    for key, rows in captured[m].items():
-                        acc = moments.setdefault((m, key), CoMoments(key[3], key[3]))
-                        acc.update(rows.double().cpu().numpy(), captured[reference][key].double().cpu().numpy())
-    finally:
-        for h in handles:
-            h.remove()
-        for flags in modes.values():
-            for mod, flag in flags:
-                mod.training = flag
+    projects = any(how == "project" for reads in sites.values() for _, how, _ in reads)
+    store = context.record(
+        models,
+        {m: layers for m in models},
+        pairs=[(m, reference) for m in others],
+        covariance=projects,
+        keep_activations=False,
+        positions=positions,
+    )
     out = {}
     for m in others:
         for g in groups:
-            keys = [(path, how, index, g.size) for path, how, index in sites[g.name]]
-            out[m, g.name] = sum(moments[m, k].correlation for k in keys) / len(keys)
+            parts = []
+            for path, how, index in sites[g.name]:
+                layer = _site_layer(path, how)
+                if how == "project":
+                    parts.append(
+                        projected_correlation(
+                            _projection_rows(models[m].get_submodule(path), index, g.size),
+                            _projection_rows(models[reference].get_submodule(path), index, g.size),
+                            store.covariance(m, layer).covariance,
+                            store.covariance(reference, layer).covariance,
+                            store.cross(m, reference, layer).covariance,
+                        )
+                    )
+                elif how == "slice":
+                    parts.append(
+                        store.cross(m, reference, layer).correlation[index : index + g.size, index : index + g.size]
+                    )
+                else:
+                    parts.append(store.cross(m, reference, layer).correlation)
+            out[m, g.name] = sum(parts) / len(parts)
     return out
 
 
@@ -259,18 +236,13 @@ class ActivationMatching:
     ----------
     positions
         Correlate conv channels over every spatial position (as Git Re-Basin and REPAIR
-        do); otherwise over per-image channel means.
-    tokens
-        For token activations ``(N, T, D)`` (vision transformers): ``"samples"`` makes
-        every token of every image a sample of the correlations (as ``positions`` does
-        for conv maps); ``"mean"`` correlates the per-image means over tokens.
+        do) and token units over every token; otherwise over per-image means.
     """
 
     name: ClassVar[str] = "activation-matching"
     paper: ClassVar[str] = "Ainsworth et al. 2023, Git Re-Basin (activation matching); Jordan et al. 2023, REPAIR"
 
     positions: bool = attrs.field(default=True, validator=boolean)
-    tokens: str = attrs.field(default="samples", validator=one_of(*TOKENS))
 
     def align(self, models: Mapping[str, nn.Module], reference: str, context: Context) -> Alignment:
         """Match every model's units to the reference's, group by group.
@@ -284,28 +256,9 @@ class ActivationMatching:
             A layer the tracer cannot follow (named in the message).
         """
         check_finite({m: model.state_dict() for m, model in models.items()})
-        x = example_input(context.data)
-        groups = channel_groups(models[reference], x)
+        groups = channel_groups(models[reference], example_input(context.data))
         others = [m for m in models if m != reference]
-        token_groups = _needs_tokens(models[reference], groups, x)
-        correlations: dict[tuple[str, str], np.ndarray] = {}
-        if token_groups:
-            chosen = [g for g in groups if g.name in token_groups]
-            correlations.update(token_correlations(models, reference, chosen, context, self.tokens))
-        plain = [g for g in groups if g.name not in token_groups]
-        if plain:
-            layers = sorted({p for g in plain for p in g.producers})
-            store = context.record(
-                models,
-                {m: layers for m in models},
-                pairs=[(m, reference) for m in others],
-                keep_activations=False,
-                positions=self.positions,
-            )
-            for m in others:
-                for g in plain:
-                    corr = sum(store.cross(m, reference, p).correlation for p in g.producers) / len(g.producers)
-                    correlations[m, g.name] = corr
+        correlations = group_correlations(models, reference, groups, context, self.positions)
         transforms: dict[str, dict[str, xr.DataArray]] = {}
         matched = np.full((len(others), len(groups)), np.nan)
         dead = np.zeros((len(others), len(groups)), dtype=np.int64)

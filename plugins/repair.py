@@ -34,14 +34,15 @@ which gives the inputs of every attention, MLP and the head the statistics REPAI
 prescribes while the model keeps its structure. (Per-token normalisation by the
 LayerNorm already restores each token's overall scale; what the correction restores is
 the distribution of each channel over tokens and samples, which the collapse distorts.)
-The measuring pass and the folding are those of the BatchNorm path, with the channel on
+The endpoints' statistics come from the same recording as the BatchNorm path's (a token
+layer's over every sample and token), and the folding is the same, with the channel on
 the last axis.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import attrs
 import numpy as np
@@ -64,7 +65,6 @@ __all__ = [
     "layernorm_layers",
     "repair_points",
     "channel_axis",
-    "channel_statistics",
     "renormalise",
     "Repair",
     "register_mergers",
@@ -128,59 +128,6 @@ def _absorbs(module: nn.Module) -> bool:
     if isinstance(module, nn.LayerNorm):
         return module.weight is not None and module.bias is not None and len(module.normalized_shape) == 1
     return isinstance(module, _AFFINE) and module.bias is not None
-
-
-def channel_statistics(
-    model: nn.Module,
-    layers: Sequence[str],
-    data: Any,
-    batch_size: int,
-    progress: Any = None,
-) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Per-channel mean and (population) std of ``layers``' outputs over every sample and position.
-
-    The channel of a LayerNorm's or Linear's output is its last axis (tokens and samples
-    are the rows), of a conv's or BatchNorm's axis 1. Sums are float64.
-
-    Returns
-    -------
-    tuple[dict, dict]
-        ``(means, stds)``, each ``{layer: float64 array (channels,)}``.
-    """
-    modules = dict(model.named_modules())
-    sums: dict[str, torch.Tensor] = {}
-
-    def hook_for(layer: str):
-        axis = channel_axis(modules[layer])
-
-        def hook(_module: nn.Module, _inputs: object, out: torch.Tensor) -> None:
-            rows = _channel_rows(out, axis).double()
-            batch = torch.stack([rows.sum(0), (rows**2).sum(0), torch.full_like(rows[0], len(rows))])
-            sums[layer] = batch if layer not in sums else sums[layer] + batch
-
-        return hook
-
-    handles = [modules[layer].register_forward_hook(hook_for(layer)) for layer in layers]
-    was_training = model.training
-    model.eval()
-    try:
-        device = next(model.parameters()).device
-        loader = statistics_batches(data, batch_size, device)
-        batches = progress(loader, desc="channel statistics", total=len(loader)) if progress else loader
-        with torch.no_grad():
-            for images, _ in batches:
-                model(to_device(images, device))
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    means, stds = {}, {}
-    for layer in layers:
-        total, squares, count = sums[layer]
-        mean = total / count
-        means[layer] = mean.cpu().numpy()
-        stds[layer] = (squares / count - mean**2).clamp_min(0).sqrt().cpu().numpy()
-    return means, stds
 
 
 def renormalise(
@@ -370,13 +317,8 @@ class Repair:
             models = align_to_reference(models, alignment, groups)
         a, b = models[names[0]], models[names[1]]
         stats = None
-        if layers and at == "layernorm":
-            # Token outputs (sample, token, channel): measured here with the channel last, as
-            # the merged model is, over every sample and token.
-            stats = tuple(
-                channel_statistics(m, layers, context.data, context.batch_size, context.progress) for m in (a, b)
-            )
-        elif layers:
+        if layers:
+            # One recording of both endpoints; token layers' statistics are over every sample and token.
             store = context.record({"a": a, "b": b}, {"a": layers, "b": layers}, keep_activations=False, positions=True)
             stats = tuple(
                 (

@@ -206,20 +206,25 @@ class _Tiles:
 
     def load(self, ids: np.ndarray) -> None:
         """Load the tiles of ``ids`` not loaded yet (one ``Context.images`` call per chunk)."""
-        missing = [int(i) for i in np.unique(ids) if int(i) not in self.tiles]
+        missing = np.asarray([int(i) for i in np.unique(ids) if int(i) not in self.tiles], dtype=np.int64)
         for start in range(0, len(missing), _LOAD_CHUNK):
-            chunk = missing[start : start + _LOAD_CHUNK]
-            try:
-                batches = [(chunk, self.context.images(chunk))]
-            except RuntimeError:
-                # Context.images stacks the images into one tensor, which fails when
-                # their sizes differ; then load them one by one.
-                batches = [([i], self.context.images([i])) for i in chunk]
-            for batch_ids, images in batches:
-                self.colour = self.colour or (images.ndim == 4 and images.shape[1] == 3)
-                for i, tile in zip(batch_ids, display_images(images, self.size)):
-                    self.tiles[i] = tile
-                    self.shapes[i] = (int(images.shape[-2]), int(images.shape[-1]))
+            self.batches(missing[start : start + _LOAD_CHUNK])
+
+    def batches(self, ids: np.ndarray) -> list[tuple[np.ndarray, torch.Tensor]]:
+        """The images of ``ids``, in one batch or one by one when their sizes differ; their tiles kept.
+
+        The heatmap pass feeds these batches to the models, so every image shown is loaded once.
+        """
+        try:
+            batches = [(ids, self.context.images(ids))]
+        except RuntimeError:  # Context.images stacks the images, which fails when their sizes differ
+            batches = [(ids[i : i + 1], self.context.images(ids[i : i + 1])) for i in range(len(ids))]
+        for batch_ids, images in batches:
+            self.colour = self.colour or (images.ndim == 4 and images.shape[1] == 3)
+            for i, tile in zip(batch_ids, display_images(images, self.size)):
+                self.tiles[int(i)] = tile
+                self.shapes[int(i)] = (int(images.shape[-2]), int(images.shape[-1]))
+        return batches
 
     def bank(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The tiles of the unique ``ids`` stacked ``(n, size, size, 3)``, and each id's position in it."""
@@ -515,12 +520,13 @@ class _evaluating:
             module.training = mode
 
 
-def _record_maps(plans: Sequence[_Layer], models: Sequence[str], context: Context) -> None:
+def _record_maps(plans: Sequence[_Layer], models: Sequence[str], context: Context, tiles: _Tiles) -> None:
     """Fill every plan's ``maps``: each model row's map of each drawn unit on each of its top-k images.
 
     One pass over the union of the images the model rows show, in batches of the context's
-    batch size; each batch is loaded once and given to every model. Only the maps shown are
-    kept, so memory grows with the grids, not the dataset.
+    batch size; each batch is loaded once (its display tiles kept in ``tiles`` for the
+    grids) and given to every model. Only the maps shown are kept, so memory grows with the
+    grids, not the dataset.
     """
     modules = {m: context.modules[m] for m in models}
     rows = {m: plans[0].labels.index(m) for m in models}
@@ -539,7 +545,7 @@ def _record_maps(plans: Sequence[_Layer], models: Sequence[str], context: Contex
     try:
         with _evaluating(modules.values()), torch.no_grad(), autocast(context.device, context.precision):
             for chunk in context.progress(chunks, desc="top-k heatmaps", total=len(chunks)):
-                batches = _image_batches(context, chunk)
+                batches = tiles.batches(chunk)
                 for model in models:
                     for batch_ids, images in batches:
                         captured.clear()
@@ -549,14 +555,6 @@ def _record_maps(plans: Sequence[_Layer], models: Sequence[str], context: Contex
     finally:
         for handle in handles:
             handle.remove()
-
-
-def _image_batches(context: Context, ids: np.ndarray) -> list[tuple[np.ndarray, torch.Tensor]]:
-    """The images of ``ids`` in one batch, or one by one when their sizes differ."""
-    try:
-        return [(ids, context.images(ids))]
-    except RuntimeError:  # Context.images stacks the images, which fails when their sizes differ
-        return [(ids[i : i + 1], context.images(ids[i : i + 1])) for i in range(len(ids))]
 
 
 def _keep_maps(plan: _Layer, row: int, batch_ids: np.ndarray, output: torch.Tensor) -> None:
@@ -948,7 +946,7 @@ class TopKGrids:
         if self.optimised is not None and drawn:
             _optimised(results, self.optimised, drawn, out_dir, self.tile)
         if self.heatmaps and drawn:
-            _record_maps(drawn, list(context.models), context)
+            _record_maps(drawn, list(context.models), context, tiles)
         entries: list[dict[str, Any]] = []
         paths: list[Path] = []
         for plan in drawn:

@@ -12,7 +12,13 @@ from mergescope.components import Context
 from mergescope.groups import align_to_reference, channel_groups, head_structure, permute, random_permutations
 from mergescope.statistics import CoMoments
 from mergescope.values import TensorImageDataset
-from mergescope_plugins.activation_matching import ActivationMatching, match_unit, token_correlations, token_reads
+from mergescope_plugins.activation_matching import (
+    ActivationMatching,
+    group_correlations,
+    match_unit,
+    projected_correlation,
+    token_reads,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -85,17 +91,17 @@ def test_correlations_take_every_token_as_a_sample(context):
     groups = channel_groups(a, context.data.images[:2])
     stream = [g for g in groups if g.name == "conv_proj"]
     only_ln = [type(stream[0])(g.name, g.size, g.axes, (layer,)) for g in stream]
-    corr = token_correlations({"a": a, "b": b}, "a", only_ln, context)[("b", "conv_proj")]
+    corr = group_correlations({"a": a, "b": b}, "a", only_ln, context)[("b", "conv_proj")]
     assert np.allclose(corr, expected, atol=1e-6)
-    mean = token_correlations({"a": a, "b": b}, "a", only_ln, context, tokens="mean")[("b", "conv_proj")]
+    mean = group_correlations({"a": a, "b": b}, "a", only_ln, context, positions=False)[("b", "conv_proj")]
     per_image = {k: v.reshape(12, -1, 32).mean(1) for k, v in rows.items()}
     assert np.allclose(mean, np.corrcoef(per_image["b"].T, per_image["a"].T)[:32, 32:], atol=1e-6)
 
 
-@pytest.mark.parametrize("tokens", ["samples", "mean"])
-def test_two_small_vits_align_to_an_equivalent_model(context, tokens):
+@pytest.mark.parametrize("positions", [True, False])
+def test_two_small_vits_align_to_an_equivalent_model(context, positions):
     a, b = small_vit(0), small_vit(1)
-    alignment = ActivationMatching(tokens=tokens).align({"a": a, "b": b}, "a", context)
+    alignment = ActivationMatching(positions=positions).align({"a": a, "b": b}, "a", context)
     groups = channel_groups(a, context.data.images[:2])
     aligned = align_to_reference({"a": a, "b": b}, alignment, groups)["b"].eval()
     x = context.data.images
@@ -108,6 +114,21 @@ def test_two_small_vits_align_to_an_equivalent_model(context, tokens):
     assert int(alignment.diagnostics["moved_units"].sum()) > 0
 
 
-def test_tokens_option_is_checked():
-    with pytest.raises(ValueError, match="'tokens' must be one of 'samples', 'mean'"):
-        ActivationMatching(tokens="pooled")
+def test_attention_correlations_come_from_the_input_moments(context):
+    # The query units of one attention layer, computed by hand from its input, against the moments' formula.
+    a, b = small_vit(0), small_vit(1)
+    layer = "encoder.layers.encoder_layer_0.self_attention"
+    inputs = {}
+    for name, model in (("a", a), ("b", b)):
+        handle = model.get_submodule(layer).register_forward_hook(
+            lambda _m, args, _o, _n=name: inputs.__setitem__(_n, args[0].reshape(-1, 32).double().numpy())
+        )
+        with torch.no_grad():
+            model(context.data.images)
+        handle.remove()
+    w = {n: m.get_submodule(layer).in_proj_weight[:32].detach().double().numpy() for n, m in (("a", a), ("b", b))}
+    q = {n: inputs[n] @ w[n].T for n in w}
+    expected = np.corrcoef(q["b"].T, q["a"].T)[:32, 32:]
+    joint = np.cov(np.hstack([inputs["b"], inputs["a"]]).T, bias=True)
+    got = projected_correlation(w["b"], w["a"], joint[:32, :32], joint[32:, 32:], joint[:32, 32:])
+    assert np.allclose(got, expected, atol=1e-8)

@@ -15,7 +15,6 @@ from mergescope.errors import ConfigError
 from mergescope.testing import example_dataset
 from mergescope_plugins.repair import (
     Repair,
-    channel_statistics,
     layernorm_layers,
     renormalise,
     repair_points,
@@ -72,19 +71,27 @@ def test_the_correction_folds_into_gamma_and_beta_as_worked_by_hand(shape, resha
     np.testing.assert_allclose(mean, [0.5, 0.75], rtol=1e-6)
     np.testing.assert_allclose(std, [2 * s, 1.5 * s], rtol=1e-6)
     # and the corrected model has the target statistics, measured independently
-    means, stds = channel_statistics(model, ["1"], data, batch_size=3)
-    np.testing.assert_allclose(means["1"], [1.0, 0.0], atol=1e-6)
-    np.testing.assert_allclose(stds["1"], [s, 3 * s], rtol=1e-6)
+    moments = recorded_moments(model, data, batch_size=3)
+    np.testing.assert_allclose(moments.mean, [1.0, 0.0], atol=1e-6)
+    np.testing.assert_allclose(moments.std, [s, 3 * s], rtol=1e-6)
 
 
-def test_channel_statistics_read_the_last_axis_of_token_outputs():
+def recorded_moments(model: nn.Module, data, batch_size: int):
+    """The per-channel moments of layer "1" as REPAIR records its endpoints: every sample and token a row."""
+    store = Context(data=data, batch_size=batch_size, quiet=True).record(
+        {"m": model}, {"m": ["1"]}, keep_activations=False, positions=True
+    )
+    return store.moments("m", "1")
+
+
+def test_the_endpoint_statistics_read_the_last_axis_of_token_outputs():
     data = toy_data((2, 1, 2, 2))
     model = nn.Sequential(nn.Flatten(1, 2), nn.Linear(2, 3))
-    means, stds = channel_statistics(model, ["1"], data, batch_size=1)
+    moments = recorded_moments(model, data, batch_size=1)
     with torch.no_grad():
         rows = model(data.images).reshape(-1, 3).double()
-    np.testing.assert_allclose(means["1"], rows.mean(0).numpy(), rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(stds["1"], rows.std(0, unbiased=False).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(moments.mean, rows.mean(0).numpy(), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(moments.std, rows.std(0, unbiased=False).numpy(), rtol=1e-6)
 
 
 def layernorm_stats(model: nn.Module, images: torch.Tensor, layer: str) -> tuple[np.ndarray, np.ndarray]:
