@@ -308,6 +308,12 @@ models = ["a", "b"]
 epochs = 1
 
 [[steps]]
+use = "orthogonal-matching"
+name = "orthogonal"
+models = ["a", "b"]
+epochs = 1
+
+[[steps]]
 use = "cca-merge"
 name = "cca-merge"
 models = ["a", "b"]

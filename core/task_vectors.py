@@ -767,8 +767,8 @@ def aligned_models(models: Mapping[str, nn.Module], alignment: Any, context: Con
         return dict(models)
     if alignment.reference not in models:  # before tracing, which needs data
         return align_step_models(models, alignment, [])
-    groups = channel_groups(models[alignment.reference], example_input(context.data))
-    return align_step_models(models, alignment, groups)
+    x = example_input(context.data)
+    return align_step_models(models, alignment, channel_groups(models[alignment.reference], x), x)
 
 
 @attrs.define

@@ -333,7 +333,7 @@ def _aligner_applies(component: Any) -> None:
             f"{aligner.name!r}: its alignment of {model!r} has groups {unknown} that the architecture does not "
             f"have (its channel groups: {', '.join(sorted(names))}); declare space = 'layers' for layer-keyed maps"
         )
-        aligned = align_to_reference({model: models[model]}, alignment, groups)[model]
+        aligned = align_to_reference({model: models[model]}, alignment, groups, x)[model]
         matrices = [np.asarray(t.transpose("unit", "unit_ref").values) for t in transforms.values()]
         if all(_is_permutation(m) for m in matrices):
             with torch.no_grad():

@@ -50,6 +50,8 @@ __all__ = [
     "token_reads",
     "group_correlations",
     "projected_correlation",
+    "projection_rows",
+    "site_layer",
     "ActivationMatching",
     "register_aligners",
 ]
@@ -133,12 +135,12 @@ def token_reads(model: nn.Module, group: ChannelGroup) -> list[tuple[str, str, i
     return reads
 
 
-def _site_layer(path: str, how: str) -> str:
+def site_layer(path: str, how: str) -> str:
     """The layer recorded for an attention projection: the attention's input, or the packed ``qkv`` output."""
     return path + INPUT_SUFFIX if how == "project" else path
 
 
-def _projection_rows(module: nn.MultiheadAttention, start: int, size: int) -> np.ndarray:
+def projection_rows(module: nn.MultiheadAttention, start: int, size: int) -> np.ndarray:
     """The rows of an attention layer's input projection that compute the query, key or value units ``start...``."""
     if module._qkv_same_embed_dim:
         weight = module.in_proj_weight[start : start + size]
@@ -191,7 +193,7 @@ def group_correlations(
         or [(p, "output", 0) for p in g.producers]
         for g in groups
     }
-    layers = sorted({_site_layer(path, how) for reads in sites.values() for path, how, _ in reads})
+    layers = sorted({site_layer(path, how) for reads in sites.values() for path, how, _ in reads})
     others = [m for m in models if m != reference]
     projects = any(how == "project" for reads in sites.values() for _, how, _ in reads)
     store = context.record(
@@ -207,12 +209,12 @@ def group_correlations(
         for g in groups:
             parts = []
             for path, how, index in sites[g.name]:
-                layer = _site_layer(path, how)
+                layer = site_layer(path, how)
                 if how == "project":
                     parts.append(
                         projected_correlation(
-                            _projection_rows(models[m].get_submodule(path), index, g.size),
-                            _projection_rows(models[reference].get_submodule(path), index, g.size),
+                            projection_rows(models[m].get_submodule(path), index, g.size),
+                            projection_rows(models[reference].get_submodule(path), index, g.size),
                             store.covariance(m, layer).covariance,
                             store.covariance(reference, layer).covariance,
                             store.cross(m, reference, layer).covariance,

@@ -231,8 +231,8 @@ class CCAMerge:
             raise ConfigError(f"cannot merge models {names}: {exc}", where="key 'models'") from exc
         if alignment is None:
             alignment = CCA(self.regularization).align(models, names[0], context)
-        groups = channel_groups(models[alignment.reference], example_input(context.data))
-        aligned = align_to_reference(models, alignment, groups)
+        x = example_input(context.data)
+        aligned = align_to_reference(models, alignment, channel_groups(models[alignment.reference], x), x)
         merged = copy.deepcopy(aligned[alignment.reference])
         states = [aligned[n].state_dict() for n in names]
         with torch.no_grad():

@@ -149,8 +149,8 @@ class Interpolation:
         if len(names) < 2:
             raise ConfigError(f"interpolation needs at least two models, got {names}", where="key 'models'")
         if alignment is not None:  # every model in the reference's unit order before interpolating
-            groups = channel_groups(models[names[0]], example_input(context.data))
-            models = align_step_models(models, alignment, groups)
+            x = example_input(context.data)
+            models = align_step_models(models, alignment, channel_groups(models[names[0]], x), x)
         states = {name: models[name].state_dict() for name in names}
         try:
             check_compatible(states)

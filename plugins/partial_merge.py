@@ -379,8 +379,9 @@ class PartialMerge:
         except ValueError as exc:
             raise ConfigError(f"cannot merge models {names}: {exc}", where="key 'models'") from exc
         metric = self.make_metric()  # fail on a bad metric before any work
-        all_groups = channel_groups(models[names[0]], example_input(context.data))
-        models = align_step_models(models, alignment, all_groups)
+        x = example_input(context.data)
+        all_groups = channel_groups(models[names[0]], x)
+        models = align_step_models(models, alignment, all_groups, x)
         groups = self._select_groups(all_groups)
         if not groups:
             raise ConfigError("this architecture has no channel groups to rank (no hidden units)", where="key 'models'")

@@ -314,7 +314,7 @@ class Repair:
         if alignment is not None:
             if groups is None:
                 groups = channel_groups(models[names[0]], example_input(context.data))
-            models = align_to_reference(models, alignment, groups)
+            models = align_to_reference(models, alignment, groups, example_input(context.data))
         a, b = models[names[0]], models[names[1]]
         stats = None
         if layers:

@@ -124,8 +124,8 @@ class Slerp:
         if len(names) != 2:
             raise ConfigError(f"slerp interpolates two models, got {len(names)}: {names}", where="key 'models'")
         if alignment is not None:
-            groups = channel_groups(models[names[0]], example_input(context.data))
-            models = align_step_models(models, alignment, groups)
+            x = example_input(context.data)
+            models = align_step_models(models, alignment, channel_groups(models[names[0]], x), x)
         first, second = (models[n].state_dict() for n in names)
         try:
             check_compatible({n: s for n, s in zip(names, (first, second))})

@@ -78,6 +78,8 @@ __all__ = [
     "midpoint",
     "permute_tensors",
     "midpoint_loss",
+    "score_midpoint",
+    "check_midpoint_inputs",
     "StraightThroughEstimator",
     "register_aligners",
 ]
@@ -144,6 +146,62 @@ def midpoint_loss(
     with autocast(images.device, precision):
         logits = functional_call(shell, dict(weights), (images,))
     return nn.functional.cross_entropy(logits.float(), labels)
+
+
+def score_midpoint(
+    shell: nn.Module, weights: Mapping[str, Tensor], data: ImageDataset, batch_size: int, precision: str = "fp32"
+) -> tuple[float, float]:
+    """Cross-entropy and accuracy of ``shell`` run with ``weights`` over all of ``data`` (no gradient).
+
+    The images come in a fixed random order (:func:`mergescope.batchnorm.statistics_batches`),
+    a last batch of one image joined to the one before, so that BatchNorm layers in training
+    mode normalise every batch with statistics of its own.
+    """
+    device = next(iter(weights.values())).device
+    total, correct, count = 0.0, 0, 0
+    with torch.no_grad():
+        for cpu_images, cpu_labels in _joined(statistics_batches(data, batch_size, device)):
+            images, labels = to_device(cpu_images, device), to_device(cpu_labels, device)
+            # Batch-statistic BatchNorm writes its running statistics into `weights` but never reads them.
+            with autocast(device, precision):
+                logits = functional_call(shell, dict(weights), (images,)).float()
+            total += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
+            correct += int((logits.argmax(dim=1) == labels).sum())
+            count += len(labels)
+    return total / count, correct / count
+
+
+def check_midpoint_inputs(
+    aligner: str, learns: str, models: Mapping[str, nn.Module], reference: str, context: Context
+) -> tuple[list[str], ImageDataset]:
+    """What an aligner learning from the merged midpoint's loss checks before any work.
+
+    Returns the models other than the reference and the step's data.
+
+    Raises
+    ------
+    ConfigError
+        Fewer than two models or a reference not among them, no ``[data]`` (or an empty
+        one), or models of different architectures.
+    """
+    others = [m for m in models if m != reference]
+    if reference not in models or not others:
+        raise ConfigError(
+            f"{aligner} aligns other models to a reference among them; got reference {reference!r} and models "
+            f"{list(models)}",
+            where="key 'models'",
+        )
+    data = context.data
+    if data is None or len(data) == 0:
+        raise ConfigError(
+            f"{aligner} learns {learns} from the loss of the merged midpoint on labelled images and needs [data] "
+            "(with at least one image); add a [data] table to the pipeline or give the step its own data"
+        )
+    try:
+        check_compatible({m: models[m].state_dict() for m in (reference, *others)})
+    except ValueError as exc:
+        raise ConfigError(f"cannot align models {[reference, *others]}: {exc}", where="key 'models'") from exc
+    return others, data
 
 
 # ------------------------------------------------------------------------ helpers
@@ -256,23 +314,7 @@ class StraightThroughEstimator:
             No ``[data]`` (or an empty one), fewer than two models, models of different
             architectures, or models whose outputs are not one logit per class of the data.
         """
-        others = [m for m in models if m != reference]
-        if reference not in models or not others:
-            raise ConfigError(
-                f"ste aligns other models to a reference among them; got reference {reference!r} and models "
-                f"{list(models)}",
-                where="key 'models'",
-            )
-        data = context.data
-        if data is None or len(data) == 0:
-            raise ConfigError(
-                "ste learns permutations from the loss of the merged midpoint on labelled images and needs [data] "
-                "(with at least one image); add a [data] table to the pipeline or give the step its own data"
-            )
-        try:
-            check_compatible({m: models[m].state_dict() for m in (reference, *others)})
-        except ValueError as exc:
-            raise ConfigError(f"cannot align models {[reference, *others]}: {exc}", where="key 'models'") from exc
+        others, data = check_midpoint_inputs("ste", "permutations", models, reference, context)
         batch_size = self.batch_size or context.batch_size
         batch_statistics = self.midpoint_statistics == "batch" and batchnorm_layers(models[reference])
         if batch_statistics and min(batch_size, len(data)) < 2:
@@ -336,17 +378,7 @@ class StraightThroughEstimator:
 
         def score(perms: Mapping[str, np.ndarray]) -> tuple[float, float]:
             weights = midpoint(theta_a, permute_tensors(theta_b, groups, perms))
-            total, correct, count = 0.0, 0, 0
-            with torch.no_grad():
-                for cpu_images, cpu_labels in _joined(statistics_batches(data, batch_size, device)):
-                    images, labels = to_device(cpu_images, device), to_device(cpu_labels, device)
-                    # Batch-statistic BatchNorm writes its running statistics into `weights` but never reads them.
-                    with autocast(device, context.precision):
-                        logits = functional_call(shell, weights, (images,)).float()
-                    total += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
-                    correct += int((logits.argmax(dim=1) == labels).sum())
-                    count += len(labels)
-            return total / count, correct / count
+            return score_midpoint(shell, weights, data, batch_size, context.precision)
 
         weight_matching = project(None, self.seed)
         perms = previous = weight_matching

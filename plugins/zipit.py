@@ -538,7 +538,7 @@ class ZipIt:
         groups = channel_groups(models[names[0]], x)
         if not groups:
             raise ValueError("the models have no channel groups (no hidden units to zip)")
-        models = align_step_models(models, alignment, groups)
+        models = align_step_models(models, alignment, groups, x)
         ordered = [models[n] for n in names]
         reading = group_layers(ordered[0], x)
         zipped, stop_group = self._zipped_groups(ordered[0], x, groups, reading)

@@ -113,7 +113,7 @@ def test_applying_the_alignment_checks_the_function(monkeypatch):
 
     models = example_models()
     scrambled = {"model1": models["model0"]}  # another model entirely: the function changes
-    monkeypatch.setattr(kit, "align_to_reference", lambda m, alignment, groups: scrambled)
+    monkeypatch.setattr(kit, "align_to_reference", lambda m, alignment, groups, example=None: scrambled)
     with pytest.raises(AssertionError, match="changed the model's output"):
         check_component(HonestAligner)
 

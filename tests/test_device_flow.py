@@ -259,6 +259,13 @@ epochs = 1
 batch_size = 16
 
 [[steps]]
+use = "orthogonal-matching"
+name = "orthogonal"
+models = ["a", "b"]
+epochs = 1
+batch_size = 16
+
+[[steps]]
 use = "interpolation-curves"
 name = "curves"
 

@@ -491,7 +491,8 @@ class Scaled(nn.Module):
 
 
 def test_parameters_along_the_channels_are_per_channel():
-    check(Scaled(), X2, {"c1": producer("c1") | {A("scale", 0, "channel"), A("shift", 1, "channel")} | reader("c2")})
+    # A parameter multiplied with the channels is per channel; one added to them writes them, as a bias does.
+    check(Scaled(), X2, {"c1": producer("c1") | {A("scale", 0, "channel"), A("shift", 1, "output")} | reader("c2")})
 
 
 class Constant(nn.Module):
@@ -844,8 +845,8 @@ class StackedToken(nn.Module):
         return self.fc2(s).mean(1)
 
 
-def test_stack_with_a_parameter_records_it_per_channel():
-    check(StackedToken(), randn(3, 3), {"fc1": producer("fc1") | {A("token", 1, "channel")} | reader("fc2")})
+def test_stack_with_a_parameter_records_it_as_entries_of_the_channels():
+    check(StackedToken(), randn(3, 3), {"fc1": producer("fc1") | {A("token", 1, "output")} | reader("fc2")})
 
 
 # ------------------------------------------------------------- split, chunk, unbind
@@ -1007,7 +1008,7 @@ class ClassToken(nn.Module):
 
 @pytest.mark.parametrize("method", ["expand", "expand_as", "broadcast_to"])
 def test_an_expanded_parameter_is_still_that_parameter(method):
-    check(ClassToken(method), randn(3, 5, 3), {"fc1": producer("fc1") | {A("cls", 2, "channel")} | reader("fc2")})
+    check(ClassToken(method), randn(3, 5, 3), {"fc1": producer("fc1") | {A("cls", 2, "output")} | reader("fc2")})
 
 
 def test_repeating_the_channels_is_refused():

@@ -11,7 +11,7 @@ import pytest
 import mergescope.groups as groups
 
 # Bottom to top: a module may import only from modules before it.
-LAYERS = ("model", "ops", "values", "state", "handlers", "analyzer", "trace", "permute", "linear", "apply")
+LAYERS = ("model", "ops", "values", "state", "handlers", "analyzer", "trace", "permute", "fold", "linear", "apply")
 THIRD_PARTY = {"torch", "numpy", "xarray", "attrs"}
 PACKAGE = pathlib.Path(groups.__file__).parent
 

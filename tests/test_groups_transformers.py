@@ -11,6 +11,7 @@ import torch
 import torchvision
 from torch import nn
 from torchvision.models.vision_transformer import VisionTransformer
+from vit_helpers import shaken
 
 from mergescope.groups import (
     Axis,
@@ -33,20 +34,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def shaken(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random LayerNorm affines and no all-zero parameter (torchvision zeroes the head and class token)."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.LayerNorm):
-                m.weight.normal_(1, 0.3)
-                m.bias.normal_(0, 0.3)
-        for p in model.parameters():
-            if not p.abs().sum():
-                p.normal_(0, 0.2)
-    return model.eval()
 
 
 def by_name(groups):
@@ -88,8 +75,8 @@ BLOCK_AXES = {
     "embed": {
         ("embed.weight", 0, 0, "output"),
         ("embed.bias", 0, 0, "output"),
-        ("cls", 2, 0, "channel"),
-        ("pos", 2, 0, "channel"),
+        ("cls", 2, 0, "output"),
+        ("pos", 2, 0, "output"),
         ("ln1.weight", 0, 0, "channel"),
         ("ln1.bias", 0, 0, "channel"),
         ("attn.in_proj_weight", 1, 0, "input"),

@@ -45,7 +45,8 @@ Layered bottom to top; each imports only from the ones above it in this list.
 - :mod:`.analyzer`: the walk over the traced graph that dispatches nodes and builds the groups.
 - :mod:`.trace`: :func:`channel_groups`, :func:`group_layers`, :func:`example_input`.
 - :mod:`.permute`: :func:`permute`, :func:`check_equivalence`, permutation matrices.
-- :mod:`.linear`: :func:`apply_linear`, :func:`maps_from_transforms`.
+- :mod:`.fold`: :func:`fold_layernorms` and the tests of maps an affine-free LayerNorm keeps.
+- :mod:`.linear`: :func:`apply_linear`, :func:`maps_from_transforms`, :func:`is_head_orthogonal`.
 - :mod:`.apply`: :func:`align_to_reference`, :func:`align_step_models`.
 
 Example
@@ -59,7 +60,8 @@ from __future__ import annotations
 # The redundant aliases re-export names of the former single module that are not in
 # __all__: mergescope.activations calls _eval_mode; ROLES and SUPPORTED are constants.
 from .apply import align_step_models, align_to_reference
-from .linear import apply_linear, maps_from_transforms
+from .fold import affine_free, fold_layernorms, is_centred_orthogonal, layernorm_paths
+from .linear import apply_linear, is_head_orthogonal, maps_from_transforms
 from .model import ROLES as ROLES
 from .model import Axis, ChannelGroup, EquivalenceError, UnsupportedLayerError
 from .ops import SUPPORTED as SUPPORTED
@@ -91,6 +93,11 @@ __all__ = [
     "perm_from_matrix",
     "apply_linear",
     "maps_from_transforms",
+    "is_head_orthogonal",
+    "fold_layernorms",
+    "layernorm_paths",
+    "affine_free",
+    "is_centred_orthogonal",
     "example_input",
     "align_to_reference",
     "align_step_models",

@@ -251,8 +251,10 @@ class _Handlers(_AnalyzerState):
             if a < 0 or (v.param_size(a) if v.param is not None else v.shape[a]) == 1:
                 continue  # broadcast along the channels: the same value for every channel
             if v.param is not None:
-                # e.g. a layer scale, a position embedding
-                self.record(ref, v.param, cast(int, v.param_axis(a)), "channel")
+                # Added to the channels (a position embedding) it writes them, as a bias does;
+                # multiplied with them (a layer scale) it is a per-channel quantity.
+                role = "output" if stream else "channel"
+                self.record(ref, v.param, cast(int, v.param_axis(a)), role)
                 self.claimed.add(v.param)
             else:
                 self.fix(ref)  # a tensor we cannot permute: these channels must stay in place
@@ -551,7 +553,8 @@ class _Handlers(_AnalyzerState):
                 continue
             if t.param is not None and axis < len(t.shape) and t.param_size(axis) in (1, out.shape[ref.dim]):
                 if t.param_size(axis) > 1:
-                    self.record(ref, t.param, cast(int, t.param_axis(axis)), "channel")  # e.g. a class token
+                    # e.g. a class token: entries of the channels, written as a producer writes them
+                    self.record(ref, t.param, cast(int, t.param_axis(axis)), "output")
                 self.claimed.add(t.param)
             else:
                 self.fix(ref)  # entries we cannot permute join these channels

@@ -17,6 +17,7 @@ import torch
 import xarray as xr
 from torch import nn
 
+from .fold import affine_free, is_centred_orthogonal, layernorm_paths
 from .model import Axis, ChannelGroup, _group_lookup
 from .values import _fetch_state
 
@@ -81,7 +82,17 @@ def apply_linear(
     The result computes the same function when every ``T`` is a permutation matrix (it
     then equals :func:`permute`). For other maps it is exact only when nothing between
     producers and consumers acts per channel: an elementwise nonlinearity such as ReLU
-    does not commute with ``T``, which is the approximation CCA merging accepts.
+    does not commute with ``T``, which is the approximation CCA merging accepts. Two
+    transformer groups are exact under more than permutations (Theus et al. 2025):
+
+    - attention heads (``heads > 1``) under a whole-head permutation times an orthogonal
+      map within each head (:func:`is_head_orthogonal`): ``q k^T`` and the value/output
+      product keep their value; any other map is refused;
+    - a stream normalised by LayerNorms without affine parameters (see
+      :func:`~mergescope.groups.fold_layernorms`) under an orthogonal map that keeps the
+      all-ones vector: their scale and shift are then one value for every channel, which
+      the map leaves as it is. Other maps on a LayerNorm group are refused with
+      ``per_channel="error"``, mixed as above with ``"mix"``.
 
     Parameters
     ----------
@@ -111,6 +122,7 @@ def apply_linear(
     if per_channel not in ("error", "mix"):
         raise ValueError(f"per_channel must be 'error' or 'mix', got {per_channel!r}")
     by_name = _group_lookup(groups, maps)
+    _check_head_orders(maps, groups)
     new = copy.deepcopy(model)
     with torch.no_grad():
         for name, (t, t_inv) in maps.items():
@@ -121,14 +133,24 @@ def apply_linear(
                 raise ValueError(
                     f"the maps of group {name!r} must be {group.size} x {group.size}, got {t.shape} and {t_inv.shape}"
                 )
-            if (group.heads > 1 or group.tied) and not _is_permutation_matrix(t):
-                # q k^T needs k's map to be the inverse transpose of q's: only permutations keep both.
+            permutation = _is_permutation_matrix(t)
+            if (group.heads > 1 or group.tied) and not permutation and not is_head_orthogonal(t, group.heads):
+                # q k^T needs k's map to be the inverse transpose of q's: orthogonal blocks are their own.
                 raise ValueError(
-                    f"group {name!r} holds attention heads, which only permutations of whole heads and of the "
-                    "channels within each head transform exactly; pass a permutation matrix"
+                    f"group {name!r} holds attention heads, which only whole-head permutations times orthogonal "
+                    "maps within each head transform exactly; pass such a map"
                 )
-            channel_axes = [ax for ax in group.axes if ax.role == "channel"]
-            if channel_axes and per_channel == "error" and not _is_permutation_matrix(t):
+            norms = layernorm_paths(model, group)
+            exact = permutation or (affine_free(model, norms) and is_centred_orthogonal(t))
+            if norms and not exact and per_channel == "error":
+                raise ValueError(
+                    f"group {name!r} is normalised by LayerNorms ({', '.join(norms[:3])}, ...), which only "
+                    "orthogonal maps keeping the all-ones vector commute with, and only without their affine "
+                    "parameters: fold them first (fold_layernorms) and pass such a map"
+                )
+            exact_norms = {f"{path}.{p}" for path in norms for p in ("weight", "bias")} if norms else set()
+            channel_axes = [ax for ax in group.axes if ax.role == "channel" and ax.param not in exact_norms]
+            if channel_axes and per_channel == "error" and not permutation:
                 listed = ", ".join(sorted({ax.param for ax in channel_axes})[:4])
                 raise ValueError(
                     f"group {name!r} has per-channel parameters ({listed}, ...) that a general linear map cannot "
@@ -141,6 +163,50 @@ def apply_linear(
             for ax in group.axes:
                 _transform_axis(_fetch_state(new, ax.param), ax, group.size, matrices[ax.role])
     return new
+
+
+def is_head_orthogonal(t: np.ndarray, heads: int, atol: float = 1e-6) -> bool:
+    """Whether ``t`` moves whole heads (one nonzero block per block row and column) by orthogonal blocks."""
+    t = np.asarray(t, dtype=np.float64)
+    size = t.shape[0]
+    if heads < 1 or size % heads or t.shape != (size, size):
+        return False
+    d = size // heads
+    blocks = t.reshape(heads, d, heads, d).transpose(0, 2, 1, 3)
+    nonzero = np.abs(blocks).sum(axis=(2, 3)) > 0
+    if not (np.all(nonzero.sum(axis=0) == 1) and np.all(nonzero.sum(axis=1) == 1)):
+        return False
+    eye = np.eye(d)
+    return all(np.allclose(blocks[h, g] @ blocks[h, g].T, eye, atol=atol * d) for h, g in zip(*np.nonzero(nonzero)))
+
+
+def head_order(t: np.ndarray, heads: int) -> np.ndarray:
+    """``order[h]``: the head of the old channels that head ``h`` of ``T @ old`` is made from (largest block)."""
+    t = np.asarray(t, dtype=np.float64)
+    d = t.shape[0] // heads
+    weight = np.abs(t).reshape(heads, d, heads, d).sum(axis=(1, 3))
+    return weight.argmax(axis=1)
+
+
+def _check_head_orders(maps: Mapping[str, tuple[np.ndarray, np.ndarray]], groups: Sequence[ChannelGroup]) -> None:
+    """Tied attention groups must move their heads alike (a tied group left out keeps its heads in place)."""
+    tied: dict[str, list[ChannelGroup]] = {}
+    for g in groups:
+        if g.tied:
+            tied.setdefault(g.tied, []).append(g)
+    for key, members in tied.items():
+        mapped = [g for g in members if g.name in maps]
+        if not mapped or not all(is_head_orthogonal(maps[g.name][0], g.heads) for g in mapped):
+            continue  # nothing to compare, or a map apply_linear refuses for itself
+        orders = {
+            g.name: head_order(maps[g.name][0], g.heads) if g.name in maps else np.arange(g.heads) for g in members
+        }
+        first = next(iter(orders.values()))
+        if any(not np.array_equal(o, first) for o in orders.values()):
+            raise ValueError(
+                f"the groups of attention layer {key!r} must move their heads alike; the maps move them as "
+                + ", ".join(f"{name}: {o.tolist()}" for name, o in orders.items())
+            )
 
 
 def _transform_axis(tensor: torch.Tensor, ax: Axis, size: int, matrix: np.ndarray) -> None:

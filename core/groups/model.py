@@ -88,7 +88,8 @@ class Axis:
         of the concatenated channels starts at its own offset).
     role
         How the axis uses the channels: ``"output"`` (a producer's output axis or bias:
-        the channels are computed here), ``"input"`` (a consumer's input axis: the
+        the channels are computed here; also a parameter added to the channels or
+        concatenated among them, such as a position embedding or a class token), ``"input"`` (a consumer's input axis: the
         channels are read here) or ``"channel"`` (a per-channel quantity: BatchNorm
         scale, shift and running statistics, depthwise filters, a layer scale).
         Permutations treat all three alike; :func:`apply_linear` does not.
