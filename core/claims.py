@@ -17,7 +17,9 @@ claim was last recorded in (``"holds"``, or ``"does not hold"`` with the reason)
 coordinates (``{ alpha = 0.5, layer = "relu2" }``; a coordinate that is not a dimension's
 index, such as a unit's label, is matched by value), ``equals`` turns the values into
 "equal to this" flags (so ``reduce = "mean"`` gives a share), and ``reduce`` (``mean``,
-``median``, ``min``, ``max``, ``sum``, ``std``, ``count``) makes one number of what is left.
+``median``, ``min``, ``max``, ``sum``, ``std``, ``count``) makes one number of what is left;
+``scale`` multiplies that number (``scale = 0.5`` reads "half of it", for a claim such as
+"the aligned barrier is at most half the naive one").
 
 ``expect`` is one relation: ``OP RHS``, ``OP RHS + N`` or ``OP RHS - N`` with ``OP`` one of
 ``<``, ``<=``, ``>``, ``>=``, or ``within N of RHS`` / ``within N% of RHS``. ``RHS`` is a
@@ -98,7 +100,7 @@ _NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 _NAME = r"[A-Za-z_][A-Za-z0-9_-]*"
 _RELATION = re.compile(rf"^\s*(<=|>=|<|>)\s*({_NUMBER}|{_NAME})\s*(?:([-+])\s*({_NUMBER}))?\s*$")
 _WITHIN = re.compile(rf"^\s*within\s+({_NUMBER})\s*(%?)\s+of\s+({_NUMBER}|{_NAME})\s*$")
-_QUANTITY_KEYS = ("value", "select", "equals", "reduce")
+_QUANTITY_KEYS = ("value", "select", "equals", "reduce", "scale")
 _CLAIM_KEYS = ("name", "source", "says", *_QUANTITY_KEYS, "expect", "tolerance", "state", "why", "against")
 
 
@@ -118,12 +120,15 @@ class Quantity:
         When given, each value becomes ``value == equals`` before reducing.
     reduce
         How what is left becomes one number; needed unless one value is left.
+    scale
+        A factor the number is multiplied by (``0.5``: half of it).
     """
 
     value: str
     select: Mapping[str, Any] = attrs.field(factory=dict)
     equals: Any = None
     reduce: str | None = None
+    scale: float = 1.0
 
     def read(self, results: xr.DataTree) -> float:
         """The quantity's number in ``results``; a ``ConfigError`` names what is missing."""
@@ -149,7 +154,7 @@ class Quantity:
                 f"{self.value!r} leaves {da.size} values with dims {tuple(map(str, da.dims))} after 'select'; "
                 f"select one or give 'reduce' ({', '.join(_REDUCTIONS)})"
             )
-        return float(da.values.reshape(-1)[0])
+        return float(da.values.reshape(-1)[0]) * self.scale
 
 
 def _select(da: xr.DataArray, select: Mapping[str, Any], what: str) -> xr.DataArray:
@@ -298,6 +303,8 @@ def _quantity_table(quantity: Quantity) -> dict[str, Any]:
         table["equals"] = quantity.equals
     if quantity.reduce is not None:
         table["reduce"] = quantity.reduce
+    if quantity.scale != 1.0:
+        table["scale"] = quantity.scale
     return table
 
 
@@ -384,7 +391,7 @@ def _claim(table: Mapping[str, Any], where: str, steps: Sequence[str] | None) ->
 
 def _quantity(table: Any, where: str, steps: Sequence[str] | None, accepted: Sequence[str]) -> Quantity:
     if not isinstance(table, dict):
-        raise ConfigError("expected a table with 'value' (and 'select', 'equals', 'reduce')", where=where)
+        raise ConfigError("expected a table with 'value' (and 'select', 'equals', 'reduce', 'scale')", where=where)
     _known_keys(table, accepted, where)
     value = table.get("value")
     if not isinstance(value, str) or "/" not in value.strip("/"):
@@ -397,7 +404,12 @@ def _quantity(table: Any, where: str, steps: Sequence[str] | None, accepted: Seq
     reduce = table.get("reduce")
     if reduce is not None and reduce not in _REDUCTIONS:
         raise ConfigError(f"'reduce' must be one of {', '.join(_REDUCTIONS)}, got {reduce!r}", where=where)
-    return Quantity(value=value.strip("/"), select=dict(select), equals=table.get("equals"), reduce=reduce)
+    scale = table.get("scale", 1.0)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ConfigError(f"'scale' must be a finite number, got {scale!r}", where=where)
+    return Quantity(
+        value=value.strip("/"), select=dict(select), equals=table.get("equals"), reduce=reduce, scale=float(scale)
+    )
 
 
 def _check_step(value: str, steps: Sequence[str], where: str) -> None:

@@ -54,9 +54,24 @@ def _whole_number(text: str) -> int:
     return int(text)
 
 
+def _step_names(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"expected step names separated by commas, got {text!r}")
+    return names
+
+
 def _add_run_flags(p: argparse.ArgumentParser, default_out: str | None) -> None:
     p.add_argument("--out", required=default_out is None, default=default_out, help="run directory")
     p.add_argument("--force", action="store_true", help="redo every step even when cached")
+    p.add_argument(
+        "--steps",
+        default=None,
+        type=_step_names,
+        metavar="NAME[,NAME...]",
+        help="run only these steps and the earlier ones they need; other steps' cached results are shown too, "
+        "tasks and claims wait for a whole run",
+    )
     _add_device_flags(p)
 
 
@@ -204,6 +219,7 @@ def _run(pipeline, args: argparse.Namespace) -> int:
         device=args.device,
         precision=args.precision,
         workers=args.workers,
+        steps=args.steps,
     )
     if not args.quiet:
         print(result.summary, end="")

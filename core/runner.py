@@ -160,10 +160,11 @@ class _Run:
                 )
             source = attrs.evolve(data, split="train")
         training = spec.train or Training()
+        inputs = self._input_identities({"architecture": spec.architecture, "data": source})
         log.info("model %s: training or loading from cache", spec.name)
         try:
             model = trained_model(
-                spec.architecture, source, training, progress=self.context.progress, device=self.device
+                spec.architecture, source, training, progress=self.context.progress, device=self.device, inputs=inputs
             )
         except torch.OutOfMemoryError as exc:
             raise MergescopeError(
@@ -171,7 +172,7 @@ class _Run:
                 f"([models.train] batch_size = {training.batch_size}): lower [models.train] batch_size. "
                 f"{type(exc).__name__}: {exc}"
             ) from exc
-        return _Model(place(model, self.device), trained_model_key(spec.architecture, source, training))
+        return _Model(place(model, self.device), trained_model_key(spec.architecture, source, training, inputs))
 
     def _available(self, name: str) -> bool:
         model, _, aligner = name.partition(ALIGNED)
@@ -364,6 +365,7 @@ class _Run:
             batch_size=activations.batch_size,
         )
         component = step.component if isinstance(step.component, type) else type(step.component)
+        step_data = step.data if step.data is not None else self.pipeline.data
         return cache_key(
             {
                 "use": step.use,
@@ -371,9 +373,9 @@ class _Run:
                 "options": unstructure_options(step.component),
                 "source": source_digest(component),
                 "core": core_digest(),
-                "paths": self._path_identities(step),
+                "paths": self._input_identities({"data": step_data, "step": step.component}),
             },
-            step.data if step.data is not None else self.pipeline.data,
+            step_data,
             self.pipeline.seed,
             inputs,
             *self._precision_key(),
@@ -425,11 +427,10 @@ class _Run:
             self._raise_device_fault(what, exc)
             raise
 
-    def _path_identities(self, step: Step) -> dict[str, Any]:
-        """What the files and folders named by path options of the step and its data hold (``path_identity``)."""
-        data = step.data if step.data is not None else self.pipeline.data
+    def _input_identities(self, components: Mapping[str, Any]) -> dict[str, Any]:
+        """What the files and folders named by the components' path options hold (``path_identity``), by role.option."""
         found: dict[str, Any] = {}
-        for role, component in (("data", data), ("step", step.component)):
+        for role, component in components.items():
             for key, path in path_options(component, self.registry.get).items():
                 if path not in self.identities:  # one walk of a folder per run
                     self.identities[path] = path_identity(path)

@@ -9,8 +9,9 @@ pipeline that needs the same models) reuses them.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import attrs
 import torch
@@ -156,17 +157,33 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "mergescope"
 
 
-def trained_model_key(architecture: Architecture, data_source: DatasetSource, training: Training) -> str:
+def trained_model_key(
+    architecture: Architecture,
+    data_source: DatasetSource,
+    training: Training,
+    inputs: Mapping[str, Any] | None = None,
+) -> str:
     """The cache key of a model of ``architecture`` trained on ``data_source`` with ``training``.
 
     :func:`cache_key` of the three, plus a mark for ``reset_batchnorm``: its pass once
     took the training items in stored order (a class or two per batch) and now takes
     them in a fixed random order (:func:`mergescope.batchnorm.statistics_batches`), so
     weights cached the old way are not reused. Models trained without it keep their keys.
+    ``inputs`` (when not empty) is what the files and folders named by path options of
+    the architecture and the data hold (:func:`mergescope.keys.path_identity`, by option):
+    the path alone would reuse weights trained on an image folder or from a checkpoint
+    whose contents have changed since.
     """
+    extra: dict[str, Any] = {}
     if training.reset_batchnorm:
-        return cache_key(architecture, data_source, training, {"batchnorm_batches": "random-order"})
-    return cache_key(architecture, data_source, training)
+        extra["batchnorm_batches"] = "random-order"
+    if inputs:
+        extra["inputs"] = dict(inputs)
+    return (
+        cache_key(architecture, data_source, training, extra)
+        if extra
+        else cache_key(architecture, data_source, training)
+    )
 
 
 def trained_model(
@@ -176,6 +193,7 @@ def trained_model(
     progress: Progress | None = None,
     cache: Path | None = None,
     device: torch.device | None = None,
+    inputs: Mapping[str, Any] | None = None,
 ) -> nn.Module:
     """Build a model of ``architecture`` trained on ``data_source``, from the cache if possible.
 
@@ -203,6 +221,9 @@ def trained_model(
         the CPU from the seed either way. The cache key does not depend on the device:
         weights trained on a GPU differ from the CPU's by floating-point rounding (which
         training can amplify), and either is reused by the other.
+    inputs
+        What the path options of the architecture and the data hold, for the key (see
+        :func:`trained_model_key`).
 
     Returns
     -------
@@ -225,7 +246,7 @@ def trained_model(
         # The seed alone determines the model: there is nothing to train or cache.
         return model.eval()
     cache = Path(cache) if cache is not None else cache_dir()
-    key = trained_model_key(architecture, data_source, training)
+    key = trained_model_key(architecture, data_source, training, inputs)
     path = cache / "models" / f"{architecture.name}-{key}.pt"
     if path.is_file():
         state = checkpoints.load_state_dict(path)

@@ -1519,9 +1519,10 @@ class Crosscoder:
         ds = xr.Dataset(variables, coords=coords)
         if not inputs.multi and inputs.layer is not None:
             ds = ds.assign_coords(layer=inputs.layer)
-        # What was trained, read back by sweeps over the sparsity (visualizers see no step options).
+        # What was trained, read back by sweeps over the sparsity and by the dashboards (visualizers see no
+        # step options): with samples = "positions" every position of a map was a row.
         strength = {"l1": float(self.l1)} if self.sparsity == "l1" else {"k": int(self.k)}
-        return ds.assign_coords(sparsity=self.sparsity, seed=int(self.seed), **strength)
+        return ds.assign_coords(sparsity=self.sparsity, seed=int(self.seed), samples=self.samples, **strength)
 
 
 def _pair_relative_norm(norms: np.ndarray, pairs: Sequence[tuple[int, int]]) -> np.ndarray:

@@ -201,25 +201,33 @@ class _Maps:
     start: dict[str, np.ndarray]  # T_0 per orthogonal group
     learned: dict[str, Tensor]  # A per orthogonal group: (n - 1, n - 1) for a stream, (heads, d, d) for heads
     kinds: dict[str, str]
-    bases: dict[str, Tensor]
+    bases: dict[str, Tensor]  # float64 on the CPU; cast once per device and dtype
+    _cast: dict[tuple[str, torch.device, torch.dtype], Tensor] = attrs.field(factory=dict)
 
-    def tensors(self, device: torch.device) -> dict[str, Tensor]:
+    def _basis(self, name: str, device: torch.device, dtype: torch.dtype) -> Tensor:
+        key = (name, device, dtype)
+        if key not in self._cast:
+            self._cast[key] = self.bases[name].to(device=device, dtype=dtype)
+        return self._cast[key]
+
+    def tensors(self, device: torch.device, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+        """Every orthogonal group's ``T``, differentiable in the generators."""
         out = {}
         for name, t0 in self.start.items():
-            t0 = torch.as_tensor(t0, dtype=torch.float32, device=device)
-            a = self.learned[name]
+            t0 = torch.as_tensor(t0, dtype=dtype, device=device)
+            a = self.learned[name].to(dtype)
             if self.kinds[name] == STREAM:
-                basis = self.bases[name]
+                basis = self._basis(name, device, dtype)
                 rotation = basis @ _skew_exp(a) @ basis.T
-                out[name] = t0 @ (rotation + torch.eye(len(t0), device=device) - basis @ basis.T)
+                out[name] = t0 @ (rotation + torch.eye(len(t0), dtype=dtype, device=device) - basis @ basis.T)
             else:
                 out[name] = torch.block_diag(*_skew_exp(a)) @ t0
         return out
 
     def matrices(self) -> dict[str, np.ndarray]:
-        """Every group's ``T`` (acting on the model's vectors) as float64 arrays."""
+        """Every group's ``T`` (acting on the model's vectors) as float64 arrays, orthogonal to rounding."""
         with torch.no_grad():
-            out = {n: t.double().cpu().numpy() for n, t in self.tensors(torch.device("cpu")).items()}
+            out = {n: t.cpu().numpy() for n, t in self.tensors(torch.device("cpu"), torch.float64).items()}
         out.update({n: permutation_matrix(p).transpose("unit_ref", "unit").values for n, p in self.perms.items()})
         return out
 
@@ -331,7 +339,7 @@ class OrthogonalMatching:
                     moments = sum(_second_moments(store.cross(m, reference, p)) for p in streams[g.name])
                     maps.start[g.name] = centred_procrustes(moments)
                     maps.learned[g.name] = torch.zeros(g.size - 1, g.size - 1)
-                    maps.bases[g.name] = torch.as_tensor(complement_basis(g.size), dtype=torch.float32)
+                    maps.bases[g.name] = torch.as_tensor(complement_basis(g.size), dtype=torch.float64)
                 else:
                     cross = [_head_cross(folded[m], ref, g, heads[g.name], store, m, reference) for g in unit]
                     for g, t in zip(unit, head_procrustes(cross, unit[0].heads)):
@@ -358,7 +366,6 @@ class OrthogonalMatching:
         shell = copy.deepcopy(reference).eval()
         for key in maps.learned:
             maps.learned[key] = maps.learned[key].to(device).requires_grad_(True)
-        maps.bases = {k: v.to(device) for k, v in maps.bases.items()}
         rotated_groups = [g for g in groups if g.name in maps.start]
 
         def weights() -> dict[str, Tensor]:
@@ -392,7 +399,6 @@ class OrthogonalMatching:
                     best_loss, record["kept_epoch"] = loss, epoch
                     best = {k: v.detach().clone() for k, v in maps.learned.items()}
         maps.learned = {k: v.detach().cpu() for k, v in best.items()}
-        maps.bases = {k: v.cpu() for k, v in maps.bases.items()}
         return maps, record
 
     def _diagnostics(

@@ -91,6 +91,23 @@ def test_a_quantity_selects_reduces_and_counts_shares():
     assert Quantity("tau/relu2/score", {"model": "b", "label": "u2"}).read(tree) == pytest.approx(0.3)
     assert Quantity("tau/relu2/score", {"model": "b"}, reduce="mean").read(tree) == pytest.approx(0.25)
     assert Quantity("tau/relu2/category", equals="both", reduce="mean").read(tree) == pytest.approx(0.5)
+    assert Quantity("merge/accuracy", {"alpha": 0.5}, scale=0.5).read(tree) == pytest.approx(0.35)
+
+
+def test_half_of_another_quantity_is_a_scaled_against():
+    # "The aligned accuracy drop is at most half of ..." read as value <= half, half = 0.5 * other.
+    table = {"name": "c", "source": "s", "says": "s", "value": "merge/accuracy", "select": {"alpha": 0.5}}
+    table |= {
+        "expect": "<= half",
+        "against": {"half": {"value": "merge/accuracy", "select": {"alpha": 0.0}, "scale": 0.5}},
+    }
+    (parsed,) = parse_claims([table], steps=["merge"])
+    assert parsed.against["half"].scale == 0.5
+    (verdict,) = evaluate([parsed], results())
+    assert not verdict.holds  # 0.70 <= 0.5 * 0.90 is false
+    table["against"]["half"]["scale"] = 0.8
+    (verdict,) = evaluate(parse_claims([table], steps=["merge"]), results())
+    assert verdict.holds  # 0.70 <= 0.72
 
 
 @pytest.mark.parametrize(
@@ -121,6 +138,7 @@ def test_a_quantity_that_cannot_be_read_says_what_is_missing(quantity, message):
         ({"value": "accuracy"}, "'value' must be '<group path>/<variable>'"),
         ({"reduce": "average"}, "'reduce' must be one of mean, median"),
         ({"tolerance": -1}, "'tolerance' must be a number >= 0"),
+        ({"scale": "half"}, "'scale' must be a finite number, got 'half'"),
         ({"against": {"random": {"vaule": "x/y"}}}, "against.random: unknown key 'vaule'"),
     ],
 )
@@ -131,7 +149,9 @@ def test_a_wrong_claim_is_refused_naming_the_claim_and_key(table, message):
 
 
 def test_a_claim_on_a_step_the_pipeline_lacks_is_refused_before_the_run():
-    with pytest.raises(ConfigError, match="starts with 'mrege', which is not a step of the pipeline; did you mean 'merge'"):
+    with pytest.raises(
+        ConfigError, match="starts with 'mrege', which is not a step of the pipeline; did you mean 'merge'"
+    ):
         parse_claims([{"name": "c", "source": "s", "says": "s", "value": "mrege/x", "expect": "< 1"}], steps=["merge"])
 
 
@@ -182,7 +202,13 @@ def test_a_step_cannot_take_the_claims_group_name():
 def test_verdicts_go_to_results_summary_and_report(tmp_path):
     claims = parse_claims(
         [
-            {"name": "low", "source": "P, Fig. 1", "says": "low barrier", "value": "merge/loss_barrier", "expect": "< 0.5"},
+            {
+                "name": "low",
+                "source": "P, Fig. 1",
+                "says": "low barrier",
+                "value": "merge/loss_barrier",
+                "expect": "< 0.5",
+            },
             {
                 "name": "mid",
                 "source": "P, Table 2",
@@ -204,9 +230,7 @@ def test_verdicts_go_to_results_summary_and_report(tmp_path):
     assert [v.as_recorded for v in verdicts] == [True, True, False]
     assert "no variable 'nothing'" in verdicts[2].problem
     assert lines[0] == "claims: 1 of 3 hold; 2 as recorded"
-    assert lines[2] == (
-        "  mid: does not hold: measured 0.7, expected >= ends - 0.01 (= 0.89) [P, Table 2]"
-    )
+    assert lines[2] == ("  mid: does not hold: measured 0.7, expected >= ends - 0.01 (= 0.89) [P, Table 2]")
     assert lines[3].startswith("  gone: cannot be evaluated: group 'merge' has no variable 'nothing'")
     save_tree(tree, tmp_path / "results.nc")
     rows = verdicts_from_dataset(load_tree(tmp_path / "results.nc")[CLAIMS_GROUP].to_dataset())
@@ -217,7 +241,10 @@ def test_verdicts_go_to_results_summary_and_report(tmp_path):
     ]
     assert np.isnan(rows[2]["measured"])
     table = markdown_table(rows)
-    assert "| mid | P, Table 2 | midpoint keeps accuracy | >= ends - 0.01 (= 0.89) | 0.7 | does not hold: too few epochs |" in table
+    assert (
+        "| mid | P, Table 2 | midpoint keeps accuracy | >= ends - 0.01 (= 0.89) | 0.7 | does not hold: too few epochs |"
+        in table
+    )
     page = render_report(tmp_path, tree)
     assert re.findall(r'<section id="(\w+)"', page)[0] == "claims"  # the first thing the report shows
     assert "2 of 3" not in page and "1 of 3 claims hold on this run" in page

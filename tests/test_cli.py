@@ -88,6 +88,18 @@ def test_run_command_writes_results(tmp_path, capsys):
     assert log_lines and all(json.loads(line)["message"] for line in log_lines)
 
 
+def test_run_steps_runs_only_the_steps_named_and_refuses_unknown_ones(tmp_path, capsys):
+    path = tmp_path / "p.toml"
+    path.write_text(SMALL)
+    assert main(["--quiet", "run", str(path), "--steps", "interpolation", "--out", str(tmp_path / "out")]) == 0
+    tree = xr.open_datatree(tmp_path / "out" / "results.nc")
+    assert "interpolation" in tree.children and "kendall-tau" not in tree.children
+    assert main(["run", str(path), "--steps", "interpolaton", "--out", str(tmp_path / "out")]) == 2
+    assert "interpolaton" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["run", str(path), "--steps", "a,,b", "--out", str(tmp_path / "out")])
+
+
 def test_demo_show_prints_the_embedded_pipeline(capsys):
     assert main(["demo", "--show"]) == 0
     assert 'use = "interpolation"' in capsys.readouterr().out

@@ -295,3 +295,30 @@ def test_other_checkpoint_mismatches_keep_the_full_report(tmp_path):
     with pytest.raises(MergescopeError) as info:
         run(load_pipeline(pipeline), tmp_path / "run", quiet=True)
     assert "does not fit architecture 'cnn'" in str(info.value) and "output classes" not in str(info.value)
+
+
+def test_a_model_trained_on_a_folder_is_trained_again_when_the_folder_changes(tmp_path, monkeypatch):
+    # The training cache key holds what the folder holds, not only its path.
+    monkeypatch.setenv("MERGESCOPE_CACHE", str(tmp_path / "cache"))
+    _folder(tmp_path / "pets")
+    folder = f'use = "imagefolder"\nroot = "pets"\nimage_size = {SIZE}\nresize = {SIZE}\n'
+    path = tmp_path / "pipeline.toml"
+    path.write_text(
+        f"[data]\n{folder}\n"
+        + "".join(
+            f'[[models]]\nname = "{m}"\nuse = "cnn"\nwidths = [4]\n\n[models.train]\nepochs = 1\nbatch_size = 4\n'
+            f"seed = {seed}\n\n[models.train_data]\n{folder}\n"
+            for seed, m in enumerate("ab")
+        )
+        + '[[steps]]\nuse = "interpolation"\nalphas = [0.0, 1.0]\n'
+    )
+    monkeypatch.chdir(tmp_path)
+    run(load_pipeline(path), tmp_path / "run", quiet=True)
+    trained = sorted((tmp_path / "cache" / "models").glob("*.pt"))
+    assert len(trained) == 2
+    run(load_pipeline(path), tmp_path / "run", quiet=True)
+    assert sorted((tmp_path / "cache" / "models").glob("*.pt")) == trained  # the same folder: reused
+    _jpeg(tmp_path / "pets" / "cat" / "0.jpg", seed=99)  # one image replaced
+    run(load_pipeline(path), tmp_path / "run", quiet=True)
+    again = sorted((tmp_path / "cache" / "models").glob("*.pt"))
+    assert len(again) == 4 and set(trained) < set(again)

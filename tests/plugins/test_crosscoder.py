@@ -363,6 +363,8 @@ def test_positions_mode_takes_every_position_as_a_row(tmp_path):
     counts = result["density"].values * 180
     np.testing.assert_allclose(counts, np.round(counts), atol=1e-9)
     pooled = Crosscoder(**FAST).fit(maps, Context(quiet=True, workdir=tmp_path))
+    # Recorded, so that the latent dashboards read the rows the way they were trained.
+    assert (str(result.coords["samples"].values), str(pooled.coords["samples"].values)) == ("positions", "pooled")
     means = {m: a.mean(("y", "x")).astype(np.float32) for m, a in maps.items()}
     xr.testing.assert_identical(pooled, Crosscoder(**FAST).fit(means, Context(quiet=True, workdir=tmp_path)))
     with pytest.raises(ValueError, match="needs spatial maps"):
