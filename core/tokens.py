@@ -27,7 +27,11 @@ recorded; modules built with ``batch_first=False`` (multi-head attention, the
 transformer layers and stacks of :mod:`torch.nn`) return ``(T, N, D)``, which is
 transposed. A 3-D tensor whose first dim is not the batch's size but whose second is
 (a linear layer inside a ``batch_first=False`` block) is refused, naming the layer;
-where ``T`` equals the batch size the two layouts cannot be told apart.
+where ``T`` equals the batch size the two layouts cannot be told apart. A 4-D output (or
+input) of a linear layer or a LayerNorm is channels-last, ``(N, H, W, C)`` (Swin and
+ConvNeXt blocks apply them to permuted maps), and is read as a conv map ``(N, C, H, W)``;
+other modules' 4-D tensors are taken as channels-first. :func:`restore_layout` undoes
+:func:`batch_first`, for hooks that write an edited activation back into the network.
 
 :func:`token_grid` lays a token map out on the patch grid, ``(..., token)`` ->
 ``(..., y, x)``, dropping the class token, for heatmaps of where a unit fires.
@@ -51,6 +55,7 @@ __all__ = [
     "DEFAULT_TOKENS",
     "TOKEN_DIMS",
     "batch_first",
+    "restore_layout",
     "token_summary",
     "token_rows",
     "token_grid",
@@ -150,6 +155,8 @@ def batch_first(
             "module whose output is one tensor",
             where="key 'layers'",
         )
+    if value.ndim == 4 and _channels_last(module):
+        return value.permute(0, 3, 1, 2)  # (N, H, W, C) -> (N, C, H, W)
     if value.ndim == 3 and _declared_batch_first(module) is False:
         return value.transpose(0, 1)  # (T, N, D) -> (N, T, D)
     if value.ndim == 3 and batch is not None and value.shape[0] != batch and value.shape[1] == batch:
@@ -161,6 +168,38 @@ def batch_first(
             where="key 'layers'",
         )
     return value
+
+
+def _channels_last(module: nn.Module) -> bool:
+    """Whether ``module`` acts on the last dim of what it reads and writes (a linear layer, a LayerNorm)."""
+    return isinstance(module, (nn.Linear, nn.LayerNorm))
+
+
+def restore_layout(module: nn.Module, recorded: torch.Tensor, original: Any) -> Any:
+    """``recorded`` (in the layout :func:`batch_first` gives) put back in the layout of ``original``.
+
+    Parameters
+    ----------
+    module
+        The hooked module.
+    recorded
+        An activation in the recorded layout, e.g. an edited copy of what was recorded.
+    original
+        What the module returned (or its first input), which ``recorded`` replaces.
+
+    Returns
+    -------
+    The value to return from the hook: ``(recorded, weights)`` for multi-head attention's
+    pair, transposed back to ``(T, N, D)`` or permuted back to ``(N, H, W, C)`` where
+    :func:`batch_first` changed the layout.
+    """
+    if isinstance(original, (tuple, list)) and isinstance(module, nn.MultiheadAttention):
+        return (restore_layout(module, recorded, original[0]), *original[1:])
+    if recorded.ndim == 4 and _channels_last(module):
+        return recorded.permute(0, 2, 3, 1)
+    if recorded.ndim == 3 and _declared_batch_first(module) is False:
+        return recorded.transpose(0, 1)
+    return recorded
 
 
 def token_summary(output: torch.Tensor, tokens: str) -> torch.Tensor:

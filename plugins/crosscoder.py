@@ -86,6 +86,7 @@ from mergescope.keys import OMIT_DEFAULT_FROM_KEY
 from mergescope.loading import make_loader, to_device
 from mergescope.report import Panel
 from mergescope.storage import atomic_path
+from mergescope.tokens import restore_layout
 from mergescope.validators import (
     Check,
     as_float,
@@ -1890,9 +1891,9 @@ def _forward_edited(
     """The model's logits with its activations at ``place`` (module, whether its input) replaced by ``edited``."""
     module, records_input = place
     if records_input:
-        handle = module.register_forward_pre_hook(lambda _m, args: (edited, *args[1:]))
+        handle = module.register_forward_pre_hook(lambda m, args: (restore_layout(m, edited, args[0]), *args[1:]))
     else:
-        handle = module.register_forward_hook(lambda _m, _i, _out: edited)
+        handle = module.register_forward_hook(lambda m, _i, out: restore_layout(m, edited, out))
     try:
         return model(images)
     finally:

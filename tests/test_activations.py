@@ -190,7 +190,10 @@ def test_group_selectors_on_resnet18():
     assert [layer for ls in by_group.values() for layer in ls] == RESNET18_GROUP_LAYERS
     # The residual streams resolve to the block outputs carrying them: one unit per channel.
     assert list(resolve_layers(model, ["group:layer2", "group:layer4"], example_input=x)) == [
-        "layer2.0", "layer2.1", "layer4.0", "layer4.1"
+        "layer2.0",
+        "layer2.1",
+        "layer4.0",
+        "layer4.1",
     ]
     assert by_group["conv1"] == ["relu", "layer1.0", "layer1.1"]
     # At 32 px the last maps are 1x1 and global pooling keeps their shape: still the blocks.
@@ -213,8 +216,11 @@ def test_group_selectors_that_match_nothing_are_named():
     from mergescope_plugins.zoo import SmallCNN
 
     model = SmallCNN().build((1, 28, 28), 10)
-    with pytest.raises(ConfigError, match=r"selector 'group:conv9'.*'cnn' has no channel group 'conv9'\. "
-                       r"Did you mean 'group:conv3'\? Its channel groups: conv1, conv2, conv3\."):
+    with pytest.raises(
+        ConfigError,
+        match=r"selector 'group:conv9'.*'cnn' has no channel group 'conv9'\. "
+        r"Did you mean 'group:conv3'\? Its channel groups: conv1, conv2, conv3\.",
+    ):
         resolve_layers(model, ["relu1", "group:conv9"], "cnn")
     with pytest.raises(ConfigError, match=r"selector 'group:layer\*'.*no channel group matching 'layer\*'"):
         resolve_layers(model, ["group:layer*"], "cnn")
@@ -233,3 +239,57 @@ def test_group_selectors_that_match_nothing_are_named():
         resolve_layers(Branchy(), ["group:*"], "b", example_input=torch.randn(2, 1, 8, 8))
     with pytest.raises(ConfigError, match=r"selector 'group:\*'.*needs an example input"):
         resolve_layers(nn.Sequential(nn.ReLU()), ["group:*"], "r")
+
+
+class ChannelsLastBlock(nn.Module):
+    """A ConvNeXt/Swin-style block: LayerNorm and linear layers applied to (N, H, W, C) maps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 6, 1)
+        self.norm = nn.LayerNorm(6)
+        self.fc1 = nn.Linear(6, 5)
+        self.fc2 = nn.Linear(5, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.conv(x).permute(0, 2, 3, 1)  # (N, H, W, C)
+        h = self.fc2(torch.relu(self.fc1(self.norm(h))))
+        return self.head(h.mean(dim=(1, 2)))
+
+
+def test_channels_last_linear_and_layernorm_maps_are_recorded_channels_first():
+    torch.manual_seed(0)
+    model = ChannelsLastBlock().eval()
+    data = example_dataset(n=6, shape=(1, 4, 3))
+    acts = collect(model, data, ["norm", "fc1", "fc1@in"], model_name="m", reduce="none")
+    assert acts["fc1"].dims == ("sample", "unit", "y", "x") and acts["fc1"].sizes == {
+        "sample": 6,
+        "unit": 5,
+        "y": 4,
+        "x": 3,
+    }
+    with torch.no_grad():
+        h = model.norm(model.conv(data.images).permute(0, 2, 3, 1))
+        np.testing.assert_allclose(acts["norm"].values, h.permute(0, 3, 1, 2).numpy(), rtol=1e-6)
+        np.testing.assert_allclose(acts["fc1"].values, model.fc1(h).permute(0, 3, 1, 2).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(acts["fc1@in"].values, acts["norm"].values)
+
+
+def test_restore_layout_undoes_batch_first():
+    from mergescope.tokens import batch_first, restore_layout
+
+    torch.manual_seed(0)
+    cases = [
+        (nn.Linear(4, 5), torch.randn(2, 3, 3, 5)),  # channels last
+        (nn.MultiheadAttention(4, 2), (torch.randn(7, 2, 4), None)),  # (T, N, D) with its weights
+        (nn.Conv2d(1, 4, 1), torch.randn(2, 4, 3, 3)),  # already channels first
+    ]
+    for module, value in cases:
+        recorded = batch_first(module, value, 2, "layer")
+        assert recorded.shape[0] == 2 and recorded.ndim in (3, 4)
+        back = restore_layout(module, recorded, value)
+        if isinstance(value, tuple):
+            assert torch.equal(back[0], value[0]) and back[1] is None
+        else:
+            assert torch.equal(back, value)

@@ -207,3 +207,31 @@ def test_errors_name_what_does_not_fit():
         ablate_latents(result, dict(acts, b=acts["b"].isel(unit=slice(0, 11))), "a", [0])
     with pytest.raises(ContractError, match=r"needs 15 values"):
         ablate_latents(result, acts, "a", np.ones(3, dtype=bool))
+
+
+def test_an_edit_is_written_back_in_the_layout_the_module_returns():
+    # A linear layer on (N, H, W, C) maps is recorded channels-first; an unchanged edit,
+    # written back, must leave the logits as they were.
+    import torch
+    from torch import nn
+
+    from mergescope.activations import resolve_layers
+    from mergescope_plugins.crosscoder import _capture, _forward_edited
+
+    class ChannelsLast(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc, self.head = nn.Conv2d(1, 4, 1), nn.Linear(4, 5), nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.fc(self.conv(x).permute(0, 2, 3, 1))).mean(dim=(1, 2)))
+
+    torch.manual_seed(0)
+    model, images = ChannelsLast().eval(), torch.randn(2, 1, 3, 4)
+    with torch.no_grad():
+        (captured,), (logits,) = _capture({"m": model}, "fc", images)
+        assert captured.shape == (2, 5, 3, 4)
+        place = resolve_layers(model, ["fc"], "m")["fc"]
+        torch.testing.assert_close(_forward_edited(model, place, images, captured), logits)
+        zeroed = _forward_edited(model, place, images, torch.zeros_like(captured))
+        torch.testing.assert_close(zeroed, model.head(torch.zeros(2, 5)).expand_as(zeroed))
