@@ -200,11 +200,11 @@ class _Run:
                 )
             else:
                 reference = self.models[alignment.reference].module
-                groups = channel_groups(reference, example_input(self.data))
+                example = example_input(self.data)
+                groups = channel_groups(reference, example)
                 # Alignments are applied on the host (their maps are host tensors), then moved to the run's device.
                 on_cpu = model_device(source.module) == torch.device("cpu")
                 module = source.module if on_cpu else copy.deepcopy(source.module).cpu()
-                example = example_input(self.data)
                 aligned = place(align_to_reference({model: module}, alignment, groups, example)[model], self.device)
                 self.models[name] = _Model(aligned.eval(), cache_key(source.fingerprint, self.step_keys[aligner]))
         return self.models[name]

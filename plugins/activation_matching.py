@@ -41,6 +41,7 @@ from mergescope.components import Alignment, Context
 from mergescope.groups import ChannelGroup, channel_groups, example_input, permutation_matrix
 from mergescope.hookspecs import hookimpl
 from mergescope.states import check_finite
+from mergescope.store import Store
 from mergescope.validators import boolean
 from mergescope_plugins.weight_matching import match_heads, solved_together
 
@@ -49,6 +50,7 @@ __all__ = [
     "match_unit",
     "token_reads",
     "group_correlations",
+    "correlation_layers",
     "projected_correlation",
     "projection_rows",
     "site_layer",
@@ -166,12 +168,28 @@ def projected_correlation(
     return out
 
 
+def _sites(model: nn.Module, groups: Sequence[ChannelGroup]) -> dict[str, list[tuple[str, str, int]]]:
+    """Where each group is read: its attention projections (heads), else its producers' outputs."""
+    return {
+        g.name: (token_reads(model, g) if g.heads > 1 or g.tied else []) or [(p, "output", 0) for p in g.producers]
+        for g in groups
+    }
+
+
+def correlation_layers(model: nn.Module, groups: Sequence[ChannelGroup]) -> tuple[list[str], bool]:
+    """The layers :func:`group_correlations` records for ``groups``, and whether it needs their covariances."""
+    sites = _sites(model, groups)
+    layers = sorted({site_layer(path, how) for reads in sites.values() for path, how, _ in reads})
+    return layers, any(how == "project" for reads in sites.values() for _, how, _ in reads)
+
+
 def group_correlations(
     models: Mapping[str, nn.Module],
     reference: str,
     groups: Sequence[ChannelGroup],
     context: Context,
     positions: bool = True,
+    store: Store | None = None,
 ) -> dict[tuple[str, str], np.ndarray]:
     """Correlations of every model's units with the reference's, per group, from one ``context.record`` pass.
 
@@ -183,27 +201,27 @@ def group_correlations(
     come from its covariances (:func:`projected_correlation`); a packed ``qkv`` linear
     layer's output is recorded and the group's block of it read.
 
+    A caller that records more layers in the same pass gives its ``store`` (recorded with
+    at least :func:`correlation_layers`, every model paired with the reference); no pass
+    is made then.
+
     Returns
     -------
     dict
         ``{(model, group): (units, units_ref) correlations}`` for every model but the reference.
     """
-    sites = {
-        g.name: (token_reads(models[reference], g) if g.heads > 1 or g.tied else [])
-        or [(p, "output", 0) for p in g.producers]
-        for g in groups
-    }
-    layers = sorted({site_layer(path, how) for reads in sites.values() for path, how, _ in reads})
+    sites = _sites(models[reference], groups)
     others = [m for m in models if m != reference]
-    projects = any(how == "project" for reads in sites.values() for _, how, _ in reads)
-    store = context.record(
-        models,
-        {m: layers for m in models},
-        pairs=[(m, reference) for m in others],
-        covariance=projects,
-        keep_activations=False,
-        positions=positions,
-    )
+    if store is None:
+        layers, projects = correlation_layers(models[reference], groups)
+        store = context.record(
+            models,
+            {m: layers for m in models},
+            pairs=[(m, reference) for m in others],
+            covariance=projects,
+            keep_activations=False,
+            positions=positions,
+        )
     out = {}
     for m in others:
         for g in groups:

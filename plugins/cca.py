@@ -36,7 +36,7 @@ from mergescope.activations import INPUT_SUFFIX
 from mergescope.batchnorm import reset_batchnorm
 from mergescope.components import Alignment, Context, MergeResult
 from mergescope.errors import ConfigError
-from mergescope.groups import ChannelGroup, align_to_reference, channel_groups, example_input
+from mergescope.groups import ChannelGroup, align_to_reference, channel_groups, example_input, layernorm_paths
 from mergescope.hookspecs import hookimpl
 from mergescope.states import check_compatible
 from mergescope.validators import as_float, boolean, non_negative
@@ -111,12 +111,11 @@ def linear_unsafe(model: nn.Module, groups: list[ChannelGroup]) -> dict[str, str
     dict
         Group name -> ``"attention heads"`` or ``"LayerNorm"``.
     """
-    layer_norms = {name for name, module in model.named_modules() if isinstance(module, nn.LayerNorm)}
     unsafe = {}
     for g in groups:
         if g.heads > 1:
             unsafe[g.name] = "attention heads"
-        elif any(ax.param.rsplit(".", 1)[0] in layer_norms for ax in g.axes):
+        elif layernorm_paths(model, g):
             unsafe[g.name] = "LayerNorm"
     return unsafe
 

@@ -69,8 +69,11 @@ from mergescope.groups import (
 )
 from mergescope.hookspecs import hookimpl
 from mergescope.loading import make_loader, to_device
+from mergescope.statistics import CoMoments
+from mergescope.store import Store
 from mergescope.validators import as_float, boolean, integer, non_negative_int, one_of, optional, positive, positive_int
 from mergescope_plugins.activation_matching import (
+    correlation_layers,
     group_correlations,
     match_unit,
     projection_rows,
@@ -308,24 +311,26 @@ class OrthogonalMatching:
     ) -> dict[str, _Maps]:
         others = [m for m in folded if m != reference]
         plain = [g for g in groups if kinds[g.name] == PERMUTATION]
-        correlations = group_correlations(folded, reference, plain, context, self.positions) if plain else {}
         ref = folded[reference]
         streams = {g.name: layernorm_paths(ref, g) for g in groups if kinds[g.name] == STREAM}
         heads = {g.name: token_reads(ref, g) for g in groups if kinds[g.name] == HEADS}
+        # One pass over the data: the permuted groups' sites, the stream's LayerNorms, the attention inputs.
         layers = sorted(
-            {p for paths in streams.values() for p in paths}
+            set(correlation_layers(ref, plain)[0])
+            | {p for paths in streams.values() for p in paths}
             | {site_layer(path, how) for reads in heads.values() for path, how, _ in reads}
         )
-        store = None
-        if layers:
-            store = context.record(
-                folded,
-                {m: layers for m in folded},
-                pairs=[(m, reference) for m in others],
-                covariance=True,
-                keep_activations=False,
-                positions=self.positions,
-            )
+        if not layers:
+            return {m: _Maps({}, {}, {}, dict(kinds), {}) for m in others}  # nothing to align
+        store = context.record(
+            folded,
+            {m: layers for m in folded},
+            pairs=[(m, reference) for m in others],
+            covariance=True,
+            keep_activations=False,
+            positions=self.positions,
+        )
+        correlations = group_correlations(folded, reference, plain, context, self.positions, store) if plain else {}
         out = {}
         for m in others:
             maps = _Maps({}, {}, {}, dict(kinds), {})
@@ -440,7 +445,7 @@ class OrthogonalMatching:
         return "; ".join(parts)
 
 
-def _second_moments(moments) -> np.ndarray:
+def _second_moments(moments: CoMoments) -> np.ndarray:
     """``E[y x^T]`` (reference units x model units) from the co-moments of the model (x) with the reference (y)."""
     return (moments.covariance + np.outer(moments.mean_x, moments.mean_y)).T
 
@@ -450,7 +455,7 @@ def _head_cross(
     reference: nn.Module,
     group: ChannelGroup,
     reads: Sequence[tuple[str, str, int]],
-    store,
+    store: Store,
     name: str,
     reference_name: str,
 ) -> np.ndarray:
